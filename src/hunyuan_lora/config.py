@@ -1,0 +1,323 @@
+"""The run config: one dataclass tree with the tutorial's defaults, loaded from YAML.
+
+    cfg = load("configs/huanhuan.yaml", overrides=["train.learning_rate=2e-4"],
+               model_dir="/root/autodl-tmp/Hunyuan-A13B-Instruct")
+
+Order of precedence: dataclass defaults < YAML file < `--set section.key=value` < the path
+overrides (MODEL_DIR / DATA / OUTPUT_DIR). Unknown keys and wrong types are rejected with the
+nearest valid name, all problems at once, before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError
+
+# The tutorial's target list; "gate" must never be a target (it suffix-matches the router `mlp.gate`).
+LORA_PRESETS: dict[str, list[str]] = {
+    "tutorial": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "attention_shared": [
+        "q_proj", "k_proj", "v_proj", "o_proj",
+        "shared_mlp.gate_proj", "shared_mlp.up_proj", "shared_mlp.down_proj",
+    ],
+}
+
+TUTORIAL_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
+
+
+@dataclass
+class RunSection:
+    name: str = "huanhuan"
+    output_dir: str = "outputs/huanhuan"  # everything the run writes goes under here
+    seed: int = 42
+
+
+@dataclass
+class ModelSection:
+    model_id: str = "Tencent-Hunyuan/Hunyuan-A13B-Instruct"
+    # A ModelScope branch, tag or commit. The manifest records the commit actually downloaded.
+    revision: str = "master"
+    cache_dir: str = "models"  # snapshot_download(cache_dir=...) puts the model in <cache_dir>/<model_id>
+    dir: str = "models/Tencent-Hunyuan/Hunyuan-A13B-Instruct"  # the folder every later stage loads
+    download_size_gb: float = 170.0  # free space `download` requires before it starts
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device_map: str | None = "auto"  # the tutorial's single-process layer split over visible GPUs
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class DataSection:
+    path: str = "data/huanhuan.json"  # alpaca JSON or JSONL (instruction, input, output[, system])
+    # Where `make dataset` fetches `path` from when it is missing (pinned commit + sha256).
+    url: str | None = (
+        "https://raw.githubusercontent.com/datawhalechina/self-llm/"
+        "84c3486aeee22cd6585c21771924cd538a081295/dataset/huanhuan.json"
+    )
+    sha256: str | None = "1a0172c731eee506fb58f888f5efd953f7bb183f416affecbe3f93dbb9596a34"
+    system_prompt: str | None = TUTORIAL_SYSTEM_PROMPT
+    max_length: int = 1024
+    # Wrap targets as <answer>\n...\n</answer> (the model's native format).
+    answer_tags: bool = False
+    # What to do with a record whose prompt + answer exceed max_length.
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    eval_ratio: float = 0.0  # fraction held out for evaluation loss (0: none)
+
+
+@dataclass
+class LoraSection:
+    preset: Literal["tutorial", "attention", "attention_shared", "custom"] = "tutorial"
+    target_modules: list[str] | None = None  # used when preset is "custom"
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+
+    def targets(self) -> list[str]:
+        return list(self.target_modules or []) if self.preset == "custom" else LORA_PRESETS[self.preset]
+
+
+@dataclass
+class TrainSection:
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: int | None = None
+    gradient_checkpointing: bool = True
+    bf16: bool = True  # used only on GPU; CPU runs in float32
+    resume: str = "auto"  # auto: continue from the last checkpoint in output_dir; never; or a path
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class SwanLabSection:
+    project: str = "Hunyuan-A13B-Instruct-Lora"
+    experiment: str | None = None  # default: run.name
+    # auto: cloud when SWANLAB_API_KEY is set, else local into <output_dir>/swanlog; never prompts.
+    mode: Literal["auto", "cloud", "local", "disabled"] = "auto"
+    host: str = "127.0.0.1"  # `make watch` binds here (0.0.0.0 in the container)
+    port: int = 5092
+
+
+@dataclass
+class InferSection:
+    prompts: list[str] = field(default_factory=lambda: ["你是谁？"])
+    input_jsonl: str | None = None  # batch mode: one {"instruction": ...} per line
+    output_jsonl: str | None = None
+    thinking: bool = False
+    max_new_tokens: int = 512
+    do_sample: bool | None = None  # None: the model folder's generation_config.json decides
+    adapter: str | None = None  # default: <output_dir>/adapter
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    swanlab: SwanLabSection = field(default_factory=SwanLabSection)
+    infer: InferSection = field(default_factory=InferSection)
+    source: str | None = field(default=None, metadata={"internal": True})  # the YAML it came from
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    def dump(self, path: Path) -> Path:
+        path.write_text(yaml.safe_dump(self.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")
+        return path
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_check_type(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return {type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _nearest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(choices)})"
+
+
+def _apply(cfg: Config, data: dict, where: str, problems: list[str]) -> None:
+    sections = {f.name: f for f in fields(Config) if not f.metadata.get("internal")}
+    if not isinstance(data, dict):
+        problems.append(f"{where}: the top level must be a mapping of sections ({', '.join(sections)})")
+        return
+    for sec_name, values in data.items():
+        if sec_name not in sections:
+            problems.append(f"{where}: unknown section '{sec_name}'{_nearest(sec_name, list(sections))}")
+            continue
+        section = getattr(cfg, sec_name)
+        hints = _section_types(type(section))
+        if not isinstance(values, dict):
+            problems.append(f"{where}: section '{sec_name}' must be a mapping of keys")
+            continue
+        for key, value in values.items():
+            if key not in hints:
+                problems.append(
+                    f"{where}: unknown key '{sec_name}.{key}'{_nearest(key, list(hints))}"
+                )
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and hints[key] in (float, float | None):
+                value = float(value)
+            if not _check_type(value, hints[key]):
+                problems.append(
+                    f"{where}: '{sec_name}.{key}' is {value!r}, expected {_describe(hints[key])}"
+                )
+                continue
+            setattr(section, key, value)
+
+
+def _validate(cfg: Config, problems: list[str]) -> None:
+    if cfg.lora.preset == "custom" and not cfg.lora.target_modules:
+        problems.append("lora.preset is 'custom' but lora.target_modules is empty: list the module names")
+    if "gate" in cfg.lora.targets():
+        problems.append(
+            "lora.target_modules contains 'gate', which matches the router `mlp.gate` (not a Linear): "
+            "use 'gate_proj' (the router's Linear is 'wg' and should stay frozen)"
+        )
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        if getattr(cfg.train, key) < 1:
+            problems.append(f"train.{key} must be at least 1")
+    if cfg.data.max_length < 8:
+        problems.append("data.max_length must be at least 8 tokens")
+    if not 0.0 <= cfg.data.eval_ratio < 1.0:
+        problems.append("data.eval_ratio must be in [0, 1)")
+    if cfg.lora.r < 1:
+        problems.append("lora.r must be at least 1")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` with the value parsed as YAML (so 2e-4, true, [a, b] get their types)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(
+            f"override '{text}' is not of the form section.key=value",
+            where="--set",
+            fix="write it like train.learning_rate=2e-4",
+        )
+    path, raw = text.split("=", 1)
+    section, key = path.split(".", 1)
+    # YAML 1.1 reads "2e-4" as a string; accept the float spelling users type.
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        try:
+            value = float(raw)
+        except ValueError:
+            pass
+    return section.strip(), key.strip(), value
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    model_dir: str | None = None,
+    data: str | None = None,
+    output_dir: str | None = None,
+) -> Config:
+    """Build the run config; raises one UserError listing every problem found."""
+    cfg = Config()
+    problems: list[str] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist", fix="pass CONFIG=configs/<run>.yaml (see configs/)")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise UserError(f"not valid YAML ({getattr(e, 'problem', e)})", where=where,
+                            fix="check indentation and quoting on that line") from e
+        _apply(cfg, raw, str(p), problems)
+        cfg.source = str(p)
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        _apply(cfg, {section: {key: value}}, f"--set {text}", problems)
+    if model_dir:
+        cfg.model.dir = model_dir
+    if data:
+        cfg.data.path = data
+        cfg.data.url = cfg.data.sha256 = None  # a user-given file is used as it is
+    if output_dir:
+        cfg.run.output_dir = output_dir
+    _validate(cfg, problems)
+    if problems:
+        raise UserError(
+            "invalid config: " + "; ".join(problems),
+            fix="correct the keys named above (every valid key and its default is in src/hunyuan_lora/config.py)",
+        )
+    return cfg
+
+
+def add_cli_args(parser) -> None:
+    """The arguments every stage script shares (Make passes CONFIG, MODEL_DIR, DATA, OUTPUT_DIR)."""
+    parser.add_argument("--config", default=None, help="YAML run config (configs/*.yaml)")
+    parser.add_argument("--model-dir", default=None, help="override model.dir")
+    parser.add_argument("--data", default=None, help="override data.path")
+    parser.add_argument("--output-dir", default=None, help="override run.output_dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config key (repeatable)")
+
+
+def from_args(args) -> Config:
+    return load(args.config, args.overrides, model_dir=args.model_dir or None,
+                data=args.data or None, output_dir=args.output_dir or None)
+
+

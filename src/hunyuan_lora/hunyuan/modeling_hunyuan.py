@@ -1,0 +1,235 @@
+"""Building blocks of the Hunyuan-A13B decoder layer: norms, rotary, attention, MLP, router, MoE.
+
+The project's own implementation, written from the published architecture (see the README's
+"Model facts"). Module and parameter names match the released checkpoint, so its state dict
+loads here unchanged and LoRA `target_modules` match the same names:
+
+    model.layers.N.self_attn.{q,k,v,o}_proj, .query_layernorm, .key_layernorm
+    model.layers.N.mlp.gate.wg                      router, float32
+    model.layers.N.mlp.shared_mlp.{gate,up,down}_proj
+    model.layers.N.mlp.experts.{i}.{gate,up,down}_proj
+
+Shapes in comments: B batch, T query tokens, S key tokens, H hidden, nh / nkv heads, hd head dim,
+N = B*T tokens, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .configuration_hunyuan import HunYuanConfig
+
+
+class HunYuanRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class HunYuanRotaryEmbedding(nn.Module):
+    """Rotary embedding with the dynamic NTK-alpha base: theta * alpha ** (hd / (hd - 2))."""
+
+    def __init__(self, config: HunYuanConfig):
+        super().__init__()
+        dim = config.attention_head_dim
+        base = config.rope_theta
+        scaling = config.rope_scaling or {}
+        if scaling.get("type") == "dynamic" and scaling.get("alpha"):
+            base = base * scaling["alpha"] ** (dim / (dim - 2))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # float32 angles whatever the model dtype: bf16 positions lose precision past 256.
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float().to(x.device)[None, None, :]  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class HunYuanAttention(nn.Module):
+    """Grouped-query attention; q and k are RMS-normalised per head AFTER the rotary embedding."""
+
+    def __init__(self, config: HunYuanConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.attention_head_dim
+        self.attention_dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.use_qk_norm = config.use_qk_norm
+        if self.use_qk_norm:
+            self.query_layernorm = HunYuanRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.key_layernorm = HunYuanRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, cos, sin, attention_mask=None, past_key_value=None, cache_position=None):
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        if past_key_value is not None:
+            k, v = past_key_value.update(k, v, self.layer_idx, {"cache_position": cache_position})
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
+        v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attention_mask,  # (B, 1, T, S) bool, or None for plain causal
+            dropout_p=self.attention_dropout if self.training else 0.0,  # the real model trains with it
+            is_causal=attention_mask is None and T > 1,
+        )
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class HunYuanMLP(nn.Module):
+    """SiLU-gated MLP: the shared expert and each routed expert."""
+
+    def __init__(self, config: HunYuanConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HunYuanTopKGate(nn.Module):
+    """The router: float32 logits -> softmax over E experts -> top-k -> renormalise to sum 1."""
+
+    def __init__(self, config: HunYuanConfig, layer_idx: int):
+        super().__init__()
+        self.top_k = config.layer_value("moe_topk", layer_idx)
+        self.norm_topk_prob = config.norm_topk_prob
+        # float32 even when the model is bf16: routing decisions are sensitive to rounding.
+        self.wg = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.wg.weight.float())  # (N, E)
+        probs = logits.softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k) float32, (N, k) int64
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts
+
+
+class HunYuanMoE(nn.Module):
+    """Shared MLP + k of E routed experts per token, dropless.
+
+    Upstream dispatch has a capacity of max(k, k*N/E) pairs per expert and silently drops the
+    rest; here every (token, expert) pair is computed, as in the native transformers >= 4.56
+    implementation.
+    """
+
+    def __init__(self, config: HunYuanConfig, layer_idx: int):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.gate = HunYuanTopKGate(config, layer_idx)
+        if config.use_mixed_mlp_moe:
+            shared = config.intermediate_size * config.layer_value("num_shared_expert", layer_idx)
+            self.shared_mlp = HunYuanMLP(config, shared)
+        else:
+            self.shared_mlp = None
+        expert_size = config.layer_value("moe_intermediate_size", layer_idx)
+        self.experts = nn.ModuleList(HunYuanMLP(config, expert_size) for _ in range(self.num_experts))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # (N, H)
+        weights, experts = self.gate(x)
+        out = self.routed_experts(x, weights, experts)
+        if self.shared_mlp is not None:
+            out = self.shared_mlp(x) + out
+        return out.view(shape)
+
+    def routed_experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """sum_j weights[:, j] * expert_{experts[:, j]}(x), looping only over experts that got tokens."""
+        k = experts.shape[1]
+        flat = experts.reshape(-1)  # (N*k,) expert of each (token, slot) pair
+        order = flat.argsort(stable=True)  # pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of_pair = order // k
+        weight_of_pair = weights.reshape(-1)[order].to(x.dtype)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in zip(self.experts, counts):
+            if n:
+                tokens = token_of_pair[start:start + n]
+                y = expert(x[tokens]) * weight_of_pair[start:start + n, None]  # (n, H)
+                out.index_add_(0, tokens, y)
+            start += n
+        return out
+
+
+class HunYuanDecoderLayer(nn.Module):
+    def __init__(self, config: HunYuanConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = HunYuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = HunYuanAttention(config, layer_idx)
+        self.post_attention_layernorm = HunYuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.num_experts > 1:
+            self.mlp = HunYuanMoE(config, layer_idx)
+        else:
+            self.mlp = HunYuanMLP(config, config.intermediate_size)
+
+    def forward(self, hidden_states, cos, sin, attention_mask=None, past_key_value=None, cache_position=None):
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, attention_mask, past_key_value, cache_position
+        )
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states
+
+
+def attention_mask_4d(
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor, q_len: int, past_len: int
+) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask: causal, padding and packed-sample boundaries; None = plain causal.
+
+    Packed samples are recognised by position ids that restart at 0 inside a row; each sample then
+    attends only to itself.
+    """
+    packed = q_len > 1 and past_len == 0 and bool((position_ids[:, 1:] == 0).any())
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not packed and not padded and (past_len == 0 or q_len == 1):
+        return None
+    device = position_ids.device
+    S = past_len + q_len
+    query_pos = torch.arange(past_len, S, device=device)
+    mask = (torch.arange(S, device=device)[None, :] <= query_pos[:, None])[None, None]  # (1, 1, T, S)
+    if padded:
+        mask = mask & attention_mask[:, None, None, :S].bool()
+    if packed:
+        sample = (position_ids == 0).cumsum(-1)  # (B, T) sample number of each token
+        mask = mask & (sample[:, None, :, None] == sample[:, None, None, :])
+    # A query row with nothing to attend to (a left-pad token) would give NaN: let it see everything.
+    return mask | ~mask.any(dim=-1, keepdim=True)
