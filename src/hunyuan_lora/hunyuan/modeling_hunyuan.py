@@ -162,12 +162,22 @@ class HunYuanMoE(nn.Module):
             self.shared_mlp = None
         expert_size = config.layer_value("moe_intermediate_size", layer_idx)
         self.experts = nn.ModuleList(HunYuanMLP(config, expert_size) for _ in range(self.num_experts))
+        # "reference": routed_experts below; "fast": grouped products over the same parameters (fast_moe.py)
+        self.moe_impl = getattr(config, "moe_impl", "reference")
+        if self.moe_impl not in ("reference", "fast"):
+            raise ValueError(f"config.moe_impl must be 'reference' or 'fast', got {self.moe_impl!r}")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (N, H)
         weights, experts = self.gate(x)
-        out = self.routed_experts(x, weights, experts)
+        if self.moe_impl == "fast":
+            # absolute, lazy import: a model folder's copy of this file ships without fast_moe.py
+            from hunyuan_lora.hunyuan.fast_moe import routed_experts_fast
+
+            out = routed_experts_fast(self, x, weights, experts)
+        else:
+            out = self.routed_experts(x, weights, experts)
         if self.shared_mlp is not None:
             out = self.shared_mlp(x) + out
         return out.view(shape)
