@@ -1,11 +1,19 @@
 # hunyuan-lora: one command per stage. `make help` lists the targets.
+#   make demo                                   whole pipeline on the stand-in model (CPU, offline)
+#   make download patch dataset train infer CONFIG=configs/huanhuan.yaml MODEL_DIR=/root/autodl-tmp/...
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup lock test stand-in
+CONFIG ?= configs/huanhuan.yaml
+STAND_IN_DIR ?= artifacts/stand-in
+# Every stage takes the same run selection; MODEL_DIR / DATA / OUTPUT_DIR override the config's paths.
+RUN_ARGS = --config $(CONFIG) $(if $(MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(DATA),--data $(DATA)) \
+           $(if $(OUTPUT_DIR),--output-dir $(OUTPUT_DIR)) $(foreach s,$(SET),--set $(s))
+
+.PHONY: help setup lock test stand-in download patch dataset train infer merge demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -20,8 +28,42 @@ $(STAMP): requirements.lock pyproject.toml
 setup: $(STAMP)  ## create .venv from requirements.lock (instant when up to date)
 
 lock:  ## recompile requirements.lock from requirements.in (uv, hashes, Python 3.11 / linux x86_64)
-	uvx --from uv==0.13.9 uv pip compile --generate-hashes --python-version 3.11 \
+	$(PYTHON) -m pip install --quiet uv==0.13.9
+	$(PYTHON) -m uv pip compile --quiet --generate-hashes --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 requirements.in -o requirements.lock
+
+test: setup  ## run the test suite (installs what it needs first)
+	$(PY) -m pytest -q
+
+# ---- the stages -------------------------------------------------------------------------------
+stand-in: setup  ## write the tiny stand-in model folder (STAND_IN_DIR, default artifacts/stand-in)
+	$(PY) -m hunyuan_lora.stand_in $(STAND_IN_DIR)
+
+download: setup  ## download the model from ModelScope (pinned revision), verify it
+	$(PY) scripts/download.py $(RUN_ARGS)
+
+patch: setup  ## define the missing `logger` in the model's hunyuan.py (keeps hunyuan.py.orig)
+	$(PY) scripts/patch.py $(RUN_ARGS)
+
+dataset: setup  ## fetch + validate + tokenize the dataset into OUTPUT_DIR/data
+	$(PY) scripts/dataset.py $(RUN_ARGS)
+
+train: setup  ## LoRA fine-tune with HF Trainer + SwanLab (resume: auto)
+	$(PY) scripts/train.py $(RUN_ARGS)
+
+infer: setup  ## answer PROMPT (or infer.prompts / infer.input_jsonl) with base + adapter
+	$(PY) scripts/infer.py $(RUN_ARGS) $(if $(PROMPT),--prompt "$(PROMPT)")
+
+merge: setup  ## merge the adapter into the base weights -> OUTPUT_DIR/merged
+	$(PY) scripts/merge.py $(RUN_ARGS)
+
+demo: CONFIG = configs/demo.yaml
+demo: setup  ## stand-in -> patch -> dataset -> train -> infer, CPU, offline (the first quick-start)
+	$(PY) -m hunyuan_lora.stand_in $(STAND_IN_DIR)
+	$(PY) scripts/patch.py $(RUN_ARGS) --model-dir $(STAND_IN_DIR)
+	$(PY) scripts/dataset.py $(RUN_ARGS) --model-dir $(STAND_IN_DIR)
+	$(PY) scripts/train.py $(RUN_ARGS) --model-dir $(STAND_IN_DIR) --set train.resume=never
+	$(PY) scripts/infer.py $(RUN_ARGS) --model-dir $(STAND_IN_DIR)
 
 # --- container ---
 # The image (Dockerfile): NVIDIA container toolkit + driver >= 570 on the host. The volumes hold

@@ -44,7 +44,8 @@ class RunSection:
 @dataclass
 class ModelSection:
     model_id: str = "Tencent-Hunyuan/Hunyuan-A13B-Instruct"
-    # A ModelScope branch, tag or commit. The manifest records the commit actually downloaded.
+    # A ModelScope branch or tag (modelscope 1.25.0 rejects commit ids); download.json records
+    # the commit the downloaded files match.
     revision: str = "master"
     cache_dir: str = "models"  # snapshot_download(cache_dir=...) puts the model in <cache_dir>/<model_id>
     dir: str = "models/Tencent-Hunyuan/Hunyuan-A13B-Instruct"  # the folder every later stage loads
@@ -70,6 +71,8 @@ class DataSection:
     # What to do with a record whose prompt + answer exceed max_length.
     overlong: Literal["truncate", "drop", "error"] = "truncate"
     eval_ratio: float = 0.0  # fraction held out for evaluation loss (0: none)
+    # huanhuan.json repeats 112 records; the tutorial trained on all 3,729 (233 steps).
+    drop_duplicates: bool = True
 
 
 @dataclass

@@ -38,7 +38,7 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(textwrap.fill("error: " + e.paragraph(), width=100), file=sys.stderr)
+            print(textwrap.fill("error: " + e.paragraph(), width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper

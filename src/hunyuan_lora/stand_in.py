@@ -205,6 +205,10 @@ def write_tokenizer(out: Path) -> None:
 def random_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = HunYuanMoEV1ForCausalLM(HunYuanConfig(**config))
+    # A trained model's logits span several nats. With the init std of 0.02, the tied 64-wide
+    # embedding gives near-uniform logits that LoRA (which leaves the embedding frozen) cannot
+    # sharpen, and the demo's loss would hardly move.
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=0.1)
     state = {}
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight":  # tied to model.embed_tokens.weight, not stored (like the real files)

@@ -1,0 +1,269 @@
+"""Stage 4, train: LoRA on the model folder with HF Trainer, tracked in SwanLab.
+
+    make train [CONFIG=configs/huanhuan.yaml] [MODEL_DIR=...] [OUTPUT_DIR=...]
+
+Reads <output_dir>/data (from `make dataset`); writes to <output_dir>/:
+    checkpoint-*/        Trainer checkpoints (resume: auto continues from the last one)
+    adapter/             the final LoRA adapter (PEFT format) + tokenizer files
+    resolved.yaml        the config this run used
+    manifest.json        versions, git commit, model revision, dataset sha256, seed, time, speed
+    log_history.json     the Trainer's log (loss per logging step)
+    swanlog/             SwanLab's local store (when not in cloud mode)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .errors import UserError
+
+PINNED_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", "modelscope", "swanlab", "tiktoken"]
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces other stages share
+
+
+def pick_device(cfg: Config) -> str:
+    if cfg.model.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device is 'cuda' but no CUDA GPU is visible", where="model.device",
+                        fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: auto")
+    if cfg.model.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.model.device
+
+
+def pick_dtype(cfg: Config, device: str) -> torch.dtype:
+    if cfg.model.dtype != "auto":
+        return getattr(torch, cfg.model.dtype)
+    return torch.bfloat16 if device == "cuda" and cfg.train.bf16 else torch.float32
+
+
+def load_base_model(cfg: Config, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": True, "torch_dtype": dtype}
+    if device == "cuda" and cfg.model.device_map:
+        kwargs["device_map"] = cfg.model.device_map
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.dir, **kwargs)
+    return model if "device_map" in kwargs else model.to(device)
+
+
+def swanlab_mode(cfg: Config) -> str:
+    """auto: cloud with SWANLAB_API_KEY, else local (never a login prompt)."""
+    if cfg.swanlab.mode != "auto":
+        return cfg.swanlab.mode
+    return "cloud" if os.environ.get("SWANLAB_API_KEY") else "local"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def write_json_atomic(path: Path, obj) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished folder into place, so no reader ever sees a half-written one."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=cfg.lora.targets(), r=cfg.lora.r,
+                      lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout)
+
+
+def make_sigterm_callback():
+    """`docker stop` and cloud pre-emption send SIGTERM: save a checkpoint, then stop."""
+    from transformers import TrainerCallback
+
+    class SaveOnSigterm(TrainerCallback):
+        received = False
+
+        def __init__(self):
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+        def _on_signal(self, signum, frame):
+            print("SIGTERM received: saving a checkpoint after this step, then stopping", flush=True)
+            self.received = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.received:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return SaveOnSigterm()
+
+
+def resume_checkpoint(cfg: Config) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        return get_last_checkpoint(str(cfg.output_dir)) if cfg.output_dir.is_dir() else None
+    if not Path(cfg.train.resume).is_dir():
+        raise UserError(f"checkpoint {cfg.train.resume} does not exist", where="train.resume",
+                        fix="use auto, never, or the path of a checkpoint-* folder")
+    return cfg.train.resume
+
+
+def run(cfg: Config) -> Path:
+    from datasets import load_from_disk
+    from peft import get_peft_model
+    from swanlab.integration.transformers import SwanLabCallback
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from . import patch
+
+    out = cfg.output_dir
+    data_dir = out / "data"
+    # ---- fail fast: everything cheap before the weights load -----------------------------------
+    if not (data_dir / "stats.json").is_file():
+        raise UserError(f"no tokenized dataset in {data_dir}", fix="run `make dataset` with the same CONFIG first")
+    if cfg.train.gradient_checkpointing and patch.patch_folder(cfg.model.dir, check_only=True).needed:
+        raise UserError("hunyuan.py uses an undefined `logger`, so gradient checkpointing would crash with "
+                        "NameError", where=str(Path(cfg.model.dir) / "hunyuan.py"), fix="run `make patch`")
+    device = pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    resume = resume_checkpoint(cfg)
+    set_seed(cfg.run.seed)
+    started = time.time()
+
+    # ---- data, tokenizer, model + LoRA ---------------------------------------------------------
+    splits = load_from_disk(str(data_dir))
+    stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.dir, trust_remote_code=True)
+    model = load_base_model(cfg, device, dtype)
+    model.config.use_cache = False  # no KV cache while training (and gradient checkpointing needs none)
+    model = get_peft_model(model, lora_config(cfg))
+    wrapped_router = [n for n, _ in model.named_modules() if n.endswith("mlp.gate.lora_A")]
+    assert not wrapped_router, f"LoRA must never wrap the router: {wrapped_router[:3]}"
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"LoRA {cfg.lora.targets()} r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
+          f"({100 * trainable / total:.3f} %), {device}, {dtype}")
+
+    # ---- trainer -------------------------------------------------------------------------------
+    has_eval = "eval" in splits
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.train.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.train.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        num_train_epochs=cfg.train.num_train_epochs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.learning_rate,
+        lr_scheduler_type=cfg.train.lr_scheduler_type,
+        warmup_ratio=cfg.train.warmup_ratio,
+        logging_steps=cfg.train.logging_steps,
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.train.logging_steps if has_eval else None,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == torch.bfloat16,
+        use_cpu=device == "cpu",
+        seed=cfg.run.seed,
+        data_seed=cfg.run.seed,
+        dataloader_num_workers=cfg.train.dataloader_num_workers,
+        label_names=["labels"],
+        report_to="none",  # SwanLab comes as our own callback; "all" would add a second one
+        save_safetensors=True,
+        disable_tqdm=False,
+    )
+    callbacks = [make_sigterm_callback()]
+    mode = swanlab_mode(cfg)
+    if mode != "disabled":
+        callbacks.append(SwanLabCallback(
+            project=cfg.swanlab.project,
+            experiment_name=cfg.swanlab.experiment or cfg.run.name,
+            logdir=str(out / "swanlog"),
+            mode=mode,
+            config={"run_config": cfg.to_dict(), "lora_trainable_params": trainable, "total_params": total,
+                    "dataset": {k: stats[k] for k in ("examples", "tokens", "sha256")}},
+        ))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["eval"] if has_eval else None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=callbacks,
+    )
+    if resume:
+        print(f"resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    write_json_atomic(out / "log_history.json", trainer.state.log_history)
+    if callbacks[0].received:
+        raise SystemExit(f"stopped by SIGTERM at step {trainer.state.global_step}; the checkpoint is in {out}; "
+                         "rerun `make train` to continue")
+
+    # ---- outputs: adapter, resolved config, manifest -------------------------------------------
+    adapter = out / "adapter"
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    publish_dir(tmp, adapter)
+    cfg.dump(out / "resolved.yaml")
+    download_info = Path(cfg.model.dir) / "download.json"
+    write_json_atomic(out / "manifest.json", {
+        "run": cfg.run.name,
+        "config_file": cfg.source,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "packages": {name: metadata.version(name) for name in PINNED_PACKAGES},
+        "model_dir": str(cfg.model.dir),
+        "model_revision": (json.loads(download_info.read_text()) if download_info.is_file()
+                           else {"requested": cfg.model.revision, "note": "no download.json in the model folder"}),
+        "dataset": {"path": stats["source"], "sha256": stats["sha256"], "examples": stats["examples"]},
+        "seed": cfg.run.seed,
+        "device": device,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device == "cuda" else [],
+        "dtype": str(dtype),
+        "lora": {"targets": cfg.lora.targets(), "r": cfg.lora.r, "alpha": cfg.lora.alpha,
+                 "dropout": cfg.lora.dropout, "trainable_params": trainable, "total_params": total},
+        "resumed_from": resume,
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "wall_time_s": round(time.time() - started, 1),
+        "swanlab_mode": mode,
+    })
+    print(f"adapter saved to {adapter}; train_loss {result.training_loss:.4f} over {trainer.state.global_step} "
+          f"steps; SwanLab ({mode}): " + (f"{out / 'swanlog'} (`make watch`)" if mode == "local" else mode))
+    return adapter
