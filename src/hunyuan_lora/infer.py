@@ -93,6 +93,8 @@ def generate(model, tokenizer, cfg: Config, instruction: str, system: str | None
     kwargs = {"max_new_tokens": cfg.infer.max_new_tokens}
     if cfg.infer.do_sample is not None:
         kwargs["do_sample"] = cfg.infer.do_sample
+    if cfg.infer.do_sample is False:  # greedy: the folder's sampling settings do not apply
+        kwargs.update(temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

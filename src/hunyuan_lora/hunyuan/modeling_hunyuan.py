@@ -135,7 +135,8 @@ class HunYuanTopKGate(nn.Module):
         self.wg = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.wg.weight.float())  # (N, E)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32 (float64 in tests)
+        logits = F.linear(x.to(dtype), self.wg.weight.to(dtype))  # (N, E)
         probs = logits.softmax(dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k) float32, (N, k) int64
         if self.norm_topk_prob:

@@ -1,0 +1,128 @@
+"""End to end: the README's `make demo` on the stand-in, then infer batch mode and merge on its output."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hunyuan_lora import config, infer, merge
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo's first logged loss (mean over its first 2 steps) from seed 0: it depends only on the
+# stand-in weights and the sample data. Tolerance covers CPU kernel differences between machines.
+GOLDEN_FIRST_LOSS = 7.59
+GOLDEN_TOLERANCE = 0.05
+
+
+def _pinned_versions() -> dict[str, str]:
+    lock = (REPO / "requirements.lock").read_text()
+    return dict(re.findall(r"^([a-z0-9_.-]+)==([^\s\\]+)", lock, flags=re.M))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out, stand_in = root / "outputs", root / "stand-in"
+    proc = subprocess.run(["make", "demo", f"OUTPUT_DIR={out}", f"STAND_IN_DIR={stand_in}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = config.load(REPO / "configs/demo.yaml", model_dir=str(stand_in), output_dir=str(out))
+    return cfg, proc.stdout
+
+
+def test_demo_loss_goes_down_from_the_golden_start(demo):
+    cfg, _ = demo
+    losses = [row["loss"] for row in json.loads((cfg.output_dir / "log_history.json").read_text()) if "loss" in row]
+    assert len(losses) == 20
+    assert losses[0] == pytest.approx(GOLDEN_FIRST_LOSS, abs=GOLDEN_TOLERANCE)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+
+
+def test_demo_prints_answers_and_the_swanlab_location(demo):
+    cfg, stdout = demo
+    assert re.search(r"Q: 你是谁？\nA: \S+", stdout)
+    assert "swanlog" in stdout
+    rows = [json.loads(line) for line in (cfg.output_dir / "infer/answers.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == cfg.infer.prompts
+    assert all(r["answer"].strip() for r in rows)
+
+
+def test_demo_writes_adapter_resolved_config_and_manifest(demo):
+    cfg, _ = demo
+    out = cfg.output_dir
+    adapter_config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == sorted(cfg.lora.targets())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (8, 32)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter/adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(".mlp.experts.7.down_proj.lora_B" in k for k in keys)
+    assert not any("mlp.gate.lora" in k or ".wg." in k for k in keys)
+    resolved = yaml.safe_load((out / "resolved.yaml").read_text())
+    assert resolved["train"]["resume"] == "never" and resolved["model"]["dir"] == cfg.model.dir
+    manifest = json.loads((out / "manifest.json").read_text())
+    pins = _pinned_versions()
+    for name, version in manifest["packages"].items():
+        assert pins[name] == version.split("+")[0], name
+    sample = REPO / cfg.data.path
+    import hashlib
+
+    assert manifest["dataset"]["sha256"] == hashlib.sha256(sample.read_bytes()).hexdigest()
+    assert manifest["global_step"] == 40 and manifest["seed"] == cfg.run.seed
+    assert manifest["train_samples_per_second"] > 0 and manifest["git_commit"]
+
+
+def test_infer_batch_mode_writes_one_answer_per_line(demo, tmp_path):
+    cfg, _ = demo
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"instruction": "你是谁？"}\n\n{"instruction": "你会弹琴吗？", "system": "S"}\n')
+    cfg.infer.input_jsonl, cfg.infer.output_jsonl = str(questions), str(tmp_path / "a.jsonl")
+    out = infer.run(cfg)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == ["你是谁？", "你会弹琴吗？"]
+    assert all(isinstance(r["answer"], str) and r["raw"] for r in rows)
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("<think>\nhm\n</think>\n<answer>\n家父是甄远道。\n</answer>", "家父是甄远道。"),
+    ("<answer>\n没有收尾", "没有收尾"),
+    ("<think>\n\n</think>\n臣妾甄嬛。", "臣妾甄嬛。"),
+    ("臣妾甄嬛。", "臣妾甄嬛。"),
+    ("", ""),
+])
+def test_answer_extraction_never_raises(text, answer):
+    assert infer.extract_answer(text) == answer
+
+
+def test_merged_model_equals_base_plus_adapter(demo):
+    from transformers import AutoModelForCausalLM
+
+    cfg, _ = demo
+    merged_dir = merge.run(cfg)
+    assert {"config.json", "hunyuan.py", "modeling_hunyuan.py", "configuration_hunyuan.py", "tokenization_hy.py",
+            "hy.tiktoken", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in merged_dir.iterdir()}
+    ids = torch.tensor([[815, 300, 301, 302, 819, 500]])
+    with torch.no_grad():
+        with_adapter = infer.load_with_adapter(cfg, cfg.output_dir / "adapter")(input_ids=ids).logits
+        merged, info = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=True,
+                                                            torch_dtype=torch.float32, output_loading_info=True)
+        merged.eval()
+        merged_logits = merged(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(cfg.model.dir, trust_remote_code=True, torch_dtype=torch.float32)
+        base_logits = base.eval()(input_ids=ids).logits
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(merged_logits, with_adapter, rtol=1e-5, atol=1e-5)
+    assert (merged_logits - base_logits).abs().max() > 1e-3  # the merge really changed the weights
+
+
+def test_infer_without_adapter_is_a_clear_error(tmp_path):
+    cfg = config.load(REPO / "configs/demo.yaml", output_dir=str(tmp_path / "none"))
+    with pytest.raises(Exception, match="no LoRA adapter in"):
+        infer.run(cfg)
