@@ -238,6 +238,23 @@ def test_packing_keeps_state_dict_and_follows_reloads(tmp_path):
     assert rel(again, want) < 1e-5
 
 
+def test_disabled_and_merged_adapters_follow_peft():
+    """disable_adapter() and merge_adapter() change what PEFT computes: the cached plan follows."""
+    config = tiny_config()
+    ref, fast = peft_pair(config)
+    ref.eval(), fast.eval()
+    ids = torch.randint(0, 1000, (2, 6))
+    with torch.no_grad():
+        assert rel(fast(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
+        with ref.disable_adapter(), fast.disable_adapter():
+            off_ref, off_fast = ref(input_ids=ids).logits, fast(input_ids=ids).logits
+        assert rel(off_fast, off_ref) < 1e-5 and rel(off_fast, ref(input_ids=ids).logits) > 1e-3
+        ref.merge_adapter(), fast.merge_adapter()  # in-place into the packed expert weights
+        assert rel(fast(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
+        ref.unmerge_adapter(), fast.unmerge_adapter()
+        assert rel(fast(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
+
+
 def test_unsupported_peft_feature_falls_back():
     config = tiny_config()
     torch.manual_seed(0)
@@ -282,7 +299,7 @@ def test_grouped_mm_bf16_matches_reference(tokens):
     results = {}
     for name, model, dtype in (("gold", gold, torch.float32), ("ref", ref, torch.bfloat16), ("fast", fast, torch.bfloat16)):
         moe = model.base_model.model.model.layers[0].mlp
-        xi = x.to(dtype).requires_grad_()
+        xi = x.detach().to(dtype).clone().requires_grad_()  # a fresh leaf per model
         with torch.autocast("cuda", torch.bfloat16, enabled=dtype == torch.bfloat16):
             y = moe(xi)
         (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()

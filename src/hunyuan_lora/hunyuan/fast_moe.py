@@ -157,17 +157,22 @@ def _base_linear(module: nn.Module) -> nn.Linear:
 
 
 def _is_packed(weights: list[torch.Tensor]) -> bool:
-    """True when weights[i] is slice i of one contiguous (E, out, in) block of one storage."""
-    w0 = weights[0]
-    if not w0.is_contiguous():
+    """True when weights[i] is slice i of one contiguous (E, out, in) block of one storage.
+
+    Consecutive data pointers plus first and last slice inside one storage suffice: live
+    allocations never overlap, so every slice in between lies in that storage too.
+    """
+    w0, wl = weights[0], weights[-1]
+    if not (w0.is_contiguous() and wl.is_contiguous()):
         return False
-    storage = w0.untyped_storage().data_ptr()
-    numel, offset = w0.numel(), w0.storage_offset()
+    nbytes = w0.numel() * w0.element_size()
+    ptr0 = w0.data_ptr()
     for i, w in enumerate(weights):
-        if (w.untyped_storage().data_ptr() != storage or w.storage_offset() != offset + i * numel
-                or w.shape != w0.shape or w.dtype != w0.dtype or not w.is_contiguous()):
+        if w.data_ptr() != ptr0 + i * nbytes or w.shape != w0.shape or w.dtype != w0.dtype:
             return False
-    return True
+    storage = w0.untyped_storage()
+    return (wl.untyped_storage().data_ptr() == storage.data_ptr()
+            and storage.data_ptr() + storage.nbytes() >= ptr0 + len(weights) * nbytes)
 
 
 @torch.no_grad()
@@ -189,15 +194,18 @@ def stacked_weight(params: list[nn.Parameter]) -> torch.Tensor:
     return w0.as_strided((len(params),) + tuple(w0.shape), (w0.numel(),) + tuple(w0.stride()), w0.storage_offset())
 
 
-def _lora_terms(mods: list[nn.Module]) -> list[LoraTerm]:
+def _lora_plan(mods: list[nn.Module]) -> list[tuple[list[nn.Parameter], list[nn.Parameter], float, nn.Module]]:
+    """Per active adapter: (the E lora_A weights, the E lora_B weights, scaling, dropout), validated."""
     first = mods[0]
     if not _is_lora(first):
+        if any(_is_lora(m) for m in mods):
+            raise Unsupported("some experts of a projection have LoRA and some do not")
         return []
     if any(not _is_lora(m) for m in mods):
         raise Unsupported("some experts of a projection have LoRA and some do not")
     if first.disable_adapters or first.merged:
         return []  # PEFT computes the base layer alone in both cases
-    terms = []
+    plan = []
     for name in first.active_adapters:
         if name not in first.lora_A:
             continue
@@ -212,19 +220,35 @@ def _lora_terms(mods: list[nn.Module]) -> list[LoraTerm]:
                     or m.active_adapters != first.active_adapters or m.disable_adapters or m.merged
                     or m.use_dora.get(name, False)):
                 raise Unsupported("experts differ in LoRA rank, scaling, dropout or state")
-        A = torch.stack([m.lora_A[name].weight for m in mods])  # (E, r, in)
-        B = torch.stack([m.lora_B[name].weight for m in mods])  # (E, out, r)
-        terms.append(LoraTerm(A, B, scaling, drop))
-    return terms
+        plan.append(([m.lora_A[name].weight for m in mods], [m.lora_B[name].weight for m in mods], scaling, drop))
+    return plan
+
+
+def _plan(moe: nn.Module) -> dict:
+    """Parameter lists of the three expert projections, validated once and cached on `moe`.
+
+    The cache key holds every expert projection module and the adapter state PEFT can switch
+    (active adapters, merged, disabled), so re-wrapping, set_adapter, merge or disable re-plans.
+    """
+    mods = {name: [getattr(expert, name) for expert in moe.experts] for name in PROJECTIONS}
+    key = tuple(id(m) for ms in mods.values() for m in ms)
+    key += tuple((tuple(ms[0].active_adapters), ms[0].merged, ms[0].disable_adapters)
+                 for ms in mods.values() if _is_lora(ms[0]))
+    cached = moe.__dict__.get("_fast_moe_plan")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = {name: ([_base_linear(m).weight for m in ms], _lora_plan(ms)) for name, ms in mods.items()}
+    moe.__dict__["_fast_moe_plan"] = (key, plan)
+    return plan
 
 
 def projections(moe: nn.Module) -> dict[str, Projection]:
     """Stacked base weights and LoRA terms of the three expert projections of `moe`."""
     out = {}
-    for name in PROJECTIONS:
-        mods = [getattr(expert, name) for expert in moe.experts]
-        weight = stacked_weight([_base_linear(m).weight for m in mods])
-        out[name] = Projection(weight, _lora_terms(mods))
+    for name, (weights, lora) in _plan(moe).items():
+        # LoRA stacks: differentiable copies (E x (r x in + out x r)), each expert's grad flows back to its leaf
+        terms = [LoraTerm(torch.stack(A), torch.stack(B), scaling, drop) for A, B, scaling, drop in lora]
+        out[name] = Projection(stacked_weight(weights), terms)
     return out
 
 
@@ -245,8 +269,9 @@ def _project(xs: torch.Tensor, proj: Projection, offs: torch.Tensor, counts: lis
         else:
             A, B, xa = t.A, t.B, xs.to(t.A.dtype)  # PEFT: input cast to the adapter's dtype
         h = gmm(t.dropout(xa), A.transpose(1, 2), offs, counts)  # (M, r)
-        # B^T made row-major (E, r, out): its leading dimension `out` meets grouped_mm's 16-byte rule for any r
-        y = y + gmm(h, B.transpose(1, 2).contiguous(), offs, counts) * t.scaling
+        # scaling folded into the small B (one pass less over (M, out)); B^T made row-major (E, r, out):
+        # its leading dimension `out` meets grouped_mm's 16-byte rule for any r
+        y = y + gmm(h, (B * t.scaling).transpose(1, 2).contiguous(), offs, counts)
     return y.to(result_dtype)
 
 
@@ -267,10 +292,11 @@ def routed_experts_fast(moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, 
     E = moe.num_experts
     flat = experts.reshape(-1)  # (M,) expert of each (token, slot) pair, pair p = token * k + slot
     order = flat.argsort(stable=True)  # (M,) pairs grouped by expert
-    counts_t = torch.bincount(flat, minlength=E)  # (E,)
-    offs = counts_t.cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+    # (E,) end row of each expert's group; searchsorted, not bincount: CUDA bincount syncs the host
+    ends = torch.searchsorted(flat[order], torch.arange(E, device=flat.device), right=True)
+    offs = ends.to(torch.int32)
     grouped = grouped_mm_available(x.device, x.dtype)
-    counts = None if grouped else counts_t.tolist()  # the loop needs the group sizes on the host
+    counts = None if grouped else ends.diff(prepend=ends.new_zeros(1)).tolist()  # the loop needs sizes on the host
 
     xs = x[order // k]  # (M, H) each pair's token, sorted by expert
     gate = _project(xs, projs["gate_proj"], offs, counts)  # (M, I)
