@@ -3,16 +3,20 @@
     # once, on a machine that has the data (writes token-length estimates, not the data itself):
     python bench/run.py --write-lengths ../shared/data/huanhuan.json .bench_data/lengths.json
     # on a GPU (real width, random weights, depth 1 and 2, every impl, every case):
-    python bench/run.py --real-config --depths 1 2 --impls upstream reference fast \
-        --cases mb4 pack4096 pack16384 --lengths .bench_data/lengths.json --out-dir bench/results
+    python bench/run.py --real-config --depths 1 2 --impls upstream reference fast fast-padlm \
+        --cases mb4x4 mb16x1 pack4096x1 pack16384x1 --profile --lengths .bench_data/lengths.json \
+        --out-dir bench/results
 
 What one measurement is: a model of `depth` decoder layers at the real width (hidden 4096, 64
 experts top-8 + shared expert, attention 32/8 heads) with the real embedding and tied 128,167-token
 lm_head, random weights built directly on the GPU in bf16 (router float32), PEFT LoRA (r, alpha,
 dropout as the tutorial: 8 / 32 / 0.1) on `--targets`, gradient checkpointing, `torch.autocast(bf16)`
 as `Trainer(bf16=True)` does, AdamW on the LoRA parameters. One step = forward + loss + backward +
-optimizer step + zero_grad, timed with host clocks around device synchronisations. Median of
-`--steps` steps after `--warmup`. Every impl sees the same batches.
+One timed unit = one OPTIMIZER step: `accum` micro-steps (forward + loss + backward, gradient
+accumulation as the tutorial's 4) then AdamW (foreach, Trainer's default) + zero_grad, timed with
+host clocks around device synchronisations. Median of `--steps` optimizer steps after `--warmup`,
+and after one untimed micro-step per distinct sequence length (plan building for a new length,
+e.g. cuDNN attention, is paid once per length in a real run). Every impl sees the same batches.
 
 Per layer = (median step at depth 2 - median step at depth 1); the rest is the fixed cost
 (embedding, lm_head, loss, optimizer). "At 32 layers" = fixed + 32 x per layer, which is what one
@@ -93,8 +97,16 @@ def write_lengths(data: Path, out: Path) -> None:
     print(f"{len(lengths)} lengths, mean {statistics.mean(lengths):.1f}, max {max(lengths)} -> {out}")
 
 
+def parse_case(case: str) -> tuple[str, int]:
+    """'mb4x4' -> ('mb4', 4): micro-batch spec and gradient-accumulation micro-steps per optimizer step."""
+    spec, _, accum = case.partition("x")
+    if not (spec.startswith("mb") or spec.startswith("pack")) or not spec.lstrip("mbpack").isdigit():
+        raise SystemExit(f"unknown case {case!r}: use mb<B>[x<accum>] or pack<T>[x<accum>]")
+    return spec, int(accum or 1)
+
+
 def make_batches(case: str, lengths: list[int], n: int, row_len: int, pad_id: int, seed: int = 0) -> list[dict]:
-    """n micro-batches (CPU tensors) for `case`, drawn from a seeded shuffle of the samples."""
+    """n micro-batches (CPU tensors) for `case` (mb<B> / pack<T>), from a seeded shuffle of the samples."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -216,40 +228,57 @@ def pad_lm_head(model, multiple: int) -> None:
     head.forward = lambda x: F.linear(x, padded)[..., :V]
 
 
-def step(model, opt, batch, device) -> float:
+def micro_step(model, batch, device, accum: int):
     inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "position_ids", "labels")}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(**inputs).loss
-    loss.backward()
+    (loss / accum).backward()
+    return loss
+
+
+def opt_step(model, opt, micro_batches: list[dict], device):
+    """One optimizer step: len(micro_batches) micro-steps of gradient accumulation, then AdamW."""
+    for b in micro_batches:
+        loss = micro_step(model, b, device, len(micro_batches))
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
 
 
-def time_config(base_cfg, depth, impl, batches, args) -> dict:
+def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
     model = build_model(base_cfg, depth, impl, args)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)  # Trainer's default adamw_torch
+    units = [batches[i:i + accum] for i in range(0, len(batches), accum)]  # optimizer steps
+    warm, timed = units[: args.warmup], units[args.warmup:]
+    # Each new sequence length costs plan building once (cuDNN attention, cuBLAS heuristics): a
+    # training run pays it once per length over thousands of steps, so every length is warmed here.
+    seen = set()
+    for b in (b for u in timed for b in u):
+        if b["input_ids"].shape not in seen:
+            seen.add(b["input_ids"].shape)
+            micro_step(model, b, args.device, 1)
+    opt.zero_grad(set_to_none=True)
     torch.cuda.reset_peak_memory_stats()
     times, first_loss = [], None
-    for i, batch in enumerate(batches[: args.warmup + args.steps]):
+    for i, unit in enumerate(warm + timed):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = step(model, opt, batch, args.device)
+        loss = opt_step(model, opt, unit, args.device)
         torch.cuda.synchronize()
         if i == 0:
-            first_loss = float(loss)
-        if i >= args.warmup:
+            first_loss = float(loss.detach())
+        if i >= len(warm):
             times.append(time.perf_counter() - t0)
     result = {
-        "impl": impl, "depth": depth, "step_ms_median": 1e3 * statistics.median(times),
+        "impl": impl, "depth": depth, "accum": accum, "step_ms_median": 1e3 * statistics.median(times),
         "step_ms_all": [round(1e3 * t, 3) for t in times], "first_loss": first_loss,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in params), "warmed_shapes": len(seen),
     }
-    if args.profile:
+    if args.profile and impl in args.profile_impls:
         try:
-            result["profile"] = profile_step(model, opt, batches[0], args)
+            result["profile"] = profile_step(model, opt, timed[0], args)
         except Exception as e:  # the profile is a bonus: never lose the timings to it
             print(f"profile failed: {e!r}", flush=True)
     del model, opt, params
@@ -258,18 +287,21 @@ def time_config(base_cfg, depth, impl, batches, args) -> dict:
     return result
 
 
-def profile_step(model, opt, batch, args) -> dict:
-    """Kernels per step and the GPU-busy fraction (sum of kernel times / step wall time)."""
+def profile_step(model, opt, unit, args) -> dict:
+    """Kernels per optimizer step and the GPU-busy fraction (kernel time / step wall time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step(model, opt, batch, args.device)
+    opt_step(model, opt, unit, args.device)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        step(model, opt, batch, args.device)
+        opt_step(model, opt, unit, args.device)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # device-side events, less the user annotations (e.g. 'Optimizer.step#AdamW.step') that span kernels
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.name
+               and not e.name.startswith("ProfilerStep")]
     busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
     by_name: dict[str, list] = {}
     for e in kernels:
@@ -313,11 +345,12 @@ def gemm_rate(device) -> float:
 # report
 
 
-def summarise(case: str, runs: list[dict], batches: list[dict], args, rate: float) -> list[dict]:
-    timed = batches[args.warmup: args.warmup + args.steps]
-    tokens = statistics.mean(b["tokens"] for b in timed)
-    padded = statistics.mean(b["padded"] for b in timed)
-    samples = statistics.mean(b["samples"] for b in timed)
+def summarise(case: str, runs: list[dict], batches: list[dict], accum: int, args, rate: float) -> list[dict]:
+    """Per optimizer step (accum micro-steps): tokens, samples, time per layer, extrapolation to 32 layers."""
+    timed = batches[args.warmup * accum:]
+    tokens = accum * statistics.mean(b["tokens"] for b in timed)
+    padded = accum * statistics.mean(b["padded"] for b in timed)
+    samples = accum * statistics.mean(b["samples"] for b in timed)
     d1, d2 = min(args.depths), max(args.depths)
     rows = []
     for impl in args.impls:
@@ -331,7 +364,7 @@ def summarise(case: str, runs: list[dict], batches: list[dict], args, rate: floa
         tps = tokens / (step32 / 1e3)
         mem1, mem2 = by_depth[d1]["peak_mem_gib"], by_depth[d2]["peak_mem_gib"]
         rows.append({
-            "case": case, "impl": impl, "tokens_per_step": tokens, "padded_tokens_per_step": padded,
+            "case": case, "impl": impl, "accum": accum, "micro_step_per_layer_ms": per_layer / accum, "tokens_per_step": tokens, "padded_tokens_per_step": padded,
             "samples_per_step": samples, "per_layer_ms": per_layer, "fixed_ms": fixed, "step32_ms": step32,
             "tokens_per_s_32": tps, "samples_per_s_32": samples / (step32 / 1e3),
             "mfu_32": tps * 6 * ACTIVE_PARAMS / rate,
@@ -359,9 +392,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"LoRA r={meta['r']} alpha={meta['alpha']} dropout={meta['dropout']} on {meta['targets']}; "
         f"gradient checkpointing; autocast bf16. Packing rows: {meta['row_len']} tokens.",
         "",
-        "| case | impl | tokens/step (non-pad / padded) | ms / layer | step ms @32 layers | tokens/s @32 | samples/s @32 "
-        "| MFU @32 | x vs upstream | x vs reference | peak GiB (d1/d2) | kernels/step (d1) | GPU busy (d1) | loss@step0 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Case `mb4x4` = micro-batch 4 x 4 accumulation (the tutorial); `mb16x1` = the same 16 samples per optimizer "
+        "step in one micro-batch; `pack<T>x1` = T tokens per step, packed. All numbers per OPTIMIZER step.",
+        "",
+        "| case | impl | tokens/opt step (non-pad / padded) | ms / layer / opt step | ms / layer / micro-step | step ms @32 layers "
+        "| tokens/s @32 | samples/s @32 | MFU @32 | x vs upstream | x vs reference | peak GiB (d1/d2) "
+        "| kernels/opt step (d1) | GPU busy (d1) | loss@step0 (d1/d2) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = r.get("profile") or {}
@@ -370,9 +407,19 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         loss = "/".join(f"{v:.3f}" for v in r["first_loss"].values())
         lines.append(
             f"| {r['case']} | {r['impl']} | {r['tokens_per_step']:.0f} / {r['padded_tokens_per_step']:.0f} "
-            f"| {r['per_layer_ms']:.2f} | {r['step32_ms']:.0f} | {r['tokens_per_s_32']:.0f} | {r['samples_per_s_32']:.2f} "
+            f"| {r['per_layer_ms']:.2f} | {r['micro_step_per_layer_ms']:.2f} | {r['step32_ms']:.0f} | {r['tokens_per_s_32']:.0f} | {r['samples_per_s_32']:.2f} "
             f"| {100 * r['mfu_32']:.1f}% | {f(r['speedup_vs_upstream'], '{:.1f}')} | {f(r['speedup_vs_reference'], '{:.1f}')} "
             f"| {mem} | {p.get('kernels', '-')} | {f(p.get('busy_fraction'), '{:.0%}')} | {loss} |")
+    # the issue's target: same effective batch (16 samples per optimizer step), best micro-batching per impl
+    eff = {(r["case"], r["impl"]): r for r in rows}
+    base = eff.get(("mb4x4", "upstream"))
+    if base:
+        lines += ["", f"Effective batch 16 (tutorial: upstream mb4x4 = {base['samples_per_s_32']:.2f} samples/s @32 layers):"]
+        for (case, impl), r in eff.items():
+            if case in ("mb4x4", "mb16x1") and impl != "upstream" or case == "mb16x1":
+                lines.append(f"- {impl} {case}: {r['samples_per_s_32']:.2f} samples/s @32 = "
+                             f"**{r['samples_per_s_32'] / base['samples_per_s_32']:.1f}x** the tutorial; per layer "
+                             f"{base['per_layer_ms'] / r['per_layer_ms']:.1f}x")
     lines += ["", "GPU kernels of ONE layer (difference of the two depths' profiles; ms and launches per step):", ""]
     for r in rows:
         lp = r.get("layer_profile")
@@ -392,16 +439,19 @@ def main() -> None:
     ap.add_argument("--depths", type=int, nargs=2, default=[1, 2])
     ap.add_argument("--impls", nargs="+", default=["upstream", "reference", "fast"],
                     choices=["upstream", "reference", "fast", "fast-padlm"])
-    ap.add_argument("--cases", nargs="+", default=["mb4", "pack4096", "pack16384"])
-    ap.add_argument("--skip", nargs="*", default=["upstream:pack16384"], help="impl:case pairs not to run")
+    ap.add_argument("--cases", nargs="+", default=["mb4x4", "mb16x1", "pack4096x1", "pack16384x1"],
+                    help="mb<B>[x<accum>] or pack<T>[x<accum>]; accum = micro-steps per optimizer step")
+    ap.add_argument("--skip", nargs="*", default=["upstream:pack16384x1", "reference:mb16x1", "upstream:pack4096x1"],
+                    help="impl:case pairs not to run")
+    ap.add_argument("--profile-impls", nargs="*", default=["upstream", "fast", "fast-padlm"])
     ap.add_argument("--targets", default=TUTORIAL_TARGETS)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--row-len", type=int, default=1024, help="packed row length in tokens")
     ap.add_argument("--lengths", default=".bench_data/lengths.json")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps (after every length is warmed)")
     ap.add_argument("--profile", action="store_true", help="profile one step per impl and case at the lower depth")
     ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     ap.add_argument("--device", default="cuda")
@@ -442,7 +492,8 @@ def main() -> None:
             "lengths": {"n": len(lengths), "mean": statistics.mean(lengths)}}
     rows, raw = [], []
     for case in args.cases:
-        batches = make_batches(case, lengths, args.warmup + args.steps, args.row_len, base_cfg["pad_token_id"])
+        spec, accum = parse_case(case)
+        batches = make_batches(spec, lengths, (args.warmup + args.steps) * accum, args.row_len, base_cfg["pad_token_id"])
         runs = []
         for impl in args.impls:
             if f"{impl}:{case}" in args.skip:
@@ -450,7 +501,7 @@ def main() -> None:
             for depth in args.depths:
                 t0 = time.time()
                 try:
-                    r = time_config(base_cfg, depth, impl, batches, args)
+                    r = time_config(base_cfg, depth, impl, batches, accum, args)
                 except Exception as e:  # keep the other impls' numbers; the error goes into the log
                     import traceback
 
@@ -464,7 +515,7 @@ def main() -> None:
                 print(f"{case:>10} {impl:>9} depth {depth}: step {r['step_ms_median']:8.1f} ms  "
                       f"loss {r['first_loss']:.3f}  peak {r['peak_mem_gib']:.1f} GiB  ({time.time() - t0:.0f} s)", flush=True)
         raw += runs
-        rows += summarise(case, runs, batches, args, rate)
+        rows += summarise(case, runs, batches, accum, args, rate)
         md = write_results(Path(args.out_dir), meta, rows, raw)  # after every case: a timeout keeps what ran
     print(md)
 

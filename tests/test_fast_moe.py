@@ -282,8 +282,13 @@ def test_bad_moe_impl_is_rejected():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("tokens", [5, 300])
+@pytest.mark.parametrize("tokens", [5, 300])  # 5 tokens x top-4 of 16 experts: some experts get none
 def test_grouped_mm_bf16_matches_reference(tokens):
+    """bf16 under autocast (as Trainer(bf16=True)): grouped_mm path vs the reference loop, 1e-2.
+
+    Both run the same router on the same bf16 input, so they route identically; a float32 model
+    would route some tokens differently and is no reference for per-expert gradients.
+    """
     if not fast_moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("torch._grouped_mm needs compute capability 9.0")
     config = tiny_config(hidden_size=256, intermediate_size=128, moe_intermediate_size=[128] * 2,
@@ -294,22 +299,22 @@ def test_grouped_mm_bf16_matches_reference(tokens):
     randomise_lora(ref, 1)
     fast = copy.deepcopy(ref)
     fast_moe.set_moe_impl(fast, "fast")
-    gold = copy.deepcopy(ref).float()  # float32 reference loop: the truth both are compared with
-    x = torch.randn(1, tokens, config.hidden_size, device="cuda")
+    x = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     results = {}
-    for name, model, dtype in (("gold", gold, torch.float32), ("ref", ref, torch.bfloat16), ("fast", fast, torch.bfloat16)):
+    for name, model in (("ref", ref), ("fast", fast)):
         moe = model.base_model.model.model.layers[0].mlp
-        xi = x.detach().to(dtype).clone().requires_grad_()  # a fresh leaf per model
-        with torch.autocast("cuda", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
             y = moe(xi)
         (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
         results[name] = (y.float(), xi.grad.float(), {k: v.float() for k, v in lora_grads(moe).items()})
-    y_g, dx_g, g_g = results["gold"]
-    for name in ("ref", "fast"):
-        y, dx, g = results[name]
-        assert rel(y, y_g) < 1e-2 and rel(dx, dx_g) < 1e-2, name
-        for k in g_g:
-            if g_g[k].norm() > 0:
-                assert rel(g[k], g_g[k]) < 1e-2, (name, k)
-            else:
-                assert g[k].abs().max() == 0, (name, k)  # experts without tokens: exactly zero
+    (y_r, dx_r, g_r), (y_f, dx_f, g_f) = results["ref"], results["fast"]
+    assert rel(y_f, y_r) < 1e-2 and rel(dx_f, dx_r) < 1e-2
+    empty = 0
+    for k in g_r:
+        if g_r[k].norm() > 0:
+            assert rel(g_f[k], g_r[k]) < 1e-2, k
+        else:
+            empty += 1
+            assert g_f[k].abs().max() == 0, k  # experts without tokens: exactly zero, not garbage
+    assert empty > 0 or tokens > 5
