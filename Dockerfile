@@ -81,20 +81,24 @@ RUN python3.11 -m venv "${VENV}" \
 
 # 2) The project: `make setup` itself (the lock step is a no-op now, then the editable install of
 #    the project and the stamp), so later `make <stage>` calls see an up-to-date environment.
-#    models/, data/, outputs/ (the configs' relative default paths) point at the volumes.
+#    models/, data/, outputs/ (the configs' relative default paths) point at the volumes. The tree
+#    belongs to the user; the folder itself is also sticky-writable for any uid (`make demo`
+#    writes artifacts/ here).
 COPY --chown=hunyuan:hunyuan . .
 RUN make setup \
  && ln -sfn /models models && ln -sfn /data data && ln -sfn /outputs outputs \
  && chown -h hunyuan:hunyuan models data outputs \
- && chown -R hunyuan:hunyuan src
+ && chown -R hunyuan:hunyuan src \
+ && chown hunyuan:hunyuan . && chmod 1777 .
 
-# Caches and logs on the volumes. The model snapshot itself goes to models/ (= /models) as the
-# configs say; SwanLab's local logs default to /outputs/swanlog. SWANLAB_API_KEY is NOT set here:
-# it is read from the environment at run time only (docker run -e SWANLAB_API_KEY).
+# Caches on the volumes. The model snapshot itself goes to models/ (= /models) as the configs say,
+# each run (adapter, SwanLab's local logs in <output_dir>/swanlog) to outputs/ (= /outputs).
+# SWANLAB_LOG_DIR stays unset: the stages pass the run's folder themselves, and `swanlab watch`
+# refuses to start when that variable names a folder that does not exist. SWANLAB_API_KEY is NOT
+# set here: it is read from the environment at run time only (docker run -e SWANLAB_API_KEY).
 ENV HOME=/home/hunyuan \
     HF_HOME=/models/.cache/huggingface \
-    MODELSCOPE_CACHE=/models/.cache/modelscope \
-    SWANLAB_LOG_DIR=/outputs/swanlog
+    MODELSCOPE_CACHE=/models/.cache/modelscope
 
 VOLUME ["/models", "/data", "/outputs"]
 # `make watch` (SwanLab dashboard).

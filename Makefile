@@ -83,10 +83,13 @@ STAGES ?= train
 # CONFIG / SET / PROMPT given on this command line are handed to the container's make. Host paths
 # are not: inside, the configs' models/ data/ outputs/ are the volumes (MODELS_VOLUME -> /models ...).
 DOCKER_MAKE_VARS = $(foreach v,CONFIG SET PROMPT,$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
+DOCKER_VOLUMES = -v $(MODELS_VOLUME):/models -v $(DATA_VOLUME):/data -v $(OUTPUTS_VOLUME):/outputs
 DOCKER_RUN = docker run --rm --ipc=host $(if $(DOCKER_GPUS),--gpus $(DOCKER_GPUS)) --user $(DOCKER_USER) \
-	-v $(MODELS_VOLUME):/models -v $(DATA_VOLUME):/data -v $(OUTPUTS_VOLUME):/outputs -e SWANLAB_API_KEY
+	$(DOCKER_VOLUMES) -e SWANLAB_API_KEY
+# docker-watch publishes the dashboard on this host port, on 127.0.0.1 only (ssh -L to view it).
+WATCH_PORT ?= 5092
 
-.PHONY: docker-build docker-train docker-shell lint-container buildah-build
+.PHONY: docker-build docker-train docker-shell docker-watch lint-container buildah-build
 
 docker-build:  ## build the image IMAGE:TAG (labels: source, version, requirements.lock sha256, pins)
 	docker build $(addprefix --build-arg=,$(shell IMAGE_VERSION=$(TAG) scripts/image_build_args.sh)) \
@@ -99,6 +102,10 @@ docker-train:  ## run `make STAGES` (default: train) in the image on all GPUs, w
 docker-shell:  ## interactive shell in the image (same GPUs, volumes, user as docker-train)
 	mkdir -p $(MODELS_VOLUME) $(DATA_VOLUME) $(OUTPUTS_VOLUME)
 	$(DOCKER_RUN) -it --entrypoint bash $(IMAGE):$(TAG)
+
+docker-watch:  ## SwanLab dashboard of the runs in OUTPUTS_VOLUME, from the image, on 127.0.0.1:WATCH_PORT
+	docker run --rm -it --user $(DOCKER_USER) $(DOCKER_VOLUMES) -p 127.0.0.1:$(WATCH_PORT):5092 $(IMAGE):$(TAG) \
+	  watch $(filter-out 'SET=%,$(DOCKER_MAKE_VARS)) 'SET=swanlab.host=0.0.0.0 swanlab.port=5092 $(SET)'
 
 lint-container: setup  ## hadolint the Dockerfile, actionlint the workflows
 	$(VENV)/bin/hadolint Dockerfile

@@ -11,7 +11,8 @@
 #
 # Steps: 1 base image (debootstrap, cached as $BASE in buildah's storage; BASE_REBUILD=1 redoes it)
 #        2 buildah bud of ./Dockerfile with the same build args as `make docker-build`
-#        3 smoke test of the built image (as its non-root user: make help, import torch, venv stamp)
+#        3 smoke test of the built image (as its non-root user: make help, import torch, venv stamp;
+#          as an arbitrary uid: the volumes and the tree are writable; BUILDAH_SMOKE_DEMO=1: make demo)
 # A timed log of every step goes to $LOG and a summary to $SUMMARY (default in
 # $BUILDAH_OUT=/var/tmp/hunyuan-lora-buildah: outside the tree, which other stages clean).
 #
@@ -113,7 +114,17 @@ run() { "${B[@]}" run --isolation chroot "$ctr" -- "$@"; }
   echo "make help:"; run make help
   echo "make setup (must be a no-op):"; run make setup
   echo "volumes: $(run ls -ld /models /data /outputs | tr '\n' ';')"
+  echo "as an arbitrary uid (docker run --user): $("${B[@]}" run --isolation chroot --user 4242:4242 "$ctr" -- \
+    sh -c 'mkdir -p artifacts/probe outputs/probe /models/probe && rm -r artifacts outputs/probe /models/probe && make -s setup && echo writable, make ok')"
+  if [[ ${BUILDAH_SMOKE_DEMO:-0} == 1 ]]; then
+    echo "make demo (the whole pipeline on the stand-in model, CPU):"
+    run make demo
+    echo "make watch as docker-watch runs it (dashboard on 0.0.0.0:5092 inside):"
+    run sh -c 'timeout 45 make watch CONFIG=configs/demo.yaml "SET=swanlab.host=0.0.0.0 swanlab.port=5092" & sleep 25;
+      python -c "import urllib.request as u; print(\"dashboard: HTTP\", u.urlopen(\"http://127.0.0.1:5092/\").status)"; rc=$?; wait; exit $rc'
+  fi
 } 2>&1 | tee -a "$LOG"
+[[ ${PIPESTATUS[0]} == 0 ]] || die "smoke test (see $LOG)"
 "${B[@]}" rm "$ctr" >/dev/null
 
 size=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | head -1)
