@@ -248,7 +248,8 @@ def opt_step(model, opt, micro_batches: list[dict], device):
 def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
     model = build_model(base_cfg, depth, impl, args)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)  # Trainer's default adamw_torch
+    # foreach = Trainer's default optim "adamw_torch"; fused = "adamw_torch_fused"
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if args.optim == "fused" else {"foreach": True}))
     units = [batches[i:i + accum] for i in range(0, len(batches), accum)]  # optimizer steps
     warm, timed = units[: args.warmup], units[args.warmup:]
     # Each new sequence length costs plan building once (cuDNN attention, cuBLAS heuristics): a
@@ -390,7 +391,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}. "
         f"Depths {meta['depths']}, {meta['steps']} timed steps (median) after {meta['warmup']} warm-up; "
         f"LoRA r={meta['r']} alpha={meta['alpha']} dropout={meta['dropout']} on {meta['targets']}; "
-        f"gradient checkpointing; autocast bf16. Packing rows: {meta['row_len']} tokens.",
+        f"gradient checkpointing; autocast bf16; AdamW {meta.get('optim', 'foreach')}. Packing rows: {meta['row_len']} tokens.",
         "",
         "Case `mb4x4` = micro-batch 4 x 4 accumulation (the tutorial); `mb16x1` = the same 16 samples per optimizer "
         "step in one micro-batch; `pack<T>x1` = T tokens per step, packed. All numbers per OPTIMIZER step.",
@@ -443,6 +444,8 @@ def main() -> None:
                     help="mb<B>[x<accum>] or pack<T>[x<accum>]; accum = micro-steps per optimizer step")
     ap.add_argument("--skip", nargs="*", default=["upstream:pack16384x1", "reference:mb16x1", "upstream:pack4096x1"],
                     help="impl:case pairs not to run")
+    ap.add_argument("--optim", choices=["foreach", "fused"], default="foreach",
+                    help="AdamW implementation: foreach (Trainer's adamw_torch) or fused (adamw_torch_fused)")
     ap.add_argument("--profile-impls", nargs="*", default=["upstream", "fast", "fast-padlm"])
     ap.add_argument("--targets", default=TUTORIAL_TARGETS)
     ap.add_argument("--r", type=int, default=8)
@@ -455,6 +458,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile one step per impl and case at the lower depth")
     ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tag", default="", help="suffix of the result files' names")
     args = ap.parse_args()
     if args.write_lengths:
         write_lengths(Path(args.write_lengths[0]), Path(args.write_lengths[1]))
@@ -487,7 +491,7 @@ def main() -> None:
             "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
             "grouped_mm": grouped, "gemm_tflops": rate / 1e12, "depths": args.depths, "steps": args.steps,
             "warmup": args.warmup, "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "targets": args.targets,
-            "row_len": args.row_len, "cases": args.cases, "impls": args.impls,
+            "row_len": args.row_len, "optim": args.optim, "tag": args.tag, "cases": args.cases, "impls": args.impls,
             "hidden_size": base_cfg["hidden_size"], "num_experts": base_cfg["num_experts"],
             "lengths": {"n": len(lengths), "mean": statistics.mean(lengths)}}
     rows, raw = [], []
@@ -522,7 +526,7 @@ def main() -> None:
 
 def write_results(out: Path, meta: dict, rows: list[dict], raw: list[dict]) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['card'].replace(' ', '-')}-{meta['date']}"
+    stem = f"{meta['card'].replace(' ', '-')}-{meta['date']}" + (f"-{meta['tag']}" if meta.get("tag") else "")
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": raw}, indent=1))
     md = markdown(meta, rows)
     (out / f"{stem}.md").write_text(md)

@@ -17,7 +17,7 @@ How (shapes: N tokens, k experts per token, M = N*k pairs, E experts, H hidden, 
   3. LoRA on every expert projection the same way: + scaling * ((dropout(xs) @ A[e]^T) @ B[e]^T),
      two more grouped products of width r per projection;
   4. undo the sort and weight: out[n] = sum_j w[n, j] * y[pair (n, j)] as one batched product
-     (deterministic, no atomics).
+     (deterministic, no atomics; the gathers of steps 1 and 4 back-propagate as gathers, `_Rows`).
 
 Why this layout (the design point): the model keeps the checkpoint's module tree,
 `mlp.experts.{i}.{gate,up,down}_proj` as `nn.Linear`, so
@@ -275,6 +275,29 @@ def _project(xs: torch.Tensor, proj: Projection, offs: torch.Tensor, counts: lis
     return y.to(result_dtype)
 
 
+class _Rows(torch.autograd.Function):
+    """out = src[index] whose backward is a gather too: grad_src = grad[back].view(-1, group, H).sum(1).
+
+    Valid when `index` hits every row of src exactly `group` times and back lists, row by row, where
+    those hits landed. Plain indexing would back-propagate with a sorted scatter-add (index_put with
+    accumulate), several passes and a sort over M rows.
+    """
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor, back: torch.Tensor, group: int) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        ctx.group = group
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (back,) = ctx.saved_tensors
+        g = grad.index_select(0, back)
+        if ctx.group > 1:
+            g = g.view(-1, ctx.group, g.shape[-1]).sum(1)
+        return g, None, None, None
+
+
 _warned: set[str] = set()
 
 
@@ -298,14 +321,14 @@ def routed_experts_fast(moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, 
     grouped = grouped_mm_available(x.device, x.dtype)
     counts = None if grouped else ends.diff(prepend=ends.new_zeros(1)).tolist()  # the loop needs sizes on the host
 
-    xs = x[order // k]  # (M, H) each pair's token, sorted by expert
+    inverse = torch.empty_like(order)  # inverse[p] = sorted position of pair p
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    xs = _Rows.apply(x, order // k, inverse, k)  # (M, H) each pair's token, sorted by expert
     gate = _project(xs, projs["gate_proj"], offs, counts)  # (M, I)
     up = _project(xs, projs["up_proj"], offs, counts)  # (M, I)
     h = moe.experts[0].act_fn(gate) * up  # (M, I)
     y = _project(h, projs["down_proj"], offs, counts)  # (M, H), sorted order
 
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = y[inverse].view(N, k, -1)  # (N, k, H) back in (token, slot) order
+    y = _Rows.apply(y, inverse, order, 1).view(N, k, -1)  # (N, k, H) back in (token, slot) order
     # out[n] = sum_j w[n, j] * y[n, j]: a (1, k) @ (k, H) product per token, no atomics
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (N, H)
