@@ -240,7 +240,7 @@ def test_packing_keeps_state_dict_and_follows_reloads(tmp_path):
 
 def test_disabled_and_merged_adapters_follow_peft():
     """disable_adapter() and merge_adapter() change what PEFT computes: the cached plan follows."""
-    config = tiny_config()
+    config = tiny_config(num_hidden_layers=1)
     ref, fast = peft_pair(config)
     ref.eval(), fast.eval()
     ids = torch.randint(0, 1000, (2, 6))
