@@ -24,13 +24,17 @@ def stand_in_dir(tmp_path_factory) -> Path:
     """A pristine stand-in folder (unpatched hunyuan.py). Copy it before modifying it."""
     from hunyuan_lora import stand_in
 
-    return stand_in.build(tmp_path_factory.mktemp("models") / "stand-in", seed=0)
+    return stand_in.build(tmp_path_factory.mktemp("models") / "stand-in-pristine", seed=0)
 
 
 @pytest.fixture
 def model_copy(stand_in_dir, tmp_path) -> Path:
-    """A private copy of the stand-in a test may modify (patch, delete files, ...)."""
-    dst = tmp_path / "stand-in"
+    """A private copy of the stand-in a test may modify (patch, delete files, ...).
+
+    transformers caches remote code by the folder's name (transformers_modules.<name>), so every
+    copy gets a name of its own: a patched and an unpatched folder must never share one.
+    """
+    dst = tmp_path / f"stand-in-{tmp_path.name}"
     shutil.copytree(stand_in_dir, dst)
     return dst
 

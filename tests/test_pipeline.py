@@ -28,7 +28,7 @@ def _pinned_versions() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    out, stand_in = root / "outputs", root / "stand-in"
+    out, stand_in = root / "outputs", root / "stand-in-demo"
     proc = subprocess.run(["make", "demo", f"OUTPUT_DIR={out}", f"STAND_IN_DIR={stand_in}"], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
