@@ -13,7 +13,7 @@ STAND_IN_DIR ?= artifacts/stand-in
 RUN_ARGS = --config $(CONFIG) $(if $(MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(DATA),--data $(DATA)) \
            $(if $(OUTPUT_DIR),--output-dir $(OUTPUT_DIR)) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help setup lock test stand-in download patch dataset train infer merge demo
+.PHONY: help setup lock test stand-in download patch dataset train infer merge demo bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -33,6 +33,7 @@ lock:  ## recompile requirements.lock from requirements.in (uv, hashes, Python 3
 	  --python-platform x86_64-manylinux_2_28 requirements.in -o requirements.lock
 
 test: setup  ## run the test suite (installs what it needs first)
+	bash scripts/install_test_deps.sh
 	$(PY) -m pytest -q
 
 # ---- the stages -------------------------------------------------------------------------------
@@ -48,6 +49,10 @@ patch: setup  ## define the missing `logger` in the model's hunyuan.py (keeps hu
 dataset: setup  ## fetch + validate + tokenize the dataset into OUTPUT_DIR/data
 	$(PY) scripts/dataset.py $(RUN_ARGS)
 
+.PHONY: check
+check: setup  ## preflight, no weights loaded: config, model folder, patch, dataset, resume, disk, GPU memory
+	$(PY) scripts/check.py $(RUN_ARGS)
+
 train: setup  ## LoRA fine-tune with HF Trainer + SwanLab (resume: auto)
 	$(PY) scripts/train.py $(RUN_ARGS)
 
@@ -56,6 +61,15 @@ infer: setup  ## answer PROMPT (or infer.prompts / infer.input_jsonl) with base 
 
 merge: setup  ## merge the adapter into the base weights -> OUTPUT_DIR/merged
 	$(PY) scripts/merge.py $(RUN_ARGS)
+
+.PHONY: watch
+watch: setup  ## SwanLab dashboard on OUTPUT_DIR/swanlog at swanlab.host:port (e.g. CONFIG=configs/demo.yaml)
+	$(PY) scripts/watch.py $(RUN_ARGS)
+
+BENCH_ARGS ?= --real-config --profile
+bench: setup  ## GPU benchmark at the real width, reduced depth: upstream vs fast MoE (bench/results/)
+	test -f .bench_data/lengths.json || $(PY) bench/run.py --write-lengths $(or $(DATA),../shared/data/huanhuan.json) .bench_data/lengths.json
+	$(PY) bench/run.py $(BENCH_ARGS) --lengths .bench_data/lengths.json --out-dir bench/results
 
 demo: CONFIG = configs/demo.yaml
 demo: setup  ## stand-in -> patch -> dataset -> train -> infer, CPU, offline (the first quick-start)

@@ -65,12 +65,12 @@ def _install_hook(hook: str, out: Path) -> None:
 
         save = DatasetDict.save_to_disk
         DatasetDict.save_to_disk = lambda self, *a, **k: (save(self, *a, **k), _die())
-    elif hook == "dataset-delete-old":  # rmtree of the previous dataset, cut off after one file
+    elif hook == "dataset-delete-old":  # new dataset in place, the previous one cut off mid-delete
         rmtree = shutil.rmtree
 
         def dying_rmtree(path, *a, **k):
-            if Path(path) == out / "data":
-                next((out / "data" / "train").glob("*.arrow")).unlink()
+            if Path(path) == out / "data.old" and (out / "data.old").is_dir():
+                next((out / "data.old" / "train").glob("*.arrow")).unlink()
                 _die()
             return rmtree(path, *a, **k)
 
@@ -258,22 +258,14 @@ def test_dataset_killed_without_a_previous_one_leaves_none(scenarios):
         check.preflight(cfg_for(scenarios["model"], out), stage="train", echo=False)
 
 
-def test_dataset_killed_while_deleting_the_old_one_is_refused_by_train(scenarios):
-    """data.py deletes the previous dataset in place before renaming the new one: a kill during that
-    delete leaves a partial dataset whose stats.json is still there. The preflight refuses it."""
+def test_dataset_killed_while_deleting_the_old_one_leaves_the_new_one_complete(scenarios):
+    """The new dataset is renamed into place before the previous one (moved aside to data.old) is
+    deleted: a kill during that delete leaves the complete new dataset and a leftover data.old."""
     out = scenarios["dirs"]["data_delete"]
-    assert (out / "data" / "stats.json").is_file()
-    with pytest.raises(UserError) as info:
-        check.preflight(cfg_for(scenarios["model"], out), stage="train", echo=False)
-    assert "is incomplete" in info.value.what and "`make dataset`" in info.value.fix
-
-
-@pytest.mark.xfail(strict=True, reason="data.py removes the old dataset with shutil.rmtree before os.replace; "
-                                       "fix: publish the temp folder with train.publish_dir (see the report)")
-def test_dataset_killed_while_deleting_the_old_one_leaves_the_old_or_none(scenarios):
-    d = scenarios["dirs"]
-    data_dir = d["data_delete"] / "data"
-    assert not data_dir.exists() or tree_digest(data_dir) == tree_digest(d["data_prev"] / "data")
+    plan = check.preflight(cfg_for(scenarios["model"], out, "data.max_length=128"), stage="check", echo=False)
+    assert {r.name: r.status for r in plan.rows}["dataset"] == "ok"
+    assert json.loads((out / "data" / "stats.json").read_text())["max_length"] == 128  # the new one
+    assert (out / "data.old").is_dir() and out / "data.old" in check.leftovers(out)
 
 
 # -- adapter and manifest

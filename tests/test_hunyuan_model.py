@@ -190,3 +190,15 @@ def test_kv_cache_generation_matches_full_forward(stand_in_dir):
     # Greedy decoding with the cache must pick the argmax of a full, cache-free forward each step.
     full = model(input_ids=out[:, :-1], use_cache=False).logits
     assert torch.equal(full[0, ids.shape[1] - 1:].argmax(-1), out[0, ids.shape[1]:])
+
+
+def test_router_stays_float32_under_bf16_autocast():
+    moe = HunYuanMoE(HunYuanConfig(**stand_in_config()), layer_idx=0)
+    x = torch.randn(5, 64)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        weights, _ = moe.gate(x)
+        assert weights.dtype == torch.float32
+        logits = torch.nn.functional.linear(x.float(), moe.gate.wg.weight.float())  # what autocast would do
+    exact = torch.softmax(x.float() @ moe.gate.wg.weight.float().T, -1).topk(2).values
+    torch.testing.assert_close(weights, exact / exact.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
+    assert logits.dtype == torch.bfloat16  # the check above would fail without the autocast guard

@@ -53,6 +53,9 @@ class ModelSection:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device_map: str | None = "auto"  # the tutorial's single-process layer split over visible GPUs
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # upstream: the folder's own hunyuan.py (the tutorial, byte for byte); fast: the same checkpoint
+    # in this project's implementation with grouped-GEMM experts (hunyuan_lora/hunyuan/fast_moe.py).
+    moe_impl: Literal["upstream", "fast"] = "upstream"
 
 
 @dataclass
@@ -100,6 +103,9 @@ class TrainSection:
     save_steps: int = 100
     save_total_limit: int | None = None
     gradient_checkpointing: bool = True
+    # Concatenate each micro-batch into one row (position ids restart per sample, no cross-sample
+    # attention, no padding): raise per_device_train_batch_size to fill thousands of tokens.
+    packing: bool = False
     bf16: bool = True  # used only on GPU; CPU runs in float32
     resume: str = "auto"  # auto: continue from the last checkpoint in output_dir; never; or a path
     dataloader_num_workers: int = 0
@@ -147,8 +153,9 @@ class Config:
         return d
 
     def dump(self, path: Path) -> Path:
-        path.write_text(yaml.safe_dump(self.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")
-        return path
+        from .atomic import write_text
+
+        return write_text(path, yaml.safe_dump(self.to_dict(), allow_unicode=True, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------

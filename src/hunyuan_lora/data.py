@@ -14,15 +14,14 @@ Writes <output_dir>/data/{train,eval}/ (datasets.save_to_disk) and <output_dir>/
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import staging_dir, write_json
 from .config import Config
 from .errors import UserError
 from .records import Record, read_records, summarise
@@ -144,17 +143,9 @@ def run(cfg: Config) -> Path:
         "warnings": report.warnings,
     }
 
-    # Written next to the destination and renamed into place: a killed run leaves no half dataset.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:  # a killed run leaves the previous dataset, never half of one
         splits.save_to_disk(str(tmp))
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / "stats.json", stats)
     print(f"wrote {out}: {len(examples):,} examples, tokens min/mean/p95/max "
           f"{stats['tokens']['min']}/{stats['tokens']['mean']}/{stats['tokens']['p95']}/{stats['tokens']['max']}, "
           f"{truncated} truncated, {dropped} dropped")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text
 from .config import Config
 from .errors import UserError
 from .train import load_base_model, pick_device, pick_dtype
@@ -116,8 +117,5 @@ def run(cfg: Config) -> Path:
         print(f"Q: {row['instruction']}\nA: {answer}\n", flush=True)
     out = Path(cfg.infer.output_jsonl) if cfg.infer.output_jsonl else cfg.output_dir / "infer" / "answers.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
+from .atomic import staging_dir
 from .config import Config
 from .infer import adapter_dir, load_with_adapter
-from .train import publish_dir
 
 # Files copied from the base folder as they are (the weights and their index are written anew).
 CARRIED = ("config.json", "generation_config.json", "tokenizer_config.json", "hy.tiktoken")
@@ -27,9 +26,7 @@ def run(cfg: Config) -> Path:
     model = load_with_adapter(cfg, adapter_dir(cfg))
     merged = model.merge_and_unload()
     out = cfg.output_dir / "merged"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
         auto_map = json.loads((base / "config.json").read_text(encoding="utf-8")).get("auto_map", {})
         code = {v.split(".")[0] + ".py" for v in auto_map.values() if isinstance(v, str)}
@@ -37,8 +34,5 @@ def run(cfg: Config) -> Path:
         for name in sorted(code) + list(CARRIED):
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)
-        publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged {adapter_dir(cfg)} into {base} -> {out}")
     return out

@@ -14,11 +14,11 @@ from __future__ import annotations
 import ast
 import builtins
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text
 from .config import Config
 from .errors import UserError
 
@@ -134,9 +134,7 @@ def patch_folder(model_dir: str | Path, check_only: bool = False) -> PatchResult
     orig = path.with_name(path.name + ".orig")
     if not orig.exists():
         shutil.copy2(path, orig)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(patched, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, patched)
     return PatchResult(path, needed=True, written=True, lines=lines)
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import regex
 import torch
 from safetensors.torch import save_file
 
+from .atomic import staging_dir
 from .hunyuan.configuration_hunyuan import HunYuanConfig
 from .hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
 from .hunyuan.tokenization_hy import PAT_STR, SPECIAL_TOKENS
@@ -258,9 +257,12 @@ def copy_model_code(out: Path) -> None:
 def build(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the stand-in folder to out_dir (replacing it) and return its path."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with staging_dir(out) as tmp:  # readers never see a half-written folder
+        _write_folder(tmp, seed)
+    return out
+
+
+def _write_folder(tmp: Path, seed: int) -> None:
     config = stand_in_config()
     copy_model_code(tmp)
     _write_json(tmp / "config.json", config)
@@ -272,16 +274,6 @@ def build(out_dir: str | Path, seed: int = 0) -> Path:
     })
     write_tokenizer(tmp)
     write_weights(tmp, config, seed)
-    # Readers never see a half-written folder: swap the finished one into place.
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    return out
 
 
 def main() -> None:

@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from . import check, tracking
+from .atomic import staging_dir, write_json
 from .config import Config
 from .errors import UserError
 
@@ -52,19 +52,31 @@ def pick_dtype(cfg: Config, device: str) -> torch.dtype:
 
 
 def load_base_model(cfg: Config, device: str, dtype: torch.dtype):
+    """The folder's own code (model.moe_impl: upstream) or the project's fast implementation."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"trust_remote_code": True, "torch_dtype": dtype}
+    kwargs = {"torch_dtype": dtype}
     if device == "cuda" and cfg.model.device_map:
         kwargs["device_map"] = cfg.model.device_map
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.dir, **kwargs)
+    if cfg.model.moe_impl == "fast":
+        from .hunyuan.configuration_hunyuan import HunYuanConfig
+        from .hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
+
+        config = HunYuanConfig.from_pretrained(cfg.model.dir)
+        config.moe_impl = "fast"  # read by HunYuanMoE; same state-dict keys as the folder's code
+        model = HunYuanMoEV1ForCausalLM.from_pretrained(cfg.model.dir, config=config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.dir, trust_remote_code=True, **kwargs)
     return model if "device_map" in kwargs else model.to(device)
 
 
 def swanlab_mode(cfg: Config) -> str:
-    """auto: cloud with SWANLAB_API_KEY, else local (never a login prompt)."""
+    """auto: SWANLAB_MODE if set, else cloud with SWANLAB_API_KEY, else local (never a login prompt)."""
     if cfg.swanlab.mode != "auto":
         return cfg.swanlab.mode
+    env = os.environ.get("SWANLAB_MODE")
+    if env in ("cloud", "local", "disabled"):
+        return env
     return "cloud" if os.environ.get("SWANLAB_API_KEY") else "local"
 
 
@@ -77,25 +89,6 @@ def git_commit() -> str | None:
         return None
 
 
-def write_json_atomic(path: Path, obj) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished folder into place, so no reader ever sees a half-written one."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -104,6 +97,16 @@ def lora_config(cfg: Config):
 
     return LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=cfg.lora.targets(), r=cfg.lora.r,
                       lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout)
+
+
+def make_collator(cfg: Config, tokenizer):
+    """Pad to the longest sample, or (train.packing) concatenate the micro-batch into one row."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.train.packing:
+        # position_ids restart at 0 per sample; the model turns that into a block-diagonal mask.
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
 def make_sigterm_callback():
@@ -117,8 +120,10 @@ def make_sigterm_callback():
             signal.signal(signal.SIGTERM, self._on_signal)
 
         def _on_signal(self, signum, frame):
-            print("SIGTERM received: saving a checkpoint after this step, then stopping", flush=True)
+            # Flag first, and no print(): the handler runs inside whatever the main thread is doing,
+            # and a print() landing inside another print() raises "reentrant call" (run lost, no save).
             self.received = True
+            os.write(2, b"SIGTERM received: saving a checkpoint after this step, then stopping\n")
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.received:
@@ -144,22 +149,14 @@ def resume_checkpoint(cfg: Config) -> str | None:
 def run(cfg: Config) -> Path:
     from datasets import load_from_disk
     from peft import get_peft_model
-    from swanlab.integration.transformers import SwanLabCallback
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from . import patch
 
     out = cfg.output_dir
     data_dir = out / "data"
-    # ---- fail fast: everything cheap before the weights load -----------------------------------
-    if not (data_dir / "stats.json").is_file():
-        raise UserError(f"no tokenized dataset in {data_dir}", fix="run `make dataset` with the same CONFIG first")
-    if cfg.train.gradient_checkpointing and patch.patch_folder(cfg.model.dir, check_only=True).needed:
-        raise UserError("hunyuan.py uses an undefined `logger`, so gradient checkpointing would crash with "
-                        "NameError", where=str(Path(cfg.model.dir) / "hunyuan.py"), fix="run `make patch`")
-    device = pick_device(cfg)
-    dtype = pick_dtype(cfg, device)
-    resume = resume_checkpoint(cfg)
+    # ---- fail fast: everything cheap before the weights load (`make check`'s table) -------------
+    plan = check.preflight(cfg, stage="train")
+    device, dtype, resume = plan.device, plan.dtype, plan.resume
     set_seed(cfg.run.seed)
     started = time.time()
 
@@ -207,40 +204,33 @@ def run(cfg: Config) -> Path:
     )
     callbacks = [make_sigterm_callback()]
     mode = swanlab_mode(cfg)
-    if mode != "disabled":
-        callbacks.append(SwanLabCallback(
-            project=cfg.swanlab.project,
-            experiment_name=cfg.swanlab.experiment or cfg.run.name,
-            logdir=str(out / "swanlog"),
-            mode=mode,
-            config={"run_config": cfg.to_dict(), "lora_trainable_params": trainable, "total_params": total,
-                    "dataset": {k: stats[k] for k in ("examples", "tokens", "sha256")}},
-        ))
+    # SwanLab: config, throughput, GPU memory, before/after samples ([] when disabled)
+    callbacks += tracking.callbacks(cfg, mode, stats, trainable, total, tokenizer)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=splits["train"],
         eval_dataset=splits["eval"] if has_eval else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=make_collator(cfg, tokenizer),
         callbacks=callbacks,
     )
     if resume:
         print(f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
-    write_json_atomic(out / "log_history.json", trainer.state.log_history)
+    write_json(out / "log_history.json", trainer.state.log_history)
+    tracking.plot_loss(trainer.state.log_history, out / "loss.png")
     if callbacks[0].received:
         raise SystemExit(f"stopped by SIGTERM at step {trainer.state.global_step}; the checkpoint is in {out}; "
                          "rerun `make train` to continue")
 
     # ---- outputs: adapter, resolved config, manifest -------------------------------------------
     adapter = out / "adapter"
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    publish_dir(tmp, adapter)
+    with staging_dir(adapter) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     cfg.dump(out / "resolved.yaml")
     download_info = Path(cfg.model.dir) / "download.json"
-    write_json_atomic(out / "manifest.json", {
+    write_json(out / "manifest.json", {
         "run": cfg.run.name,
         "config_file": cfg.source,
         "git_commit": git_commit(),

@@ -136,7 +136,9 @@ class HunYuanTopKGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32 (float64 in tests)
-        logits = F.linear(x.to(dtype), self.wg.weight.to(dtype))  # (N, E)
+        # Under Trainer(bf16=True) autocast would run this Linear in bf16 whatever its inputs are.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.to(dtype), self.wg.weight.to(dtype))  # (N, E)
         probs = logits.softmax(dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k) float32, (N, k) int64
         if self.norm_topk_prob:

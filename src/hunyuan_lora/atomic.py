@@ -1,0 +1,50 @@
+"""Writes a kill can never leave half done: everything goes to a temporary sibling, then one rename.
+
+A later stage therefore sees either the previous complete artifact or the new complete one.
+`make check` lists what killed runs leave behind (`.<name>-*` folders, `*.tmp`, `*.old`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished folder into place. Killed mid-swap, `<final>.old` is the last complete one."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """A temporary sibling of `final` to write into; published as `final` when the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
