@@ -98,7 +98,9 @@ STAGES ?= train
 # are not: inside, the configs' models/ data/ outputs/ are the volumes (MODELS_VOLUME -> /models ...).
 DOCKER_MAKE_VARS = $(foreach v,CONFIG SET PROMPT,$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
 DOCKER_VOLUMES = -v $(MODELS_VOLUME):/models -v $(DATA_VOLUME):/data -v $(OUTPUTS_VOLUME):/outputs
-DOCKER_RUN = docker run --rm --ipc=host $(if $(DOCKER_GPUS),--gpus $(DOCKER_GPUS)) --user $(DOCKER_USER) \
+# --stop-timeout: on `docker stop` training saves a checkpoint after the current step, which on the
+# real model takes far longer than docker's default 10 s before SIGKILL.
+DOCKER_RUN = docker run --rm --ipc=host --stop-timeout 600 $(if $(DOCKER_GPUS),--gpus $(DOCKER_GPUS)) --user $(DOCKER_USER) \
 	$(DOCKER_VOLUMES) -e SWANLAB_API_KEY
 # docker-watch publishes the dashboard on this host port, on 127.0.0.1 only (ssh -L to view it).
 WATCH_PORT ?= 5092

@@ -644,7 +644,7 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
     t.run("model folder", lambda: check_model_folder(folder))
     if not cfg.train.gradient_checkpointing:
         t.add("patch", "skip", "gradient checkpointing is off: the undefined `logger` is never reached")
-    elif getattr(cfg.model, "moe_impl", "upstream") == "fast":
+    elif cfg.model.moe_impl == "fast":
         t.add("patch", "skip", "model.moe_impl is fast: the project's own model code runs, not the folder's hunyuan.py")
     elif model_config is None or not model_config.get("auto_map"):
         t.add("patch", "skip", "needs the model folder's config.json with auto_map")
