@@ -3,7 +3,7 @@
     # once, on a machine that has the data (writes token-length estimates, not the data itself):
     python bench/run.py --write-lengths ../shared/data/huanhuan.json .bench_data/lengths.json
     # on a GPU (real width, random weights, depth 1 and 2, every impl, every case):
-    python bench/run.py --real-config --depths 1 2 --impls upstream reference fast fast-padlm \
+    python bench/run.py --real-config --depths 1 2 --impls upstream reference fast fast-plainlm \
         --cases mb4x4 mb16x1 pack4096x1 pack16384x1 --profile --lengths .bench_data/lengths.json \
         --out-dir bench/results
 
@@ -29,10 +29,13 @@ Impls:
              first, overflow dropped), dense one-hot einsums [S, E, C], a Python loop over all 64
              PEFT-wrapped experts (written here from the documented structure, not Tencent's code)
   reference  the project's dropless loop over experts with tokens (HunYuanMoE.routed_experts)
-  fast       config.moe_impl = "fast" (hunyuan_lora/hunyuan/fast_moe.py)
-  fast-padlm fast + the tied lm_head multiplied with a copy of its weight padded to 128,192 rows and
-             the logits sliced back to 128,167: the odd vocabulary otherwise sends cuBLAS to slow
-             align-1 kernels (a what-if for hunyuan.py, not in the model code)
+  fast       config.moe_impl = "fast" (hunyuan_lora/hunyuan/fast_moe.py), and the model's own lm_head
+             padding (hunyuan.py `lm_logits`: training, CUDA, frozen tied weight -> logits from a cached
+             copy padded to 128,192 rows, sliced to 128,167; the odd vocabulary otherwise sends cuBLAS
+             to slow align-1 kernels). Results up to v4 called this "fast-padlm" (a bench-only patch).
+  fast-plainlm  fast with the model's padding switched off (pad_lm_head=False): the v1-v4 "fast",
+             kept to measure what the padding is worth in the same run
+  upstream and the tutorial never pad (Tencent's hunyuan.py has no padding); reference pads as fast.
 Cases:
   mb<B>      micro-batch of B samples padded to the longest (the tutorial: mb4)
   pack<T>    T tokens per micro-batch: rows of --row-len tokens filled with whole samples,
@@ -205,8 +208,8 @@ def build_model(base_cfg: dict, depth: int, impl: str, args) -> torch.nn.Module:
             model = HunYuanMoEV1ForCausalLM(config)  # random init on the GPU; the router is float32
     finally:
         torch.set_default_dtype(default)
-    if impl == "fast-padlm":
-        pad_lm_head(model, 64)
+    if impl in ("upstream", "fast-plainlm"):
+        model.pad_lm_head = False  # else None: the model decides (pads here: training, CUDA, frozen weight)
     if impl == "upstream":
         for m in model.modules():
             if isinstance(m, HunYuanMoE):
@@ -217,15 +220,6 @@ def build_model(base_cfg: dict, depth: int, impl: str, args) -> torch.nn.Module:
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                       target_modules=args.targets.split(","), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
-
-
-def pad_lm_head(model, multiple: int) -> None:
-    """logits = h @ W_pad^T, sliced to the vocabulary; W_pad a frozen zero-padded copy (+1 GB)."""
-    head = model.get_output_embeddings()
-    V, H = head.weight.shape
-    padded = torch.zeros(-(-V // multiple) * multiple, H, dtype=head.weight.dtype, device=head.weight.device)
-    padded[:V] = head.weight.detach()
-    head.forward = lambda x: F.linear(x, padded)[..., :V]
 
 
 def micro_step(model, batch, device, accum: int):
@@ -271,8 +265,11 @@ def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
             first_loss = float(loss.detach())
         if i >= len(warm):
             times.append(time.perf_counter() - t0)
+    cache = getattr(model.get_base_model(), "_lm_head_cache", None)
     result = {
         "impl": impl, "depth": depth, "accum": accum, "step_ms_median": 1e3 * statistics.median(times),
+        "lm_head_rows": int(cache.padded.shape[0]) if cache is not None and cache.padded is not None
+        else int(model.get_base_model().lm_head.weight.shape[0]),
         "step_ms_all": [round(1e3 * t, 3) for t in times], "first_loss": first_loss,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
         "trainable_params": sum(p.numel() for p in params), "warmed_shapes": len(seen),
@@ -439,14 +436,14 @@ def main() -> None:
     ap.add_argument("--real-config", action="store_true", help="the real Hunyuan-A13B config (default)")
     ap.add_argument("--depths", type=int, nargs=2, default=[1, 2])
     ap.add_argument("--impls", nargs="+", default=["upstream", "reference", "fast"],
-                    choices=["upstream", "reference", "fast", "fast-padlm"])
+                    choices=["upstream", "reference", "fast", "fast-plainlm"])
     ap.add_argument("--cases", nargs="+", default=["mb4x4", "mb16x1", "pack4096x1", "pack16384x1"],
                     help="mb<B>[x<accum>] or pack<T>[x<accum>]; accum = micro-steps per optimizer step")
     ap.add_argument("--skip", nargs="*", default=["upstream:pack16384x1", "reference:mb16x1", "upstream:pack4096x1"],
                     help="impl:case pairs not to run")
     ap.add_argument("--optim", choices=["foreach", "fused"], default="foreach",
                     help="AdamW implementation: foreach (Trainer's adamw_torch) or fused (adamw_torch_fused)")
-    ap.add_argument("--profile-impls", nargs="*", default=["upstream", "fast", "fast-padlm"])
+    ap.add_argument("--profile-impls", nargs="*", default=["upstream", "fast", "fast-plainlm"])
     ap.add_argument("--targets", default=TUTORIAL_TARGETS)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=int, default=32)
@@ -517,7 +514,8 @@ def main() -> None:
                 r["case"] = case
                 runs.append(r)
                 print(f"{case:>10} {impl:>9} depth {depth}: step {r['step_ms_median']:8.1f} ms  "
-                      f"loss {r['first_loss']:.3f}  peak {r['peak_mem_gib']:.1f} GiB  ({time.time() - t0:.0f} s)", flush=True)
+                      f"loss {r['first_loss']:.3f}  peak {r['peak_mem_gib']:.1f} GiB  lm_head rows {r['lm_head_rows']}  "
+                      f"({time.time() - t0:.0f} s)", flush=True)
         raw += runs
         rows += summarise(case, runs, batches, accum, args, rate)
         md = write_results(Path(args.out_dir), meta, rows, raw)  # after every case: a timeout keeps what ran

@@ -7,7 +7,10 @@ it loads the same checkpoint (same state-dict keys).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -23,6 +26,70 @@ from .modeling_hunyuan import (
 )
 
 logger = logging.get_logger(__name__)
+
+# The tied lm_head multiplies with a copy of its weight padded to a multiple of this many rows
+# (vocabulary 128,167 -> 128,192) and slices the logits back: 128,167 is not a multiple of 8, which
+# sends cuBLAS to its slow align-1 kernels (H200: 290 ms of a 460 ms step at 16K tokens; 33.8 % ->
+# 35.5 % MFU, bench/results/NVIDIA-H200-2026-11-28-v4.md "fast-padlm").
+LM_HEAD_PAD_MULTIPLE = 64
+
+
+class _PaddedWeightCache:
+    """One zero-padded copy of the lm_head weight, valid while that weight is unchanged.
+
+    Never saved, pickled or deep-copied (a copy of the model rebuilds its own); not a buffer, so the
+    state-dict keys and shapes are those of the checkpoint.
+    """
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.ref, self.key, self.padded = None, None, None
+
+    @staticmethod
+    def _key(weight: torch.Tensor) -> tuple:
+        # _version counts in-place writes (copy_, load_state_dict, a merge); data_ptr/device/dtype catch
+        # `.to()`, `.data = ...`, a new tensor. Writes through `.data` bypass _version: call clear() after.
+        return (weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape))
+
+    def get(self, weight: torch.Tensor, rows: int) -> torch.Tensor:
+        key = self._key(weight) + (rows,)
+        if self.padded is not None and self.ref() is weight and self.key == key:
+            return self.padded
+        self.clear()  # free the stale copy before allocating the new one
+        with torch.no_grad():
+            padded = weight.new_zeros(rows, weight.shape[1])
+            padded[: weight.shape[0]].copy_(weight)
+        self.ref, self.key, self.padded = weakref.ref(weight), key, padded
+        return padded
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.clear()
+
+    def __deepcopy__(self, memo):
+        return _PaddedWeightCache()
+
+
+def padded_lm_logits(
+    hidden_states: torch.Tensor, weight: torch.Tensor, multiple: int, cache: _PaddedWeightCache | None
+) -> torch.Tensor:
+    """hidden_states @ weight.T computed with `weight` zero-padded to a multiple of `multiple` rows.
+
+    The extra logits are exactly the products with zero rows and are sliced off, so the result equals
+    F.linear(hidden_states, weight) (same values; a (..., V) view of a (..., V_pad) tensor). A frozen
+    weight uses `cache`; a trainable one is padded inside autograd on every call (right gradients).
+    """
+    vocab = weight.shape[0]
+    rows = -(-vocab // multiple) * multiple
+    if weight.requires_grad or cache is None:
+        padded = F.pad(weight, (0, 0, 0, rows - vocab))
+    else:
+        padded = cache.get(weight, rows)
+    return F.linear(hidden_states, padded)[..., :vocab]
 
 
 class HunYuanPreTrainedModel(PreTrainedModel):
@@ -130,13 +197,40 @@ class HunYuanModel(HunYuanPreTrainedModel):
 
 class HunYuanMoEV1ForCausalLM(HunYuanPreTrainedModel, GenerationMixin):
     _tied_weights_keys = ["lm_head.weight"]
+    # lm_head with a padded weight (see LM_HEAD_PAD_MULTIPLE). None: automatic, only where it pays
+    # (training, lm_head weight on CUDA and frozen: +1 GB for the copy on the real model);
+    # True / False: force on / off (the CPU tests force it on).
+    pad_lm_head: bool | None = None
 
     def __init__(self, config: HunYuanConfig):
         super().__init__(config)
         self.model = HunYuanModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._lm_head_cache = _PaddedWeightCache()
         self.post_init()
+
+    def reset_lm_head_cache(self) -> None:
+        """Drop the padded lm_head copy (needed only after writing the weight through `.data`)."""
+        self._lm_head_cache.clear()
+
+    def lm_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head
+        weight = getattr(head, "weight", None)
+        plain = (type(head) is nn.Linear and head.bias is None and not head._forward_hooks
+                 and not head._forward_pre_hooks and isinstance(weight, torch.Tensor) and weight.dim() == 2
+                 and weight.is_floating_point() and weight.shape[0] % LM_HEAD_PAD_MULTIPLE != 0)
+        use = self.pad_lm_head
+        if use is None:
+            use = (self.training and weight is not None and weight.device.type == "cuda"
+                   and not weight.requires_grad and not hasattr(weight, "ds_id"))  # ds_id: ZeRO-3 shard
+        if not (use and plain):
+            if weight is None or weight.requires_grad:
+                self._lm_head_cache.clear()
+            return head(hidden_states)
+        if hasattr(head, "_hf_hook"):  # accelerate's device_map hook would have moved the input
+            hidden_states = hidden_states.to(weight.device)
+        return padded_lm_logits(hidden_states, weight, LM_HEAD_PAD_MULTIPLE, self._lm_head_cache)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -149,6 +243,7 @@ class HunYuanMoEV1ForCausalLM(HunYuanPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
+        self.reset_lm_head_cache()
 
     def set_decoder(self, decoder):
         self.model = decoder
@@ -184,7 +279,7 @@ class HunYuanMoEV1ForCausalLM(HunYuanPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.lm_logits(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
             # Shifts labels and divides by num_items_in_batch (passed by Trainer) under grad accumulation.
