@@ -13,6 +13,18 @@ STAND_IN_DIR ?= artifacts/stand-in
 RUN_ARGS = --config $(CONFIG) $(if $(MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(DATA),--data $(DATA)) \
            $(if $(OUTPUT_DIR),--output-dir $(OUTPUT_DIR)) $(foreach s,$(SET),--set $(s))
 
+# Multi-GPU: LAUNCH=<configs/accelerate/ name> runs train under `accelerate launch` with NPROC processes
+# (all GPUs of all machines); ACCELERATE_ARGS adds e.g. --num_machines 2 --machine_rank 0
+# --main_process_ip 10.0.0.1 --main_process_port 29500 (the same command on every machine).
+LAUNCH ?=
+NPROC ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
+ACCELERATE_ARGS ?=
+LAUNCH_CONFIG = configs/accelerate/$(LAUNCH).yaml
+TRAIN_LAUNCHER = $(if $(LAUNCH),$(VENV)/bin/accelerate launch --config_file $(LAUNCH_CONFIG) --num_processes $(NPROC) \
+                 $(ACCELERATE_ARGS),$(PY))
+# `make check LAUNCH=zero3 NPROC=4`: one process that estimates memory as one of NPROC ZeRO-3 ranks.
+CHECK_ENV = $(if $(LAUNCH),HL_ACCELERATE_CONFIG=$(LAUNCH_CONFIG) HL_NPROC=$(NPROC))
+
 .PHONY: help setup lock test stand-in download patch dataset train infer merge demo bench
 
 help:  ## list the targets
@@ -51,10 +63,11 @@ dataset: setup  ## fetch + validate + tokenize the dataset into OUTPUT_DIR/data
 
 .PHONY: check
 check: setup  ## preflight, no weights loaded: config, model folder, patch, dataset, resume, disk, GPU memory
-	$(PY) scripts/check.py $(RUN_ARGS)
+	$(CHECK_ENV) $(PY) scripts/check.py $(RUN_ARGS)
 
-train: setup  ## LoRA fine-tune with HF Trainer + SwanLab (resume: auto)
-	$(PY) scripts/train.py $(RUN_ARGS)
+train: setup  ## LoRA fine-tune with HF Trainer + SwanLab (resume: auto); LAUNCH=zero3 NPROC=8: DeepSpeed ZeRO-3
+	$(if $(LAUNCH),test -f $(LAUNCH_CONFIG) || { echo "LAUNCH=$(LAUNCH): no $(LAUNCH_CONFIG) (see configs/accelerate/)" >&2; exit 2; })
+	$(TRAIN_LAUNCHER) scripts/train.py $(RUN_ARGS)
 
 infer: setup  ## answer PROMPT (or infer.prompts / infer.input_jsonl) with base + adapter
 	$(PY) scripts/infer.py $(RUN_ARGS) $(if $(PROMPT),--prompt "$(PROMPT)")

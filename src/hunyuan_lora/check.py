@@ -30,6 +30,12 @@ Estimates (deliberately simple; the numbers appear in the table):
                   + activations: hidden x tokens x layers x dtype bytes with gradient checkpointing
                   (a rough 37 x that without it) + logits (tokens x vocab x 4 B x 2)
                   + 1 GiB per GPU (CUDA context, allocator), where tokens = micro-batch x longest sample
+                  ZeRO-3 (accelerate launch, N processes), per GPU: weights / N + LoRA, grads, Adam / N
+                  + activations + logits + two MoE blocks gathered whole (leaf modules: the one running,
+                  the next prefetched) + 1 GiB; with param offload the weights / N live in host RAM
+                  nf4 (QLoRA): the Linear weights NF4 quantises x 0.516 B (4 bit + block scales, double
+                  quantised) + everything else (embedding/lm_head, norms, router) x 4 B (peft's
+                  prepare_model_for_kbit_training casts it to fp32)
 """
 
 from __future__ import annotations
@@ -77,6 +83,8 @@ class ParamCount:
     total: int  # every parameter once (lm_head is tied to the embedding)
     lora: int  # LoRA A + B parameters the targets add: r x (in + out) per wrapped Linear
     per_target: dict[str, int]  # target -> Linear modules it wraps
+    quantizable: int = 0  # parameters in the Linear layers NF4 quantises (all but the router and lm_head)
+    moe_block: int = 0  # parameters of one decoder layer's MoE block (what ZeRO-3 gathers at once)
 
 
 @dataclass
@@ -86,15 +94,19 @@ class MemoryEstimate:
     activations: int
     logits: int
     overhead: int  # per-GPU CUDA context / allocator slack, summed
+    gathered: int = 0  # ZeRO-3: MoE blocks gathered whole on each GPU
+    per_gpu_of: int = 0  # ZeRO-3: the processes the estimate is one share of (0: not sharded)
 
     @property
     def total(self) -> int:
-        return self.weights + self.lora_and_optimizer + self.activations + self.logits + self.overhead
+        return self.weights + self.lora_and_optimizer + self.activations + self.logits + self.overhead + self.gathered
 
     def describe(self) -> str:
         return (f"~{_gb(self.total)} (weights {_gb(self.weights)} + LoRA/grads/Adam {_gb(self.lora_and_optimizer)}"
                 f" + activations {_gb(self.activations)} + logits {_gb(self.logits)}"
-                + (f" + CUDA overhead {_gb(self.overhead)}" if self.overhead else "") + ")")
+                + (f" + ZeRO-3 gathered MoE blocks {_gb(self.gathered)}" if self.gathered else "")
+                + (f" + CUDA overhead {_gb(self.overhead)}" if self.overhead else "") + ")"
+                + (f" per GPU, ZeRO-3 over {self.per_gpu_of} processes" if self.per_gpu_of else ""))
 
 
 @dataclass
@@ -251,7 +263,11 @@ def count_parameters(model_config: dict, targets: list[str], r: int) -> ParamCou
         raise UserError("LoRA target(s) " + "; ".join(hints) + f"; the model's Linear layers are named "
                         f"{', '.join(suffixes)}", where="lora.target_modules",
                         fix="correct lora.target_modules (or pick lora.preset: tutorial / attention / attention_shared)")
-    return ParamCount(total=total, lora=lora, per_target=per_target)
+    from .scale import skipped_by_quantization
+
+    quantizable = sum(i * o for n, i, o in linears if not skipped_by_quantization(n))
+    moe_block = sum(i * o for n, i, o in linears if ".layers.0.mlp." in n)
+    return ParamCount(total=total, lora=lora, per_target=per_target, quantizable=quantizable, moe_block=moe_block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +349,11 @@ def check_raw_dataset(cfg: Config) -> tuple[Status, str, int | None]:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why a checkpoint-N folder cannot be resumed from, or None when it is complete."""
-    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    expected = CHECKPOINT_FILES
+    if (path / "latest").is_file():  # a DeepSpeed checkpoint: weights + optimizer sharded in global_step*/
+        tag = (path / "latest").read_text(encoding="utf-8").strip()
+        expected = ("adapter_config.json", "trainer_state.json", *([f"{tag}/"] if tag else []))
+    missing = [f for f in expected if not ((path / f).is_dir() if f.endswith("/") else (path / f).is_file())]
     if missing:
         return f"{', '.join(missing)} missing"
     try:
@@ -449,17 +469,28 @@ def disk_needed(cfg: Config, per_checkpoint: int, adapter_bytes: int, steps: int
 
 
 def estimate_memory(model_config: dict, params: ParamCount, dtype_bytes: int, tokens: int,
-                    gradient_checkpointing: bool, gpus: int) -> MemoryEstimate:
+                    gradient_checkpointing: bool, gpus: int, *, zero3_processes: int = 0,
+                    offload_param: bool = False, nf4: bool = False) -> MemoryEstimate:
+    """The whole run's memory; with zero3_processes, what ONE of those processes' GPU holds."""
+    from .scale import NF4_BYTES_PER_PARAM
+
     hidden, layers = model_config["hidden_size"], model_config["num_hidden_layers"]
     per_layer = hidden * tokens * dtype_bytes  # the layer input kept for recomputation
     if not gradient_checkpointing:
         per_layer *= 37  # rough: attention + the 8 routed and the shared expert's intermediates
+    if nf4:
+        weights = params.quantizable * NF4_BYTES_PER_PARAM + (params.total - params.quantizable) * 4
+    else:
+        weights = params.total * dtype_bytes
+    shards = max(zero3_processes, 1)
     return MemoryEstimate(
-        weights=params.total * dtype_bytes,
-        lora_and_optimizer=params.lora * 4 * 4,  # fp32 weights, grads, Adam m, v
+        weights=0 if offload_param else math.ceil(weights / shards),  # ZeRO-3: 1/N of every tensor per GPU
+        lora_and_optimizer=math.ceil(params.lora * 4 * 4 / shards),  # fp32 weights, grads, Adam m, v
         activations=per_layer * layers,
         logits=tokens * model_config["vocab_size"] * 4 * 2,  # fp32 logits and their gradient
         overhead=CUDA_OVERHEAD_BYTES * gpus,
+        gathered=2 * params.moe_block * dtype_bytes if zero3_processes else 0,
+        per_gpu_of=zero3_processes,
     )
 
 
@@ -488,15 +519,23 @@ def check_memory(cfg: Config, model_config: dict, params: ParamCount, device: st
                  ) -> tuple[str, MemoryEstimate]:
     import torch
 
+    from .scale import launch
+
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     gc = cfg.train.gradient_checkpointing
+    run, nf4 = launch(), cfg.model.quantization == "nf4"
     if device == "cuda":
         gpus = gpu_memory()
         if not gpus:
             raise UserError("no CUDA GPU is visible", where="model.device",
                             fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: cpu")
-        used = gpus if cfg.model.device_map else gpus[:1]  # without device_map everything goes to cuda:0
-        est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, len(used))
+        if run.zero3:  # one process per GPU, each holding 1/N: this process's own GPU
+            used = [gpus[int(os.environ.get("LOCAL_RANK", "0")) % len(gpus)]]
+            est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, 1,
+                                  zero3_processes=run.processes, offload_param=run.offload_param)
+        else:
+            used = gpus if cfg.model.device_map else gpus[:1]  # without device_map everything goes to cuda:0
+            est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, len(used), nf4=nf4)
         free = sum(f for _, f, _ in used)
         where = ", ".join(f"{name} {_gb(f)} free of {_gb(t)}" for name, f, t in used)
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -507,8 +546,10 @@ def check_memory(cfg: Config, model_config: dict, params: ParamCount, device: st
             raise UserError(f"{len(used)} GPU(s) with {_gb(free)} free, these settings need {est.describe()}",
                             where=f"model.device_map={cfg.model.device_map!r}, batch "
                                   f"{cfg.train.per_device_train_batch_size} x {tokens // cfg.train.per_device_train_batch_size} tokens",
-                            fix="make more GPUs visible (device_map: auto spreads the layers over them), free the GPUs "
-                                "other processes hold, or lower train.per_device_train_batch_size / data.max_length")
+                            fix="make more GPUs visible (device_map: auto spreads the layers over them) or run ZeRO-3 "
+                                "over more processes (`make train LAUNCH=zero3 NPROC=<GPUs>`) or QLoRA "
+                                "(CONFIG=configs/huanhuan_qlora.yaml), free the GPUs other processes hold, or lower "
+                                "train.per_device_train_batch_size / data.max_length")
         return f"{len(used)} GPU(s): {where}; {str(dtype).replace('torch.', '')} needs {est.describe()}", est
     est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, 0)
     ram = available_ram()
@@ -627,8 +668,11 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
     credential in the git remote URL is masked for this process. stage "check": writes nothing.
     """
     from .patch import patch_folder
+    from .scale import check_combination, launch
     from .train import pick_device, pick_dtype
 
+    main_process = os.environ.get("RANK", "0") == "0"  # accelerate launch sets RANK per process
+    echo = echo and main_process
     t = _Table()
     source = cfg.source or "(defaults)"
     t.add("config", "ok", f"{source}: every key and type valid")
@@ -681,7 +725,8 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
 
     # -- resume
     def _resume():
-        chosen, detail, notes = choose_resume(cfg, set_aside=stage == "train")
+        # Under accelerate launch every process runs this: only the first renames (the rest only read).
+        chosen, detail, notes = choose_resume(cfg, set_aside=stage == "train" and main_process)
         return ("warn" if notes else "ok"), "; ".join([detail] + notes), chosen
 
     resume = t.run("resume", _resume)
@@ -723,6 +768,21 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
         dtype = pick_dtype(cfg, device)
     except UserError as e:
         t.fail("memory", e)
+    if device is not None:
+        def _launch() -> str:
+            run = launch()
+            check_combination(cfg, run)
+            if cfg.model.quantization == "nf4" and device != "cuda":
+                raise UserError("model.quantization is nf4 (QLoRA) but there is no CUDA GPU: bitsandbytes' 4-bit "
+                                "layers run on CUDA only", where="model.quantization",
+                                fix="run QLoRA on a GPU machine, or set model.quantization: none (on the CPU only the "
+                                    "stand-in trains: CONFIG=configs/demo.yaml)")
+            how = (f"DeepSpeed ZeRO-3 over {run.processes} processes (weights sharded 1/{run.processes} per GPU"
+                   + (", offloaded to host RAM" if run.offload_param else "") + "; MoE blocks are leaf modules)"
+                   if run.zero3 else f"one process, {device}"
+                   + (f", device_map={cfg.model.device_map!r}" if device == "cuda" and cfg.model.device_map else ""))
+            return how + (", base weights NF4 (router wg and lm_head bf16)" if cfg.model.quantization == "nf4" else "")
+        t.run("launch", _launch)
     memory = None
     if device is not None:
         if params is None or model_config is None:

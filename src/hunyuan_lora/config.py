@@ -56,6 +56,9 @@ class ModelSection:
     # upstream: the folder's own hunyuan.py (the tutorial, byte for byte); fast: the same checkpoint
     # in this project's implementation with grouped-GEMM experts (hunyuan_lora/hunyuan/fast_moe.py).
     moe_impl: Literal["upstream", "fast"] = "upstream"
+    # nf4: QLoRA, base weights 4-bit through bitsandbytes (one process, CUDA only); the router `wg`
+    # and the lm_head are not quantised (hunyuan_lora/scale.py QUANT_SKIP_MODULES).
+    quantization: Literal["none", "nf4"] = "none"
 
 
 @dataclass
@@ -249,6 +252,9 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("data.eval_ratio must be in [0, 1)")
     if cfg.lora.r < 1:
         problems.append("lora.r must be at least 1")
+    if cfg.model.quantization == "nf4" and cfg.model.moe_impl == "fast":
+        problems.append("model.quantization nf4 needs model.moe_impl: upstream (the fast path multiplies the "
+                        "experts' weights directly, which NF4 packs into 4-bit blocks)")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from . import check, tracking
+from . import check, scale, tracking
 from .atomic import staging_dir, write_json
 from .config import Config
 from .errors import UserError
 
-PINNED_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", "modelscope", "swanlab", "tiktoken"]
+PINNED_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", "modelscope", "swanlab", "tiktoken",
+                   "deepspeed", "bitsandbytes"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,12 +53,20 @@ def pick_dtype(cfg: Config, device: str) -> torch.dtype:
 
 
 def load_base_model(cfg: Config, device: str, dtype: torch.dtype):
-    """The folder's own code (model.moe_impl: upstream) or the project's fast implementation."""
+    """The folder's own code (model.moe_impl: upstream) or the project's fast implementation.
+
+    Under `accelerate launch` with ZeRO-3 (scale.launch()) no device_map: TrainingArguments, built
+    before this call, has told from_pretrained to load inside deepspeed.zero.Init, which shards every
+    weight 1/N over the processes; the MoE blocks are then marked ZeRO-3 leaf modules."""
     from transformers import AutoModelForCausalLM
 
+    launch = scale.launch()
     kwargs = {"torch_dtype": dtype}
-    if device == "cuda" and cfg.model.device_map:
-        kwargs["device_map"] = cfg.model.device_map
+    quantization = scale.bnb_config(cfg)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization  # NF4 weights are placed at load; no .to() after
+    if device == "cuda" and not launch.deepspeed and (cfg.model.device_map or quantization is not None):
+        kwargs["device_map"] = cfg.model.device_map or {"": torch.cuda.current_device()}
     if cfg.model.moe_impl == "fast":
         from .hunyuan.configuration_hunyuan import HunYuanConfig
         from .hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
@@ -67,6 +76,9 @@ def load_base_model(cfg: Config, device: str, dtype: torch.dtype):
         model = HunYuanMoEV1ForCausalLM.from_pretrained(cfg.model.dir, config=config, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.dir, trust_remote_code=True, **kwargs)
+    if launch.zero3:
+        scale.set_moe_leaf_modules(model)  # without it, ranks routing to different experts hang
+        return model  # sharded by zero.Init; the DeepSpeed engine places it
     return model if "device_map" in kwargs else model.to(device)
 
 
@@ -164,16 +176,9 @@ def run(cfg: Config) -> Path:
     splits = load_from_disk(str(data_dir))
     stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.dir, trust_remote_code=True)
-    model = load_base_model(cfg, device, dtype)
-    model.config.use_cache = False  # no KV cache while training (and gradient checkpointing needs none)
-    model = get_peft_model(model, lora_config(cfg))
-    wrapped_router = [n for n, _ in model.named_modules() if n.endswith("mlp.gate.lora_A")]
-    assert not wrapped_router, f"LoRA must never wrap the router: {wrapped_router[:3]}"
-    trainable, total = model.get_nb_trainable_parameters()
-    print(f"LoRA {cfg.lora.targets()} r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
-          f"({100 * trainable / total:.3f} %), {device}, {dtype}")
 
-    # ---- trainer -------------------------------------------------------------------------------
+    # ---- trainer arguments BEFORE the model: under accelerate + ZeRO-3 they make from_pretrained
+    # load inside deepspeed.zero.Init (sharded), instead of a full 160 GB copy per process -----------
     has_eval = "eval" in splits
     args = TrainingArguments(
         output_dir=str(out),
@@ -191,7 +196,9 @@ def run(cfg: Config) -> Path:
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.train.logging_steps if has_eval else None,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # ZeRO-3 releases each layer's gathered weights after use; non-reentrant checkpointing then finds
+        # them empty on recompute (CheckpointError, shape [0]), so reentrant there.
+        gradient_checkpointing_kwargs={"use_reentrant": scale.launch().zero3},
         bf16=dtype == torch.bfloat16,
         use_cpu=device == "cpu",
         seed=cfg.run.seed,
@@ -202,8 +209,28 @@ def run(cfg: Config) -> Path:
         save_safetensors=True,
         disable_tqdm=False,
     )
+    main_process = args.process_index == 0  # one process unless `accelerate launch` started several
+
+    model = load_base_model(cfg, device, dtype)
+    model.config.use_cache = False  # no KV cache while training (and gradient checkpointing needs none)
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA: freezes the 4-bit base, casts the unquantised rest (norms, embedding/lm_head, router)
+        # to fp32 for stable gradients, enables input gradients for checkpointing.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lora_config(cfg))
+    wrapped_router = [n for n, _ in model.named_modules() if n.endswith("mlp.gate.lora_A")]
+    assert not wrapped_router, f"LoRA must never wrap the router: {wrapped_router[:3]}"
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"LoRA {cfg.lora.targets()} r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
+          f"({100 * trainable / total:.3f} %), {device}, {dtype}, quantization {cfg.model.quantization}, "
+          f"process {args.process_index + 1} of {args.world_size}")
+
     callbacks = [make_sigterm_callback()]
-    mode = swanlab_mode(cfg)
+    mode = swanlab_mode(cfg) if main_process else "disabled"  # one SwanLab experiment per run, not per GPU
     # SwanLab: config, throughput, GPU memory, before/after samples ([] when disabled)
     callbacks += tracking.callbacks(cfg, mode, stats, trainable, total, tokenizer)
     trainer = Trainer(
@@ -217,17 +244,22 @@ def run(cfg: Config) -> Path:
     if resume:
         print(f"resuming from {resume}")
     result = trainer.train(resume_from_checkpoint=resume)
-    write_json(out / "log_history.json", trainer.state.log_history)
-    tracking.plot_loss(trainer.state.log_history, out / "loss.png")
+    if main_process:
+        write_json(out / "log_history.json", trainer.state.log_history)
+        tracking.plot_loss(trainer.state.log_history, out / "loss.png")
     if callbacks[0].received:
         raise SystemExit(f"stopped by SIGTERM at step {trainer.state.global_step}; the checkpoint is in {out}; "
                          "rerun `make train` to continue")
 
-    # ---- outputs: adapter, resolved config, manifest -------------------------------------------
+    # ---- outputs (the main process writes them): adapter, resolved config, manifest --------------
     adapter = out / "adapter"
-    with staging_dir(adapter) as tmp:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+    with scale.gathered_trainable(model):  # ZeRO-3: the LoRA weights made whole; every rank joins
+        if main_process:
+            with staging_dir(adapter) as tmp:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+    if not main_process:
+        return adapter
     cfg.dump(out / "resolved.yaml")
     download_info = Path(cfg.model.dir) / "download.json"
     write_json(out / "manifest.json", {
@@ -244,6 +276,9 @@ def run(cfg: Config) -> Path:
         "device": device,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device == "cuda" else [],
         "dtype": str(dtype),
+        "quantization": cfg.model.quantization,
+        "processes": args.world_size,
+        "deepspeed_zero_stage": scale.launch().zero_stage,
         "lora": {"targets": cfg.lora.targets(), "r": cfg.lora.r, "alpha": cfg.lora.alpha,
                  "dropout": cfg.lora.dropout, "trainable_params": trainable, "total_params": total},
         "resumed_from": resume,
