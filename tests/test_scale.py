@@ -198,12 +198,16 @@ def test_zero3_one_process_on_cpu_shards_the_stand_in_and_trains(patched_stand_i
     env = {**os.environ, **ZERO3_ENV, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": "29531", "ACCELERATE_MIXED_PRECISION": "no",
            "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false"}
-    proc = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/demo.yaml", "--model-dir",
-                           str(patched_stand_in), "--output-dir", str(run_dir), "--set", "train.resume=never",
-                           "--set", "train.max_steps=3", "--set", "train.save_steps=2", "--set", "swanlab.mode=disabled"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "process 1 of 1" in proc.stdout
+
+    def train_(*overrides: str) -> str:
+        sets = [a for o in ("swanlab.mode=disabled", "train.save_steps=2", *overrides) for a in ("--set", o)]
+        proc = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/demo.yaml", "--model-dir",
+                               str(patched_stand_in), "--output-dir", str(run_dir), *sets],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "process 1 of 1" in train_("train.resume=never", "train.max_steps=3")
     ckpt = run_dir / "checkpoint-2"
     assert (ckpt / "latest").is_file() and check.checkpoint_problem(ckpt) is None  # a DeepSpeed checkpoint
     from safetensors.torch import load_file
@@ -211,6 +215,9 @@ def test_zero3_one_process_on_cpu_shards_the_stand_in_and_trains(patched_stand_i
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert adapter and all(t.numel() > 0 for t in adapter.values())  # gathered, not ZeRO-3's empty shards
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # trained
+    # resume: auto continues from the DeepSpeed checkpoint (the Trainer loads global_step3/)
+    out = train_("train.max_steps=5")
+    assert "continues from" in out and "checkpoint-3 (step 3)" in out and "over 5 steps" in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,3 +315,25 @@ def test_deepspeed_checkpoint_layout_counts_as_complete(tmp_path):
     assert check.checkpoint_problem(ckpt) is None
     (ckpt / "global_step2").rmdir()
     assert "global_step2/ missing" in check.checkpoint_problem(ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU verification scripts (run in a later session): they parse, their Python runs
+
+
+def test_gpu_verification_scripts_parse_and_summarize(tmp_path):
+    for script in ("bench/verify_multi_gpu.sh", "bench/gpu_wheels.sh"):
+        subprocess.run(["bash", "-n", script], cwd=REPO, check=True)
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "log_history.json").write_text('[{"loss": 9.5, "step": 1}, {"loss": 8.25, "step": 2}, {"train_runtime": 4}]')
+    (run / "manifest.json").write_text('{"global_step": 2, "train_runtime_s": 4.0, "train_samples_per_second": 2.0, '
+                                       '"quantization": "none", "deepspeed_zero_stage": 3, "gpus": ["H200", "H200"]}')
+    (run / "data" / "stats.json").write_text('{"tokens": {"mean": 95.0}}')
+    mem = tmp_path / "mem.csv"
+    mem.write_text("0, 20000\n1, 21000\n0, 30500\n")
+    proc = subprocess.run([sys.executable, "bench/verify_scale.py", "summarize", "--case", "zero3-2gpu", "--run-dir",
+                           str(run), "--mem-log", str(mem), "--processes", "2", "--out-dir", str(tmp_path), "--tag", "t"],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    assert '"tokens_per_s_est": 190.0' in proc.stdout
+    assert "| zero3-2gpu | ok | 2 | 2 | 9.500 → 8.250 | 2.0 | 190.0 | 0: 30500, 1: 21000 |" in (tmp_path / "t.md").read_text()

@@ -494,12 +494,13 @@ def estimate_memory(model_config: dict, params: ParamCount, dtype_bytes: int, to
     )
 
 
-def gpu_memory() -> list[tuple[str, int, int]]:
-    """(name, free bytes, total bytes) of every visible GPU."""
+def gpu_memory(only: int | None = None) -> list[tuple[str, int, int]]:
+    """(name, free bytes, total bytes) of every visible GPU, or of GPU `only` (each query opens a CUDA
+    context on that GPU for the life of the process: a ZeRO-3 rank must touch only its own)."""
     import torch
 
     out = []
-    for i in range(torch.cuda.device_count()):
+    for i in ([only] if only is not None else range(torch.cuda.device_count())):
         free, total = torch.cuda.mem_get_info(i)
         out.append((torch.cuda.get_device_name(i), free, total))
     return out
@@ -525,12 +526,13 @@ def check_memory(cfg: Config, model_config: dict, params: ParamCount, device: st
     gc = cfg.train.gradient_checkpointing
     run, nf4 = launch(), cfg.model.quantization == "nf4"
     if device == "cuda":
-        gpus = gpu_memory()
+        local = int(os.environ.get("LOCAL_RANK", "0")) if run.zero3 and "LOCAL_RANK" in os.environ else None
+        gpus = gpu_memory(local) if local is not None else gpu_memory()
         if not gpus:
             raise UserError("no CUDA GPU is visible", where="model.device",
                             fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: cpu")
         if run.zero3:  # one process per GPU, each holding 1/N: this process's own GPU
-            used = [gpus[int(os.environ.get("LOCAL_RANK", "0")) % len(gpus)]]
+            used = gpus[:1]  # this rank's GPU (launched), or the first (`make check LAUNCH=zero3`)
             est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, 1,
                                   zero3_processes=run.processes, offload_param=run.offload_param)
         else:

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# GPU check of the real-scale paths (issue "Real scale on GPUs"), through train.py's own code:
+#   (a) DeepSpeed ZeRO-3 via `accelerate launch` on 2 GPUs (configs/accelerate/zero3.yaml)
+#   (b) QLoRA (model.quantization=nf4) on 1 GPU
+#   (c) the same model in plain bf16 on 1 GPU (the baseline both are compared with)
+# on a real-width, reduced-depth Hunyuan-A13B (DEPTH layers, random weights, bench/verify_scale.py).
+#
+# Prepare here (network): bash bench/gpu_wheels.sh        -> .whl/ (pinned wheels, < 64 MiB)
+# Then on the device machine (2 GPUs; torch preinstalled; the wheels carried):
+#   run(kind="nvidia-h200-x2", carry=[".whl"], command="bash bench/verify_multi_gpu.sh")
+# Writes bench/results/<GPU>-<date>-scale.{json,md} and keeps the logs in bench/results/<tag>-logs/.
+# Knobs (environment): DEPTH=2 STEPS=8 BATCH=4 WHEELS=.whl WORK=/tmp/verify-scale CASES="zero3 qlora bf16"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+WHEELS=${WHEELS:-.whl}
+WORK=${WORK:-/tmp/verify-scale}
+DEPTH=${DEPTH:-2}
+STEPS=${STEPS:-8}
+BATCH=${BATCH:-4}
+CASES=${CASES:-zero3 qlora bf16}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" SWANLAB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+# ---- the pinned stack from the carried wheels (no network on the device) ----------------------------
+if [ -d "$WHEELS" ]; then
+  $PY -m pip install --quiet --disable-pip-version-check --no-index --find-links "$WHEELS" --no-deps "$WHEELS"/*.whl \
+    || { echo "installing the carried wheels failed" >&2; exit 2; }
+fi
+$PY - <<'EOF' || exit 2
+import importlib.metadata as md, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "GPUs", torch.cuda.device_count())
+for p in ("transformers", "peft", "accelerate", "deepspeed", "bitsandbytes"):
+    print(p, md.version(p))
+EOF
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
+TAG="${GPU}-$(date +%F)-scale"
+OUT=bench/results
+LOGS="$OUT/$TAG-logs"
+mkdir -p "$LOGS" "$WORK"
+
+# ---- model folder (real width, DEPTH layers) + tokenized demo data ---------------------------------
+MODEL="$WORK/hunyuan-a13b-depth$DEPTH"
+[ -f "$MODEL/config.json" ] || $PY bench/verify_scale.py write-model "$MODEL" --depth "$DEPTH" || exit 2
+COMMON=(--config configs/demo.yaml --model-dir "$MODEL"
+        --set model.device=cuda --set model.dtype=bfloat16 --set model.device_map=null
+        --set swanlab.mode=disabled --set train.resume=never --set train.max_steps="$STEPS"
+        --set train.per_device_train_batch_size="$BATCH" --set train.gradient_accumulation_steps=1
+        --set train.logging_steps=1 --set train.save_steps=1000 --set train.learning_rate=1e-4)
+$PY scripts/patch.py "${COMMON[@]}" --output-dir "$WORK/data-run" || exit 2
+
+run_case() {  # name, processes, launcher..., -- extra args
+  local name=$1 nproc=$2; shift 2
+  local launcher=() extra=()
+  while [ "$1" != "--" ]; do launcher+=("$1"); shift; done; shift; extra=("$@")
+  local dir="$WORK/run-$name"
+  rm -rf "$dir"
+  $PY scripts/dataset.py "${COMMON[@]}" --output-dir "$dir" >"$LOGS/$name.dataset.log" 2>&1 || return 1
+  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 250 >"$LOGS/$name.mem.csv" &
+  local smi=$!
+  local start=$SECONDS status=ok
+  timeout 540 "${launcher[@]}" scripts/train.py "${COMMON[@]}" --output-dir "$dir" "${extra[@]}" \
+    >"$LOGS/$name.train.log" 2>&1 || status="failed rc=$?"
+  kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
+  echo "$name: $status in $((SECONDS - start)) s (log: $LOGS/$name.train.log)"
+  [ "$status" = ok ] || tail -30 "$LOGS/$name.train.log"
+  $PY bench/verify_scale.py summarize --case "$name" --run-dir "$dir" --mem-log "$LOGS/$name.mem.csv" \
+    --processes "$nproc" --out-dir "$OUT" --tag "$TAG" --status "$status"
+}
+
+for c in $CASES; do
+  case $c in
+    zero3) run_case zero3-2gpu 2 $PY -m accelerate.commands.launch --config_file configs/accelerate/zero3.yaml \
+             --num_processes 2 -- ;;
+    qlora) CUDA_VISIBLE_DEVICES=0 run_case qlora-nf4-1gpu 1 $PY -- --set model.quantization=nf4 ;;
+    bf16)  CUDA_VISIBLE_DEVICES=0 run_case bf16-1gpu 1 $PY -- ;;
+    *) echo "unknown case $c (zero3, qlora, bf16)" >&2 ;;
+  esac
+done
+cat "$OUT/$TAG.md"

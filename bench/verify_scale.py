@@ -1,0 +1,133 @@
+"""Helpers of bench/verify_multi_gpu.sh (the GPU check of ZeRO-3 and QLoRA through the real entry points).
+
+    python bench/verify_scale.py write-model DIR --depth 2        # real width, reduced depth, random bf16
+    python bench/verify_scale.py summarize --case zero3-2gpu --run-dir RUN --mem-log MEM.csv --processes 2 \
+        --out-dir bench/results --tag TAG
+
+write-model: the stand-in folder's code and tokenizer with Hunyuan-A13B's real config.json cut to
+`--depth` layers (hidden 4096, 64 experts top-8 + shared, vocab 128,167; the small tokenizer's ids
+all lie below 128,167), random weights built on the GPU when there is one (bf16, router float32).
+Depth 2 = 5.5 B parameters, 11 GB of shards.
+
+summarize: one result row from what `make train` left in the run folder (log_history.json,
+manifest.json, data/stats.json) and an `nvidia-smi --query-gpu=index,memory.used` CSV sampled
+during the run: loss first/last, optimizer steps, samples/s (Trainer), tokens/s (samples/s x the
+dataset's mean tokens per sample: an estimate, padding not counted), peak memory per GPU (nvidia-smi:
+includes the CUDA context and the allocator's cache). Appends to <out-dir>/<tag>.json and rewrites
+<tag>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def write_model(out: Path, depth: int, seed: int) -> Path:
+    import torch
+
+    from hunyuan_lora import stand_in
+    from hunyuan_lora.atomic import staging_dir
+
+    cfg = stand_in.real_config()
+    small = stand_in.stand_in_config()
+    cfg.update(num_hidden_layers=depth, moe_topk=cfg["moe_topk"][:depth], num_shared_expert=cfg["num_shared_expert"][:depth],
+               moe_intermediate_size=cfg["moe_intermediate_size"][:depth],
+               **{k: small[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "eod_token_id", "sep_token_id")})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    build = stand_in.random_state_dict
+
+    def on_device(config: dict, seed: int) -> dict:
+        with torch.device(device):  # 5.5 B parameters initialise in seconds on a GPU, minutes on a CPU
+            return {k: v.cpu() for k, v in build(config, seed).items()}
+
+    stand_in.random_state_dict = on_device
+    try:
+        with staging_dir(out) as tmp:
+            stand_in.copy_model_code(tmp)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            (tmp / "generation_config.json").write_text(json.dumps(
+                {"eos_token_id": [cfg["eos_token_id"], cfg["eod_token_id"]], "pad_token_id": cfg["pad_token_id"]}))
+            stand_in.write_tokenizer(tmp)
+            stand_in.write_weights(tmp, cfg, seed)
+    finally:
+        stand_in.random_state_dict = build
+    return out
+
+
+def peak_memory(mem_log: Path) -> dict[str, int]:
+    """{gpu index: peak MiB used} from `nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms N`."""
+    peaks: dict[str, int] = {}
+    if mem_log.is_file():
+        for row in csv.reader(mem_log.read_text().splitlines()):
+            if len(row) >= 2 and row[1].strip().isdigit():
+                gpu = row[0].strip()
+                peaks[gpu] = max(peaks.get(gpu, 0), int(row[1]))
+    return peaks
+
+
+def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: Path, tag: str, status: str) -> dict:
+    row: dict = {"case": case, "processes": processes, "status": status}
+    history_path, manifest_path = run_dir / "log_history.json", run_dir / "manifest.json"
+    if history_path.is_file():
+        losses = [e["loss"] for e in json.loads(history_path.read_text()) if "loss" in e]
+        row.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                   loss_steps=len(losses))
+    if manifest_path.is_file():
+        m = json.loads(manifest_path.read_text())
+        stats = json.loads((run_dir / "data" / "stats.json").read_text())
+        sps = m.get("train_samples_per_second")
+        row.update(steps=m.get("global_step"), train_runtime_s=m.get("train_runtime_s"), samples_per_s=sps,
+                   tokens_per_s_est=round(sps * stats["tokens"]["mean"], 1) if sps else None,
+                   quantization=m.get("quantization"), zero_stage=m.get("deepspeed_zero_stage"),
+                   gpus=m.get("gpus"), packages=m.get("packages"),
+                   adapter_bytes=sum(p.stat().st_size for p in (run_dir / "adapter").glob("*.safetensors")))
+    row["peak_mib_per_gpu"] = peak_memory(mem_log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / f"{tag}.json"
+    rows = json.loads(results_path.read_text()) if results_path.is_file() else []
+    rows = [r for r in rows if r["case"] != case] + [row]
+    results_path.write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [f"# {tag}: ZeRO-3 and QLoRA through `make train`'s code (bench/verify_multi_gpu.sh)", "",
+             "| case | status | processes | steps | loss first → last | samples/s | tokens/s (est.) | peak MiB per GPU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loss = f"{r.get('loss_first'):.3f} → {r.get('loss_last'):.3f}" if r.get("loss_first") is not None else ""
+        lines.append(f"| {r['case']} | {r['status']} | {r['processes']} | {r.get('steps', '')} | {loss} | "
+                     f"{r.get('samples_per_s', '')} | {r.get('tokens_per_s_est', '')} | "
+                     f"{', '.join(f'{g}: {v}' for g, v in sorted(r['peak_mib_per_gpu'].items()))} |")
+    (out_dir / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps(row))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write-model")
+    w.add_argument("out", type=Path)
+    w.add_argument("--depth", type=int, default=2)
+    w.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("summarize")
+    s.add_argument("--case", required=True)
+    s.add_argument("--run-dir", type=Path, required=True)
+    s.add_argument("--mem-log", type=Path, required=True)
+    s.add_argument("--processes", type=int, required=True)
+    s.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    s.add_argument("--tag", required=True)
+    s.add_argument("--status", default="ok")
+    args = parser.parse_args()
+    if args.cmd == "write-model":
+        print(write_model(args.out, args.depth, args.seed))
+    else:
+        summarize(args.case, args.run_dir, args.mem_log, args.processes, args.out_dir, args.tag, args.status)
+
+
+if __name__ == "__main__":
+    main()
