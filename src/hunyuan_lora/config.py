@@ -109,6 +109,10 @@ class TrainSection:
     # Concatenate each micro-batch into one row (position ids restart per sample, no cross-sample
     # attention, no padding): raise per_device_train_batch_size to fill thousands of tokens.
     packing: bool = False
+    # TrainingArguments(optim=...). adamw_torch (foreach AdamW) is what the tutorial's Trainer used;
+    # adamw_torch_fused (one kernel set for all LoRA tensors) measured up to 2x per layer at
+    # micro-batch 4 on an H200 (bench/results/NVIDIA-H200-2026-11-28-v4-fused.md vs -v4.md).
+    optim: str = "adamw_torch"
     bf16: bool = True  # used only on GPU; CPU runs in float32
     resume: str = "auto"  # auto: continue from the last checkpoint in output_dir; never; or a path
     dataloader_num_workers: int = 0
@@ -252,6 +256,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("data.eval_ratio must be in [0, 1)")
     if cfg.lora.r < 1:
         problems.append("lora.r must be at least 1")
+    if cfg.train.optim not in ("adamw_torch", "adamw_torch_fused"):  # anything else: ask transformers (slow import)
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if cfg.train.optim not in names:
+            problems.append(f"train.optim '{cfg.train.optim}' is not a Trainer optimizer{_nearest(cfg.train.optim, names)}")
     if cfg.model.quantization == "nf4" and cfg.model.moe_impl == "fast":
         problems.append("model.quantization nf4 needs model.moe_impl: upstream (the fast path multiplies the "
                         "experts' weights directly, which NF4 packs into 4-bit blocks)")

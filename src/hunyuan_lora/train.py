@@ -189,6 +189,7 @@ def run(cfg: Config) -> Path:
         max_steps=cfg.train.max_steps,
         learning_rate=cfg.train.learning_rate,
         lr_scheduler_type=cfg.train.lr_scheduler_type,
+        optim=cfg.train.optim,  # adamw_torch_fused: up to 2x at micro-batch 4 (config.py, bench/NOTES.md)
         warmup_ratio=cfg.train.warmup_ratio,
         logging_steps=cfg.train.logging_steps,
         save_steps=cfg.train.save_steps,
