@@ -10,6 +10,8 @@
 #   run(kind="nvidia-h200-x2", carry=[".whl"], command="bash bench/verify_multi_gpu.sh")
 # Writes bench/results/<GPU>-<date>-scale.{json,md} and keeps the logs in bench/results/<tag>-logs/.
 # Knobs (environment): DEPTH=2 STEPS=8 BATCH=4 WHEELS=.whl WORK=/tmp/verify-scale CASES="zero3 qlora bf16"
+# (zero3fast: ZeRO-3 with model.moe_impl=fast). One device command may run 600 s: split CASES over calls
+# (the model folder in WORK is reused while the machine stays warm).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -71,9 +73,11 @@ for c in $CASES; do
   case $c in
     zero3) run_case zero3-2gpu 2 $PY -m accelerate.commands.launch --config_file configs/accelerate/zero3.yaml \
              --num_processes 2 -- ;;
+    zero3fast) run_case zero3-fast-2gpu 2 $PY -m accelerate.commands.launch --config_file configs/accelerate/zero3.yaml \
+             --num_processes 2 -- --set model.moe_impl=fast ;;
     qlora) CUDA_VISIBLE_DEVICES=0 run_case qlora-nf4-1gpu 1 $PY -- --set model.quantization=nf4 ;;
     bf16)  CUDA_VISIBLE_DEVICES=0 run_case bf16-1gpu 1 $PY -- ;;
-    *) echo "unknown case $c (zero3, qlora, bf16)" >&2 ;;
+    *) echo "unknown case $c (zero3, zero3fast, qlora, bf16)" >&2 ;;
   esac
 done
 cat "$OUT/$TAG.md"
