@@ -30,7 +30,8 @@ ROUTER_FREE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 
 
 def make(*args: str) -> list[str]:
-    out = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    # --no-print-directory: under `make test` this make is a sub-make and would add "Entering directory" lines
+    out = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
     return [line for line in out.splitlines() if line.strip()]
 
 
