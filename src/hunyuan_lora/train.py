@@ -163,7 +163,6 @@ def run(cfg: Config) -> Path:
     from peft import get_peft_model
     from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-
     out = cfg.output_dir
     data_dir = out / "data"
     # ---- fail fast: everything cheap before the weights load (`make check`'s table) -------------
