@@ -58,8 +58,6 @@ def _die_after(save, temp_prefix: str):
 
 def _install_hook(hook: str, out: Path) -> None:
     """Patch one write of the stage so the process is SIGKILLed at the chosen instant."""
-    import pathlib
-
     if hook == "dataset-mid-write":  # splits saved into the temp folder, stats.json not yet
         from datasets import DatasetDict
 
@@ -89,16 +87,17 @@ def _install_hook(hook: str, out: Path) -> None:
 
         os.replace = dying_replace
     elif hook == "manifest-mid-write":  # half of manifest.json.tmp written
-        write_text = pathlib.Path.write_text
+        from hunyuan_lora import atomic
 
-        def dying_write_text(self, text, *a, **k):
-            if self.name == "manifest.json.tmp":
-                with open(self, "w", encoding="utf-8") as f:
-                    f.write(text[: len(text) // 2])
+        write_text = atomic.write_text
+
+        def dying_write_text(path, text):
+            if path.name == "manifest.json":
+                path.with_name(path.name + ".tmp").write_text(text[: len(text) // 2], encoding="utf-8")
                 _die()
-            return write_text(self, text, *a, **k)
+            return write_text(path, text)
 
-        pathlib.Path.write_text = dying_write_text
+        atomic.write_text = dying_write_text
     elif hook == "merged-mid-write":  # weights saved into the temp folder, config/code not copied yet
         from transformers import PreTrainedModel
 

@@ -17,7 +17,10 @@ from typing import Iterator
 
 def write_text(path: Path, text: str) -> Path:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
     os.replace(tmp, path)
     return path
 

@@ -24,10 +24,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_json
 from .config import Config
 from .errors import UserError
 
@@ -338,18 +338,7 @@ def write_provenance(folder: Path, cfg: Config, listing: RepoListing) -> Path:
         "files": [{"path": p, "size": f["Size"], "sha256": f.get("Sha256"), "commit": f.get("Revision")}
                   for p, f in sorted(files.items())],
     }
-    out = folder / PROVENANCE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{PROVENANCE_FILE}.", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    out = write_json(folder / PROVENANCE_FILE, record)
     return out
 
 
