@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +63,7 @@ def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 def run_config(cfg: Config, stats: dict, trainable: int, total: int) -> dict[str, Any]:
     """The run's hyperparameters for SwanLab: config, parameter counts, dataset stats, versions."""
-    from .train import PINNED_PACKAGES, git_commit
+    from .train import git_commit, package_versions
 
     out: dict[str, Any] = {}
     _flat("", cfg.to_dict(), out)
@@ -77,11 +76,7 @@ def run_config(cfg: Config, stats: dict, trainable: int, total: int) -> dict[str
     stats["warnings"] = len(stats.get("warnings") or [])
     _flat("dataset", stats, out)
     out["versions.python"] = sys.version.split()[0]
-    for name in PINNED_PACKAGES:
-        try:
-            out[f"versions.{name}"] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[f"versions.{name}"] = "not installed"
+    out.update({f"versions.{name}": version for name, version in package_versions().items()})
     out["versions.git_commit"] = git_commit()
     out["config_file"] = cfg.source
     return out

@@ -92,6 +92,17 @@ def swanlab_mode(cfg: Config) -> str:
     return "cloud" if os.environ.get("SWANLAB_API_KEY") else "local"
 
 
+def package_versions() -> dict[str, str]:
+    """The pinned stack as installed (the manifest and SwanLab's config both record it)."""
+    versions = {}
+    for name in PINNED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -267,7 +278,7 @@ def run(cfg: Config) -> Path:
         "config_file": cfg.source,
         "git_commit": git_commit(),
         "python": platform.python_version(),
-        "packages": {name: metadata.version(name) for name in PINNED_PACKAGES},
+        "packages": package_versions(),
         "model_dir": str(cfg.model.dir),
         "model_revision": (json.loads(download_info.read_text()) if download_info.is_file()
                            else {"requested": cfg.model.revision, "note": "no download.json in the model folder"}),
