@@ -14,7 +14,8 @@ mkdir -p "$DEST"
 pin() { grep -E "^$1==" requirements.lock | sed -E 's/ .*//'; }
 # Pure-Python or abi3 / manylinux wheels; --no-deps: torch and its CUDA libraries are on the device.
 PKGS=(transformers peft accelerate tokenizers huggingface-hub safetensors hjson msgpack py-cpuinfo ninja
-      nvidia-ml-py einops pydantic pydantic-core annotated-types typing-inspection)
+      nvidia-ml-py einops pydantic pydantic-core annotated-types typing-inspection
+      datasets dill multiprocess fsspec)  # datasets: scripts/dataset.py and train.py's load_from_disk
 $PY -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version "$PYVER" \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$DEST" \
   $(for p in "${PKGS[@]}"; do pin "$p"; done)

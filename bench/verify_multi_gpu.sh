@@ -9,7 +9,7 @@
 # Then on the device machine (2 GPUs; torch preinstalled; the wheels carried):
 #   run(kind="nvidia-h200-x2", carry=[".whl"], command="bash bench/verify_multi_gpu.sh")
 # Writes bench/results/<GPU>-<date>-scale.{json,md} and keeps the logs in bench/results/<tag>-logs/.
-# Knobs (environment): DEPTH=2 STEPS=8 BATCH=4 WHEELS=.whl WORK=/tmp/verify-scale CASES="zero3 qlora bf16"
+# Knobs (environment): DEPTH=2 STEPS=8 BATCH=4 WHEELS=.whl WORK=/tmp/verify-scale CASES="zero3 qlora bf16" CASE_TIMEOUT=540
 # (zero3fast: ZeRO-3 with model.moe_impl=fast). One device command may run 600 s: split CASES over calls
 # (the model folder in WORK is reused while the machine stays warm).
 set -uo pipefail
@@ -31,7 +31,7 @@ fi
 $PY - <<'EOF' || exit 2
 import importlib.metadata as md, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "GPUs", torch.cuda.device_count())
-for p in ("transformers", "peft", "accelerate", "deepspeed", "bitsandbytes"):
+for p in ("transformers", "peft", "accelerate", "datasets", "deepspeed", "bitsandbytes"):
     print(p, md.version(p))
 EOF
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
@@ -60,7 +60,7 @@ run_case() {  # name, processes, launcher..., -- extra args
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 250 >"$LOGS/$name.mem.csv" &
   local smi=$!
   local start=$SECONDS status=ok
-  timeout 540 "${launcher[@]}" scripts/train.py "${COMMON[@]}" --output-dir "$dir" "${extra[@]}" \
+  timeout "${CASE_TIMEOUT:-540}" "${launcher[@]}" scripts/train.py "${COMMON[@]}" --output-dir "$dir" "${extra[@]}" \
     >"$LOGS/$name.train.log" 2>&1 || status="failed rc=$?"
   kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
   echo "$name: $status in $((SECONDS - start)) s (log: $LOGS/$name.train.log)"

@@ -49,3 +49,32 @@ def test_fused_adamw_reaches_the_trainer_and_trains(patched_stand_in, tmp_path, 
     assert history[-1]["step"] == 2 and history[-1]["train_loss"] > 0
     assert "optim: adamw_torch_fused" in (cfg.output_dir / "resolved.yaml").read_text()
     shutil.rmtree(cfg.output_dir / "data", ignore_errors=True)
+
+
+def test_no_empty_parameter_group_so_deepspeed_and_the_lr_scheduler_agree(patched_stand_in, tmp_path):
+    """Under LoRA every trainable tensor gets weight decay, so Trainer's no-decay group is empty.
+    DeepSpeed's engine drops empty groups in place (`param_groups[:] = [pg ... if len(pg["params"]) != 0]`)
+    after the scheduler took one learning rate per group; torch >= 2.9 zips them strictly and a ZeRO-3
+    run failed at step 1 on the GPU machine. The project's Trainer builds no empty group."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    cfg = config.load(REPO / "configs/demo.yaml", model_dir=str(patched_stand_in))
+
+    def optimizer_and_scheduler(trainer_cls):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(patched_stand_in), trust_remote_code=True),
+                               train.lora_config(cfg))
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, weight_decay=0.01)
+        trainer = trainer_cls(model=model, args=args)
+        trainer.create_optimizer_and_scheduler(num_training_steps=4)
+        return trainer.optimizer, trainer.lr_scheduler
+
+    stock, _ = optimizer_and_scheduler(Trainer)
+    assert [len(g["params"]) for g in stock.param_groups][-1] == 0  # the precondition this guards against
+
+    optimizer, scheduler = optimizer_and_scheduler(train.trainer_class())
+    assert all(g["params"] for g in optimizer.param_groups)
+    n_trainable = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert n_trainable == sum(len(g["params"]) for g in stock.param_groups)  # nothing trainable lost
+    optimizer.param_groups[:] = [pg for pg in optimizer.param_groups if len(pg["params"]) != 0]  # DeepSpeed's filter
+    assert len(list(zip(optimizer.param_groups, scheduler.base_lrs, strict=True))) == len(scheduler.base_lrs)

@@ -156,6 +156,26 @@ def make_sigterm_callback():
     return SaveOnSigterm()
 
 
+def trainer_class():
+    """HF Trainer whose optimizer has no empty parameter group.
+
+    Trainer splits the trainable tensors into weight-decay and no-decay groups; under LoRA every one
+    decays, so the no-decay group is empty. DeepSpeed drops empty groups from the optimizer it wraps
+    while the LR scheduler keeps one learning rate per original group; torch >= 2.9's scheduler zips
+    the two strictly and ZeRO-3 runs failed at the first step ("zip() argument 2 is longer than
+    argument 1", torch 2.11 on 2 H200s). Dropping them here keeps optimizer and scheduler in step.
+    """
+    from transformers import Trainer
+
+    class LoraTrainer(Trainer):
+        def create_optimizer(self):
+            optimizer = super().create_optimizer()
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+            return optimizer
+
+    return LoraTrainer
+
+
 def resume_checkpoint(cfg: Config) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -172,7 +192,7 @@ def resume_checkpoint(cfg: Config) -> str | None:
 def run(cfg: Config) -> Path:
     from datasets import load_from_disk
     from peft import get_peft_model
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     out = cfg.output_dir
     data_dir = out / "data"
@@ -244,7 +264,7 @@ def run(cfg: Config) -> Path:
     mode = swanlab_mode(cfg) if main_process else "disabled"  # one SwanLab experiment per run, not per GPU
     # SwanLab: config, throughput, GPU memory, before/after samples ([] when disabled)
     callbacks += tracking.callbacks(cfg, mode, stats, trainable, total, tokenizer)
-    trainer = Trainer(
+    trainer = trainer_class()(
         model=model,
         args=args,
         train_dataset=splits["train"],
