@@ -10,8 +10,10 @@
 #   run(kind="nvidia-h200-x2", carry=[".whl"], command="bash bench/verify_multi_gpu.sh")
 # Writes bench/results/<GPU>-<date>-scale.{json,md} and keeps the logs in bench/results/<tag>-logs/.
 # Knobs (environment): DEPTH=2 STEPS=8 BATCH=4 WHEELS=.whl WORK=/tmp/verify-scale CASES="zero3 qlora bf16" CASE_TIMEOUT=540
-# (zero3fast: ZeRO-3 with model.moe_impl=fast). One device command may run 600 s: split CASES over calls
-# (the model folder in WORK is reused while the machine stays warm).
+# (zero3fast: ZeRO-3 with model.moe_impl=fast; bf16double: one GPU, batch 2 x BATCH = zero3's samples per step).
+# Case names end in -d<DEPTH>: per-layer memory = the difference between two depths.
+# One device command may run 600 s: split CASES over calls (the model folder in WORK is reused while the
+# machine stays warm).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -51,7 +53,7 @@ COMMON=(--config configs/demo.yaml --model-dir "$MODEL"
 $PY scripts/patch.py "${COMMON[@]}" --output-dir "$WORK/data-run" || exit 2
 
 run_case() {  # name, processes, launcher..., -- extra args
-  local name=$1 nproc=$2; shift 2
+  local name=$1-d$DEPTH nproc=$2; shift 2
   local launcher=() extra=()
   while [ "$1" != "--" ]; do launcher+=("$1"); shift; done; shift; extra=("$@")
   local dir="$WORK/run-$name"
@@ -77,7 +79,10 @@ for c in $CASES; do
              --num_processes 2 -- --set model.moe_impl=fast ;;
     qlora) CUDA_VISIBLE_DEVICES=0 run_case qlora-nf4-1gpu 1 $PY -- --set model.quantization=nf4 ;;
     bf16)  CUDA_VISIBLE_DEVICES=0 run_case bf16-1gpu 1 $PY -- ;;
-    *) echo "unknown case $c (zero3, zero3fast, qlora, bf16)" >&2 ;;
+    # the samples of zero3's optimizer step (2 processes x BATCH) on one GPU: the loss curve to compare with
+    bf16double) CUDA_VISIBLE_DEVICES=0 run_case bf16-1gpu-batch$((2 * BATCH)) 1 $PY -- \
+             --set train.per_device_train_batch_size=$((2 * BATCH)) ;;
+    *) echo "unknown case $c (zero3, zero3fast, qlora, bf16, bf16double)" >&2 ;;
   esac
 done
 cat "$OUT/$TAG.md"
