@@ -35,11 +35,16 @@ Impls:
              to slow align-1 kernels). Results up to v4 called this "fast-padlm" (a bench-only patch).
   fast-plainlm  fast with the model's padding switched off (pad_lm_head=False): the v1-v4 "fast",
              kept to measure what the padding is worth in the same run
+  fast-twogemm  fast with gate and up as two grouped products (HUNYUAN_FAST_MOE_FUSE_GATE_UP=0), the
+             layout before v5, to measure what the fused (E, 2I, H) gate+up product is worth
   upstream and the tutorial never pad (Tencent's hunyuan.py has no padding); reference pads as fast.
 Cases:
   mb<B>      micro-batch of B samples padded to the longest (the tutorial: mb4)
   pack<T>    T tokens per micro-batch: rows of --row-len tokens filled with whole samples,
              position ids restarting per sample (the model masks attention per sample)
+  cat<S>     S whole samples concatenated into ONE row, position ids restarting per sample, no
+             padding: what `train.packing: true` does with per_device_train_batch_size S
+             (cat16x1 = the tutorial's 16 samples per optimizer step in one micro-batch)
 Token lengths: estimated from characters, see `estimate_tokens` (no real tokenizer here).
 """
 
@@ -103,13 +108,13 @@ def write_lengths(data: Path, out: Path) -> None:
 def parse_case(case: str) -> tuple[str, int]:
     """'mb4x4' -> ('mb4', 4): micro-batch spec and gradient-accumulation micro-steps per optimizer step."""
     spec, _, accum = case.partition("x")
-    if not (spec.startswith("mb") or spec.startswith("pack")) or not spec.lstrip("mbpack").isdigit():
-        raise SystemExit(f"unknown case {case!r}: use mb<B>[x<accum>] or pack<T>[x<accum>]")
+    if not spec.startswith(("mb", "pack", "cat")) or not spec.lstrip("mbpackt").isdigit():
+        raise SystemExit(f"unknown case {case!r}: use mb<B>[x<accum>], pack<T>[x<accum>] or cat<S>[x<accum>]")
     return spec, int(accum or 1)
 
 
 def make_batches(case: str, lengths: list[int], n: int, row_len: int, pad_id: int, seed: int = 0) -> list[dict]:
-    """n micro-batches (CPU tensors) for `case` (mb<B> / pack<T>), from a seeded shuffle of the samples."""
+    """n micro-batches (CPU tensors) for `case` (mb<B> / pack<T> / cat<S>), from a seeded shuffle of the samples."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -124,6 +129,13 @@ def make_batches(case: str, lengths: list[int], n: int, row_len: int, pad_id: in
             for i, L in enumerate(lens):
                 mask[i, :L] = 1  # right padding, as DataCollatorForSeq2Seq
             pos = torch.arange(T).expand(len(lens), T).clone()
+            samples = len(lens)
+        elif case.startswith("cat"):
+            # train.packing: the micro-batch's S samples concatenated into one row, no padding
+            lens = [lengths[next(stream)] for _ in range(int(case[3:]))]
+            T = sum(lens)
+            mask = torch.ones(1, T, dtype=torch.long)
+            pos = torch.cat([torch.arange(L) for L in lens]).unsqueeze(0)
             samples = len(lens)
         elif case.startswith("pack"):
             total = int(case[4:])
@@ -145,7 +157,7 @@ def make_batches(case: str, lengths: list[int], n: int, row_len: int, pad_id: in
                 if at < T:
                     pos[r, at:] = torch.arange(T - at)  # padding: its own "sample", masked anyway
         else:
-            raise SystemExit(f"unknown case {case!r}: use mb<B> or pack<T>")
+            raise SystemExit(f"unknown case {case!r}: use mb<B>, pack<T> or cat<S>")
         ids = torch.randint(0, FIRST_SPECIAL, mask.shape, generator=g)
         ids[mask == 0] = pad_id
         labels = ids.masked_fill(mask == 0, -100)
@@ -240,6 +252,10 @@ def opt_step(model, opt, micro_batches: list[dict], device):
 
 
 def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
+    if impl == "fast-twogemm":
+        os.environ["HUNYUAN_FAST_MOE_FUSE_GATE_UP"] = "0"
+    else:
+        os.environ.pop("HUNYUAN_FAST_MOE_FUSE_GATE_UP", None)
     model = build_model(base_cfg, depth, impl, args)
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach = Trainer's default optim "adamw_torch"; fused = "adamw_torch_fused"
@@ -391,7 +407,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"gradient checkpointing; autocast bf16; AdamW {meta.get('optim', 'foreach')}. Packing rows: {meta['row_len']} tokens.",
         "",
         "Case `mb4x4` = micro-batch 4 x 4 accumulation (the tutorial); `mb16x1` = the same 16 samples per optimizer "
-        "step in one micro-batch; `pack<T>x1` = T tokens per step, packed. All numbers per OPTIMIZER step.",
+        "step in one micro-batch, padded; `cat16x1` = the same 16 samples concatenated into one row (train.packing); "
+        "`pack<T>x1` = T tokens per step, packed. All numbers per OPTIMIZER step.",
         "",
         "| case | impl | tokens/opt step (non-pad / padded) | ms / layer / opt step | ms / layer / micro-step | step ms @32 layers "
         "| tokens/s @32 | samples/s @32 | MFU @32 | x vs upstream | x vs reference | peak GiB (d1/d2) "
@@ -414,10 +431,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if base:
         lines += ["", f"Effective batch 16 (tutorial: upstream mb4x4 = {base['samples_per_s_32']:.2f} samples/s @32 layers):"]
         for (case, impl), r in eff.items():
-            if case in ("mb4x4", "mb16x1") and impl != "upstream" or case == "mb16x1":
-                lines.append(f"- {impl} {case}: {r['samples_per_s_32']:.2f} samples/s @32 = "
-                             f"**{r['samples_per_s_32'] / base['samples_per_s_32']:.1f}x** the tutorial; per layer "
-                             f"{base['per_layer_ms'] / r['per_layer_ms']:.1f}x")
+            if case in ("mb4x4", "mb16x1", "cat16x1") and (case, impl) != ("mb4x4", "upstream"):
+                lines.append(f"- {impl} {case}: {r['samples_per_s_32']:.2f} samples/s, {r['tokens_per_s_32']:.0f} "
+                             f"tokens/s @32 = **{r['samples_per_s_32'] / base['samples_per_s_32']:.1f}x** the tutorial; "
+                             f"per layer {base['per_layer_ms'] / r['per_layer_ms']:.1f}x")
     lines += ["", "GPU kernels of ONE layer (difference of the two depths' profiles; ms and launches per step):", ""]
     for r in rows:
         lp = r.get("layer_profile")
@@ -436,9 +453,9 @@ def main() -> None:
     ap.add_argument("--real-config", action="store_true", help="the real Hunyuan-A13B config (default)")
     ap.add_argument("--depths", type=int, nargs=2, default=[1, 2])
     ap.add_argument("--impls", nargs="+", default=["upstream", "reference", "fast"],
-                    choices=["upstream", "reference", "fast", "fast-plainlm"])
+                    choices=["upstream", "reference", "fast", "fast-plainlm", "fast-twogemm"])
     ap.add_argument("--cases", nargs="+", default=["mb4x4", "mb16x1", "pack4096x1", "pack16384x1"],
-                    help="mb<B>[x<accum>] or pack<T>[x<accum>]; accum = micro-steps per optimizer step")
+                    help="mb<B>[x<accum>], pack<T>[x<accum>] or cat<S>[x<accum>]; accum = micro-steps per optimizer step")
     ap.add_argument("--skip", nargs="*", default=["upstream:pack16384x1", "reference:mb16x1", "upstream:pack4096x1"],
                     help="impl:case pairs not to run")
     ap.add_argument("--optim", choices=["foreach", "fused"], default="foreach",

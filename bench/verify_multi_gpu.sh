@@ -11,7 +11,8 @@
 # Writes bench/results/<GPU>-<date>-scale.{json,md} and keeps the logs in bench/results/<tag>-logs/.
 # Knobs (environment): DEPTH=2 STEPS=8 BATCH=4 WHEELS=.whl WORK=/tmp/verify-scale CASES="zero3 qlora bf16" CASE_TIMEOUT=540
 # (zero3fast: ZeRO-3 with model.moe_impl=fast; bf16double: one GPU, batch 2 x BATCH = zero3's samples per step).
-# Case names end in -d<DEPTH>: per-layer memory = the difference between two depths.
+# Case names end in -d<DEPTH>: per-layer memory = the difference between two depths. ONE_SAMPLE=1: every
+# batch is one record repeated (names end in -onesample), so loss curves compare step by step.
 # One device command may run 600 s: split CASES over calls (the model folder in WORK is reused while the
 # machine stays warm).
 set -uo pipefail
@@ -50,10 +51,17 @@ COMMON=(--config configs/demo.yaml --model-dir "$MODEL"
         --set swanlab.mode=disabled --set train.resume=never --set train.max_steps="$STEPS"
         --set train.per_device_train_batch_size="$BATCH" --set train.gradient_accumulation_steps=1
         --set train.logging_steps=1 --set train.save_steps=1000 --set train.learning_rate=1e-4)
+if [ "${ONE_SAMPLE:-0}" = 1 ]; then
+  # every batch the same record: loss curves of different launchers compare step by step, whatever
+  # order each one's sampler draws in
+  $PY -c "import json,sys; r=json.load(open('src/hunyuan_lora/assets/zhenhuan_sample.json'))[0]; json.dump([r]*64, open(sys.argv[1],'w'), ensure_ascii=False)" "$WORK/one-sample.json" || exit 2
+  COMMON+=(--data "$WORK/one-sample.json" --set data.drop_duplicates=false)
+fi
 $PY scripts/patch.py "${COMMON[@]}" --output-dir "$WORK/data-run" || exit 2
 
 run_case() {  # name, processes, launcher..., -- extra args
   local name=$1-d$DEPTH nproc=$2; shift 2
+  [ "${ONE_SAMPLE:-0}" = 1 ] && name+=-onesample
   local launcher=() extra=()
   while [ "$1" != "--" ]; do launcher+=("$1"); shift; done; shift; extra=("$@")
   local dir="$WORK/run-$name"

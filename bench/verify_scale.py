@@ -78,12 +78,17 @@ def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: 
     if history_path.is_file():
         losses = [e["loss"] for e in json.loads(history_path.read_text()) if "loss" in e]
         row.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-                   loss_steps=len(losses))
+                   loss_steps=len(losses), losses=losses)
     if manifest_path.is_file():
+        import yaml
+
+        train_cfg = yaml.safe_load((run_dir / "resolved.yaml").read_text())["train"]
+        samples_per_step = (train_cfg["per_device_train_batch_size"] * train_cfg["gradient_accumulation_steps"]
+                            * processes)
         m = json.loads(manifest_path.read_text())
         stats = json.loads((run_dir / "data" / "stats.json").read_text())
         sps = m.get("train_samples_per_second")
-        row.update(steps=m.get("global_step"), train_runtime_s=m.get("train_runtime_s"), samples_per_s=sps,
+        row.update(samples_per_step=samples_per_step, steps=m.get("global_step"), train_runtime_s=m.get("train_runtime_s"), samples_per_s=sps,
                    tokens_per_s_est=round(sps * stats["tokens"]["mean"], 1) if sps else None,
                    quantization=m.get("quantization"), zero_stage=m.get("deepspeed_zero_stage"),
                    gpus=m.get("gpus"), packages=m.get("packages"),
@@ -94,6 +99,12 @@ def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: 
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
     rows = [r for r in rows if r["case"] != case] + [row]
     results_path.write_text(json.dumps(rows, indent=2) + "\n")
+    write_markdown(rows, out_dir, tag)
+    print(json.dumps(row))
+    return row
+
+
+def write_markdown(rows: list[dict], out_dir: Path, tag: str) -> None:
     lines = [f"# {tag}: ZeRO-3 and QLoRA through `make train`'s code (bench/verify_multi_gpu.sh)", "",
              "| case | status | processes | steps | loss first → last | samples/s | tokens/s (est.) | peak MiB per GPU |",
              "|---|---|---|---|---|---|---|---|"]
@@ -102,9 +113,44 @@ def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: 
         lines.append(f"| {r['case']} | {r['status']} | {r['processes']} | {r.get('steps', '')} | {loss} | "
                      f"{r.get('samples_per_s', '')} | {r.get('tokens_per_s_est', '')} | "
                      f"{', '.join(f'{g}: {v}' for g, v in sorted(r['peak_mib_per_gpu'].items()))} |")
+    lines += extrapolation(rows)
     (out_dir / f"{tag}.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(row))
-    return row
+
+
+def extrapolation(rows: list[dict], layers: int = 32) -> list[str]:
+    """Per layer and at `layers` layers, from the same case measured at two depths (names ...-d<N>).
+
+    Step time = samples per optimizer step / samples/s (Trainer's, over the whole run, start-up
+    excluded); per layer = the difference between the depths; @32 = the shallower run + the missing
+    layers. Memory likewise from nvidia-smi's peak per GPU (the highest GPU of the case).
+    """
+    import re
+
+    ok = {}
+    for r in rows:
+        m = re.fullmatch(r"(.+)-d(\d+)", r["case"])
+        if m and r["status"] == "ok" and r.get("samples_per_s") and r.get("peak_mib_per_gpu"):
+            ok.setdefault(m.group(1), {})[int(m.group(2))] = r
+    out = []
+    for case, by_depth in ok.items():
+        if len(by_depth) < 2:
+            continue
+        (d1, r1), (d2, r2) = sorted(by_depth.items())[:2]
+        gpus = r1["processes"]
+        batch = r1["samples_per_step"]
+        t1, t2 = batch / r1["samples_per_s"], batch / r2["samples_per_s"]
+        m1, m2 = max(r1["peak_mib_per_gpu"].values()), max(r2["peak_mib_per_gpu"].values())
+        per_layer_s, per_layer_mib = (t2 - t1) / (d2 - d1), (m2 - m1) / (d2 - d1)
+        step = t1 + (layers - d1) * per_layer_s
+        mem = m1 + (layers - d1) * per_layer_mib
+        tokens = r1["tokens_per_s_est"] / r1["samples_per_s"]  # mean tokens per sample of the run's data
+        out.append(f"| {case} | {gpus} | {d1}/{d2} | {1e3 * per_layer_s:.0f} | {per_layer_mib / 1024:.2f} | "
+                   f"{mem / 1024:.1f} | {batch / step:.2f} | {batch / step * tokens / gpus:.1f} |")
+    if not out:
+        return []
+    return ["", f"Extrapolated to {layers} layers (two depths of the same case; ms and GiB per layer, per GPU):", "",
+            f"| case | GPUs | depths | ms per layer per step | GiB per layer per GPU | peak GiB per GPU @{layers} "
+            f"| samples/s @{layers} | tokens/s per GPU @{layers} |", "|---|---|---|---|---|---|---|---|", *out]
 
 
 def main() -> None:

@@ -325,16 +325,29 @@ def test_deepspeed_checkpoint_layout_counts_as_complete(tmp_path):
 def test_gpu_verification_scripts_parse_and_summarize(tmp_path):
     for script in ("bench/verify_multi_gpu.sh", "bench/gpu_wheels.sh"):
         subprocess.run(["bash", "-n", script], cwd=REPO, check=True)
-    run = tmp_path / "run"
-    (run / "data").mkdir(parents=True)
-    (run / "log_history.json").write_text('[{"loss": 9.5, "step": 1}, {"loss": 8.25, "step": 2}, {"train_runtime": 4}]')
-    (run / "manifest.json").write_text('{"global_step": 2, "train_runtime_s": 4.0, "train_samples_per_second": 2.0, '
-                                       '"quantization": "none", "deepspeed_zero_stage": 3, "gpus": ["H200", "H200"]}')
-    (run / "data" / "stats.json").write_text('{"tokens": {"mean": 95.0}}')
-    mem = tmp_path / "mem.csv"
-    mem.write_text("0, 20000\n1, 21000\n0, 30500\n")
-    proc = subprocess.run([sys.executable, "bench/verify_scale.py", "summarize", "--case", "zero3-2gpu", "--run-dir",
-                           str(run), "--mem-log", str(mem), "--processes", "2", "--out-dir", str(tmp_path), "--tag", "t"],
-                          cwd=REPO, capture_output=True, text=True, check=True)
-    assert '"tokens_per_s_est": 190.0' in proc.stdout
-    assert "| zero3-2gpu | ok | 2 | 2 | 9.500 → 8.250 | 2.0 | 190.0 | 0: 30500, 1: 21000 |" in (tmp_path / "t.md").read_text()
+
+    def summarize(case: str, samples_per_s: float, mem_rows: str) -> str:
+        run = tmp_path / case
+        (run / "data").mkdir(parents=True)
+        (run / "log_history.json").write_text('[{"loss": 9.5, "step": 1}, {"loss": 8.25, "step": 2}, {"train_runtime": 4}]')
+        (run / "manifest.json").write_text(f'{{"global_step": 2, "train_runtime_s": 4.0, "train_samples_per_second": '
+                                           f'{samples_per_s}, "quantization": "none", "deepspeed_zero_stage": 3, '
+                                           '"gpus": ["H200", "H200"]}')
+        (run / "resolved.yaml").write_text("train:\n  per_device_train_batch_size: 4\n  gradient_accumulation_steps: 1\n")
+        (run / "data" / "stats.json").write_text('{"tokens": {"mean": 95.0}}')
+        mem = tmp_path / f"{case}.csv"
+        mem.write_text(mem_rows)
+        return subprocess.run([sys.executable, "bench/verify_scale.py", "summarize", "--case", case, "--run-dir",
+                               str(run), "--mem-log", str(mem), "--processes", "2", "--out-dir", str(tmp_path),
+                               "--tag", "t"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+    out = summarize("zero3-2gpu-d2", 2.0, "0, 20000\n1, 21000\n0, 30500\n")
+    assert '"tokens_per_s_est": 190.0' in out and '"samples_per_step": 8' in out and '"losses": [9.5, 8.25]' in out
+    md = (tmp_path / "t.md").read_text()
+    assert "| zero3-2gpu-d2 | ok | 2 | 2 | 9.500 → 8.250 | 2.0 | 190.0 | 0: 30500, 1: 21000 |" in md
+    assert "Extrapolated" not in md  # one depth: nothing to extrapolate from
+    # a second depth: step 8/2.0 = 4 s -> 8/1.6 = 5 s, peak 30500 -> 40740 MiB: per layer 500 ms and 5 GiB;
+    # @32 layers: 4 + 30 x 0.5 = 19 s (8/19 = 0.42 samples/s, x 95 tokens / 2 GPUs = 20.0), 30500 + 30 x 5120 MiB
+    summarize("zero3-2gpu-d4", 1.6, "0, 40740\n1, 40000\n")
+    md = (tmp_path / "t.md").read_text()
+    assert "| zero3-2gpu | 2 | 2/4 | 500 | 5.00 | 179.8 | 0.42 | 20.0 |" in md, md
