@@ -70,3 +70,32 @@ def test_training_runs_with_packing(setup, tmp_path):
     train.run(run_cfg)
     history = json.loads((run_cfg.output_dir / "log_history.json").read_text())
     assert history[-1]["step"] == 2 and history[-1]["train_loss"] > 0
+
+
+def test_fast_preset_trains_on_the_stand_in_with_16_samples_per_step(setup, tmp_path):
+    """configs/huanhuan_fast.yaml's speed switches (fast MoE + packing + fused AdamW, 16 samples in one
+    micro-batch) on the stand-in: they combine, train, and save PEFT's standard per-expert adapter."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file
+
+    cfg, _, _, _ = setup
+    preset = yaml.safe_load((REPO / "configs/huanhuan_fast.yaml").read_text())
+    switches = {"model": ("moe_impl", "quantization"),
+                "train": ("packing", "optim", "per_device_train_batch_size", "gradient_accumulation_steps"),
+                "lora": ("preset", "r", "alpha", "dropout")}
+    overrides = [f"{section}.{key}={preset[section][key]}" for section, keys in switches.items() for key in keys]
+    assert preset["train"]["per_device_train_batch_size"] * preset["train"]["gradient_accumulation_steps"] == 16
+    run_cfg = config.load(REPO / "configs/demo.yaml", [*overrides, "train.max_steps=2", "train.logging_steps=1",
+                                                      "swanlab.mode=disabled", "train.resume=never"],
+                          model_dir=cfg.model.dir, output_dir=str(tmp_path / "run"))
+    assert (run_cfg.model.moe_impl, run_cfg.train.packing, run_cfg.train.optim) == ("fast", True, "adamw_torch_fused")
+    shutil.copytree(cfg.output_dir / "data", run_cfg.output_dir / "data")
+    train.run(run_cfg)
+    history = json.loads((run_cfg.output_dir / "log_history.json").read_text())
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+    adapter = load_file(str(run_cfg.output_dir / "adapter" / "adapter_model.safetensors"))
+    assert any(".mlp.experts.0.gate_proj.lora_A.weight" in k for k in adapter)  # PEFT's per-expert format
+    assert "moe_impl: fast" in (run_cfg.output_dir / "resolved.yaml").read_text()
