@@ -35,8 +35,6 @@ Impls:
              to slow align-1 kernels). Results up to v4 called this "fast-padlm" (a bench-only patch).
   fast-plainlm  fast with the model's padding switched off (pad_lm_head=False): the v1-v4 "fast",
              kept to measure what the padding is worth in the same run
-  fast-twogemm  fast with gate and up as two grouped products (HUNYUAN_FAST_MOE_FUSE_GATE_UP=0), the
-             layout before v5, to measure what the fused (E, 2I, H) gate+up product is worth
   upstream and the tutorial never pad (Tencent's hunyuan.py has no padding); reference pads as fast.
 Cases:
   mb<B>      micro-batch of B samples padded to the longest (the tutorial: mb4)
@@ -55,7 +53,6 @@ import datetime as dt
 import gc
 import json
 import math
-import os
 import platform
 import random
 import statistics
@@ -252,10 +249,6 @@ def opt_step(model, opt, micro_batches: list[dict], device):
 
 
 def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
-    if impl == "fast-twogemm":
-        os.environ["HUNYUAN_FAST_MOE_FUSE_GATE_UP"] = "0"
-    else:
-        os.environ.pop("HUNYUAN_FAST_MOE_FUSE_GATE_UP", None)
     model = build_model(base_cfg, depth, impl, args)
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach = Trainer's default optim "adamw_torch"; fused = "adamw_torch_fused"
@@ -453,7 +446,7 @@ def main() -> None:
     ap.add_argument("--real-config", action="store_true", help="the real Hunyuan-A13B config (default)")
     ap.add_argument("--depths", type=int, nargs=2, default=[1, 2])
     ap.add_argument("--impls", nargs="+", default=["upstream", "reference", "fast"],
-                    choices=["upstream", "reference", "fast", "fast-plainlm", "fast-twogemm"])
+                    choices=["upstream", "reference", "fast", "fast-plainlm"])
     ap.add_argument("--cases", nargs="+", default=["mb4x4", "mb16x1", "pack4096x1", "pack16384x1"],
                     help="mb<B>[x<accum>], pack<T>[x<accum>] or cat<S>[x<accum>]; accum = micro-steps per optimizer step")
     ap.add_argument("--skip", nargs="*", default=["upstream:pack16384x1", "reference:mb16x1", "upstream:pack4096x1"],

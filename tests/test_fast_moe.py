@@ -277,7 +277,7 @@ def test_bad_moe_impl_is_rejected():
 
 
 # ---------------------------------------------------------------------------------------------
-# gate and up fused: one (E, 2I, H) buffer per MoE block, one grouped product
+# packing: one (E, out, in) buffer per projection, and what happens to it afterwards
 
 
 def expert_linears(moe, name):
@@ -285,78 +285,39 @@ def expert_linears(moe, name):
     return [fast_moe._base_linear(getattr(e, name)) for e in moe.experts]
 
 
-def assert_fused(moe):
-    """gate_proj and up_proj weights of all experts are the rows of one (E, 2I, H) buffer."""
-    gate = [m.weight for m in expert_linears(moe, "gate_proj")]
-    up = [m.weight for m in expert_linears(moe, "up_proj")]
-    I, H = gate[0].shape
-    step = I * H * gate[0].element_size()
-    base, storage = gate[0].data_ptr(), gate[0].untyped_storage()
-    assert storage.nbytes() == 2 * len(gate) * step
-    for i, (g, u) in enumerate(zip(gate, up)):
-        assert g.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() == storage.data_ptr()
-        assert g.data_ptr() == base + 2 * i * step and u.data_ptr() == base + (2 * i + 1) * step
-        assert g.shape == u.shape == (I, H) and g.is_contiguous() and u.is_contiguous()
-    assert fast_moe._is_packed(gate) and fast_moe._is_packed(up)
-    assert fast_moe._is_packed([m.weight for m in expert_linears(moe, "down_proj")])
-    gate_up = fast_moe.stacked_experts(moe).gate_up  # the operand: a view of that buffer, no copy
-    assert gate_up.data_ptr() == base and gate_up.shape == (len(gate), 2 * I, H)
-    assert torch.equal(gate_up, torch.cat([torch.stack(gate), torch.stack(up)], dim=1))
+def assert_packed(moe):
+    """Each projection's E expert weights are the slices, in order, of one (E, out, in) buffer of
+    their own, and the grouped product's operand is a view of that buffer (no copy)."""
+    for name in fast_moe.PROJECTIONS:
+        weights = [m.weight for m in expert_linears(moe, name)]
+        E, (out, inn) = len(weights), weights[0].shape
+        step = out * inn * weights[0].element_size()
+        base, storage = weights[0].data_ptr(), weights[0].untyped_storage()
+        assert storage.nbytes() == E * step, name
+        for i, w in enumerate(weights):
+            assert w.untyped_storage().data_ptr() == storage.data_ptr(), name
+            assert w.data_ptr() == base + i * step and w.shape == (out, inn) and w.is_contiguous(), name
+        assert fast_moe._is_packed(weights), name
+        operand = fast_moe.projections(moe)[name].weight
+        assert operand.data_ptr() == base and operand.shape == (E, out, inn), name
+        assert torch.equal(operand, torch.stack(weights)), name
 
 
-def test_gate_up_packed_into_one_buffer_state_dict_unchanged():
+def test_peft_model_packed_per_projection_state_dict_unchanged():
     config = tiny_config()
     ref, fast = peft_pair(config)
     ids, mask = batch_with_padding(config)
     with torch.no_grad():
         fast(input_ids=ids, attention_mask=mask)
     for layer in fast.base_model.model.model.layers:
-        assert_fused(layer.mlp)
+        assert_packed(layer.mlp)
     want, got = ref.state_dict(), fast.state_dict()
     assert list(got) == list(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
-def test_fused_and_unfused_gate_up_agree(monkeypatch):
-    """HUNYUAN_FAST_MOE_FUSE_GATE_UP=0 (two products) vs the default (one): same logits and grads.
-
-    LoRA dropout on: both draw the same masks in the same order, so the results agree to rounding.
-    """
-    config = tiny_config()
-    _, fast = peft_pair(config, dropout=0.2)
-    other = copy.deepcopy(fast)
-    ids, mask = batch_with_padding(config, seed=3)
-    labels = ids.masked_fill(mask == 0, -100)
-    widths = []
-    real_gmm = fast_moe.gmm
-
-    def gmm(a, b, offs, counts):
-        widths.append(b.shape[-1])
-        return real_gmm(a, b, offs, counts)
-
-    monkeypatch.setattr(fast_moe, "gmm", gmm)
-    results = []
-    for model, fuse in ((fast, "1"), (other, "0")):
-        monkeypatch.setenv("HUNYUAN_FAST_MOE_FUSE_GATE_UP", fuse)
-        widths.clear()
-        model.train()
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-        torch.manual_seed(7)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        # the switch took effect: a (M, 2I) product in the fused forward, none in the unfused one
-        assert (2 * config.moe_intermediate_size[0] in widths) == (fuse == "1")
-        results.append((out.logits, lora_grads(model)))
-    (logits_f, g_f), (logits_u, g_u) = results
-    assert rel(logits_f, logits_u) < 1e-6
-    assert g_f.keys() == g_u.keys()
-    for name in g_f:
-        assert rel(g_f[name], g_u[name]) < 1e-6 or g_u[name].norm() == g_f[name].norm() == 0, name
-
-
-def test_load_state_dict_writes_into_fused_buffer():
+def test_load_state_dict_writes_into_packed_buffers():
     config = tiny_config()
     ref, fast = peft_pair(config)
     ref.eval(), fast.eval()
@@ -364,19 +325,17 @@ def test_load_state_dict_writes_into_fused_buffer():
     with torch.no_grad():
         before = fast(input_ids=ids).logits
     moe = fast.base_model.model.model.layers[1].mlp
-    buffer = expert_linears(moe, "gate_proj")[0].weight.data_ptr()
+    buffers = {name: expert_linears(moe, name)[0].weight.data_ptr() for name in fast_moe.PROJECTIONS}
     g = torch.Generator().manual_seed(9)
     sd = {k: (v + 0.05 * torch.randn(v.shape, generator=g) if ".experts." in k and "base_layer" in k else v)
           for k, v in ref.state_dict().items()}
     ref.load_state_dict(sd)
     fast.load_state_dict(sd)
-    assert_fused(moe)  # copied in place: still the one buffer,
-    assert expert_linears(moe, "gate_proj")[0].weight.data_ptr() == buffer  # the same one
-    gate_up = fast_moe.stacked_experts(moe).gate_up
-    I = config.moe_intermediate_size[1]
-    prefix = "base_model.model.model.layers.1.mlp.experts.5"
-    assert torch.equal(gate_up[5, :I], sd[f"{prefix}.gate_proj.base_layer.weight"])
-    assert torch.equal(gate_up[5, I:], sd[f"{prefix}.up_proj.base_layer.weight"])
+    assert_packed(moe)  # copied in place: still one buffer per projection,
+    for name in fast_moe.PROJECTIONS:
+        assert expert_linears(moe, name)[0].weight.data_ptr() == buffers[name], name  # the same ones
+        operand = fast_moe.projections(moe)[name].weight
+        assert torch.equal(operand[5], sd[f"base_model.model.model.layers.1.mlp.experts.5.{name}.base_layer.weight"])
     with torch.no_grad():
         got, want = fast(input_ids=ids).logits, ref(input_ids=ids).logits
     assert rel(got, want) < 1e-5 and rel(got, before) > 1e-3
@@ -391,7 +350,7 @@ def test_replaced_weights_are_repacked(change):
     with torch.no_grad():
         fast(input_ids=ids)
     moe = fast.base_model.model.model.layers[0].mlp
-    assert_fused(moe)
+    assert_packed(moe)
     if change == "to_dtype":
         ref.double(), fast.double()
     else:  # a new Parameter object for one expert's up_proj (as load_state_dict(assign=True) makes)
@@ -401,15 +360,15 @@ def test_replaced_weights_are_repacked(change):
             linear.weight = torch.nn.Parameter(new.clone(), requires_grad=False)
     with torch.no_grad():
         got, want = fast(input_ids=ids).logits, ref(input_ids=ids).logits
-    assert_fused(moe)
+    assert_packed(moe)
     assert got.dtype == want.dtype and rel(got, want) < 1e-5
     if change == "new_parameter":
-        assert torch.equal(fast_moe.stacked_experts(moe).gate_up[2, config.moe_intermediate_size[0]:], new)
+        assert torch.equal(fast_moe.projections(moe)["up_proj"].weight[2], new)
 
 
 def test_grouped_path_operands_pass_grouped_mm_checks(monkeypatch):
     """The grouped (CUDA) branch on the meta device: torch._grouped_mm's meta kernel runs the CUDA
-    kernel's dtype and stride checks on every operand, forward and backward, fused and unfused."""
+    kernel's dtype and stride checks on every operand, forward and backward."""
     monkeypatch.setattr(fast_moe, "grouped_mm_available", lambda device, dtype: True)
     calls = []
     real = torch._grouped_mm
@@ -429,16 +388,13 @@ def test_grouped_path_operands_pass_grouped_mm_checks(monkeypatch):
         if "lora_" in name:
             p.data = p.data.float()  # float32 adapters on a bf16 model, as get_peft_model leaves them
     N, k = 13, config.moe_topk[0]
-    for fuse in ("1", "0"):
-        monkeypatch.setenv("HUNYUAN_FAST_MOE_FUSE_GATE_UP", fuse)
-        calls.clear()
-        x = torch.empty(N, config.hidden_size, device="meta", dtype=torch.bfloat16, requires_grad=True)
-        experts = torch.empty(N, k, device="meta", dtype=torch.int64)
-        y = fast_moe.routed_experts_fast(moe, x, torch.empty(N, k, device="meta"), experts)
-        y.sum().backward()
-        assert y.shape == x.grad.shape == (N, config.hidden_size)
-        assert moe.experts[0].up_proj.lora_B["default"].weight.grad.shape == (config.moe_intermediate_size[0], 8)
-        assert len(calls) == (8 if fuse == "1" else 9)  # forward: base gate_up (or gate, up) + down + 2 per LoRA
+    x = torch.empty(N, config.hidden_size, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    experts = torch.empty(N, k, device="meta", dtype=torch.int64)
+    y = fast_moe.routed_experts_fast(moe, x, torch.empty(N, k, device="meta"), experts)
+    assert len(calls) == 9  # forward: base gate, up, down + 2 per LoRA projection
+    y.sum().backward()
+    assert y.shape == x.grad.shape == (N, config.hidden_size)
+    assert moe.experts[0].up_proj.lora_B["default"].weight.grad.shape == (config.moe_intermediate_size[0], 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,6 +428,8 @@ def test_grouped_mm_bf16_matches_reference(tokens):
         with torch.autocast("cuda", torch.bfloat16):
             y = moe(xi)
         (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+        if name == "fast":
+            assert_packed(moe)  # on CUDA in bf16 too: the operands are views of the packed buffers
         results[name] = (y.float(), xi.grad.float(), {k: v.float() for k, v in lora_grads(moe).items()})
     (y_r, dx_r, g_r), (y_f, dx_f, g_f) = results["ref"], results["fast"]
     assert rel(y_f, y_r) < 1e-2 and rel(dx_f, dx_r) < 1e-2
@@ -483,36 +441,3 @@ def test_grouped_mm_bf16_matches_reference(tokens):
             empty += 1
             assert g_f[k].abs().max() == 0, k  # experts without tokens: exactly zero, not garbage
     assert empty > 0 or tokens > 5
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("tokens", [5, 300])
-def test_grouped_mm_bf16_fused_matches_unfused(tokens, monkeypatch):
-    """The real kernel: one (M, 2I) product for gate and up vs HUNYUAN_FAST_MOE_FUSE_GATE_UP=0's two
-    products over the halves (the up half starts I*H elements into the buffer), bf16, 1e-2."""
-    if not fast_moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
-        pytest.skip("torch._grouped_mm needs compute capability 9.0")
-    config = tiny_config(hidden_size=256, intermediate_size=128, moe_intermediate_size=[128] * 2,
-                         num_experts=16, moe_topk=[4] * 2, num_attention_heads=4, attention_head_dim=64)
-    torch.manual_seed(0)
-    base = HunYuanMoEV1ForCausalLM(config).to("cuda", torch.bfloat16)
-    fused = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules=TARGETS))
-    randomise_lora(fused, 1)
-    fast_moe.set_moe_impl(fused, "fast")
-    unfused = copy.deepcopy(fused)
-    x = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    results = []
-    for model, fuse in ((fused, "1"), (unfused, "0")):
-        monkeypatch.setenv("HUNYUAN_FAST_MOE_FUSE_GATE_UP", fuse)
-        moe = model.base_model.model.model.layers[0].mlp
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", torch.bfloat16):
-            y = moe(xi)
-        (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
-        assert_fused(moe)
-        results.append((y.float(), xi.grad.float(), {k: v.float() for k, v in lora_grads(moe).items()}))
-    (y_f, dx_f, g_f), (y_u, dx_u, g_u) = results
-    assert rel(y_f, y_u) < 1e-2 and rel(dx_f, dx_u) < 1e-2
-    for k in g_u:
-        assert rel(g_f[k], g_u[k]) < 1e-2 or g_u[k].norm() == g_f[k].norm() == 0, k

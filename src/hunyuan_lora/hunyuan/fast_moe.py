@@ -11,16 +11,11 @@ expert are the reference code, untouched. The result is the reference's dropless
 How (shapes: N tokens, k experts per token, M = N*k pairs, E experts, H hidden, I expert width, r rank)
   1. sort the M (token, expert) pairs by expert -> `offs` (E,) int32, the end row of each expert's
      group in the sorted order; gather xs = x[token_of_pair] (M, H);
-  2. [gate | up] = xs @ Wgu[e]^T (M, 2I), Wgu[e] = [Wg[e]; Wu[e]] (2I, H) the two weights one above
-     the other, then y = (silu(gate) * up) @ Wd[e]^T (M, H): two grouped products over all experts
-     (`torch._grouped_mm(a (M, K), b (E, K, N), offs)` on CUDA sm90 in bf16; elsewhere a loop over
-     the experts that received tokens, same arithmetic). One product for gate and up reads xs once,
-     and its backward is one product with K = 2I (on the two halves' output gradients, joined
-     into one (M, 2I)) instead of two products and an add of their (M, H) input gradients.
-     HUNYUAN_FAST_MOE_FUSE_GATE_UP=0 computes gate and up as two products again (A/B timing);
-  3. LoRA on every expert projection the same way, per projection as PEFT has it (gate's added to
-     the gate half, up's to the up half, each with its own dropout mask):
-     + scaling * ((dropout(xs) @ A[e]^T) @ B[e]^T), two more grouped products of width r per projection;
+  2. gate = xs @ Wg[e]^T, up = xs @ Wu[e]^T, y = (silu(gate) * up) @ Wd[e]^T, each ONE grouped
+     product over all experts (`torch._grouped_mm(a (M, K), b (E, K, N), offs)` on CUDA sm90 in
+     bf16; elsewhere a loop over the experts that received tokens, same arithmetic);
+  3. LoRA on every expert projection the same way: + scaling * ((dropout(xs) @ A[e]^T) @ B[e]^T),
+     two more grouped products of width r per projection;
   4. undo the sort and weight: out[n] = sum_j w[n, j] * y[pair (n, j)] as one batched product
      (deterministic, no atomics; the gathers of steps 1 and 4 back-propagate as gathers, `_Rows`).
 
@@ -32,20 +27,17 @@ Why this layout (the design point): the model keeps the checkpoint's module tree
     (`base_model.model.model.layers.N.mlp.experts.{i}.gate_proj.lora_A.weight` ...), loadable by
     `PeftModel` on the reference implementation and by Tencent's code. No conversion step exists
     to get wrong.
-  The grouped products need the E weights as one (E, out, in) tensor, gate and up together as one
-  (E, 2I, H). Frozen base weights are PACKED once, on the first fast forward: one buffer per MoE
-  block for gate and up, (E, 2I, H) with expert e's gate_proj weight in rows 0:I and its up_proj
-  weight in rows I:2I, and one (E, H, I) for down; the weights are copied in and each expert's
-  `weight.data` re-pointed to its slice, so the module tree, the `Parameter` objects,
-  `state_dict()` / `load_state_dict()` (which copy in place) and PEFT all see the same tensors,
-  and the stacked operands are free `as_strided` views of the shared storage. Every forward checks
-  that the layout still holds (one storage; gate of expert i at buffer[i, :I], up at buffer[i, I:])
-  and re-packs if something replaced the tensors (`model.to(...)`, a loader that assigns new
-  parameters). Base weights that require grad (full fine-tuning) are instead stacked with
-  `torch.stack` (gate and up concatenated) each forward (differentiable, slow). LoRA A/B (about
-  11 M parameters a layer at r=8) are stacked with `torch.stack` on each forward: a ~44 MB copy
-  whose backward hands each expert's own leaf parameter its gradient, so optimiser, gradient
-  clipping and PEFT saving are unchanged.
+  The grouped products need each projection's E weights as one (E, out, in) tensor. Frozen base
+  weights are PACKED once, on the first fast forward: one (E, out, in) buffer is allocated, the E
+  weights copied in, and each expert's `weight.data` re-pointed to its slice, so the module tree,
+  the `Parameter` objects, `state_dict()` / `load_state_dict()` (which copy in place) and PEFT all
+  see the same tensors, and the stacked operand is a free `as_strided` view of the shared storage.
+  Every forward checks that the layout still holds (one storage, slices in order) and re-packs if
+  something replaced the tensors (`model.to(...)`, a loader that assigns new parameters). Base
+  weights that require grad (full fine-tuning) are instead stacked with `torch.stack` each forward
+  (differentiable, slow). LoRA A/B (about 11 M parameters a layer at r=8) are stacked with
+  `torch.stack` on each forward: a ~44 MB copy whose backward hands each expert's own leaf
+  parameter its gradient, so optimiser, gradient clipping and PEFT saving are unchanged.
   `save_pretrained` of a packed full model still works: transformers clones disjoint views of one
   storage before writing safetensors.
 
@@ -62,6 +54,8 @@ Differences from the reference, all deliberate:
     when PEFT keeps the adapter weights in float32 (PEFT's default `autocast_adapter_dtype`);
     this is what PEFT itself does under `torch.autocast(bf16)`, i.e. under `Trainer(bf16=True)`.
     The loop path (CPU, float32) follows PEFT exactly (input cast to the adapter dtype).
+Gate and up stay two grouped products: one product over a fused (E, 2I, H) gate+up buffer was
+tried and measured slower on an H200 (about 2 % at 16K tokens, 20-40 % at 1.5K tokens).
 Not supported (falls back to the reference loop, with a warning once): DoRA, LoRA bias, mixed
 adapter batches (`adapter_names`), experts whose ranks / scalings / dropouts differ, base biases.
 """
@@ -70,7 +64,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -110,15 +104,6 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def fuse_gate_up() -> bool:
-    """gate and up as one grouped product over the fused (E, 2I, H) buffer (default).
-
-    HUNYUAN_FAST_MOE_FUSE_GATE_UP=0 computes them as two grouped products over its two halves, as
-    before the fusion (for A/B timing and debugging; the packing is the same either way).
-    """
-    return os.environ.get("HUNYUAN_FAST_MOE_FUSE_GATE_UP", "1") != "0"
-
-
 def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
     """Grouped product: rows offs[e-1]:offs[e] of a (M, K) times b[e] (K, N) -> (M, N).
 
@@ -150,11 +135,9 @@ class LoraTerm:
 
 
 @dataclass
-class Experts:
-    """One MoE block's routed experts as stacked operands."""
-    gate_up: torch.Tensor  # (E, 2I, H): expert e's gate_proj weight in rows 0:I, its up_proj weight in rows I:2I
-    down: torch.Tensor  # (E, H, I)
-    lora: dict[str, list[LoraTerm]]  # per projection name (gate_proj, up_proj, down_proj)
+class Projection:
+    weight: torch.Tensor  # (E, out, in)
+    lora: list[LoraTerm] = field(default_factory=list)
 
 
 class Unsupported(Exception):
@@ -175,54 +158,42 @@ def _base_linear(module: nn.Module) -> nn.Linear:
     return module
 
 
-def _is_packed(weights: list[torch.Tensor], step: int | None = None) -> bool:
-    """True when weights[i] is the contiguous tensor i * step elements after weights[0], all of one storage.
+def _is_packed(weights: list[torch.Tensor]) -> bool:
+    """True when weights[i] is slice i of one contiguous (E, out, in) block of one storage.
 
-    step None: whatever the first two are apart (the E gate slices of a fused gate/up buffer lie
-    2 * I * H apart); never less than one weight's size (slices must not overlap). Equal spacing
-    plus first and last slice inside one storage suffice: live allocations never overlap, so every
-    slice in between lies in that storage too.
+    Consecutive data pointers plus first and last slice inside one storage suffice: live
+    allocations never overlap, so every slice in between lies in that storage too.
     """
     w0, wl = weights[0], weights[-1]
-    size = w0.element_size()
-    ptr0 = w0.data_ptr()
-    if step is None:
-        step = (weights[1].data_ptr() - ptr0) // size if len(weights) > 1 else w0.numel()
-    if step < w0.numel():
+    if not (w0.is_contiguous() and wl.is_contiguous()):
         return False
+    nbytes = w0.numel() * w0.element_size()
+    ptr0 = w0.data_ptr()
     for i, w in enumerate(weights):
-        if (w.data_ptr() != ptr0 + i * step * size or w.shape != w0.shape or w.dtype != w0.dtype
-                or not w.is_contiguous()):
+        if w.data_ptr() != ptr0 + i * nbytes or w.shape != w0.shape or w.dtype != w0.dtype:
             return False
     storage = w0.untyped_storage()
     return (wl.untyped_storage().data_ptr() == storage.data_ptr()
-            and storage.data_ptr() + storage.nbytes() >= wl.data_ptr() + w0.numel() * size)
+            and storage.data_ptr() + storage.nbytes() >= ptr0 + len(weights) * nbytes)
 
 
 @torch.no_grad()
 def _pack(params: list[nn.Parameter]) -> None:
-    """Copy the weights into one (len(params), out, in) buffer and point each parameter at its slice."""
+    """Copy the E weights into one (E, out, in) buffer and point each parameter at its slice."""
     stacked = torch.empty((len(params),) + tuple(params[0].shape), dtype=params[0].dtype, device=params[0].device)
     for i, p in enumerate(params):
         stacked[i].copy_(p)
         p.data = stacked[i]  # same Parameter object: optimiser, PEFT and state_dict keep working
 
 
-def stacked_weight(*projs: list[nn.Parameter]) -> torch.Tensor:
-    """The E experts' weights of one or more projections, all (out, in), as one (E, P*out, in) tensor.
-
-    Rows p*out:(p+1)*out of expert e are projs[p][e]: for (gate, up) the fused (E, 2I, H) operand.
-    """
-    if any(p.requires_grad for ps in projs for p in ps):
-        stacks = [torch.stack(ps) for ps in projs]  # full fine-tuning: differentiable copies
-        return stacks[0] if len(stacks) == 1 else torch.cat(stacks, dim=1)
-    E, P = len(projs[0]), len(projs)
-    slices = [ps[e] for e in range(E) for ps in projs]  # expert-major: the buffer's order
-    if not _is_packed(slices, step=slices[0].numel()):
-        _pack(slices)
-    w0 = slices[0].detach()
-    out, inn = w0.shape
-    return w0.as_strided((E, P * out, inn), (P * out * inn, inn, 1), w0.storage_offset())
+def stacked_weight(params: list[nn.Parameter]) -> torch.Tensor:
+    """The E experts' weights of one projection as an (E, out, in) tensor."""
+    if any(p.requires_grad for p in params):
+        return torch.stack(params)  # full fine-tuning: differentiable copy
+    if not _is_packed(params):
+        _pack(params)
+    w0 = params[0].detach()
+    return w0.as_strided((len(params),) + tuple(w0.shape), (w0.numel(),) + tuple(w0.stride()), w0.storage_offset())
 
 
 def _lora_plan(mods: list[nn.Module]) -> list[tuple[list[nn.Linear], list[nn.Linear], float, nn.Module]]:
@@ -275,29 +246,28 @@ def _plan(moe: nn.Module) -> dict:
     return plan
 
 
-def stacked_experts(moe: nn.Module) -> Experts:
-    """Stacked base weights (gate and up fused) and LoRA terms of the expert projections of `moe`."""
-    plan = _plan(moe)
-    # LoRA stacks: differentiable copies (E x (r x in + out x r)), each expert's grad flows back to its leaf
-    lora = {name: [LoraTerm(torch.stack([a.weight for a in A]), torch.stack([b.weight for b in B]), scaling, drop)
-                   for A, B, scaling, drop in terms]
-            for name, (_, terms) in plan.items()}
-    weights = {name: [m.weight for m in linears] for name, (linears, _) in plan.items()}
-    gate_up = stacked_weight(weights["gate_proj"], weights["up_proj"])
-    return Experts(gate_up, stacked_weight(weights["down_proj"]), lora)
+def projections(moe: nn.Module) -> dict[str, Projection]:
+    """Stacked base weights and LoRA terms of the three expert projections of `moe`."""
+    out = {}
+    for name, (linears, lora) in _plan(moe).items():
+        # LoRA stacks: differentiable copies (E x (r x in + out x r)), each expert's grad flows back to its leaf
+        terms = [LoraTerm(torch.stack([a.weight for a in A]), torch.stack([b.weight for b in B]), scaling, drop)
+                 for A, B, scaling, drop in lora]
+        out[name] = Projection(stacked_weight([m.weight for m in linears]), terms)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # forward
 
 
-def _add_lora(y: torch.Tensor, xs: torch.Tensor, lora: list[LoraTerm], offs: torch.Tensor,
-              counts: list[int] | None) -> torch.Tensor:
-    """y (M, out) + per pair, sum over adapters of scaling * B[e] A[e] dropout(xs); xs (M, in)."""
-    if not lora:
+def _project(xs: torch.Tensor, proj: Projection, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    """Per pair: xs @ W[e]^T + sum over adapters of scaling * B[e] A[e] dropout(xs); (M, in) -> (M, out)."""
+    y = gmm(xs, proj.weight.transpose(1, 2), offs, counts)  # (M, out); W^T is a column-major view
+    if not proj.lora:
         return y
     result_dtype = y.dtype
-    for t in lora:
+    for t in proj.lora:
         if counts is None:
             # grouped_mm is bf16-only: run the adapter in the activations' dtype (what autocast does)
             A, B, xa = t.A.to(xs.dtype), t.B.to(xs.dtype), xs
@@ -339,7 +309,7 @@ _warned: set[str] = set()
 def routed_experts_fast(moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """Drop-in for `HunYuanMoE.routed_experts`: x (N, H), weights (N, k) float32, experts (N, k) int64."""
     try:
-        ops = stacked_experts(moe)
+        projs = projections(moe)
     except Unsupported as e:
         if str(e) not in _warned:
             _warned.add(str(e))
@@ -359,19 +329,10 @@ def routed_experts_fast(moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, 
     inverse = torch.empty_like(order)  # inverse[p] = sorted position of pair p
     inverse[order] = torch.arange(order.numel(), device=order.device)
     xs = _Rows.apply(x, order // k, inverse, k)  # (M, H) each pair's token, sorted by expert
-    width = ops.gate_up.shape[1] // 2  # I
-    # base products; W^T is a column-major view of the packed buffer
-    if fuse_gate_up():
-        # split, not two slices: its backward writes both halves' gradients into one (M, 2I) tensor
-        gate, up = gmm(xs, ops.gate_up.transpose(1, 2), offs, counts).split(width, dim=1)  # (M, I) views
-    else:
-        gate = gmm(xs, ops.gate_up[:, :width].transpose(1, 2), offs, counts)  # (M, I)
-        up = gmm(xs, ops.gate_up[:, width:].transpose(1, 2), offs, counts)  # (M, I)
-    gate = _add_lora(gate, xs, ops.lora["gate_proj"], offs, counts)
-    up = _add_lora(up, xs, ops.lora["up_proj"], offs, counts)
+    gate = _project(xs, projs["gate_proj"], offs, counts)  # (M, I)
+    up = _project(xs, projs["up_proj"], offs, counts)  # (M, I)
     h = moe.experts[0].act_fn(gate) * up  # (M, I)
-    y = gmm(h, ops.down.transpose(1, 2), offs, counts)  # (M, H), sorted order
-    y = _add_lora(y, h, ops.lora["down_proj"], offs, counts)
+    y = _project(h, projs["down_proj"], offs, counts)  # (M, H), sorted order
 
     y = _Rows.apply(y, inverse, order, 1).view(N, k, -1)  # (N, k, H) back in (token, slot) order
     # out[n] = sum_j w[n, j] * y[n, j]: a (1, k) @ (k, H) product per token, no atomics
