@@ -86,13 +86,13 @@ def _install_hook(hook: str, out: Path) -> None:
                 _die()
 
         os.replace = dying_replace
-    elif hook == "manifest-mid-write":  # half of manifest.json.tmp written
+    elif hook == "manifest-mid-write":  # adapter published, half of the top-level manifest.json.tmp written
         from hunyuan_lora import atomic
 
         write_text = atomic.write_text
 
         def dying_write_text(path, text):
-            if path.name == "manifest.json":
+            if path == out / "manifest.json":
                 path.with_name(path.name + ".tmp").write_text(text[: len(text) // 2], encoding="utf-8")
                 _die()
             return write_text(path, text)
@@ -310,6 +310,10 @@ def test_manifest_killed_mid_write_leaves_the_previous_complete_one(scenarios):
     with pytest.raises(json.JSONDecodeError):  # the half-written one exists only under its temp name
         json.loads(half.read_text())
     assert half in check.leftovers(out)
+    # the new adapter was published with its own manifest: it says which run made it (seed 0), while
+    # the top-level manifest still describes the previous run (seed 1)
+    assert json.loads((out / "adapter" / "manifest.json").read_text())["seed"] == 0
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 1
 
 
 # -- merged model

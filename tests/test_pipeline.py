@@ -77,6 +77,9 @@ def test_demo_writes_adapter_resolved_config_and_manifest(demo):
     assert manifest["dataset"]["sha256"] == hashlib.sha256(sample.read_bytes()).hexdigest()
     assert manifest["global_step"] == 40 and manifest["seed"] == cfg.run.seed
     assert manifest["train_samples_per_second"] > 0 and manifest["git_commit"]
+    # the adapter folder carries the same two files (published with it in one rename)
+    assert json.loads((out / "adapter/manifest.json").read_text()) == manifest
+    assert (out / "adapter/resolved.yaml").read_text() == (out / "resolved.yaml").read_text()
 
 
 def test_infer_batch_mode_writes_one_answer_per_line(demo, tmp_path):

@@ -4,7 +4,8 @@
 
 Reads <output_dir>/data (from `make dataset`); writes to <output_dir>/:
     checkpoint-*/        Trainer checkpoints (resume: auto continues from the last one)
-    adapter/             the final LoRA adapter (PEFT format) + tokenizer files
+    adapter/             the final LoRA adapter (PEFT format) + tokenizer files + its own copies of
+                         resolved.yaml and manifest.json, published together in one rename
     resolved.yaml        the config this run used
     manifest.json        versions, git commit, model revision, dataset sha256, seed, time, speed
     log_history.json     the Trainer's log (loss per logging step)
@@ -284,16 +285,8 @@ def run(cfg: Config) -> Path:
 
     # ---- outputs (the main process writes them): adapter, resolved config, manifest --------------
     adapter = out / "adapter"
-    with scale.gathered_trainable(model):  # ZeRO-3: the LoRA weights made whole; every rank joins
-        if main_process:
-            with staging_dir(adapter) as tmp:
-                model.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
-    if not main_process:
-        return adapter
-    cfg.dump(out / "resolved.yaml")
     download_info = Path(cfg.model.dir) / "download.json"
-    write_json(out / "manifest.json", {
+    manifest = {
         "run": cfg.run.name,
         "config_file": cfg.source,
         "git_commit": git_commit(),
@@ -319,7 +312,20 @@ def run(cfg: Config) -> Path:
         "train_runtime_s": result.metrics.get("train_runtime"),
         "wall_time_s": round(time.time() - started, 1),
         "swanlab_mode": mode,
-    })
+    }
+    with scale.gathered_trainable(model):  # ZeRO-3: the LoRA weights made whole; every rank joins
+        if main_process:
+            with staging_dir(adapter) as tmp:
+                model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+                # inside the adapter too: a kill before the top-level copies below (or an adapter
+                # folder copied elsewhere alone) still says which run, config and data made it
+                cfg.dump(tmp / "resolved.yaml")
+                write_json(tmp / "manifest.json", manifest)
+    if not main_process:
+        return adapter
+    cfg.dump(out / "resolved.yaml")
+    write_json(out / "manifest.json", manifest)
     print(f"adapter saved to {adapter}; train_loss {result.training_loss:.4f} over {trainer.state.global_step} "
           f"steps; SwanLab ({mode}): " + (f"{out / 'swanlog'} (`make watch`)" if mode == "local" else mode))
     return adapter
