@@ -55,6 +55,7 @@ from typing import Any, Callable, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import Config
+from .download import human_bytes
 from .errors import UserError
 
 GIB = 2**30
@@ -102,10 +103,11 @@ class MemoryEstimate:
         return self.weights + self.lora_and_optimizer + self.activations + self.logits + self.overhead + self.gathered
 
     def describe(self) -> str:
-        return (f"~{_gb(self.total)} (weights {_gb(self.weights)} + LoRA/grads/Adam {_gb(self.lora_and_optimizer)}"
-                f" + activations {_gb(self.activations)} + logits {_gb(self.logits)}"
-                + (f" + ZeRO-3 gathered MoE blocks {_gb(self.gathered)}" if self.gathered else "")
-                + (f" + CUDA overhead {_gb(self.overhead)}" if self.overhead else "") + ")"
+        return (f"~{human_bytes(self.total)} (weights {human_bytes(self.weights)}"
+                f" + LoRA/grads/Adam {human_bytes(self.lora_and_optimizer)}"
+                f" + activations {human_bytes(self.activations)} + logits {human_bytes(self.logits)}"
+                + (f" + ZeRO-3 gathered MoE blocks {human_bytes(self.gathered)}" if self.gathered else "")
+                + (f" + CUDA overhead {human_bytes(self.overhead)}" if self.overhead else "") + ")"
                 + (f" per GPU, ZeRO-3 over {self.per_gpu_of} processes" if self.per_gpu_of else ""))
 
 
@@ -120,12 +122,6 @@ class Plan:
     params: ParamCount | None = None
     memory: MemoryEstimate | None = None
     disk_bytes: int | None = None  # what the output folder must have free
-
-
-def _gb(n: float) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:.1f} GB"
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,13 +535,13 @@ def check_memory(cfg: Config, model_config: dict, params: ParamCount, device: st
             used = gpus if cfg.model.device_map else gpus[:1]  # without device_map everything goes to cuda:0
             est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, len(used), nf4=nf4)
         free = sum(f for _, f, _ in used)
-        where = ", ".join(f"{name} {_gb(f)} free of {_gb(t)}" for name, f, t in used)
+        where = ", ".join(f"{name} {human_bytes(f)} free of {human_bytes(t)}" for name, f, t in used)
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise UserError(f"{gpus[0][0]} has no bfloat16 support", where="train.bf16",
                             fix="use an Ampere or newer GPU (A100, H100, H200, RTX 30xx+); float32 would need "
                                 "twice the memory")
         if est.total > free:
-            raise UserError(f"{len(used)} GPU(s) with {_gb(free)} free, these settings need {est.describe()}",
+            raise UserError(f"{len(used)} GPU(s) with {human_bytes(free)} free, these settings need {est.describe()}",
                             where=f"model.device_map={cfg.model.device_map!r}, batch "
                                   f"{cfg.train.per_device_train_batch_size} x {tokens // cfg.train.per_device_train_batch_size} tokens",
                             fix="make more GPUs visible (device_map: auto spreads the layers over them) or run ZeRO-3 "
@@ -557,11 +553,11 @@ def check_memory(cfg: Config, model_config: dict, params: ParamCount, device: st
     ram = available_ram()
     if ram is not None and est.total > ram:
         raise UserError(f"on the CPU, in {str(dtype).replace('torch.', '')}, these settings need {est.describe()} of RAM; "
-                        f"{_gb(ram)} is available", where=f"model.device={cfg.model.device!r}",
+                        f"{human_bytes(ram)} is available", where=f"model.device={cfg.model.device!r}",
                         fix="train this model on GPUs (model.device: cuda; check `nvidia-smi`); the CPU is for the "
                             "stand-in (CONFIG=configs/demo.yaml)")
     return (f"cpu, {str(dtype).replace('torch.', '')}: needs {est.describe()}"
-            + (f", {_gb(ram)} RAM available" if ram else "")), est
+            + (f", {human_bytes(ram)} RAM available" if ram else "")), est
 
 
 def check_output(cfg: Config, needed: int | None, basis: str) -> str:
@@ -581,11 +577,13 @@ def check_output(cfg: Config, needed: int | None, basis: str) -> str:
                         fix="pass an OUTPUT_DIR on a writable disk, or fix the folder's permissions") from e
     free = shutil.disk_usage(anchor).free
     if needed is not None and free < needed:
-        raise UserError(f"{_gb(free)} free at {anchor.resolve()}, the run needs about {_gb(needed)} ({basis})",
+        raise UserError(f"{human_bytes(free)} free at {anchor.resolve()}, "
+                        f"the run needs about {human_bytes(needed)} ({basis})",
                         where="run.output_dir",
                         fix="free some space, pass an OUTPUT_DIR on a bigger disk, or set train.save_total_limit "
                             "(checkpoints kept)")
-    return f"{out} writable, {_gb(free)} free" + (f", ~{_gb(needed)} needed ({basis})" if needed is not None else "")
+    needs = f", ~{human_bytes(needed)} needed ({basis})" if needed is not None else ""
+    return f"{out} writable, {human_bytes(free)} free{needs}"
 
 
 def leftovers(out: Path) -> list[Path]:
@@ -749,7 +747,7 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
                                                                      "tokenization_hy.py") if (folder / n).is_file())
         per_ckpt = checkpoint_bytes(params, tokenizer_bytes)
         needed, n = disk_needed(cfg, per_ckpt, params.lora * 4, steps)
-        basis = (f"{n} checkpoint(s) x {_gb(per_ckpt)} + adapter" + ("" if steps is not None else
+        basis = (f"{n} checkpoint(s) x {human_bytes(per_ckpt)} + adapter" + ("" if steps is not None else
                                                                        "; steps unknown until the dataset is read"))
     t.run("output", lambda: check_output(cfg, needed, basis))
     stale = leftovers(cfg.output_dir)

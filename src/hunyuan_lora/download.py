@@ -49,8 +49,11 @@ class RepoListing:
     files: dict[str, dict] | None  # path -> {"Size", "Sha256", "Revision" (commit), ...}; None: list unusable
 
 
-def _human(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.2f} MB"
+def human_bytes(n: float) -> str:
+    """Decimal units, as disks and GPU specs are quoted: 160.8 GB, 5.8 MB, 1.0 kB."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _model_folder(cache_dir: Path, model_id: str) -> Path:
@@ -164,8 +167,8 @@ def check_disk(cfg: Config, listing: RepoListing | None) -> int:
     free = shutil.disk_usage(cache_dir).free
     if free < need:
         raise UserError(
-            f"not enough free disk space: {_human(free)} free at {cache_dir.resolve()}, {_human(need)} needed "
-            f"({basis})",
+            f"not enough free disk space: {human_bytes(free)} free at {cache_dir.resolve()}, "
+            f"{human_bytes(need)} needed ({basis})",
             where="model.cache_dir",
             fix="free some space, or download to a bigger disk: --set model.cache_dir=<dir> --model-dir "
                 f"<dir>/{cfg.model.model_id} (on AutoDL the data disk: model.cache_dir=/root/autodl-tmp, "
@@ -371,7 +374,7 @@ def run(cfg: Config) -> Path:
     listing = list_repo(m.model_id, m.revision)
     need = check_disk(cfg, listing)
     print(f"downloading {m.model_id}@{listing.revision['Revision']} from {listing.endpoint} into {expected} "
-          f"({_human(need)} to fetch)")
+          f"({human_bytes(need)} to fetch)")
 
     # -- 3: a native-only copy (no auto_map) cannot load on the pinned stack: stop before the weights
     check_remote_code_format(cfg, listing)
