@@ -60,7 +60,7 @@ def test_packing_without_boundaries_would_differ(setup):
 
 def test_training_runs_with_packing(setup, tmp_path):
     cfg, _, _, _ = setup
-    run_cfg = config.load(REPO / "configs/demo.yaml", ["train.packing=true", "train.max_steps=2",
+    run_cfg = config.load(REPO / "configs/demo.yaml", ["train.packing=true", "model.moe_impl=fast", "train.max_steps=2",
                                                       "train.per_device_train_batch_size=8", "swanlab.mode=disabled",
                                                       "train.resume=never"],
                           model_dir=cfg.model.dir, output_dir=str(tmp_path / "run"))
@@ -99,3 +99,14 @@ def test_fast_preset_trains_on_the_stand_in_with_16_samples_per_step(setup, tmp_
     adapter = load_file(str(run_cfg.output_dir / "adapter" / "adapter_model.safetensors"))
     assert any(".mlp.experts.0.gate_proj.lora_A.weight" in k for k in adapter)  # PEFT's per-expert format
     assert "moe_impl: fast" in (run_cfg.output_dir / "resolved.yaml").read_text()
+
+
+def test_packing_with_the_folders_own_code_is_refused():
+    """With moe_impl upstream the model folder's hunyuan.py (Tencent's, for the real model) runs; nothing
+    says it keeps packed samples apart, so packing there could train on cross-sample attention."""
+    from hunyuan_lora.errors import UserError
+
+    with pytest.raises(UserError, match="train.packing needs model.moe_impl: fast") as e:
+        config.load(REPO / "configs/huanhuan.yaml", ["train.packing=true"])
+    assert "attend to each other" in str(e.value)
+    assert config.load(REPO / "configs/huanhuan.yaml", ["train.packing=true", "model.moe_impl=fast"]).train.packing

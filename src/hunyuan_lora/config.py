@@ -108,6 +108,7 @@ class TrainSection:
     gradient_checkpointing: bool = True
     # Concatenate each micro-batch into one row (position ids restart per sample, no cross-sample
     # attention, no padding): raise per_device_train_batch_size to fill thousands of tokens.
+    # Needs model.moe_impl: fast (the project's attention; Tencent's is not known to mask per sample).
     packing: bool = False
     # TrainingArguments(optim=...). adamw_torch (foreach AdamW) is what the tutorial's Trainer used;
     # adamw_torch_fused (one kernel set for all LoRA tensors) measured up to 2x per layer at
@@ -262,6 +263,11 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         names = [o.value for o in OptimizerNames]
         if cfg.train.optim not in names:
             problems.append(f"train.optim '{cfg.train.optim}' is not a Trainer optimizer{_nearest(cfg.train.optim, names)}")
+    if cfg.train.packing and cfg.model.moe_impl != "fast":
+        problems.append("train.packing needs model.moe_impl: fast (the project's attention keeps each packed "
+                        "sample to itself, from position ids that restart per sample; with upstream the model "
+                        "folder's own hunyuan.py runs, which is not known to, and the samples of one row would "
+                        "attend to each other)")
     if cfg.model.quantization == "nf4" and cfg.model.moe_impl == "fast":
         problems.append("model.quantization nf4 needs model.moe_impl: upstream (the fast path multiplies the "
                         "experts' weights directly, which NF4 packs into 4-bit blocks)")
