@@ -38,6 +38,10 @@ for p in ("transformers", "peft", "accelerate", "datasets", "deepspeed", "bitsan
     print(p, md.version(p))
 EOF
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
+# the card's bf16 GEMM rate, measured now (bench/run.py's gemm_rate): the MFU denominator of the table
+GEMM_TFLOPS=$(CUDA_VISIBLE_DEVICES=0 $PY -c "import sys, torch; sys.path.insert(0, 'bench'); import run; \
+print(round(run.gemm_rate(torch.device('cuda')) / 1e12))") || exit 2
+echo "bf16 GEMM 8192^3: $GEMM_TFLOPS TFLOP/s"
 TAG="${GPU}-$(date +%F)-scale"
 OUT=bench/results
 LOGS="$OUT/$TAG-logs"
@@ -76,7 +80,7 @@ run_case() {  # name, processes, launcher..., -- extra args
   echo "$name: $status in $((SECONDS - start)) s (log: $LOGS/$name.train.log)"
   [ "$status" = ok ] || tail -30 "$LOGS/$name.train.log"
   $PY bench/verify_scale.py summarize --case "$name" --run-dir "$dir" --mem-log "$LOGS/$name.mem.csv" \
-    --processes "$nproc" --out-dir "$OUT" --tag "$TAG" --status "$status"
+    --processes "$nproc" --out-dir "$OUT" --tag "$TAG" --status "$status" --gemm-tflops "$GEMM_TFLOPS"
 }
 
 for c in $CASES; do

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ACTIVE_PARAMS = 12.75e9  # per token (bench/run.py's, the reference notes' figure)
 sys.path.insert(0, str(REPO / "src"))
 
 
@@ -72,8 +73,9 @@ def peak_memory(mem_log: Path) -> dict[str, int]:
     return peaks
 
 
-def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: Path, tag: str, status: str) -> dict:
-    row: dict = {"case": case, "processes": processes, "status": status}
+def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: Path, tag: str, status: str,
+              gemm_tflops: float | None = None) -> dict:
+    row: dict = {"case": case, "processes": processes, "status": status, "gemm_tflops": gemm_tflops}
     history_path, manifest_path = run_dir / "log_history.json", run_dir / "manifest.json"
     if history_path.is_file():
         losses = [e["loss"] for e in json.loads(history_path.read_text()) if "loss" in e]
@@ -144,13 +146,18 @@ def extrapolation(rows: list[dict], layers: int = 32) -> list[str]:
         step = t1 + (layers - d1) * per_layer_s
         mem = m1 + (layers - d1) * per_layer_mib
         tokens = r1["tokens_per_s_est"] / r1["samples_per_s"]  # mean tokens per sample of the run's data
+        tokens_per_gpu = batch / step * tokens / gpus
+        rate = r1.get("gemm_tflops")
+        mfu = f"{100 * tokens_per_gpu * 6 * ACTIVE_PARAMS / (rate * 1e12):.2f} %" if rate else "-"
         out.append(f"| {case} | {gpus} | {d1}/{d2} | {1e3 * per_layer_s:.0f} | {per_layer_mib / 1024:.2f} | "
-                   f"{mem / 1024:.1f} | {batch / step:.2f} | {batch / step * tokens / gpus:.1f} |")
+                   f"{mem / 1024:.1f} | {batch / step:.2f} | {tokens_per_gpu:.1f} | {mfu} |")
     if not out:
         return []
     return ["", f"Extrapolated to {layers} layers (two depths of the same case; ms and GiB per layer, per GPU):", "",
             f"| case | GPUs | depths | ms per layer per step | GiB per layer per GPU | peak GiB per GPU @{layers} "
-            f"| samples/s @{layers} | tokens/s per GPU @{layers} |", "|---|---|---|---|---|---|---|---|", *out]
+            f"| samples/s @{layers} | tokens/s per GPU @{layers} | MFU @{layers} |", "|---|---|---|---|---|---|---|---|---|",
+            *out, "", "MFU = tokens/s per GPU x 6 x 12.75e9 / the bf16 GEMM rate measured at the start of the run "
+            "(- where the run did not measure it). Tokens/s count the run's own samples (`make train`'s data)."]
 
 
 def main() -> None:
@@ -168,11 +175,13 @@ def main() -> None:
     s.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     s.add_argument("--tag", required=True)
     s.add_argument("--status", default="ok")
+    s.add_argument("--gemm-tflops", type=float, help="the card's bf16 GEMM rate measured in this run")
     args = parser.parse_args()
     if args.cmd == "write-model":
         print(write_model(args.out, args.depth, args.seed))
     else:
-        summarize(args.case, args.run_dir, args.mem_log, args.processes, args.out_dir, args.tag, args.status)
+        summarize(args.case, args.run_dir, args.mem_log, args.processes, args.out_dir, args.tag, args.status,
+                  args.gemm_tflops)
 
 
 if __name__ == "__main__":

@@ -339,7 +339,8 @@ def test_gpu_verification_scripts_parse_and_summarize(tmp_path):
         mem.write_text(mem_rows)
         return subprocess.run([sys.executable, "bench/verify_scale.py", "summarize", "--case", case, "--run-dir",
                                str(run), "--mem-log", str(mem), "--processes", "2", "--out-dir", str(tmp_path),
-                               "--tag", "t"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+                               "--tag", "t", "--gemm-tflops", "800"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout
 
     out = summarize("zero3-2gpu-d2", 2.0, "0, 20000\n1, 21000\n0, 30500\n")
     assert '"tokens_per_s_est": 190.0' in out and '"samples_per_step": 8' in out and '"losses": [9.5, 8.25]' in out
@@ -347,7 +348,8 @@ def test_gpu_verification_scripts_parse_and_summarize(tmp_path):
     assert "| zero3-2gpu-d2 | ok | 2 | 2 | 9.500 → 8.250 | 2.0 | 190.0 | 0: 30500, 1: 21000 |" in md
     assert "Extrapolated" not in md  # one depth: nothing to extrapolate from
     # a second depth: step 8/2.0 = 4 s -> 8/1.6 = 5 s, peak 30500 -> 40740 MiB: per layer 500 ms and 5 GiB;
-    # @32 layers: 4 + 30 x 0.5 = 19 s (8/19 = 0.42 samples/s, x 95 tokens / 2 GPUs = 20.0), 30500 + 30 x 5120 MiB
+    # @32 layers: 4 + 30 x 0.5 = 19 s (8/19 = 0.42 samples/s, x 95 tokens / 2 GPUs = 20.0), 30500 + 30 x 5120 MiB;
+    # MFU 20 tokens/s x 6 x 12.75e9 / 800e12 = 0.19 %
     summarize("zero3-2gpu-d4", 1.6, "0, 40740\n1, 40000\n")
     md = (tmp_path / "t.md").read_text()
-    assert "| zero3-2gpu | 2 | 2/4 | 500 | 5.00 | 179.8 | 0.42 | 20.0 |" in md, md
+    assert "| zero3-2gpu | 2 | 2/4 | 500 | 5.00 | 179.8 | 0.42 | 20.0 | 0.19 % |" in md, md
