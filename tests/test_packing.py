@@ -83,7 +83,8 @@ def test_fast_preset_trains_on_the_stand_in_with_16_samples_per_step(setup, tmp_
     cfg, _, _, _ = setup
     preset = yaml.safe_load((REPO / "configs/huanhuan_fast.yaml").read_text())
     switches = {"model": ("moe_impl", "quantization"),
-                "train": ("packing", "optim", "per_device_train_batch_size", "gradient_accumulation_steps"),
+                "train": ("packing", "pad_to_multiple_of", "optim", "per_device_train_batch_size",
+                          "gradient_accumulation_steps"),
                 "lora": ("preset", "r", "alpha", "dropout")}
     overrides = [f"{section}.{key}={preset[section][key]}" for section, keys in switches.items() for key in keys]
     assert preset["train"]["per_device_train_batch_size"] * preset["train"]["gradient_accumulation_steps"] == 16
@@ -110,3 +111,45 @@ def test_packing_with_the_folders_own_code_is_refused():
         config.load(REPO / "configs/huanhuan.yaml", ["train.packing=true"])
     assert "attend to each other" in str(e.value)
     assert config.load(REPO / "configs/huanhuan.yaml", ["train.packing=true", "model.moe_impl=fast"]).train.packing
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_rounding_the_length_up_keeps_loss_gradients_and_the_throughput_count(setup, packing):
+    """train.pad_to_multiple_of bounds the number of distinct shapes; the extra positions change nothing:
+    padded batches get masked padding, packed rows a masked block of their own (labels -100)."""
+    import copy
+
+    from hunyuan_lora.tracking import Throughput
+
+    base, features, model, tokenizer = setup
+    cfg = copy.deepcopy(base)
+    cfg.train.packing, cfg.train.pad_to_multiple_of = packing, None
+    plain = train.make_collator(cfg, tokenizer)(features)
+    length = plain["input_ids"].shape[1]
+    cfg.train.pad_to_multiple_of = multiple = next(m for m in (64, 48, 40) if length % m)
+    rounded = train.make_collator(cfg, tokenizer)(features)
+    assert rounded["input_ids"].shape[1] == -(-length // multiple) * multiple > length
+    extra = (slice(None), slice(length, None))
+    assert (rounded["labels"][extra] == -100).all() and rounded["attention_mask"][extra].sum() == 0
+    if packing:
+        assert rounded["position_ids"][0, length] == 0  # the block starts a "sample" of its own
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    loss_plain, grad_plain = loss_and_grads(plain)
+    loss_rounded, grad_rounded = loss_and_grads(rounded)
+    torch.testing.assert_close(loss_rounded, loss_plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_rounded, grad_plain, rtol=1e-4, atol=1e-7)
+
+    counter = Throughput()  # SwanLab's tokens/s and samples/s count real tokens and samples only
+    model.train()
+    try:
+        counter._count(model, (), rounded)
+    finally:
+        model.eval()
+    assert int(counter._tokens) == sum(len(f["input_ids"]) for f in features)
+    assert int(counter._samples) == len(features)

@@ -110,6 +110,11 @@ class TrainSection:
     # attention, no padding): raise per_device_train_batch_size to fill thousands of tokens.
     # Needs model.moe_impl: fast (the project's attention; Tencent's is not known to mask per sample).
     packing: bool = False
+    # Round each micro-batch's length up to a multiple of this (padding masked, labels -100; with
+    # packing a padding block of its own). Bounds the number of distinct shapes: cuDNN attention
+    # builds a graph per new sequence length (hundreds of ms each), and packed batches would
+    # otherwise bring a new length almost every step. null: pad to the longest only (the tutorial).
+    pad_to_multiple_of: int | None = None
     # TrainingArguments(optim=...). adamw_torch (foreach AdamW) is what the tutorial's Trainer used;
     # adamw_torch_fused (one kernel set for all LoRA tensors) measured up to 2x per layer at
     # micro-batch 4 on an H200 (bench/results/NVIDIA-H200-2026-11-28-v4-fused.md vs -v4.md).
@@ -257,6 +262,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("data.eval_ratio must be in [0, 1)")
     if cfg.lora.r < 1:
         problems.append("lora.r must be at least 1")
+    if cfg.train.pad_to_multiple_of is not None and cfg.train.pad_to_multiple_of < 1:
+        problems.append("train.pad_to_multiple_of must be at least 1, or null")
     if cfg.train.optim not in ("adamw_torch", "adamw_torch_fused"):  # anything else: ask transformers (slow import)
         from transformers.training_args import OptimizerNames
 

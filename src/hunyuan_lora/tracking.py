@@ -185,15 +185,16 @@ class Throughput(TrainerCallback):
         mask = kwargs.get("attention_mask")  # (B, T), 0 on padding
         ids = kwargs.get("input_ids", args[0] if args else None)  # (B, T)
         positions = kwargs.get("position_ids")
-        if mask is not None:
-            tokens, samples = mask.sum(), mask.shape[0]
-        elif ids is not None and positions is not None and ids.shape[0] == 1:
-            # train.packing: one (1, T) row of whole samples, no padding, positions restart per sample
-            tokens, samples = torch.tensor(ids.numel(), device=ids.device), (positions == 0).sum()
-        elif ids is not None:
-            tokens, samples = torch.tensor(ids.numel(), device=ids.device), ids.shape[0]
-        else:
+        if mask is None and ids is None:
             return
+        real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        tokens = real.sum()
+        if positions is not None and real.shape[0] == 1:
+            # train.packing: one (1, T) row of whole samples, positions restart per sample
+            # (a padding block from train.pad_to_multiple_of restarts them too, but is masked)
+            samples = ((positions == 0) & real).sum()
+        else:
+            samples = real.shape[0]
         self._tokens = tokens if self._tokens is None else self._tokens + tokens.to(self._tokens.device)
         self._samples = self._samples + samples  # an int, or a device tensor (packing)
 

@@ -124,13 +124,32 @@ def lora_config(cfg: Config):
 
 
 def make_collator(cfg: Config, tokenizer):
-    """Pad to the longest sample, or (train.packing) concatenate the micro-batch into one row."""
+    """Pad to the longest sample, or (train.packing) concatenate the micro-batch into one row;
+    either rounded up to a multiple of train.pad_to_multiple_of when set."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    if cfg.train.packing:
-        # position_ids restart at 0 per sample; the model turns that into a block-diagonal mask.
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    multiple = cfg.train.pad_to_multiple_of
+    if not cfg.train.packing:
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=multiple, label_pad_token_id=-100)
+    # position_ids restart at 0 per sample; the model turns that into a block-diagonal mask.
+    flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    if not multiple:
+        return flatten
+
+    def pack_and_pad(features):
+        batch = flatten(features)
+        length = batch["input_ids"].shape[1]
+        pad = -length % multiple
+        if pad:
+            # a block of its own (positions restart at 0), masked out and never a label
+            batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, pad), tokenizer.pad_token_id)], 1)
+            batch["labels"] = torch.cat([batch["labels"], torch.full((1, pad), -100)], 1)
+            batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(pad)[None]], 1)
+            batch["attention_mask"] = torch.cat([torch.ones(1, length, dtype=torch.long),
+                                                 torch.zeros(1, pad, dtype=torch.long)], 1)
+        return batch
+
+    return pack_and_pad
 
 
 def make_sigterm_callback():
