@@ -10,7 +10,8 @@
 #   run(kind="nvidia-h200-x2", carry=[".whl"], command="bash bench/verify_multi_gpu.sh")
 # Writes bench/results/<GPU>-<date>-scale.{json,md} and keeps the logs in bench/results/<tag>-logs/.
 # Knobs (environment): DEPTH=2 STEPS=8 BATCH=4 WHEELS=.whl WORK=/tmp/verify-scale CASES="zero3 qlora bf16" CASE_TIMEOUT=540
-# (zero3fast: ZeRO-3 with model.moe_impl=fast; bf16double: one GPU, batch 2 x BATCH = zero3's samples per step).
+# (zero3fast: ZeRO-3 with model.moe_impl=fast; bf16double: one GPU, batch 2 x BATCH = zero3's samples per step;
+# fastpacked / fastpacked64: the fast preset's switches on one GPU, lengths as they come / rounded to 64).
 # Case names end in -d<DEPTH>: per-layer memory = the difference between two depths. ONE_SAMPLE=1: every
 # batch is one record repeated (names end in -onesample), so loss curves compare step by step.
 # One device command may run 600 s: split CASES over calls (the model folder in WORK is reused while the
@@ -94,7 +95,14 @@ for c in $CASES; do
     # the samples of zero3's optimizer step (2 processes x BATCH) on one GPU: the loss curve to compare with
     bf16double) CUDA_VISIBLE_DEVICES=0 run_case bf16-1gpu-batch$((2 * BATCH)) 1 $PY -- \
              --set train.per_device_train_batch_size=$((2 * BATCH)) ;;
-    *) echo "unknown case $c (zero3, zero3fast, qlora, bf16, bf16double)" >&2 ;;
+    # configs/huanhuan_fast.yaml's switches through the Trainer, without and with rounded lengths: every
+    # packed step brings a new length (cuDNN attention builds a graph per length; the bench pre-warms)
+    fastpacked) CUDA_VISIBLE_DEVICES=0 run_case fast-packed-1gpu 1 $PY -- --set model.moe_impl=fast \
+             --set train.packing=true --set train.per_device_train_batch_size=16 --set train.optim=adamw_torch_fused ;;
+    fastpacked64) CUDA_VISIBLE_DEVICES=0 run_case fast-packed-pad64-1gpu 1 $PY -- --set model.moe_impl=fast \
+             --set train.packing=true --set train.per_device_train_batch_size=16 --set train.optim=adamw_torch_fused \
+             --set train.pad_to_multiple_of=64 ;;
+    *) echo "unknown case $c (zero3, zero3fast, qlora, bf16, bf16double, fastpacked, fastpacked64)" >&2 ;;
   esac
 done
 cat "$OUT/$TAG.md"
