@@ -288,10 +288,30 @@ def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
             result["profile"] = profile_step(model, opt, timed[0], args)
         except Exception as e:  # the profile is a bonus: never lose the timings to it
             print(f"profile failed: {e!r}", flush=True)
+    if args.sync_debug:
+        result["host_syncs"] = host_syncs(model, opt, timed[0], args)
+        print(f"{impl} depth {depth}: {len(result['host_syncs'])} host syncs in one optimizer step; "
+              + "; ".join(result["host_syncs"][:8]), flush=True)
     del model, opt, params
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def host_syncs(model, opt, unit, args) -> list[str]:
+    """Where one optimizer step makes the host wait for the GPU (torch's sync debug mode): each one
+    empties the launch queue, so the GPU idles while Python catches up. 'file:line: message' each."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            opt_step(model, opt, unit, args.device)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:80]}" for w in caught]
 
 
 def profile_step(model, opt, unit, args) -> dict:
@@ -463,6 +483,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps (after every length is warmed)")
     ap.add_argument("--profile", action="store_true", help="profile one step per impl and case at the lower depth")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="list where one optimizer step syncs the host with the GPU (torch.cuda.set_sync_debug_mode)")
     ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
