@@ -4,7 +4,7 @@
     python bench/run.py --write-lengths ../shared/data/huanhuan.json .bench_data/lengths.json
     # on a GPU (real width, random weights, depth 1 and 2, every impl, every case):
     python bench/run.py --real-config --depths 1 2 --impls upstream reference fast fast-plainlm \
-        --cases mb4x4 mb16x1 pack4096x1 pack16384x1 --profile --lengths .bench_data/lengths.json \
+        --cases mb4x4 mb16x1 cat16x1 pack4096x1 pack16384x1 --profile --lengths .bench_data/lengths.json \
         --out-dir bench/results
 
 What one measurement is: a model of `depth` decoder layers at the real width (hidden 4096, 64
@@ -467,9 +467,10 @@ def main() -> None:
     ap.add_argument("--depths", type=int, nargs=2, default=[1, 2])
     ap.add_argument("--impls", nargs="+", default=["upstream", "reference", "fast"],
                     choices=["upstream", "reference", "fast", "fast-plainlm"])
-    ap.add_argument("--cases", nargs="+", default=["mb4x4", "mb16x1", "pack4096x1", "pack16384x1"],
+    ap.add_argument("--cases", nargs="+", default=["mb4x4", "mb16x1", "cat16x1", "pack4096x1", "pack16384x1"],
                     help="mb<B>[x<accum>], pack<T>[x<accum>] or cat<S>[x<accum>]; accum = micro-steps per optimizer step")
-    ap.add_argument("--skip", nargs="*", default=["upstream:pack16384x1", "reference:mb16x1", "upstream:pack4096x1"],
+    ap.add_argument("--skip", nargs="*", default=["upstream:pack16384x1", "reference:mb16x1", "upstream:pack4096x1",
+                                                  "upstream:cat16x1", "reference:cat16x1"],
                     help="impl:case pairs not to run")
     ap.add_argument("--optim", choices=["foreach", "fused"], default="foreach",
                     help="AdamW implementation: foreach (Trainer's adamw_torch) or fused (adamw_torch_fused)")
