@@ -184,13 +184,16 @@ def trainer_class():
     while the LR scheduler keeps one learning rate per original group; torch >= 2.9's scheduler zips
     the two strictly and ZeRO-3 runs failed at the first step ("zip() argument 2 is longer than
     argument 1", torch 2.11 on 2 H200s). Dropping them here keeps optimizer and scheduler in step.
+    Only under DeepSpeed (whose checkpoints never held the empty group): elsewhere the optimizer
+    state of checkpoints written before this fix must still load.
     """
     from transformers import Trainer
 
     class LoraTrainer(Trainer):
         def create_optimizer(self):
             optimizer = super().create_optimizer()
-            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+            if self.is_deepspeed_enabled:
+                optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
             return optimizer
 
     return LoraTrainer
