@@ -84,6 +84,8 @@ run_case() {  # name, processes, launcher..., -- extra args
     --processes "$nproc" --out-dir "$OUT" --tag "$TAG" --status "$status" --gemm-tflops "$GEMM_TFLOPS"
 }
 
+FAST_PRESET=(--set model.moe_impl=fast --set train.packing=true --set train.per_device_train_batch_size=16
+             --set train.optim=adamw_torch_fused)
 for c in $CASES; do
   case $c in
     zero3) run_case zero3-2gpu 2 $PY -m accelerate.commands.launch --config_file configs/accelerate/zero3.yaml \
@@ -97,10 +99,8 @@ for c in $CASES; do
              --set train.per_device_train_batch_size=$((2 * BATCH)) ;;
     # configs/huanhuan_fast.yaml's switches through the Trainer, without and with rounded lengths: every
     # packed step brings a new length (cuDNN attention builds a graph per length; the bench pre-warms)
-    fastpacked) CUDA_VISIBLE_DEVICES=0 run_case fast-packed-1gpu 1 $PY -- --set model.moe_impl=fast \
-             --set train.packing=true --set train.per_device_train_batch_size=16 --set train.optim=adamw_torch_fused ;;
-    fastpacked64) CUDA_VISIBLE_DEVICES=0 run_case fast-packed-pad64-1gpu 1 $PY -- --set model.moe_impl=fast \
-             --set train.packing=true --set train.per_device_train_batch_size=16 --set train.optim=adamw_torch_fused \
+    fastpacked) CUDA_VISIBLE_DEVICES=0 run_case fast-packed-1gpu 1 $PY -- "${FAST_PRESET[@]}" ;;
+    fastpacked64) CUDA_VISIBLE_DEVICES=0 run_case fast-packed-pad64-1gpu 1 $PY -- "${FAST_PRESET[@]}" \
              --set train.pad_to_multiple_of=64 ;;
     *) echo "unknown case $c (zero3, zero3fast, qlora, bf16, bf16double, fastpacked, fastpacked64)" >&2 ;;
   esac

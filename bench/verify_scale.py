@@ -90,7 +90,8 @@ def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: 
         m = json.loads(manifest_path.read_text())
         stats = json.loads((run_dir / "data" / "stats.json").read_text())
         sps = m.get("train_samples_per_second")
-        row.update(samples_per_step=samples_per_step, steps=m.get("global_step"), train_runtime_s=m.get("train_runtime_s"), samples_per_s=sps,
+        row.update(samples_per_step=samples_per_step, steps=m.get("global_step"),
+                   train_runtime_s=m.get("train_runtime_s"), samples_per_s=sps,
                    tokens_per_s_est=round(sps * stats["tokens"]["mean"], 1) if sps else None,
                    quantization=m.get("quantization"), zero_stage=m.get("deepspeed_zero_stage"),
                    gpus=m.get("gpus"), packages=m.get("packages"),

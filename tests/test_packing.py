@@ -26,6 +26,13 @@ def setup(patched_stand_in, tmp_path_factory):
     return cfg, features, model.eval(), tokenizer
 
 
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(setup):
     cfg, features, model, tokenizer = setup
     padded = train.make_collator(cfg, tokenizer)(features)
@@ -35,14 +42,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(setup):
     assert packed["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features) < padded["input_ids"].numel()
     assert (packed["position_ids"] == 0).sum() == len(features)
 
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
-
-    loss_padded, grad_padded = loss_and_grads(padded)
-    loss_packed, grad_packed = loss_and_grads(packed)
+    loss_padded, grad_padded = loss_and_grads(model, padded)
+    loss_packed, grad_packed = loss_and_grads(model, packed)
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_packed, grad_padded, rtol=1e-4, atol=1e-7)
 
@@ -134,14 +135,8 @@ def test_rounding_the_length_up_keeps_loss_gradients_and_the_throughput_count(se
     if packing:
         assert rounded["position_ids"][0, length] == 0  # the block starts a "sample" of its own
 
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
-
-    loss_plain, grad_plain = loss_and_grads(plain)
-    loss_rounded, grad_rounded = loss_and_grads(rounded)
+    loss_plain, grad_plain = loss_and_grads(model, plain)
+    loss_rounded, grad_rounded = loss_and_grads(model, rounded)
     torch.testing.assert_close(loss_rounded, loss_plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_rounded, grad_plain, rtol=1e-4, atol=1e-7)
 
