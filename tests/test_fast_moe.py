@@ -15,13 +15,27 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 
-from hunyuan_lora.hunyuan import fast_moe
+from hunyuan_lora.hunyuan import fast_moe, grouped_moe
 from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
-from hunyuan_lora.hunyuan.modeling_hunyuan import HunYuanMoE
+from hunyuan_lora.hunyuan.modeling_hunyuan import MOE_IMPLS, HunYuanMoE
 from hunyuan_lora.stand_in import stand_in_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def set_moe_impl(model: torch.nn.Module, impl: str) -> int:
+    """Switch every HunYuanMoE in `model` (PEFT-wrapped or not) to `impl`; returns how many."""
+    assert impl in MOE_IMPLS, impl
+    n = 0
+    for module in model.modules():
+        if isinstance(module, HunYuanMoE):
+            module.moe_impl = impl
+            n += 1
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "num_experts"):
+            config.moe_impl = impl
+    return n
 
 
 def tiny_config(**overrides) -> HunYuanConfig:
@@ -52,7 +66,7 @@ def peft_pair(config: HunYuanConfig, dropout: float = 0.0, seed: int = 0):
     ref = get_peft_model(base, lora)
     randomise_lora(ref, seed + 1)
     fast = copy.deepcopy(ref)
-    assert fast_moe.set_moe_impl(fast, "fast") == config.num_hidden_layers
+    assert set_moe_impl(fast, "fast") == config.num_hidden_layers
     return ref, fast
 
 
@@ -184,8 +198,8 @@ def test_adapter_round_trip_to_reference(tmp_path):
     assert len([k for k in keys if ".mlp.experts." in k]) == 2 * 8 * 3 * 2
 
     base = HunYuanMoEV1ForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
-    base.config.moe_impl = "reference"
-    fast_moe.set_moe_impl(base, "reference")
+    base.config.moe_impl = "upstream"
+    set_moe_impl(base, "upstream")
     ref = PeftModel.from_pretrained(base, adapter)
     ref.eval()
     with torch.no_grad():
@@ -204,7 +218,7 @@ def test_packing_keeps_state_dict_and_follows_reloads(tmp_path):
         p.requires_grad_(False)
     keys_before = list(model.state_dict())
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    fast_moe.set_moe_impl(model, "fast")
+    set_moe_impl(model, "fast")
     ids = torch.randint(0, 1000, (2, 7))
     with torch.no_grad():
         first = model(ids).logits
@@ -217,10 +231,10 @@ def test_packing_keeps_state_dict_and_follows_reloads(tmp_path):
     sd2 = {k: (v * 1.5 if ".experts." in k else v) for k, v in sd.items()}
     model.load_state_dict(sd2)
     assert fast_moe._is_packed([e.gate_proj.weight for e in moe.experts])
-    fast_moe.set_moe_impl(model, "reference")
+    set_moe_impl(model, "upstream")
     with torch.no_grad():
         want = model(ids).logits
-    fast_moe.set_moe_impl(model, "fast")
+    set_moe_impl(model, "fast")
     with torch.no_grad():
         got = model(ids).logits
     assert rel(got, want) < 1e-5 and rel(got, first) > 1e-3
@@ -262,7 +276,7 @@ def test_unsupported_peft_feature_falls_back():
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], use_dora=True))
     randomise_lora(model, 3)
     fast = copy.deepcopy(model)
-    fast_moe.set_moe_impl(fast, "fast")
+    set_moe_impl(fast, "fast")
     ids = torch.randint(0, 1000, (2, 5))
     with torch.no_grad(), pytest.warns(UserWarning, match="DoRA"):
         got = fast(input_ids=ids).logits
@@ -369,7 +383,7 @@ def test_replaced_weights_are_repacked(change):
 def test_grouped_path_operands_pass_grouped_mm_checks(monkeypatch):
     """The grouped (CUDA) branch on the meta device: torch._grouped_mm's meta kernel runs the CUDA
     kernel's dtype and stride checks on every operand, forward and backward."""
-    monkeypatch.setattr(fast_moe, "grouped_mm_available", lambda device, dtype: True)
+    monkeypatch.setattr(grouped_moe, "grouped_mm_available", lambda device, dtype: True)
     calls = []
     real = torch._grouped_mm
 
@@ -410,7 +424,7 @@ def test_grouped_mm_bf16_matches_reference(tokens):
     Both run the same router on the same bf16 input, so they route identically; a float32 model
     would route some tokens differently and is no reference for per-expert gradients.
     """
-    if not fast_moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
+    if not grouped_moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("torch._grouped_mm needs compute capability 9.0")
     config = tiny_config(hidden_size=256, intermediate_size=128, moe_intermediate_size=[128] * 2,
                          num_experts=16, moe_topk=[4] * 2, num_attention_heads=4, attention_head_dim=64)
@@ -419,7 +433,7 @@ def test_grouped_mm_bf16_matches_reference(tokens):
     ref = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules=TARGETS))
     randomise_lora(ref, 1)
     fast = copy.deepcopy(ref)
-    fast_moe.set_moe_impl(fast, "fast")
+    set_moe_impl(fast, "fast")
     x = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     results = {}
     for name, model in (("ref", ref), ("fast", fast)):

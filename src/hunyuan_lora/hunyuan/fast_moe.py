@@ -1,32 +1,20 @@
-"""Fast routed experts: all experts' projections (base + LoRA) as grouped matrix products.
-
-    model.config.moe_impl = "fast"          # before building the model, or:
-    fast_moe.set_moe_impl(model, "fast")    # on a built (PEFT-wrapped or plain) model
+"""Fast routed experts: a HunYuanMoE's expert modules as the stacked operands of grouped_moe.py.
 
 `HunYuanMoE.forward` calls `routed_experts_fast(moe, x, weights, experts)` when its `moe_impl` is
-"fast"; the router (`HunYuanTopKGate`: float32 softmax -> top-k -> renormalise) and the shared
-expert are the reference code, untouched. The result is the reference's dropless
-`HunYuanMoE.routed_experts` (every (token, expert) pair computed), up to summation order.
-
-How (shapes: N tokens, k experts per token, M = N*k pairs, E experts, H hidden, I expert width, r rank)
-  1. sort the M (token, expert) pairs by expert -> `offs` (E,) int32, the end row of each expert's
-     group in the sorted order; gather xs = x[token_of_pair] (M, H);
-  2. gate = xs @ Wg[e]^T, up = xs @ Wu[e]^T, y = (silu(gate) * up) @ Wd[e]^T, each ONE grouped
-     product over all experts (`torch._grouped_mm(a (M, K), b (E, K, N), offs)` on CUDA sm90 in
-     bf16; elsewhere a loop over the experts that received tokens, same arithmetic);
-  3. LoRA on every expert projection the same way: + scaling * ((dropout(xs) @ A[e]^T) @ B[e]^T),
-     two more grouped products of width r per projection;
-  4. undo the sort and weight: out[n] = sum_j w[n, j] * y[pair (n, j)] as one batched product
-     (deterministic, no atomics; the gathers of steps 1 and 4 back-propagate as gathers, `_Rows`).
+"fast" (set `config.moe_impl = "fast"` before building the model); the router
+(`HunYuanTopKGate`: float32 softmax -> top-k -> renormalise) and the shared expert are the
+model's own code, untouched. The result is the model's dropless `HunYuanMoE.routed_experts`
+(every (token, expert) pair computed), up to summation order. The grouped math itself is in
+grouped_moe.py; this file is the plumbing between it and the module tree (PEFT, packing, NF4).
 
 Why this layout (the design point): the model keeps the checkpoint's module tree,
-`mlp.experts.{i}.{gate,up,down}_proj` as `nn.Linear`, so
+`mlp.experts.{i}.{gate,up,down}_proj` as `nn.Linear` (or bitsandbytes' `Linear4bit` under NF4), so
   * the same safetensors load with the same state-dict keys (nothing to remap);
-  * `get_peft_model` wraps each expert projection exactly as on the reference, and the adapter
-    it saves is PEFT's standard per-expert format
+  * `get_peft_model` wraps each expert projection exactly as on the per-expert loop, and the
+    adapter it saves is PEFT's standard per-expert format
     (`base_model.model.model.layers.N.mlp.experts.{i}.gate_proj.lora_A.weight` ...), loadable by
-    `PeftModel` on the reference implementation and by Tencent's code. No conversion step exists
-    to get wrong.
+    `PeftModel` on the bf16 model, on the project's code and on Tencent's. No conversion step
+    exists to get wrong.
   The grouped products need each projection's E weights as one (E, out, in) tensor. Frozen base
   weights are PACKED once, on the first fast forward: one (E, out, in) buffer is allocated, the E
   weights copied in, and each expert's `weight.data` re-pointed to its slice, so the module tree,
@@ -41,103 +29,45 @@ Why this layout (the design point): the model keeps the checkpoint's module tree
   `save_pretrained` of a packed full model still works: transformers clones disjoint views of one
   storage before writing safetensors.
 
+NF4 (QLoRA, bitsandbytes `Linear4bit` experts): the experts stay 4-bit. Their quantised codes
+and block scales are packed the same way (each `Params4bit.data` and `quant_state.absmax`
+re-pointed to its slice of one buffer per projection), so ONE `bitsandbytes.functional.
+dequantize_4bit` call per projection per pass writes all E experts' bf16 weights, into a scratch
+buffer shared by every layer (`NF4Experts`; one buffer of E x out x in values per device and
+dtype: 1.5 GiB on the real model). The double-quantised scales (one offset per expert) are
+dequantised with bitsandbytes' `dequantize_blockwise` over all experts, then each expert's offset
+added, the arithmetic bitsandbytes does per tensor. Nothing dequantised is kept for backward.
+
 Works with gradient checkpointing (the packing check is idempotent; dropout masks are replayed
 by checkpoint's RNG restore) and bf16.
 
-Differences from the reference, all deliberate:
+Differences from PEFT on the per-expert modules, all deliberate:
   * an expert that received no token in a step gets a ZERO gradient on its LoRA A/B instead of
     PEFT's `None`; AdamW then still applies its momentum to that expert (as every grouped MoE
     implementation does);
   * LoRA dropout draws one mask per (token, expert) pair per projection, as PEFT does, but from
-    a different random stream, so dropout-on results match the reference in distribution only;
+    a different random stream, so dropout-on results match in distribution only;
   * on the grouped (bf16 CUDA) path the LoRA products run in the activations' dtype (bf16) even
     when PEFT keeps the adapter weights in float32 (PEFT's default `autocast_adapter_dtype`);
     this is what PEFT itself does under `torch.autocast(bf16)`, i.e. under `Trainer(bf16=True)`.
-    The loop path (CPU, float32) follows PEFT exactly (input cast to the adapter dtype).
-Gate and up stay two grouped products: one product over a fused (E, 2I, H) gate+up buffer was
-tried and measured slower on an H200 (about 2 % at 16K tokens, 20-40 % at 1.5K tokens).
-Not supported (falls back to the reference loop, with a warning once): DoRA, LoRA bias, mixed
-adapter batches (`adapter_names`), experts whose ranks / scalings / dropouts differ, base biases.
+    The loop path (CPU, float32) follows PEFT exactly (input cast to the adapter dtype);
+  * under NF4 the expert MLP's elementwise part (SiLU, product) runs in the compute dtype (bf16),
+    where bitsandbytes' layers hand float32 back to a float32 residual stream.
+Not supported (falls back to the per-expert loop, with a warning once): DoRA, LoRA bias, mixed
+adapter batches (`adapter_names`), experts whose ranks / scalings / dropouts differ, base biases,
+4-bit formats other than bitsandbytes' NF4/FP4 with uint8 storage.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .grouped_moe import LoraTerm, Projection, routed_experts
+
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-IMPLS = ("reference", "fast")
-
-
-def set_moe_impl(model: nn.Module, impl: str) -> int:
-    """Switch every HunYuanMoE in `model` (PEFT-wrapped or not) to `impl`; returns how many."""
-    if impl not in IMPLS:
-        raise ValueError(f"moe_impl must be one of {IMPLS}, got {impl!r}")
-    n = 0
-    for module in model.modules():
-        if type(module).__name__ == "HunYuanMoE":
-            module.moe_impl = impl
-            n += 1
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "num_experts"):
-            config.moe_impl = impl
-    return n
-
-
-# ---------------------------------------------------------------------------------------------
-# grouped product
-
-
-def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch._grouped_mm: CUDA, bf16, compute capability 9.0 (torch 2.8 accepts only sm90).
-
-    HUNYUAN_FAST_MOE_GROUPED=0 forces the loop (for A/B timing and debugging).
-    """
-    if os.environ.get("HUNYUAN_FAST_MOE_GROUPED", "1") == "0":
-        return False
-    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
-        return False
-    return torch.cuda.get_device_capability(device) == (9, 0)
-
-
-def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
-    """Grouped product: rows offs[e-1]:offs[e] of a (M, K) times b[e] (K, N) -> (M, N).
-
-    counts is None -> torch._grouped_mm (one kernel, no host sync); else a loop over the groups
-    with rows (counts = rows per group, on the host), the same arithmetic.
-    """
-    if counts is None:
-        return torch._grouped_mm(a, b, offs=offs)
-    pieces, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            pieces.append(a[start:start + n] @ b[e])
-        start += n
-    if not pieces:
-        return a.new_zeros(a.shape[0], b.shape[-1])
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# the experts' weights as stacked operands
-
-
-@dataclass
-class LoraTerm:
-    A: torch.Tensor  # (E, r, in), differentiable stack of the experts' lora_A weights
-    B: torch.Tensor  # (E, out, r)
-    scaling: float
-    dropout: nn.Module  # one expert's Dropout / Identity: all experts' are checked equal
-
-
-@dataclass
-class Projection:
-    weight: torch.Tensor  # (E, out, in)
-    lora: list[LoraTerm] = field(default_factory=list)
 
 
 class Unsupported(Exception):
@@ -148,18 +78,27 @@ def _is_lora(module: nn.Module) -> bool:
     return hasattr(module, "base_layer") and hasattr(module, "lora_A")
 
 
-def _base_linear(module: nn.Module) -> nn.Linear:
+def _is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module.weight, "quant_state")
+
+
+def _base_linear(module: nn.Module) -> nn.Module:
+    """The base layer under PEFT's wrapper: an nn.Linear, or bitsandbytes' Linear4bit."""
     while hasattr(module, "base_layer"):
         module = module.base_layer
-    if not isinstance(module, nn.Linear):
-        raise Unsupported(f"expert projection is {type(module).__name__}, not nn.Linear")
+    if not (isinstance(module, nn.Linear) or _is_4bit(module)):
+        raise Unsupported(f"expert projection is {type(module).__name__}, not nn.Linear or bitsandbytes Linear4bit")
     if module.bias is not None:
         raise Unsupported("expert projections with a bias")
     return module
 
 
+# ---------------------------------------------------------------------------------------------
+# packing: the E experts' tensors of one projection as slices of one buffer
+
+
 def _is_packed(weights: list[torch.Tensor]) -> bool:
-    """True when weights[i] is slice i of one contiguous (E, out, in) block of one storage.
+    """True when weights[i] is slice i of one contiguous (E, ...) block of one storage.
 
     Consecutive data pointers plus first and last slice inside one storage suffice: live
     allocations never overlap, so every slice in between lies in that storage too.
@@ -186,14 +125,104 @@ def _pack(params: list[nn.Parameter]) -> None:
         p.data = stacked[i]  # same Parameter object: optimiser, PEFT and state_dict keep working
 
 
+def _stacked_view(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(E, ...) view of packed slices (no copy)."""
+    t0 = tensors[0].detach()
+    return t0.as_strided((len(tensors),) + tuple(t0.shape), (t0.numel(),) + tuple(t0.stride()), t0.storage_offset())
+
+
 def stacked_weight(params: list[nn.Parameter]) -> torch.Tensor:
     """The E experts' weights of one projection as an (E, out, in) tensor."""
     if any(p.requires_grad for p in params):
         return torch.stack(params)  # full fine-tuning: differentiable copy
     if not _is_packed(params):
         _pack(params)
-    w0 = params[0].detach()
-    return w0.as_strided((len(params),) + tuple(w0.shape), (w0.numel(),) + tuple(w0.stride()), w0.storage_offset())
+    return _stacked_view(params)
+
+
+class NF4Experts:
+    """The E experts' bitsandbytes 4-bit weights of one projection as ONE quantised tensor.
+
+    data: the E experts' packed 4-bit codes back to back ((E * out * in / 2, 1) uint8, each
+    expert's `Params4bit.data` a slice of it); absmax: per 64-value block, either float32 or (double
+    quantisation) uint8 codes of `absmax - offset` under a second-level blockwise state, whose
+    per-expert pieces are stacked here. `materialize()` writes all E bf16 weights with one
+    `dequantize_4bit` call into a scratch buffer shared by every NF4Experts of that size.
+    """
+
+    _scratch: dict[tuple, torch.Tensor] = {}
+
+    def __init__(self, linears: list[nn.Module]):
+        params = [m.weight for m in linears]
+        states = [p.quant_state for p in params]
+        s0 = states[0]
+        if s0.quant_type not in ("nf4", "fp4") or params[0].dtype != torch.uint8:
+            raise Unsupported(f"4-bit storage {params[0].dtype} / {s0.quant_type}")
+        for p, s in zip(params, states):
+            if (tuple(s.shape) != tuple(s0.shape) or s.dtype != s0.dtype or s.blocksize != s0.blocksize
+                    or s.quant_type != s0.quant_type or s.nested != s0.nested or p.shape != params[0].shape):
+                raise Unsupported("experts differ in 4-bit shape, dtype or quantisation state")
+        self.params, self.states = params, states
+        E, (out_f, in_f) = len(params), tuple(s0.shape)
+        self.shape, self.dtype = (E, out_f, in_f), s0.dtype
+        self.device = params[0].device
+        self.blocksize, self.quant_type, self.nested = s0.blocksize, s0.quant_type, s0.nested
+        if self.nested:
+            s2 = s0.state2
+            self.blocks = s0.absmax.numel()  # 64-value blocks per expert
+            self.blocksize2, self.code2 = s2.blocksize, s2.code
+            self.absmax2 = torch.cat([s.state2.absmax for s in states])  # (E * ceil(blocks / blocksize2),)
+            self.offsets = torch.stack([s.offset.reshape(()) for s in states]).float()  # (E,)
+        self.repack()
+
+    @torch.no_grad()
+    def repack(self) -> None:
+        """Point every expert's codes (and block scales) at its slice of one buffer per kind."""
+        if not _is_packed([p.data for p in self.params]):
+            _pack(self.params)
+        scales = [s.absmax for s in self.states]
+        if not _is_packed(scales):
+            stacked = torch.stack(scales)
+            for s, row in zip(self.states, stacked):
+                s.absmax = row
+        self.data = _stacked_view([p.data for p in self.params]).reshape(-1, 1)
+        absmax = _stacked_view([s.absmax for s in self.states])  # (E, blocks)
+        if self.nested:
+            # the second-level blocks must not straddle two experts: pad each expert's row to whole blocks
+            whole = -(-self.blocks // self.blocksize2) * self.blocksize2
+            if whole != self.blocks:
+                absmax = torch.nn.functional.pad(absmax, (0, whole - self.blocks))
+        self.absmax = absmax
+
+    def holds(self) -> bool:
+        """The modules still hold the packed tensors (nothing replaced or converted them since)."""
+        return (all(p.quant_state is s for p, s in zip(self.params, self.states))
+                and _is_packed([p.data for p in self.params]) and _is_packed([s.absmax for s in self.states]))
+
+    def scales(self) -> torch.Tensor:
+        """(E * blocks,) float32 absmax of every 64-value block, as bitsandbytes computes it per tensor."""
+        import bitsandbytes.functional as bnbf
+
+        if not self.nested:
+            return self.absmax.reshape(-1)
+        E = self.shape[0]
+        a = bnbf.dequantize_blockwise(self.absmax.reshape(-1), absmax=self.absmax2, code=self.code2,
+                                      blocksize=self.blocksize2)  # (E * whole,) float32
+        return (a.view(E, -1)[:, : self.blocks] + self.offsets[:, None]).reshape(-1)
+
+    def materialize(self) -> torch.Tensor:
+        """(E, out, in) dequantised weights in the shared scratch buffer (valid until the next call)."""
+        import bitsandbytes.functional as bnbf
+
+        key = (self.device, self.dtype, self.shape[0] * self.shape[1] * self.shape[2])
+        scratch = self._scratch.get(key)
+        if scratch is None:
+            scratch = self._scratch[key] = torch.empty(key[2], dtype=self.dtype, device=self.device)
+        out = scratch.view(self.shape)
+        state = bnbf.QuantState(absmax=self.scales(), shape=self.shape, dtype=self.dtype,
+                                blocksize=self.blocksize, quant_type=self.quant_type)
+        bnbf.dequantize_4bit(self.data, state, out=out)
+        return out
 
 
 def _lora_plan(mods: list[nn.Module]) -> list[tuple[list[nn.Linear], list[nn.Linear], float, nn.Module]]:
@@ -227,80 +256,43 @@ def _lora_plan(mods: list[nn.Module]) -> list[tuple[list[nn.Linear], list[nn.Lin
 
 
 def _plan(moe: nn.Module) -> dict:
-    """Module lists (base nn.Linear, LoRA) of the three expert projections, validated once and cached on `moe`.
+    """Module lists (base layer, LoRA) of the three expert projections, validated once and cached on `moe`.
 
     The cache key holds every expert projection module and the adapter state PEFT can switch
     (active adapters, merged, disabled), so re-wrapping, set_adapter, merge or disable re-plans.
     Modules, not Parameters: their weights are read on every forward, so a Parameter replaced
     since (load_state_dict(assign=True), PEFT's low_cpu_mem_usage loading) is the one used.
+    Under NF4 the plan holds the packed `NF4Experts`, rebuilt when the modules no longer hold it.
     """
     mods = {name: [getattr(expert, name) for expert in moe.experts] for name in PROJECTIONS}
     key = tuple(id(m) for ms in mods.values() for m in ms)
     key += tuple((tuple(ms[0].active_adapters), ms[0].merged, ms[0].disable_adapters)
                  for ms in mods.values() if _is_lora(ms[0]))
     cached = moe.__dict__.get("_fast_moe_plan")
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key and all(
+            not isinstance(base, NF4Experts) or base.holds() for base, _ in cached[1].values()):
         return cached[1]
-    plan = {name: ([_base_linear(m) for m in ms], _lora_plan(ms)) for name, ms in mods.items()}
+    plan = {}
+    for name, ms in mods.items():
+        linears = [_base_linear(m) for m in ms]
+        n4 = sum(_is_4bit(m) for m in linears)
+        if n4 not in (0, len(linears)):
+            raise Unsupported("some experts of a projection are 4-bit and some are not")
+        plan[name] = (NF4Experts(linears) if n4 else linears, _lora_plan(ms))
     moe.__dict__["_fast_moe_plan"] = (key, plan)
     return plan
 
 
 def projections(moe: nn.Module) -> dict[str, Projection]:
-    """Stacked base weights and LoRA terms of the three expert projections of `moe`."""
+    """Stacked base weights (or the NF4 source) and LoRA terms of the three expert projections of `moe`."""
     out = {}
-    for name, (linears, lora) in _plan(moe).items():
+    for name, (base, lora) in _plan(moe).items():
         # LoRA stacks: differentiable copies (E x (r x in + out x r)), each expert's grad flows back to its leaf
         terms = [LoraTerm(torch.stack([a.weight for a in A]), torch.stack([b.weight for b in B]), scaling, drop)
                  for A, B, scaling, drop in lora]
-        out[name] = Projection(stacked_weight([m.weight for m in linears]), terms)
+        weight = base if isinstance(base, NF4Experts) else stacked_weight([m.weight for m in base])
+        out[name] = Projection(weight, terms)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# forward
-
-
-def _project(xs: torch.Tensor, proj: Projection, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
-    """Per pair: xs @ W[e]^T + sum over adapters of scaling * B[e] A[e] dropout(xs); (M, in) -> (M, out)."""
-    y = gmm(xs, proj.weight.transpose(1, 2), offs, counts)  # (M, out); W^T is a column-major view
-    if not proj.lora:
-        return y
-    result_dtype = y.dtype
-    for t in proj.lora:
-        if counts is None:
-            # grouped_mm is bf16-only: run the adapter in the activations' dtype (what autocast does)
-            A, B, xa = t.A.to(xs.dtype), t.B.to(xs.dtype), xs
-        else:
-            A, B, xa = t.A, t.B, xs.to(t.A.dtype)  # PEFT: input cast to the adapter's dtype
-        h = gmm(t.dropout(xa), A.transpose(1, 2), offs, counts)  # (M, r)
-        # scaling folded into the small B (one pass less over (M, out)); B^T made row-major (E, r, out):
-        # its leading dimension `out` meets grouped_mm's 16-byte rule for any r
-        y = y + gmm(h, (B * t.scaling).transpose(1, 2).contiguous(), offs, counts)
-    return y.to(result_dtype)
-
-
-class _Rows(torch.autograd.Function):
-    """out = src[index] whose backward is a gather too: grad_src = grad[back].view(-1, group, H).sum(1).
-
-    Valid when `index` hits every row of src exactly `group` times and back lists, row by row, where
-    those hits landed. Plain indexing would back-propagate with a sorted scatter-add (index_put with
-    accumulate), several passes and a sort over M rows.
-    """
-
-    @staticmethod
-    def forward(ctx, src: torch.Tensor, index: torch.Tensor, back: torch.Tensor, group: int) -> torch.Tensor:
-        ctx.save_for_backward(back)
-        ctx.group = group
-        return src.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (back,) = ctx.saved_tensors
-        g = grad.index_select(0, back)
-        if ctx.group > 1:
-            g = g.view(-1, ctx.group, g.shape[-1]).sum(1)
-        return g, None, None, None
 
 
 _warned: set[str] = set()
@@ -313,27 +305,6 @@ def routed_experts_fast(moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, 
     except Unsupported as e:
         if str(e) not in _warned:
             _warned.add(str(e))
-            warnings.warn(f"fast MoE falls back to the reference loop: {e}", stacklevel=2)
+            warnings.warn(f"fast MoE falls back to the per-expert loop: {e}", stacklevel=2)
         return moe.routed_experts(x, weights, experts)
-
-    N, k = experts.shape
-    E = moe.num_experts
-    flat = experts.reshape(-1)  # (M,) expert of each (token, slot) pair, pair p = token * k + slot
-    order = flat.argsort(stable=True)  # (M,) pairs grouped by expert
-    # (E,) end row of each expert's group; searchsorted, not bincount: CUDA bincount syncs the host
-    ends = torch.searchsorted(flat[order], torch.arange(E, device=flat.device), right=True)
-    offs = ends.to(torch.int32)
-    grouped = grouped_mm_available(x.device, x.dtype)
-    counts = None if grouped else ends.diff(prepend=ends.new_zeros(1)).tolist()  # the loop needs sizes on the host
-
-    inverse = torch.empty_like(order)  # inverse[p] = sorted position of pair p
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    xs = _Rows.apply(x, order // k, inverse, k)  # (M, H) each pair's token, sorted by expert
-    gate = _project(xs, projs["gate_proj"], offs, counts)  # (M, I)
-    up = _project(xs, projs["up_proj"], offs, counts)  # (M, I)
-    h = moe.experts[0].act_fn(gate) * up  # (M, I)
-    y = _project(h, projs["down_proj"], offs, counts)  # (M, H), sorted order
-
-    y = _Rows.apply(y, inverse, order, 1).view(N, k, -1)  # (N, k, H) back in (token, slot) order
-    # out[n] = sum_j w[n, j] * y[n, j]: a (1, k) @ (k, H) product per token, no atomics
-    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # (N, H)
+    return routed_experts(x, weights, experts, moe.num_experts, projs, moe.experts[0].act_fn)

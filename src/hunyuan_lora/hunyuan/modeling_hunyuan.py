@@ -23,6 +23,19 @@ from transformers.activations import ACT2FN
 from .configuration_hunyuan import HunYuanConfig
 
 
+MOE_IMPLS = ("upstream", "fast")
+
+
+def _fast_routed_experts():
+    """The fast path lives in the installed hunyuan_lora package, not in a model folder."""
+    try:
+        from hunyuan_lora.hunyuan.fast_moe import routed_experts_fast
+    except ImportError as e:
+        raise ImportError("config.moe_impl='fast' needs the hunyuan_lora package installed (its fast_moe.py is "
+                          "not part of a model folder); without it use moe_impl='upstream'") from e
+    return routed_experts_fast
+
+
 class HunYuanRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -165,20 +178,18 @@ class HunYuanMoE(nn.Module):
             self.shared_mlp = None
         expert_size = config.layer_value("moe_intermediate_size", layer_idx)
         self.experts = nn.ModuleList(HunYuanMLP(config, expert_size) for _ in range(self.num_experts))
-        # "reference": routed_experts below; "fast": grouped products over the same parameters (fast_moe.py)
-        self.moe_impl = getattr(config, "moe_impl", "reference")
-        if self.moe_impl not in ("reference", "fast"):
-            raise ValueError(f"config.moe_impl must be 'reference' or 'fast', got {self.moe_impl!r}")
+        # "upstream": routed_experts below, each expert module called in turn as the model folder's
+        # code does; "fast": grouped products over the same parameters (the package's fast_moe.py)
+        self.moe_impl = getattr(config, "moe_impl", "upstream")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"config.moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (N, H)
         weights, experts = self.gate(x)
         if self.moe_impl == "fast":
-            # absolute, lazy import: a model folder's copy of this file ships without fast_moe.py
-            from hunyuan_lora.hunyuan.fast_moe import routed_experts_fast
-
-            out = routed_experts_fast(self, x, weights, experts)
+            out = _fast_routed_experts()(self, x, weights, experts)
         else:
             out = self.routed_experts(x, weights, experts)
         if self.shared_mlp is not None:

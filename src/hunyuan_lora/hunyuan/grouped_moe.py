@@ -1,0 +1,190 @@
+"""The grouped math of the fast MoE path: routed experts (base + LoRA) as grouped matrix products.
+
+Pure tensor code: it knows nothing of PEFT, module trees or quantisation formats. fast_moe.py
+turns a HunYuanMoE's expert modules into the stacked operands below and calls `routed_experts`.
+
+Shapes: N tokens, k experts per token, M = N*k (token, expert) pairs, E experts, H hidden,
+I expert width, r LoRA rank.
+  1. sort the M pairs by expert -> `offs` (E,) int32, the end row of each expert's group in the
+     sorted order; gather xs = x[token_of_pair] (M, H);
+  2. gate = xs @ Wg[e]^T, up = xs @ Wu[e]^T, y = (silu(gate) * up) @ Wd[e]^T, each ONE grouped
+     product over all experts (`torch._grouped_mm(a (M, K), b (E, K, N), offs)` on CUDA sm90 in
+     bf16; elsewhere a loop over the experts that received tokens, same arithmetic);
+  3. LoRA on every expert projection the same way: + scaling * ((dropout(xs) @ A[e]^T) @ B[e]^T),
+     two more grouped products of width r per projection;
+  4. undo the sort and weight: out[n] = sum_j w[n, j] * y[pair (n, j)] as one batched product
+     (deterministic, no atomics; the gathers of steps 1 and 4 back-propagate as gathers, `_Rows`).
+
+A base weight is either a tensor (E, out, in) or a `WeightSource`: something that writes the
+(E, out, in) weight on demand (NF4 experts: bitsandbytes' dequantisation into shared scratch
+memory). A source's weight is never saved for backward: the backward pass asks for it again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+
+class WeightSource(Protocol):
+    """A frozen (E, out, in) weight materialised on demand (into memory the caller may reuse)."""
+
+    shape: tuple[int, int, int]
+    dtype: torch.dtype
+
+    def materialize(self) -> torch.Tensor: ...
+
+
+@dataclass
+class LoraTerm:
+    A: torch.Tensor  # (E, r, in), differentiable stack of the experts' lora_A weights
+    B: torch.Tensor  # (E, out, r)
+    scaling: float
+    dropout: nn.Module  # one expert's Dropout / Identity: all experts' are checked equal
+
+
+@dataclass
+class Projection:
+    weight: torch.Tensor | WeightSource  # (E, out, in)
+    lora: list[LoraTerm] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm: CUDA, bf16, compute capability 9.0 (torch 2.8 accepts only sm90).
+
+    HUNYUAN_FAST_MOE_GROUPED=0 forces the loop (for A/B timing and debugging).
+    """
+    if os.environ.get("HUNYUAN_FAST_MOE_GROUPED", "1") == "0":
+        return False
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    """Grouped product: rows offs[e-1]:offs[e] of a (M, K) times b[e] (K, N) -> (M, N).
+
+    counts is None -> torch._grouped_mm (one kernel, no host sync); else a loop over the groups
+    with rows (counts = rows per group, on the host), the same arithmetic.
+    """
+    if counts is None:
+        return torch._grouped_mm(a, b, offs=offs)
+    pieces, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            pieces.append(a[start:start + n] @ b[e])
+        start += n
+    if not pieces:
+        return a.new_zeros(a.shape[0], b.shape[-1])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class _SourcedProduct(torch.autograd.Function):
+    """xs @ W[e]^T per group for a frozen W that a WeightSource writes; W is not saved for backward.
+
+    Backward materialises W again (the input gradient grad @ W[e]): with gradient checkpointing
+    that is the third materialisation per step (forward, recompute, backward), and no layer's
+    weight outlives its product, so one scratch buffer serves every layer.
+    """
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, source: WeightSource, offs: torch.Tensor, counts: list[int] | None):
+        ctx.source, ctx.counts = source, counts
+        ctx.save_for_backward(offs)
+        return gmm(xs, source.materialize().transpose(1, 2), offs, counts)  # W^T: a column-major view
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (offs,) = ctx.saved_tensors
+        w = ctx.source.materialize()  # (E, out, in)
+        return gmm(grad.to(w.dtype).contiguous(), w, offs, ctx.counts), None, None, None
+
+
+def _base_product(xs: torch.Tensor, weight, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return gmm(xs, weight.transpose(1, 2), offs, counts)  # (M, out); W^T is a column-major view
+    return _SourcedProduct.apply(xs, weight, offs, counts)
+
+
+def project(xs: torch.Tensor, proj: Projection, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    """Per pair: xs @ W[e]^T + sum over adapters of scaling * B[e] A[e] dropout(xs); (M, in) -> (M, out)."""
+    y = _base_product(xs, proj.weight, offs, counts)
+    if not proj.lora:
+        return y
+    result_dtype = y.dtype
+    for t in proj.lora:
+        if counts is None:
+            # grouped_mm is bf16-only: run the adapter in the activations' dtype (what autocast does)
+            A, B, xa = t.A.to(xs.dtype), t.B.to(xs.dtype), xs
+        else:
+            A, B, xa = t.A, t.B, xs.to(t.A.dtype)  # PEFT: input cast to the adapter's dtype
+        h = gmm(t.dropout(xa), A.transpose(1, 2), offs, counts)  # (M, r)
+        # scaling folded into the small B (one pass less over (M, out)); B^T made row-major (E, r, out):
+        # its leading dimension `out` meets grouped_mm's 16-byte rule for any r
+        y = y + gmm(h, (B * t.scaling).transpose(1, 2).contiguous(), offs, counts)
+    return y.to(result_dtype)
+
+
+class _Rows(torch.autograd.Function):
+    """out = src[index] whose backward is a gather too: grad_src = grad[back].view(-1, group, H).sum(1).
+
+    Valid when `index` hits every row of src exactly `group` times and back lists, row by row, where
+    those hits landed. Plain indexing would back-propagate with a sorted scatter-add (index_put with
+    accumulate), several passes and a sort over M rows.
+    """
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor, back: torch.Tensor, group: int) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        ctx.group = group
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (back,) = ctx.saved_tensors
+        g = grad.index_select(0, back)
+        if ctx.group > 1:
+            g = g.view(-1, ctx.group, g.shape[-1]).sum(1)
+        return g, None, None, None
+
+
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
+                   projs: dict[str, Projection], act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]), dropless: x (N, H), weights (N, k), experts (N, k).
+
+    projs: "gate_proj", "up_proj", "down_proj". The products run in the base weights' dtype (the
+    dtype NF4 weights dequantise to, bf16 under Trainer(bf16=True)); the result has x's dtype.
+    """
+    N, k = experts.shape
+    compute_dtype = projs["gate_proj"].dtype
+    xc = x.to(compute_dtype)  # before the gather: k times fewer rows to convert
+    flat = experts.reshape(-1)  # (M,) expert of each (token, slot) pair, pair p = token * k + slot
+    order = flat.argsort(stable=True)  # (M,) pairs grouped by expert
+    # (E,) end row of each expert's group; searchsorted, not bincount: CUDA bincount syncs the host
+    ends = torch.searchsorted(flat[order], torch.arange(num_experts, device=flat.device), right=True)
+    offs = ends.to(torch.int32)
+    grouped = grouped_mm_available(x.device, compute_dtype)
+    counts = None if grouped else ends.diff(prepend=ends.new_zeros(1)).tolist()  # the loop needs sizes on the host
+
+    inverse = torch.empty_like(order)  # inverse[p] = sorted position of pair p
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    xs = _Rows.apply(xc, order // k, inverse, k)  # (M, H) each pair's token, sorted by expert
+    gate = project(xs, projs["gate_proj"], offs, counts)  # (M, I)
+    up = project(xs, projs["up_proj"], offs, counts)  # (M, I)
+    h = act_fn(gate) * up  # (M, I)
+    y = project(h, projs["down_proj"], offs, counts)  # (M, H), sorted order
+
+    y = _Rows.apply(y, inverse, order, 1).view(N, k, -1)  # (N, k, H) back in (token, slot) order
+    # out[n] = sum_j w[n, j] * y[n, j]: a (1, k) @ (k, H) product per token, no atomics
+    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1).to(x.dtype)  # (N, H)
