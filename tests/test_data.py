@@ -132,3 +132,67 @@ def test_real_huanhuan_dataset_tokenizes(stand_in_dir, tmp_path):
     cfg.data.drop_duplicates = False
     _, ds, stats = _built(cfg)
     assert stats["examples"] == len(ds) == 3729
+
+
+def test_conversation_formats_tokenize_and_are_named_in_the_stats(stand_in_dir, tmp_path, tokenizer):
+    path = tmp_path / "chat.jsonl"
+    conversations = [
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "你是谁？"},
+                      {"role": "assistant", "content": "<think>\n想\n</think>\n甄嬛。"},
+                      {"role": "user", "content": "你父亲呢？"}, {"role": "assistant", "content": "甄远道。"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+    ]
+    path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+    cfg = config.load(REPO / "configs/demo.yaml", model_dir=str(stand_in_dir), data=str(path),
+                      output_dir=str(tmp_path / "run"))
+    out, ds, stats = _built(cfg)
+    assert (stats["schema"], stats["format"], stats["records"]) == ("OpenAI messages", "JSONL", 2)
+    assert stats["multi_turn_records"] == 1 and stats["reasoning_answers"] == 1
+    # the thinking-on answer is rendered in the history as the template renders it: one sample for both turns
+    assert stats["examples"] == len(ds) == 2
+    texts = [tokenizer.decode(x) for x in ds["input_ids"]]
+    assert texts[0] == ("<|startoftext|>S<|extra_4|>你是谁？<|extra_0|><think>\n想\n</think>\n甄嬛。<|eos|>"
+                        "<|startoftext|>你父亲呢？<|extra_0|><think>\n\n</think>\n甄远道。<|eos|>")
+
+
+def test_eval_split_holds_out_whole_records_and_keeps_them_for_make_eval(stand_in_dir, tmp_path, tokenizer):
+    records = [{"instruction": f"问{i}", "output": f"答{i}", "history": [[f"早{i}", f"晚{i}"]]} for i in range(8)]
+    out, ds, stats = _built(_cfg(stand_in_dir, tmp_path, records, "data.eval_ratio=0.25"))
+    assert stats["splits"] == {"train": 12, "eval": 4} and stats["eval_records"] == 2  # 2 samples a record
+    held = [json.loads(line) for line in (out / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(held) == 2 and all(m["messages"][-1]["content"].startswith("答") for m in held)
+    from hunyuan_lora.records import read_records
+
+    back, report = read_records(out / "eval.jsonl")
+    assert report.schema == "OpenAI messages" and len(back) == 2
+    decoded = [tokenizer.decode(x) for x in ds["input_ids"]]
+    for m in held:  # no turn of a held-out record is in the training split
+        assert not any(m["messages"][-1]["content"] in t for t in decoded)
+    with pytest.raises(UserError, match="leaving none to train on"):
+        data.run(_cfg(stand_in_dir, tmp_path, records[:1], "data.eval_ratio=0.5"))
+
+
+def test_stale_dataset_is_named_by_dataset_mismatch(stand_in_dir, tmp_path, model_copy):
+    from hunyuan_lora.prompt import dataset_mismatch
+
+    cfg = _cfg(stand_in_dir, tmp_path, [{"instruction": "q", "output": "a"}, {"instruction": "r", "output": "b"}])
+    out, _, stats = _built(cfg)
+    assert dataset_mismatch(cfg, stats) == []
+    edited = json.loads(Path(cfg.data.path).read_text(encoding="utf-8")) + [{"instruction": "s", "output": "c"}]
+    Path(cfg.data.path).write_text(json.dumps(edited), encoding="utf-8")
+    assert any("has changed since it was tokenized" in p for p in dataset_mismatch(cfg, stats))
+    other = tmp_path / "big.json"
+    other.write_text(json.dumps(edited), encoding="utf-8")
+    moved = config.load(REPO / "configs/demo.yaml", [f"data.system_prompt={SYSTEM}"], model_dir=str(stand_in_dir),
+                        data=str(other), output_dir=str(tmp_path / "run"))
+    assert any(f"config's data.path is {other.resolve()}" in p for p in dataset_mismatch(moved, stats))
+    cfg.data.path = str(other)
+    cfg.data.max_length, cfg.data.train_on = 64, "last_assistant"
+    (model_copy / "tokenizer_config.json").write_text(
+        (model_copy / "tokenizer_config.json").read_text(encoding="utf-8").replace("<|extra_4|>", "<|extra_3|>"),
+        encoding="utf-8")
+    cfg.model.dir = str(model_copy)
+    problems = " | ".join(dataset_mismatch(cfg, stats))
+    assert "data.max_length was 256 when tokenized, the config now says 64" in problems
+    assert "data.train_on was 'all_assistant'" in problems and "tokenizer files" in problems
+    assert "older version" in dataset_mismatch(cfg, {"splits": {"train": 2}})[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hunyuan_lora.errors import UserError
-from hunyuan_lora.records import MAX_SHOWN, Record, read_records, summarise
+from hunyuan_lora.records import MAX_SHOWN, Record, Turn, read_records, summarise
 
 HUANHUAN = Path("/work/shared/data/huanhuan.json")  # the shared copy; never copied into the repo
 
@@ -92,8 +92,8 @@ CORPUS: list[tuple[str, bytes | None, list[str]]] = [
     ("alias.jsonl", jsonl('{"prompt": "x", "response": "y"}'), [
         "2 problems", "line 1, field 'instruction'", "rename 'prompt' to 'instruction'",
         "rename 'response' to 'output'"]),
-    ("sharegpt.json", array('{"conversations": [{"from": "human", "value": "x"}]}'), [
-        "record #1, field 'instruction'", "chat (ShareGPT / messages) record"]),
+    ("sharegpt_no_answer.json", array('{"conversations": [{"from": "human", "value": "x"}]}'), [
+        "record #1, field 'conversations', turn #1", "ends with the user's turn", "add the assistant's reply"]),
     ("instruction_number.json", array('{"instruction": 42, "output": "y"}'), [
         "record #1, field 'instruction'", "is a number (42), expected a string"]),
     ("output_list.jsonl", jsonl('{"instruction": "x", "output": ["a", "b"]}'), [
@@ -123,6 +123,53 @@ CORPUS: list[tuple[str, bytes | None, list[str]]] = [
     ("mixed.jsonl", jsonl(OK2, '{"instruction": 1, "output": "y"}', "{bad", '{"instruction": "x"}'), [
         "3 problems: line 2, field 'instruction': is a number", "; line 3, column 2: invalid JSON",
         "; line 4, field 'output': is missing"]),
+    # --- conversations: alpaca history, OpenAI messages, ShareGPT
+    ("history_not_list.json", array('{"instruction": "x", "output": "y", "history": "a"}'), [
+        "record #1, field 'history'", "a string ('a')", "[user, assistant] pairs"]),
+    ("history_pair.jsonl", jsonl('{"instruction": "x", "output": "y", "history": [["q", "a"], ["q"]]}'), [
+        ":line 1, field 'history', pair #2", "an array of 1 item(s)", '["question", "answer"]']),
+    ("history_blank.jsonl", jsonl('{"instruction": "x", "output": "y", "history": [["q", " "]]}'), [
+        "field 'history', pair #1 (assistant turn)", "only whitespace"]),
+    ("messages_empty.jsonl", jsonl('{"messages": []}'), [":line 1, field 'messages'", "is an empty list",
+                                                         '"role": "user"']),
+    ("messages_role.jsonl", jsonl('{"messages": [{"role": "human", "content": "x"}, '
+                                  '{"role": "assistant", "content": "y"}]}'), [
+        "field 'messages', turn #1, field 'role'", "expected one of system/user/assistant",
+        "'human' is the ShareGPT conversations name"]),
+    ("messages_order.jsonl", jsonl('{"messages": [{"role": "user", "content": "x"}, '
+                                   '{"role": "user", "content": "y"}, {"role": "assistant", "content": "z"}]}'), [
+        "turn #2", "'user' turn where a 'assistant' turn belongs", "alternate"]),
+    ("messages_late_system.jsonl", jsonl('{"messages": [{"role": "user", "content": "x"}, {"role": "system", '
+                                         '"content": "s"}, {"role": "assistant", "content": "z"}]}'), [
+        "turn #2", "system turn after turn #1", "put the system prompt first"]),
+    ("messages_no_answer.json", array('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", '
+                                      '"content": "y"}, {"role": "user", "content": "z"}]}'), [
+        "record #1, field 'messages', turn #3", "ends with the user's turn"]),
+    ("messages_parts.jsonl", jsonl('{"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}, '
+                                   '{"role": "assistant", "content": "y"}]}'), [
+        "turn #1, field 'content'", "content parts", "join the text parts"]),
+    ("messages_tool.jsonl", jsonl('{"messages": [{"role": "user", "content": "x"}, {"role": "tool", '
+                                  '"content": "y"}]}'), ["turn #2", "tool / function turn", "not supported"]),
+    ("messages_sharegpt_keys.jsonl", jsonl('{"messages": [{"from": "human", "value": "x"}]}'), [
+        "turn #1", "has no 'role'", "written as ShareGPT conversations"]),
+    ("messages_blank_answer.jsonl", jsonl('{"messages": [{"role": "user", "content": "x"}, '
+                                          '{"role": "assistant", "content": ""}]}'), [
+        "turn #2, field 'content'", "is empty"]),
+    ("think_unclosed.jsonl", jsonl('{"messages": [{"role": "user", "content": "x"}, '
+                                   '{"role": "assistant", "content": "<think>\\nhmm\\nthe answer"}]}'), [
+        "turn #2, field 'content'", "never closed", "</think>"]),
+    ("think_late.json", array('{"instruction": "x", "output": "ok</think>y"}'), [
+        "field 'output'", "does not start with <think>"]),
+    ("sharegpt_role.json", array('{"conversations": [{"from": "user", "value": "x"}, '
+                                 '{"from": "gpt", "value": "y"}]}'), [
+        "turn #1, field 'from'", "expected one of system/human/gpt", "write 'human'",
+        "'user' is the OpenAI messages name"]),
+    ("sharegpt_two_systems.json", array('{"system": "a", "conversations": [{"from": "system", "value": "b"}, '
+                                        '{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]}'), [
+        "turn #1", "so does the record's field 'system'", "keep one"]),
+    ("mixed_formats.jsonl", jsonl(OK2, '{"messages": [{"role": "user", "content": "x"}, '
+                                  '{"role": "assistant", "content": "y"}]}'), [
+        ":line 2", "is a OpenAI messages record", "first record (line 1) is alpaca", "one format per file"]),
     ("after_problems.json", array('{"instruction": "", "output": "y"}', '{"instruction": "x" "output": "y"}'), [
         "2 problems: line 2, record #1, field 'instruction': is empty; "
         "line 3, column 21: invalid JSON in record #2"]),
@@ -180,11 +227,12 @@ def test_real_dataset():
     records, report = read_records(HUANHUAN, drop_duplicates=False)
     assert len(records) == report.records == 3729  # what the tutorial trained on (233 steps of 16)
     assert report.format == "JSON array" and report.duplicates == 112 and report.dropped == 0
-    assert all(isinstance(r.instruction, str) and r.instruction.strip() and r.output.strip() for r in records)
-    assert all(r.input == "" and r.system is None for r in records)
+    assert all(len(r.turns) == 2 and r.turns[0].content.strip() and r.answer.strip() for r in records)
+    assert all(r.system is None for r in records)
     assert records[0].where == f"{HUANHUAN}:line 2, record #1"
     assert records[2].where == f"{HUANHUAN}:line 12, record #3"  # 4-space pretty print: 5 lines a record
-    assert records[0].user_message == records[0].instruction  # empty input: the tutorial's text exactly
+    raw = json.loads(HUANHUAN.read_text(encoding="utf-8"))[0]
+    assert records[0].turns == (Turn("user", raw["instruction"]), Turn("assistant", raw["output"]))  # the tutorial's text
 
     deduped, report = read_records(HUANHUAN)
     assert len(deduped) == report.records == 3729 - 112 and report.dropped == 112
@@ -212,7 +260,10 @@ SMALL = [
 
 
 def _fields(r: Record) -> tuple:
-    return r.instruction, r.input, r.output, r.system
+    """(user, answer, system) of a one-turn record."""
+    user, answer = r.turns
+    assert (user.role, answer.role) == ("user", "assistant")
+    return user.content, answer.content, r.system
 
 
 def test_json_jsonl_and_crlf_give_identical_records(tmp_path):
@@ -226,12 +277,11 @@ def test_json_jsonl_and_crlf_give_identical_records(tmp_path):
     records, report = read_records(as_json)
     assert report.warnings == []
     assert [_fields(r) for r in records] == [
-        ("你是谁？", "", "家父是大理寺少卿甄远道。", None),
-        ("Translate:", "Hello", "Bonjour", "You translate."),
-        ("no input field", "", "fine", None),
-        ("nulls", "", "ok", None),
+        ("你是谁？", "家父是大理寺少卿甄远道。", None),
+        ("Translate:\nHello", "Bonjour", "You translate."),  # input on its own line after the instruction
+        ("no input field", "fine", None),
+        ("nulls", "ok", None),
     ]
-    assert records[1].user_message == "Translate:\nHello"
     for other in (as_jsonl, crlf):
         assert [_fields(r) for r in read_records(other)[0]] == [_fields(r) for r in records]
     jsonl_records, _ = read_records(as_jsonl)
@@ -251,7 +301,7 @@ def test_duplicates_are_counted_and_the_first_kept(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in [a, b, a, a_system, b, a_input]), encoding="utf-8")
 
     records, report = read_records(path)
-    assert [_fields(r) for r in records] == [("a", "", "1", None), ("b", "", "2", None), ("a", "", "1", "s")]
+    assert [_fields(r) for r in records] == [("a", "1", None), ("b", "2", None), ("a", "1", "s")]
     assert [r.where for r in records] == [f"{path}:line 1", f"{path}:line 2", f"{path}:line 4"]
     assert (report.records, report.duplicates, report.dropped) == (3, 3, 3)
     assert f"first repeat is {path}:line 3, same as {path}:line 1" in report.warnings[0]
@@ -262,14 +312,53 @@ def test_duplicates_are_counted_and_the_first_kept(tmp_path):
 
 def test_unknown_fields_warn_once_per_field(tmp_path):
     path = tmp_path / "extra.json"
-    path.write_text(json.dumps([{**r, "history": [], "inputs": "x"} for r in SMALL[:3]]), encoding="utf-8")
+    path.write_text(json.dumps([{**r, "histroy": [], "inputs": "x"} for r in SMALL[:3]]), encoding="utf-8")
     records, report = read_records(path)
     assert len(records) == 3
     assert report.warnings == [
-        f"unknown field 'history' in 3 record(s), first at {path}:line 1, record #1: ignored",
+        f"unknown field 'histroy' in 3 record(s), first at {path}:line 1, record #1: ignored "
+        "(did you mean 'history'?)",
         f"unknown field 'inputs' in 3 record(s), first at {path}:line 1, record #1: ignored "
         "(did you mean 'input'?)",
     ]
+
+
+CONVERSATION = [("system", "你是甄嬛"), ("user", "你是谁？"), ("assistant", "<think>\n想一想\n</think>\n臣妾甄嬛。"),
+                ("user", "你父亲是谁？"), ("assistant", "家父是大理寺少卿甄远道。")]
+
+
+def test_the_three_formats_give_the_same_conversation(tmp_path):
+    alpaca = {"instruction": "你父亲是谁？", "output": CONVERSATION[4][1], "system": CONVERSATION[0][1],
+              "history": [[CONVERSATION[1][1], CONVERSATION[2][1]]]}
+    messages = {"messages": [{"role": r, "content": c} for r, c in CONVERSATION]}
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": names[r], "value": c} for r, c in CONVERSATION[1:]],
+                "system": CONVERSATION[0][1]}
+    seen = []
+    for name, record, schema in [("a.json", alpaca, "alpaca"), ("m.jsonl", messages, "OpenAI messages"),
+                                 ("s.json", sharegpt, "ShareGPT conversations")]:
+        path = tmp_path / name
+        body = json.dumps(record, ensure_ascii=False)
+        path.write_text(body + "\n" if name.endswith("l") else f"[{body}]", encoding="utf-8")
+        records, report = read_records(path)
+        assert report.schema == schema and report.multi_turn == 1 and report.reasoning == 1
+        assert f"({schema}, " in summarise(report)
+        seen.append((records[0].system, records[0].turns))
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0] == ("你是甄嬛", tuple(Turn(r, c) for r, c in CONVERSATION[1:]))
+
+
+def test_prompts_may_end_with_the_user_only_when_asked(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"instruction": "翻译", "input": "你好"}\n'
+                    '{"messages": [{"role": "user", "content": "x"}]}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="one format per file"):
+        read_records(path, require_answer=False)
+    path.write_text('{"instruction": "翻译", "input": "你好"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="field 'output'.*is missing"):
+        read_records(path)
+    records, _ = read_records(path, require_answer=False)
+    assert records[0].turns == (Turn("user", "翻译\n你好"),) and records[0].answer is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +389,7 @@ def test_truncations_and_byte_flips_never_crash(tmp_path):
             assert str(path) in e.paragraph(), e.paragraph()
             outcomes["user_error"] += 1
         else:
-            assert records and all(isinstance(r, Record) and r.instruction.strip() and r.output.strip()
+            assert records and all(isinstance(r, Record) and r.turns[0].content.strip() and r.answer.strip()
                                    for r in records)
             outcomes["records"] += 1
     assert min(outcomes.values()) > 10, outcomes  # both paths are exercised

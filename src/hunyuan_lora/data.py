@@ -1,19 +1,25 @@
-"""Stage 3, dataset: alpaca records -> tokenized training examples in the model's own chat format.
+"""Stage 3, dataset: records or conversations -> tokenized training examples in the model's own chat format.
 
     make dataset [CONFIG=configs/huanhuan.yaml] [DATA=my.jsonl]
 
-Each example is exactly what inference will feed the model, plus the answer:
-    prompt   = apply_chat_template([system, user], enable_thinking=False)   labels -100
-               <|startoftext|>{system}<|extra_4|>{user}<|extra_0|><think>\n\n</think>\n
-    response = {output}<|eos|>   (or <answer>\n{output}\n</answer><|eos|> with data.answer_tags)
+The file may hold alpaca records (with `history` for earlier turns), OpenAI `messages` or ShareGPT
+`conversations` (records.py). Each example is exactly what inference will feed the model, plus the
+answer (prompt.py holds the rule, shared with every stage that generates):
+    prompt   = apply_chat_template(conversation up to the answer, enable_thinking=<answer has <think>?>)
+               <|startoftext|>{system}<|extra_4|>{user}<|extra_0|><think>\n\n</think>\n     labels -100
+    response = {answer}<|eos|>   (or <answer>\n{answer}\n</answer><|eos|> with data.answer_tags)
 Unlike the tutorial: no Qwen `<|im_start|>` text markers (plain characters for this tokenizer),
 the target ends in <|eos|> (not <|pad|>), and truncation never cuts the <|eos|> off.
-Writes <output_dir>/data/{train,eval}/ (datasets.save_to_disk) and <output_dir>/data/stats.json.
+data.eval_ratio holds out whole records (all samples of a conversation stay on one side).
+Writes <output_dir>/data/{train,eval}/ (datasets.save_to_disk), data/eval.jsonl (the held-out
+records, for `make eval`) and data/stats.json (counts, lengths, and what made it, which
+prompt.dataset_mismatch compares with the config).
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import math
 import os
 import shutil
 import urllib.request
@@ -21,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import staging_dir, write_json
+from .atomic import staging_dir, write_json, write_text
 from .config import Config
 from .errors import UserError
-from .records import Record, read_records, summarise
-
-IGNORE_INDEX = -100
+from .prompt import IGNORE_INDEX, dataset_provenance, training_samples
+from .records import Record, check_sha256, read_records, summarise
 
 
 def fetch_dataset(cfg: Config) -> Path:
@@ -47,52 +52,33 @@ def fetch_dataset(cfg: Config) -> Path:
             raise UserError(f"could not download the dataset ({e})", where=cfg.data.url,
                             fix=f"download it by hand to {path}, or set DATA= to a local file") from e
         try:
-            _check_sha256(tmp, cfg.data.sha256, cfg.data.url)
+            check_sha256(tmp, cfg.data.sha256, cfg.data.url)
         except UserError:
             tmp.unlink()
             raise
         os.replace(tmp, path)
     else:
-        _check_sha256(path, cfg.data.sha256, str(path))
+        check_sha256(path, cfg.data.sha256, str(path))
     return path
 
 
-def _check_sha256(path: Path, expected: str | None, source: str) -> None:
-    if not expected:
-        return
-    actual = hashlib.sha256(path.read_bytes()).hexdigest()
-    if actual != expected:
-        raise UserError(f"sha256 is {actual}, the config pins {expected}", where=source,
-                        fix="use the pinned file (data.url), or set data.sha256 to null to accept this one")
+def split_records(records: list[Record], cfg: Config) -> tuple[list[Record], list[Record]]:
+    """(train, eval): a seeded draw of ceil(eval_ratio * n) whole records held out, both in file order."""
+    if cfg.data.eval_ratio <= 0:
+        return records, []
+    n_eval = math.ceil(cfg.data.eval_ratio * len(records))
+    if n_eval >= len(records):
+        raise UserError(f"data.eval_ratio={cfg.data.eval_ratio} holds out {n_eval} of {len(records)} record(s), "
+                        "leaving none to train on", where="data.eval_ratio",
+                        fix="lower data.eval_ratio or add records (0 turns the held-out split off)")
+    held = set(np.random.default_rng(cfg.run.seed).permutation(len(records))[:n_eval].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def build_example(tokenizer, record: Record, cfg: Config) -> dict | None:
-    """input_ids / labels for one record; None when it is over max_length and the policy drops it."""
-    system = record.system if record.system is not None else cfg.data.system_prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": record.user_message}
-    ]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=False)
-    answer = f"<answer>\n{record.output}\n</answer>" if cfg.data.answer_tags else record.output
-    response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    limit = cfg.data.max_length
-    truncated = False
-    if len(prompt) + len(response) > limit:
-        if cfg.data.overlong == "error":
-            raise UserError(f"{len(prompt) + len(response)} tokens, over data.max_length={limit}",
-                            where=record.where,
-                            fix="raise data.max_length, shorten the record, or set data.overlong to truncate/drop")
-        room = limit - len(prompt) - 1  # answer tokens that fit before the final <|eos|>
-        if cfg.data.overlong == "drop" or room < 1:
-            return None
-        response = response[:room] + [tokenizer.eos_token_id]  # keep the stop token
-        truncated = True
-    return {
-        "input_ids": prompt + response,
-        "attention_mask": [1] * (len(prompt) + len(response)),
-        "labels": [IGNORE_INDEX] * len(prompt) + response,
-        "truncated": truncated,
-    }
+def as_messages(record: Record) -> dict:
+    """A record in OpenAI messages form (its own system prompt only: the config's applies to the rest)."""
+    system = [{"role": "system", "content": record.system}] if record.system is not None else []
+    return {"messages": system + [{"role": t.role, "content": t.content} for t in record.turns]}
 
 
 def _length_stats(lengths: list[int]) -> dict:
@@ -109,44 +95,47 @@ def run(cfg: Config) -> Path:
     path = fetch_dataset(cfg)
     records, report = read_records(path, drop_duplicates=cfg.data.drop_duplicates)
     print(summarise(report))
+    train_records, eval_records = split_records(records, cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.dir, trust_remote_code=True)
 
-    examples, dropped = [], 0
-    for record in records:
-        ex = build_example(tokenizer, record, cfg)
-        if ex is None:
-            dropped += 1
-        else:
-            examples.append(ex)
-    if not examples:
-        raise UserError(f"every record is longer than data.max_length={cfg.data.max_length}", where=str(path),
-                        fix="raise data.max_length or set data.overlong: truncate")
+    splits: dict[str, list[dict]] = {}
+    dropped = 0
+    for name, part in (("train", train_records), ("eval", eval_records)):
+        examples = []
+        for record in part:
+            samples, n = training_samples(tokenizer, record, cfg)
+            examples += samples
+            dropped += n
+        if part and not examples:
+            raise UserError(f"every {name} record is longer than data.max_length={cfg.data.max_length}",
+                            where=str(path), fix="raise data.max_length or set data.overlong: truncate")
+        if examples:
+            splits[name] = examples
 
+    examples = [ex for part in splits.values() for ex in part]
     truncated = sum(ex.pop("truncated") for ex in examples)
-    full = Dataset.from_list(examples)
-    if cfg.data.eval_ratio > 0:
-        split = full.train_test_split(test_size=cfg.data.eval_ratio, seed=cfg.run.seed)
-        splits = DatasetDict(train=split["train"], eval=split["test"])
-    else:
-        splits = DatasetDict(train=full)
-
     lengths = [len(ex["input_ids"]) for ex in examples]
     stats = {
-        "source": str(path), "sha256": report.sha256, "format": report.format,
+        "source": str(path), "sha256": report.sha256, "format": report.format, "schema": report.schema,
         "records": len(records) + report.dropped, "duplicates_dropped": report.dropped,
+        "multi_turn_records": report.multi_turn, "reasoning_answers": report.reasoning,
         "examples": len(examples), "dropped_overlong": dropped, "truncated": truncated,
         "max_length": cfg.data.max_length, "answer_tags": cfg.data.answer_tags,
-        "system_prompt": cfg.data.system_prompt,
-        "splits": {name: len(ds) for name, ds in splits.items()},
+        "system_prompt": cfg.data.system_prompt, "train_on": cfg.data.train_on,
+        "splits": {name: len(part) for name, part in splits.items()}, "eval_records": len(eval_records),
         "tokens": _length_stats(lengths),
         "label_tokens": _length_stats([sum(t != IGNORE_INDEX for t in ex["labels"]) for ex in examples]),
         "warnings": report.warnings,
+        "made_from": dataset_provenance(cfg, path, report.sha256),
     }
 
     with staging_dir(out) as tmp:  # a killed run leaves the previous dataset, never half of one
-        splits.save_to_disk(str(tmp))
+        DatasetDict({name: Dataset.from_list(part) for name, part in splits.items()}).save_to_disk(str(tmp))
+        write_text(tmp / "eval.jsonl", "".join(json.dumps(as_messages(r), ensure_ascii=False) + "\n"
+                                               for r in eval_records))
         write_json(tmp / "stats.json", stats)
-    print(f"wrote {out}: {len(examples):,} examples, tokens min/mean/p95/max "
+    print(f"wrote {out}: {len(examples):,} examples from {len(records):,} records ({report.schema}, labels on "
+          f"{cfg.data.train_on.replace('_', ' ')} turns), tokens min/mean/p95/max "
           f"{stats['tokens']['min']}/{stats['tokens']['mean']}/{stats['tokens']['p95']}/{stats['tokens']['max']}, "
           f"{truncated} truncated, {dropped} dropped")
     return out

@@ -1,17 +1,26 @@
-"""Read and validate an alpaca instruction dataset (a JSON array or JSONL) into Records.
+"""Read and validate a dataset file (a JSON array or JSONL) of alpaca records or conversations.
 
     records, report = read_records("data/huanhuan.json")
     print(summarise(report))
 
-This is the reading half of the dataset stage. data.py turns Records into token ids with the chat
-template. It also applies cfg.data.max_length / cfg.data.overlong, because lengths exist only
-after tokenisation, and it names a record by `Record.where` when it drops or rejects one.
+This is the reading half of the dataset stage; prompt.py turns Records into token ids with the chat
+template (data.py applies data.max_length / data.overlong, since lengths exist only after
+tokenisation, and names a record by `Record.where` when it drops or rejects one). Batch inference and
+`make eval` read their files here too (`require_answer=False` lets a record end on the user's turn).
 
-What is accepted
-- Alpaca JSON: one top-level array of objects. JSONL: one object per line; blank lines are skipped.
-- Each object has `instruction` and `output` (strings, not blank), and may have `input` (string,
-  default "") and `system` (string; absent or null means that the config's system_prompt applies).
-  Optional fields may be null or left out. Other fields are ignored with a warning.
+Formats, detected from the file's first record and named in the report (one format per file)
+- alpaca: `instruction` and `output` (strings, not blank); optional `input` (default ""), `system`
+  (absent or null: the config's system_prompt applies) and `history` (earlier turns as a list of
+  [user, assistant] pairs, LLaMA-Factory's layout). The user turn is instruction, then input on a new
+  line when there is one.
+- OpenAI `messages`: a list of {"role": "system" | "user" | "assistant", "content": "..."}; an optional
+  system message first, then user and assistant alternating, ending with the assistant.
+- ShareGPT `conversations`: a list of {"from": "system" | "human" | "gpt", "value": "..."}, the same
+  order; the system prompt may also be a top-level `system` field.
+An assistant turn may start with a reasoning trace `<think>...</think>`; it must be closed.
+Tool calls and tool/observation turns are not supported and are rejected.
+
+The file
 - UTF-8 without a byte-order mark. A BOM is rejected, with the command that strips it: the project
   hashes the data file for provenance, so the bytes we read should be the bytes the user keeps.
 - LF or CRLF line endings. CR is JSON whitespace, so CRLF yields exactly the records LF does: it is
@@ -20,17 +29,15 @@ What is accepted
 
 What is rejected
 Every problem is a UserError naming the file, the line, the record (numbered from 1, in file
-order) and the field, and giving the fix. A file-level problem (missing, empty, not UTF-8, not
-JSON, wrong top-level type) stops reading at once. Record-level problems are collected over the
+order), the field (and the turn), and giving the fix. A file-level problem (missing, empty, not UTF-8,
+not JSON, wrong top-level type) stops reading at once. Record-level problems are collected over the
 whole file and raised together (the first 10 shown, then "and N more"), so one run lists them all.
 A syntax error inside a JSON array ends the walk (nothing after it can be parsed) but keeps the
 problems found before it. In JSONL every bad line is reported.
 
-`Record.user_message` is the user turn: instruction, then input on a new line when there is one.
-
-Duplicates (the same instruction, input, output and system) are counted, and all but the first are
-dropped. Note that the tutorial's huanhuan.json has 112 repeats among its 3,729 records and trained
-on all of them (233 steps): pass drop_duplicates=False to reproduce that.
+Duplicates (the same system prompt and turns) are counted, and all but the first are dropped. Note
+that the tutorial's huanhuan.json has 112 repeats among its 3,729 records and trained on all of them
+(233 steps): pass drop_duplicates=False to reproduce that.
 """
 
 from __future__ import annotations
@@ -48,22 +55,43 @@ from typing import Any, NamedTuple
 
 from .errors import UserError
 
-REQUIRED = ("instruction", "output")
-OPTIONAL = ("input", "system")
-FIELDS = REQUIRED + OPTIONAL
+ALPACA_REQUIRED = ("instruction", "output")
+ALPACA_FIELDS = ALPACA_REQUIRED + ("input", "system", "history")
 MAX_SHOWN = 10  # problems spelled out in one error; the rest are counted
+
+# Each format: the field that holds the turns, the key naming a turn's speaker and its text, and
+# the speaker names mapped to the chat template's roles.
+ALPACA, MESSAGES, SHAREGPT = "alpaca", "OpenAI messages", "ShareGPT conversations"
+
+
+class _Chat(NamedTuple):
+    field: str
+    role_key: str
+    text_key: str
+    roles: dict[str, str]
+    example: str
+
+
+_CHATS = {
+    MESSAGES: _Chat("messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"},
+                    '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'),
+    SHAREGPT: _Chat("conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"},
+                    '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}'),
+}
+_FIELDS = {ALPACA: ALPACA_FIELDS, MESSAGES: ("messages",), SHAREGPT: ("conversations", "system")}
+_UNSUPPORTED_ROLES = ("tool", "function", "function_call", "observation", "ipython")
 
 # Names that other instruction formats use for our fields, offered as a rename in the fix.
 _ALIASES = {
     "instruction": ("prompt", "question", "query", "human"),
     "output": ("response", "answer", "completion", "assistant"),
 }
-_CHAT_KEYS = ("conversations", "messages")  # ShareGPT / OpenAI chat formats, not alpaca
 
 # Characters that must not reach the tokenizer: C0 controls except tab and newline, DEL, C1 controls
 # (in Chinese text these usually point to mojibake), and lone surrogates from broken \uD8xx escapes.
 _BAD_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 _JSON_WS = " \t\r\n"  # the only whitespace JSON allows between tokens
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 # Fixes for the JSON parser's messages that users run into most often.
 _SYNTAX_FIXES = {
@@ -78,29 +106,44 @@ _SYNTAX_FIX = "correct the JSON at that position (`python -m json.tool FILE` rep
 
 
 @dataclass(frozen=True)
+class Turn:
+    role: str  # "user" or "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
 class Record:
-    instruction: str
-    input: str
-    output: str
-    system: str | None  # None: the config's system_prompt applies
+    """One conversation: user and assistant turns alternating, starting with the user; it ends with
+    the assistant (the answer), or with the user when read with require_answer=False."""
+
+    system: str | None  # None: the config's system_prompt applies; "" means no system prompt
+    turns: tuple[Turn, ...]
     where: str  # "file:line N" (JSONL) or "file:line N, record #i" (JSON array), for messages
 
     @property
-    def user_message(self) -> str:
-        """The user turn. The tutorial writes `instruction + input`. We put a newline between them
-        when `input` is not empty, so that "Translate:" and "Hello" do not run together. With an empty
-        input, as in every huanhuan.json record, the result is the tutorial's text exactly."""
-        return f"{self.instruction}\n{self.input}" if self.input else self.instruction
+    def answer(self) -> str | None:
+        """The last assistant turn's content, when the record ends with one."""
+        return self.turns[-1].content if self.turns[-1].role == "assistant" else None
+
+
+def alpaca_user_message(instruction: str, input: str) -> str:
+    """The user turn of an alpaca record. The tutorial writes `instruction + input`; we put a newline
+    between them when `input` is not empty, so that "Translate:" and "Hello" do not run together. With
+    an empty input, as in every huanhuan.json record, the result is the tutorial's text exactly."""
+    return f"{instruction}\n{input}" if input else instruction
 
 
 @dataclass
 class ReadReport:
     path: str
     format: str  # "JSON array" or "JSONL"
+    schema: str  # ALPACA, MESSAGES or SHAREGPT
     sha256: str  # of the file's bytes, for the run's provenance
     records: int  # records returned
     duplicates: int  # records that repeat an earlier one
     dropped: int  # duplicates removed (0 with drop_duplicates=False)
+    multi_turn: int = 0  # records with more than one assistant turn
+    reasoning: int = 0  # assistant turns that carry a <think> trace
     warnings: list[str] = field(default_factory=list)
 
 
@@ -126,9 +169,11 @@ def _object(pairs: list[tuple[str, Any]]) -> _Object:
 _DECODER = json.JSONDecoder(object_pairs_hook=_object)
 
 
-def read_records(path: str | Path, *, drop_duplicates: bool = True) -> tuple[list[Record], ReadReport]:
-    """Read every record of an alpaca JSON array or JSONL file; raise one UserError listing every
-    problem found. See the module docstring for what is accepted and what is rejected."""
+def read_records(path: str | Path, *, drop_duplicates: bool = True,
+                 require_answer: bool = True) -> tuple[list[Record], ReadReport]:
+    """Read every record of a JSON array or JSONL file; raise one UserError listing every problem
+    found. See the module docstring for what is accepted and what is rejected. With
+    require_answer=False a record may end on the user's turn (prompts for inference)."""
     path = Path(path)
     raw = _read_bytes(path)
     text, warnings = _decode(raw, path)
@@ -145,10 +190,12 @@ def read_records(path: str | Path, *, drop_duplicates: bool = True) -> tuple[lis
         raise _not_records(text, path)
 
     # ---- records ----------------------------------------------------------------------------
+    schema = next((_schema_of(v) for v, _ in values if isinstance(v, dict)), ALPACA)
+    first_loc = next((loc for v, loc in values if isinstance(v, dict)), "")
     unknown: dict[str, list[str]] = {}  # unknown field -> locations, so that one warning names it
     records = []
     for value, loc in values:
-        record = _check_record(value, loc, path, problems, unknown)
+        record = _check_record(value, loc, path, schema, first_loc, require_answer, problems, unknown)
         if record is not None:
             records.append(record)
     if problems:
@@ -159,7 +206,7 @@ def read_records(path: str | Path, *, drop_duplicates: bool = True) -> tuple[lis
         raise UserError("the array holds no records", where=str(path),
                         fix='put the records inside the brackets: [{"instruction": ..., "output": ...}, ...]')
     for key, locs in unknown.items():
-        near = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+        near = difflib.get_close_matches(key, _FIELDS[schema], n=1, cutoff=0.6)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         warnings.append(f"unknown field '{key}' in {len(locs):,} record(s), first at {locs[0]}: ignored{hint}")
 
@@ -167,7 +214,7 @@ def read_records(path: str | Path, *, drop_duplicates: bool = True) -> tuple[lis
     first_seen: dict[tuple, Record] = {}
     repeats: list[tuple[Record, Record]] = []  # (repeat, the record it repeats)
     for r in records:
-        key = (r.instruction, r.input, r.output, r.system)
+        key = (r.system, r.turns)
         if key in first_seen:
             repeats.append((r, first_seen[key]))
         else:
@@ -180,16 +227,30 @@ def read_records(path: str | Path, *, drop_duplicates: bool = True) -> tuple[lis
         if drop_duplicates:
             records = list(first_seen.values())
 
-    report = ReadReport(path=str(path), format=fmt, sha256=hashlib.sha256(raw).hexdigest(),
+    answers = [t for r in records for t in r.turns if t.role == "assistant"]
+    report = ReadReport(path=str(path), format=fmt, schema=schema, sha256=hashlib.sha256(raw).hexdigest(),
                         records=len(records), duplicates=len(repeats),
-                        dropped=len(repeats) if drop_duplicates else 0, warnings=warnings)
+                        dropped=len(repeats) if drop_duplicates else 0,
+                        multi_turn=sum(sum(t.role == "assistant" for t in r.turns) > 1 for r in records),
+                        reasoning=sum(t.content.startswith(THINK_OPEN) for t in answers), warnings=warnings)
     return records, report
+
+
+def check_sha256(path: Path, expected: str | None, source: str) -> None:
+    """Refuse a data file whose bytes are not the ones the config pins (data.sha256)."""
+    if not expected:
+        return
+    actual = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if actual != expected:
+        raise UserError(f"sha256 is {actual}, the config pins {expected}", where=source,
+                        fix="use the pinned file (data.url), or set data.sha256 to null to accept this one")
 
 
 def summarise(report: ReadReport) -> str:
     """A few lines for the dataset stage to print."""
-    lines = [f"read {report.records:,} records from {report.path} ({report.format}, sha256 {report.sha256[:12]}); "
-             f"{report.dropped:,} duplicate(s) dropped"]
+    lines = [f"read {report.records:,} records from {report.path} ({report.schema}, {report.format}, "
+             f"sha256 {report.sha256[:12]}); {report.multi_turn:,} multi-turn, {report.reasoning:,} answer(s) "
+             f"with a <think> trace, {report.dropped:,} duplicate(s) dropped"]
     lines += [f"WARNING: {w}" for w in report.warnings]
     return "\n".join(lines)
 
@@ -276,7 +337,8 @@ def _check_jsonl_shape(text: str, path: Path) -> None:
     first_line = text.count("\n", 0, start) + 1
     last_line = first_line + text.count("\n", start, end)
     alone = not text[end:].strip(_JSON_WS)
-    holders = [k for k, v in value.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    holders = [k for k, v in value.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+               and k not in (c.field for c in _CHATS.values())]
     if last_line > first_line and not alone:
         raise UserError(
             f"the first record spans lines {first_line}-{last_line}: the file holds pretty-printed JSON objects "
@@ -421,49 +483,193 @@ def _line_problem(e: json.JSONDecodeError, line: str, n: int) -> _Problem:
 # records
 
 
-def _check_record(value: Any, loc: str, path: Path, problems: list[_Problem],
-                  unknown: dict[str, list[str]]) -> Record | None:
+def _schema_of(value: dict) -> str:
+    return next((name for name, chat in _CHATS.items() if chat.field in value), ALPACA)
+
+
+def _check_record(value: Any, loc: str, path: Path, schema: str, first_loc: str, require_answer: bool,
+                  problems: list[_Problem], unknown: dict[str, list[str]]) -> Record | None:
     """A Record, or None after adding every problem of this record to `problems`."""
     if not isinstance(value, dict):
         problems.append(_Problem(loc, f"the record is {_kind(value)}, not an object",
-                                 'write each record as {"instruction": ..., "input": "", "output": ...}'))
+                                 f"write each record as an object like the first one ({first_loc})"))
+        return None
+    if _schema_of(value) != schema:
+        problems.append(_Problem(loc, f"is a {_schema_of(value)} record, but the file's first record ({first_loc}) "
+                                 f"is {schema}: one format per file",
+                                 "convert the records to one format, or split the file and tokenize each"))
         return None
     found = [_Problem(f"{loc}, field '{k}'", "appears twice in the record; JSON keeps only the last one",
                       "keep one of them") for k in value.repeated]
-    extra = [k for k in value if k not in FIELDS]
-    found += [_missing(name, value, loc, extra) for name in REQUIRED if name not in value]
-    for name in FIELDS:
-        v = value.get(name)
-        if name not in value or (v is None and name in OPTIONAL):
-            continue  # absent (a missing required field is reported above) or an optional null
-        floc = f"{loc}, field '{name}'"
-        if not isinstance(v, str):
-            or_null = " or null" if name in OPTIONAL else ""
-            found.append(_Problem(floc, f"is {_kind(v)}, expected a string",
-                                  f"write it as a JSON string in double quotes{or_null}"))
-        elif name in REQUIRED and not v.strip():
-            found.append(_Problem(floc, "is empty" if not v else f"is only whitespace ({v[:20]!r})",
-                                  "write the text, or delete the record"))
-        elif m := _BAD_CHARS.search(v):
-            found.append(_bad_char(v, m, floc))
+    extra = [k for k in value if k not in _FIELDS[schema]]
+    if schema == ALPACA:
+        system, turns = _alpaca_turns(value, loc, extra, require_answer, found)
+    else:
+        system, turns = _chat_turns(value, loc, _CHATS[schema], require_answer, found)
     for k in extra:
         unknown.setdefault(k, []).append(f"{path}:{loc}")
     if found:
         problems += found
         return None
-    return Record(instruction=value["instruction"], input=value.get("input") or "", output=value["output"],
-                  system=value.get("system"), where=f"{path}:{loc}")
+    return Record(system=system, turns=tuple(turns), where=f"{path}:{loc}")
+
+
+def _text_problem(v: Any, floc: str, required: bool, nullable: bool = False) -> _Problem | None:
+    """The problem with one text field's value, if any."""
+    if not isinstance(v, str):
+        or_null = " or null" if nullable else ""
+        return _Problem(floc, f"is {_kind(v)}, expected a string", f"write it as a JSON string in double quotes{or_null}")
+    if required and not v.strip():
+        return _Problem(floc, "is empty" if not v else f"is only whitespace ({v[:20]!r})",
+                        "write the text, or delete the record")
+    if m := _BAD_CHARS.search(v):
+        return _bad_char(v, m, floc)
+    return None
+
+
+def _think_problem(answer: str, floc: str) -> _Problem | None:
+    """A reasoning trace must open the answer and be closed: an unclosed <think> would train the model
+    to never leave thinking mode."""
+    if answer.startswith(THINK_OPEN) and THINK_CLOSE not in answer:
+        return _Problem(floc, "starts a <think> reasoning trace that is never closed",
+                        "end the reasoning with </think> before the answer, e.g. <think>\\n...\\n</think>\\n<answer>")
+    if THINK_CLOSE in answer and not answer.startswith(THINK_OPEN):
+        return _Problem(floc, "contains </think> but does not start with <think> (a reasoning trace must open "
+                        "the answer)", "move the <think>...</think> block to the very start of the answer, or delete it")
+    return None
+
+
+def _alpaca_turns(value: dict, loc: str, extra: list[str], require_answer: bool,
+                  found: list[_Problem]) -> tuple[str | None, list[Turn]]:
+    required = ALPACA_REQUIRED if require_answer else ALPACA_REQUIRED[:1]
+    found += [_missing(name, value, loc, extra) for name in required if name not in value]
+    for name in ("instruction", "output", "input", "system"):
+        v = value.get(name)
+        if name not in value or (v is None and name not in required):
+            continue  # absent (a missing required field is reported above) or an optional null
+        floc = f"{loc}, field '{name}'"
+        problem = _text_problem(v, floc, name in ALPACA_REQUIRED, nullable=name not in required)
+        if problem is None and name == "output":
+            problem = _think_problem(v, floc)
+        if problem:
+            found.append(problem)
+    turns: list[Turn] = []
+    history = value.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            found.append(_Problem(f"{loc}, field 'history'", f"is {_kind(history)}, expected a list of "
+                                  "[user, assistant] pairs", 'write it as [["earlier question", "earlier answer"], ...]'))
+        for i, pair in enumerate(history if isinstance(history, list) else [], 1):
+            floc = f"{loc}, field 'history', pair #{i}"
+            if not (isinstance(pair, list) and len(pair) == 2):
+                found.append(_Problem(floc, f"is {_kind(pair)}, expected a [user, assistant] pair of two strings",
+                                      'write each earlier turn as ["question", "answer"]'))
+                continue
+            for role, text in (("user", pair[0]), ("assistant", pair[1])):
+                problem = _text_problem(text, f"{floc} ({role} turn)", required=True)
+                if problem is None and role == "assistant":
+                    problem = _think_problem(text, f"{floc} ({role} turn)")
+                if problem:
+                    found.append(problem)
+                turns.append(Turn(role, text))
+    if found:
+        return None, []
+    turns.append(Turn("user", alpaca_user_message(value["instruction"], value.get("input") or "")))
+    if value.get("output") is not None:
+        turns.append(Turn("assistant", value["output"]))
+    return value.get("system"), turns
+
+
+def _chat_turns(value: dict, loc: str, chat: _Chat, require_answer: bool,
+                found: list[_Problem]) -> tuple[str | None, list[Turn]]:
+    items = value[chat.field]
+    floc = f"{loc}, field '{chat.field}'"
+    if not isinstance(items, list) or not items:
+        what = "is an empty list" if isinstance(items, list) else f"is {_kind(items)}, expected a list of turns"
+        found.append(_Problem(floc, what, f"write the record as {chat.example}"))
+        return None, []
+    system = value.get("system")
+    if system is not None and (p := _text_problem(system, f"{loc}, field 'system'", required=False, nullable=True)):
+        found.append(p)
+    turns: list[Turn] = []
+    names = "/".join(chat.roles)
+    for i, item in enumerate(items, 1):
+        tloc = f"{floc}, turn #{i}"
+        if not isinstance(item, dict):
+            found.append(_Problem(tloc, f"is {_kind(item)}, not an object", f"write each turn like {chat.example}"))
+            continue
+        speaker = item.get(chat.role_key)
+        if chat.role_key not in item or chat.text_key not in item:
+            missing = [k for k in (chat.role_key, chat.text_key) if k not in item]
+            has = ", ".join(item) or "no fields"
+            other = next((c for c in _CHATS.values() if c is not chat and c.role_key in item), None)
+            fix = (f"this turn is written as {next(n for n, c in _CHATS.items() if c is other)}: use "
+                   f"'{chat.role_key}' / '{chat.text_key}' like the rest of the file" if other else
+                   f"give every turn '{chat.role_key}' ({names}) and '{chat.text_key}'")
+            found.append(_Problem(tloc, f"has no '{missing[0]}' (the turn has: {has})", fix))
+            continue
+        if speaker in _UNSUPPORTED_ROLES or "tool_calls" in item or "function_call" in item:
+            found.append(_Problem(tloc, f"is a tool / function turn ({chat.role_key} {speaker!r}); tool use is not "
+                                  "supported by this kit", "delete the tool turns, or the record"))
+            continue
+        if speaker not in chat.roles:
+            this = next(n for n, c in _CHATS.items() if c is chat)
+            other = next((n for n, c in _CHATS.items() if c is not chat and speaker in c.roles), None)
+            if other:  # the other format's name for a role: name ours for the same role
+                ours = next(k for k, v in chat.roles.items() if v == _CHATS[other].roles[speaker])
+                fix = f"this file is {this}: write '{ours}' ('{speaker}' is the {other} name)"
+            else:
+                near = difflib.get_close_matches(str(speaker), list(chat.roles), n=1, cutoff=0.5)
+                fix = f"this file is {this}: write " + (f"'{near[0]}'" if near else f"one of {names}")
+            found.append(_Problem(f"{tloc}, field '{chat.role_key}'", f"is {_kind(speaker)}, expected one of {names}",
+                                  fix))
+            return None, []  # the order of the turns after it cannot be judged
+        role = chat.roles[speaker]
+        text = item[chat.text_key]
+        if isinstance(text, list):
+            found.append(_Problem(f"{tloc}, field '{chat.text_key}'", f"is {_kind(text)} (content parts); only "
+                                  "text is supported", "join the text parts into one string"))
+            continue
+        problem = _text_problem(text, f"{tloc}, field '{chat.text_key}'", required=role != "system")
+        if problem is None and role == "assistant":
+            problem = _think_problem(text, f"{tloc}, field '{chat.text_key}'")
+        if problem:
+            found.append(problem)
+            continue
+        if role == "system":
+            if i != 1:
+                found.append(_Problem(tloc, "is a system turn after turn #1", "put the system prompt first, once"))
+            elif system is not None:
+                found.append(_Problem(tloc, "gives a system prompt, and so does the record's field 'system'",
+                                      "keep one of them"))
+            else:
+                system = text
+            continue
+        expected = "user" if not turns or turns[-1].role == "assistant" else "assistant"
+        if role != expected:
+            speaker_name = {v: k for k, v in chat.roles.items()}
+            found.append(_Problem(tloc, f"is a {speaker_name[role]!r} turn where a {speaker_name[expected]!r} turn "
+                                  "belongs: turns must alternate, starting with the user",
+                                  "merge consecutive turns of one speaker, or add the missing turn"))
+            continue
+        turns.append(Turn(role, text))
+    if found:
+        return None, []
+    if not turns:
+        found.append(_Problem(floc, "has no user turn", f"write the record as {chat.example}"))
+    elif require_answer and turns[-1].role != "assistant":
+        found.append(_Problem(f"{floc}, turn #{len(items)}", "the conversation ends with the user's turn: there is "
+                              "no answer to train on", "add the assistant's reply, or delete the last turn"))
+    return system, turns
 
 
 def _missing(name: str, value: dict, loc: str, extra: list[str]) -> _Problem:
     renames = [k for k in extra if k.lower() in _ALIASES[name] or difflib.get_close_matches(name, [k], cutoff=0.6)]
     if renames:
         fix = f"rename '{renames[0]}' to '{name}'"
-    elif any(k in value for k in _CHAT_KEYS):
-        fix = ("this is a chat (ShareGPT / messages) record; convert it to alpaca: the user's turn as "
-               "'instruction', the assistant's reply as 'output'")
     else:
-        fix = f"add '{name}' (every record needs 'instruction' and 'output')"
+        fix = (f"add '{name}' (every alpaca record needs 'instruction' and 'output'; conversations go in "
+               "'messages' or 'conversations')")
     has = ", ".join(value) or "no fields"
     return _Problem(f"{loc}, field '{name}'", f"is missing (the record has: {has})", fix)
 
