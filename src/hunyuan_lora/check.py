@@ -324,8 +324,7 @@ def check_tokenized(cfg: Config) -> tuple[str, dict]:
 
 def check_raw_dataset(cfg: Config) -> tuple[Status, str, int | None]:
     """Before `make dataset`: the raw file, read and validated as the dataset stage will read it."""
-    from .data import _check_sha256
-    from .records import read_records
+    from .records import check_sha256, read_records
 
     path = Path(cfg.data.path)
     if not path.exists():
@@ -333,7 +332,7 @@ def check_raw_dataset(cfg: Config) -> tuple[Status, str, int | None]:
             return "todo", f"{path} not downloaded yet: `make dataset` fetches {cfg.data.url}", None
         raise UserError(f"dataset file {path} does not exist", where="data.path",
                         fix="set DATA=/path/to/file.json(l), or data.url in the config")
-    _check_sha256(path, cfg.data.sha256, str(path))
+    check_sha256(path, cfg.data.sha256, str(path))
     records, report = read_records(path, drop_duplicates=cfg.data.drop_duplicates)
     note = "; not tokenized yet: run `make dataset`"
     return "ok", f"{path}: {len(records):,} valid records ({report.format}){note}", len(records)

@@ -63,7 +63,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = "data/huanhuan.json"  # alpaca JSON or JSONL (instruction, input, output[, system])
+    # JSON array or JSONL of alpaca records (instruction, input, output[, system, history]), OpenAI
+    # `messages` or ShareGPT `conversations` (records.py); the format is detected per file.
+    path: str = "data/huanhuan.json"
     # Where `make dataset` fetches `path` from when it is missing (pinned commit + sha256).
     url: str | None = (
         "https://raw.githubusercontent.com/datawhalechina/self-llm/"
@@ -79,6 +81,8 @@ class DataSection:
     eval_ratio: float = 0.0  # fraction held out for evaluation loss (0: none)
     # huanhuan.json repeats 112 records; the tutorial trained on all 3,729 (233 steps).
     drop_duplicates: bool = True
+    # Which assistant turns of a conversation carry labels (the others are context only).
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
 
 
 @dataclass
