@@ -7,11 +7,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# What a user types reaches Python exactly as typed, through the environment (HL_<NAME>), never
+# through a shell command line: spaces, quotes, `$`, backticks, newlines and non-ASCII survive, and
+# nothing a user types is run. $(value ...) stops make from expanding `$` inside the text; HL_<NAME>
+# in the environment (docker-train hands values to the container's make that way) counts as typed.
+USER_VARS := CONFIG MODEL_DIR DATA OUTPUT_DIR SET PROMPT STAND_IN_DIR EVAL
+TYPED_VARS := $(foreach v,$(USER_VARS),$(if $(filter command line,$(origin $(v))),$(v)))
+$(foreach v,$(USER_VARS),$(if $(filter undefined,$(origin $(v))),$(if $(filter environment,$(origin HL_$(v))),\
+  $(eval $(v) := $$(value HL_$(v))))))
+$(foreach v,$(USER_VARS),$(if $(filter command line environment,$(origin $(v))),$(eval override $(v) := $$(value $(v)))))
 CONFIG ?= configs/huanhuan.yaml
 STAND_IN_DIR ?= artifacts/stand-in
-# Every stage takes the same run selection; MODEL_DIR / DATA / OUTPUT_DIR override the config's paths.
-RUN_ARGS = --config $(CONFIG) $(if $(MODEL_DIR),--model-dir $(MODEL_DIR)) $(if $(DATA),--data $(DATA)) \
-           $(if $(OUTPUT_DIR),--output-dir $(OUTPUT_DIR)) $(foreach s,$(SET),--set $(s))
+# Every stage reads HL_CONFIG / HL_MODEL_DIR / HL_DATA / HL_OUTPUT_DIR / HL_SET (config.add_cli_args).
+$(foreach v,$(USER_VARS),$(eval export HL_$(v) = $$($(v))))
 
 # Multi-GPU: LAUNCH=<configs/accelerate/ name> runs train under `accelerate launch` with NPROC processes
 # (all GPUs of all machines); ACCELERATE_ARGS adds e.g. --num_machines 2 --machine_rank 0
@@ -46,51 +54,51 @@ lock:  ## recompile requirements.lock from requirements.in (uv, hashes, Python 3
 
 test: setup  ## run the test suite (installs what it needs first)
 	bash scripts/install_test_deps.sh
-	$(PY) -m pytest -q
+	env $(foreach v,$(USER_VARS),-u HL_$(v)) $(PY) -m pytest -q  # tests choose their own HL_* values
 
 # ---- the stages -------------------------------------------------------------------------------
 stand-in: setup  ## write the tiny stand-in model folder (STAND_IN_DIR, default artifacts/stand-in)
-	$(PY) -m hunyuan_lora.stand_in $(STAND_IN_DIR)
+	$(PY) -m hunyuan_lora.stand_in
 
 download: setup  ## download the model from ModelScope (pinned revision), verify it
-	$(PY) scripts/download.py $(RUN_ARGS)
+	$(PY) scripts/download.py
 
 patch: setup  ## define the missing `logger` in the model's hunyuan.py (keeps hunyuan.py.orig)
-	$(PY) scripts/patch.py $(RUN_ARGS)
+	$(PY) scripts/patch.py
 
 dataset: setup  ## fetch + validate + tokenize the dataset into OUTPUT_DIR/data
-	$(PY) scripts/dataset.py $(RUN_ARGS)
+	$(PY) scripts/dataset.py
 
 .PHONY: check
 check: setup  ## preflight, no weights loaded: config, model folder, patch, dataset, resume, disk, GPU memory
-	$(CHECK_ENV) $(PY) scripts/check.py $(RUN_ARGS)
+	$(CHECK_ENV) $(PY) scripts/check.py
 
 train: setup  ## LoRA fine-tune with HF Trainer + SwanLab (resume: auto); LAUNCH=zero3 NPROC=8: DeepSpeed ZeRO-3
 	$(if $(LAUNCH),test -f $(LAUNCH_CONFIG) || { echo "LAUNCH=$(LAUNCH): no $(LAUNCH_CONFIG) (see configs/accelerate/)" >&2; exit 2; })
-	$(TRAIN_LAUNCHER) scripts/train.py $(RUN_ARGS)
+	$(TRAIN_LAUNCHER) scripts/train.py
 
 infer: setup  ## answer PROMPT (or infer.prompts / infer.input_jsonl) with base + adapter
-	$(PY) scripts/infer.py $(RUN_ARGS) $(if $(PROMPT),--prompt "$(PROMPT)")
+	$(PY) scripts/infer.py
 
 merge: setup  ## merge the adapter into the base weights -> OUTPUT_DIR/merged
-	$(PY) scripts/merge.py $(RUN_ARGS)
+	$(PY) scripts/merge.py
 
 .PHONY: watch
 watch: setup  ## SwanLab dashboard on OUTPUT_DIR/swanlog at swanlab.host:port (e.g. CONFIG=configs/demo.yaml)
-	$(PY) scripts/watch.py $(RUN_ARGS)
+	$(PY) scripts/watch.py
 
 BENCH_ARGS ?= --real-config --profile
 bench: setup  ## GPU benchmark at the real width, reduced depth: upstream vs fast MoE (bench/results/)
-	test -f .bench_data/lengths.json || $(PY) bench/run.py --write-lengths $(or $(DATA),../shared/data/huanhuan.json) .bench_data/lengths.json
+	test -f .bench_data/lengths.json || $(PY) bench/run.py --write-lengths "$${HL_DATA:-../shared/data/huanhuan.json}" .bench_data/lengths.json
 	$(PY) bench/run.py $(BENCH_ARGS) --lengths .bench_data/lengths.json --out-dir bench/results
 
 demo: CONFIG = configs/demo.yaml
 demo: setup  ## stand-in -> patch -> dataset -> train -> infer, CPU, offline (the first quick-start)
-	$(PY) -m hunyuan_lora.stand_in $(STAND_IN_DIR)
-	$(PY) scripts/patch.py $(RUN_ARGS) --model-dir $(STAND_IN_DIR)
-	$(PY) scripts/dataset.py $(RUN_ARGS) --model-dir $(STAND_IN_DIR)
-	$(PY) scripts/train.py $(RUN_ARGS) --model-dir $(STAND_IN_DIR) --set train.resume=never
-	$(PY) scripts/infer.py $(RUN_ARGS) --model-dir $(STAND_IN_DIR)
+	$(PY) -m hunyuan_lora.stand_in
+	HL_MODEL_DIR="$$HL_STAND_IN_DIR" $(PY) scripts/patch.py
+	HL_MODEL_DIR="$$HL_STAND_IN_DIR" $(PY) scripts/dataset.py
+	HL_MODEL_DIR="$$HL_STAND_IN_DIR" $(PY) scripts/train.py --set train.resume=never
+	HL_MODEL_DIR="$$HL_STAND_IN_DIR" HL_PROMPT= $(PY) scripts/infer.py
 
 # --- container ---
 # The image (Dockerfile): NVIDIA container toolkit + driver >= 570 on the host. The volumes hold
@@ -107,9 +115,10 @@ DOCKER_USER ?= $(shell id -u):$(shell id -g)
 DOCKER_BUILD_ARGS ?=
 # What docker-train runs in the image, e.g. STAGES="download patch dataset train infer".
 STAGES ?= train
-# CONFIG / SET / PROMPT given on this command line are handed to the container's make. Host paths
-# are not: inside, the configs' models/ data/ outputs/ are the volumes (MODELS_VOLUME -> /models ...).
-DOCKER_MAKE_VARS = $(foreach v,CONFIG SET PROMPT,$(if $(filter command line,$(origin $(v))),'$(v)=$($(v))'))
+# CONFIG / SET / PROMPT given on this command line are handed to the container's make by name (-e
+# HL_<NAME>: the value travels in the environment). Host paths are not: inside, the configs' models/
+# data/ outputs/ are the volumes (MODELS_VOLUME -> /models ...).
+DOCKER_MAKE_VARS = $(foreach v,$(filter CONFIG SET PROMPT,$(TYPED_VARS)),-e HL_$(v))
 DOCKER_VOLUMES = -v $(MODELS_VOLUME):/models -v $(DATA_VOLUME):/data -v $(OUTPUTS_VOLUME):/outputs
 # --stop-timeout: on `docker stop` training saves a checkpoint after the current step, which on the
 # real model takes far longer than docker's default 10 s before SIGKILL.
@@ -126,15 +135,15 @@ docker-build:  ## build the image IMAGE:TAG (labels: source, version, requiremen
 
 docker-train:  ## run `make STAGES` (default: train) in the image on all GPUs, with the volumes
 	mkdir -p $(MODELS_VOLUME) $(DATA_VOLUME) $(OUTPUTS_VOLUME)
-	$(DOCKER_RUN) $(IMAGE):$(TAG) $(STAGES) $(DOCKER_MAKE_VARS)
+	$(DOCKER_RUN) $(DOCKER_MAKE_VARS) $(IMAGE):$(TAG) $(STAGES)
 
 docker-shell:  ## interactive shell in the image (same GPUs, volumes, user as docker-train)
 	mkdir -p $(MODELS_VOLUME) $(DATA_VOLUME) $(OUTPUTS_VOLUME)
 	$(DOCKER_RUN) -it --entrypoint bash $(IMAGE):$(TAG)
 
 docker-watch:  ## SwanLab dashboard of the runs in OUTPUTS_VOLUME, from the image, on 127.0.0.1:WATCH_PORT
-	docker run --rm -it --user $(DOCKER_USER) $(DOCKER_VOLUMES) -p 127.0.0.1:$(WATCH_PORT):5092 $(IMAGE):$(TAG) \
-	  watch $(filter-out 'SET=%,$(DOCKER_MAKE_VARS)) 'SET=swanlab.host=0.0.0.0 swanlab.port=5092 $(SET)'
+	HL_SET="swanlab.host=0.0.0.0 swanlab.port=5092 $$HL_SET" docker run --rm -it --user $(DOCKER_USER) $(DOCKER_VOLUMES) \
+	  -p 127.0.0.1:$(WATCH_PORT):5092 $(foreach v,$(filter CONFIG PROMPT,$(TYPED_VARS)),-e HL_$(v)) -e HL_SET $(IMAGE):$(TAG) watch
 
 lint-container: setup  ## hadolint the Dockerfile, actionlint the workflows
 	$(VENV)/bin/hadolint Dockerfile

@@ -461,15 +461,19 @@ def test_docker_targets_dry_run():
     assert tokens[tokens.index("-e") + 1] == "SWANLAB_API_KEY"
     assert "SWANLAB_API_KEY=" not in cmd
     image_at = tokens.index("ghcr.io/o/hunyuan-lora:v9")
-    assert tokens[image_at + 1:] == ["train", "CONFIG=configs/huanhuan.yaml"]
+    assert tokens[image_at + 1:] == ["train"]
+    # CONFIG typed on this command line is handed to the container's make by name (its value in the
+    # environment, HL_CONFIG), so no quoting of a user's text is involved; host paths are not handed on.
+    assert tokens[image_at - 2:image_at] == ["-e", "HL_CONFIG"] and "HL_MODEL_DIR" not in tokens
 
     # The dashboard must listen on all interfaces inside the container, published on loopback only.
     watch = run(["make", "-n", "docker-watch", "TAG=v9", "SET=run.name=x"], env=env)
     assert watch.returncode == 0, watch.stderr
     tokens = shlex.split(watch.stdout.replace("\\\n", " "))
     assert "127.0.0.1:5092:5092" in tokens and "--gpus" not in tokens
-    sets = [t for t in tokens if t.startswith("SET=")]
-    assert len(sets) == 1 and sets[0].split() == ["SET=swanlab.host=0.0.0.0", "swanlab.port=5092", "run.name=x"]
+    # SET travels by name (-e HL_SET), the container's host and port put before what the user typed
+    assert tokens[0] == "HL_SET=swanlab.host=0.0.0.0 swanlab.port=5092 $HL_SET"
+    assert tokens[tokens.index("HL_SET") - 1] == "-e" and tokens[-2].endswith(":v9") and tokens[-1] == "watch"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_lora import check, config, scale, train
+from hunyuan_lora import checkpoints, config, modeling, runtime, scale, train
 from hunyuan_lora.errors import UserError
 from test_check import (H200, REAL_TOTAL, demo_cfg, failure, fake_gpus, real_cfg,  # noqa: F401 (fixtures)
                         real_size_folder, run_dir, tokenized)
@@ -42,7 +42,7 @@ def make(*args: str) -> list[str]:
 def test_make_train_launch_zero3_is_accelerate_launch():
     lines = make("train", "LAUNCH=zero3", "NPROC=4", "CONFIG=configs/huanhuan.yaml")
     assert lines[-1].split() == [".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/zero3.yaml",
-                                 "--num_processes", "4", "scripts/train.py", "--config", "configs/huanhuan.yaml"]
+                                 "--num_processes", "4", "scripts/train.py"]  # CONFIG travels as HL_CONFIG
     multi = make("train", "LAUNCH=zero3", "NPROC=16", "ACCELERATE_ARGS=--num_machines 2 --machine_rank 1 "
                  "--main_process_ip 10.0.0.1 --main_process_port 29500")[-1]
     assert "--num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1" in multi
@@ -62,12 +62,12 @@ def test_accelerate_configs_parse_with_accelerates_loader_and_say_zero3(path, of
     assert ds["offload_param_device"] == ("cpu" if offload else "none")
     assert ds["zero3_save_16bit_model"] is False  # no 160 GB gather per checkpoint
     assert ds["deepspeed_multinode_launcher"] == "standard"  # multi-node: the same command per machine
-    planned = scale.accelerate_config(str(path))
+    planned = runtime.accelerate_config(str(path))
     assert planned.zero3 and planned.offload_param == offload
 
 
 def test_accelerate_launch_environment_is_what_scale_reads():
-    """The variable names scale.launch() reads are the ones accelerate 1.6.0's launcher sets."""
+    """The variable names runtime.launch() reads are the ones accelerate 1.6.0's launcher sets."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
@@ -76,19 +76,19 @@ def test_accelerate_launch_environment_is_what_scale_reads():
     args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
     _, env = prepare_deepspeed_cmd_env(args)
     assert {k: env[k] for k in ZERO3_ENV if k != "WORLD_SIZE"} == {k: v for k, v in ZERO3_ENV.items() if k != "WORLD_SIZE"}
-    run = scale.launch({**env, "WORLD_SIZE": "4"})  # WORLD_SIZE: torchrun's, per process
+    run = runtime.launch({**env, "WORLD_SIZE": "4"})  # WORLD_SIZE: torchrun's, per process
     assert run.zero3 and run.processes == 4 and not run.offload_param
-    assert scale.launch({}) == scale.Launch(deepspeed=False, zero_stage=None, processes=1, offload_param=False)
-    planned = scale.launch({"HL_ACCELERATE_CONFIG": str(ZERO3), "HL_NPROC": "8"})  # `make check LAUNCH=zero3 NPROC=8`
+    assert runtime.launch({}) == runtime.Launch(deepspeed=False, zero_stage=None, processes=1, offload_param=False)
+    planned = runtime.launch({"HL_ACCELERATE_CONFIG": str(ZERO3), "HL_NPROC": "8"})  # `make check LAUNCH=zero3 NPROC=8`
     assert planned.zero3 and planned.processes == 8
 
 
 def test_unsupported_combinations_are_refused():
     cfg = config.load(QLORA)
     with pytest.raises(UserError, match="nf4 under DeepSpeed"):
-        scale.check_combination(cfg, scale.launch(ZERO3_ENV))
+        runtime.check_combination(cfg, runtime.launch(ZERO3_ENV))
     with pytest.raises(UserError, match="stage 2"):
-        scale.check_combination(config.load(), scale.launch({**ZERO3_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}))
+        runtime.check_combination(config.load(), runtime.launch({**ZERO3_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}))
     with pytest.raises(UserError, match="moe_impl: upstream"):
         config.load(QLORA, ["model.moe_impl=fast"])
     with pytest.raises(UserError, match="did you mean 'quantization'"):
@@ -149,13 +149,13 @@ def _capture_from_pretrained(monkeypatch, folder: Path) -> dict:
 def test_device_map_only_outside_deepspeed(patched_stand_in, tmp_path, monkeypatch):
     cfg = demo_cfg(patched_stand_in, tmp_path, "model.device_map=auto")
     seen = _capture_from_pretrained(monkeypatch, patched_stand_in)
-    train.load_base_model(cfg, "cuda", torch.bfloat16)
+    modeling.load_base_model(cfg, "cuda", torch.bfloat16)
     assert seen["device_map"] == "auto"  # the tutorial's single-process option is kept
 
     seen.clear()
     for k, v in ZERO3_ENV.items():
         monkeypatch.setenv(k, v)
-    model = train.load_base_model(cfg, "cuda", torch.bfloat16)
+    model = modeling.load_base_model(cfg, "cuda", torch.bfloat16)
     assert "device_map" not in seen and "quantization_config" not in seen  # ZeRO-3 shards instead
     assert all(getattr(m, "_z3_leaf", False) for m in model.modules() if type(m).__name__ == "HunYuanMoE")
 
@@ -163,7 +163,7 @@ def test_device_map_only_outside_deepspeed(patched_stand_in, tmp_path, monkeypat
 def test_nf4_loads_with_the_bnb_config_and_a_device_map(patched_stand_in, tmp_path, monkeypatch):
     cfg = demo_cfg(patched_stand_in, tmp_path, "model.quantization=nf4", "model.device_map=null")
     seen = _capture_from_pretrained(monkeypatch, patched_stand_in)
-    train.load_base_model(cfg, "cuda", torch.bfloat16)
+    modeling.load_base_model(cfg, "cuda", torch.bfloat16)
     assert seen["device_map"] == {"": 0}  # 4-bit weights are placed at load (no .to() afterwards)
     assert seen["quantization_config"].bnb_4bit_quant_type == "nf4"
 
@@ -210,7 +210,7 @@ def test_zero3_one_process_on_cpu_shards_the_stand_in_and_trains(patched_stand_i
 
     assert "process 1 of 1" in train_("train.resume=never", "train.max_steps=3")
     ckpt = run_dir / "checkpoint-2"
-    assert (ckpt / "latest").is_file() and check.checkpoint_problem(ckpt) is None  # a DeepSpeed checkpoint
+    assert (ckpt / "latest").is_file() and checkpoints.checkpoint_problem(ckpt) is None  # a DeepSpeed checkpoint
     from safetensors.torch import load_file
 
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
@@ -311,11 +311,11 @@ def test_deepspeed_checkpoint_layout_counts_as_complete(tmp_path):
     (ckpt / "global_step2").mkdir(parents=True)
     (ckpt / "latest").write_text("global_step2")
     (ckpt / "adapter_config.json").write_text("{}")
-    assert "trainer_state.json missing" in check.checkpoint_problem(ckpt)
+    assert "trainer_state.json missing" in checkpoints.checkpoint_problem(ckpt)
     (ckpt / "trainer_state.json").write_text('{"global_step": 2}')
-    assert check.checkpoint_problem(ckpt) is None
+    assert checkpoints.checkpoint_problem(ckpt) is None
     (ckpt / "global_step2").rmdir()
-    assert "global_step2/ missing" in check.checkpoint_problem(ckpt)
+    assert "global_step2/ missing" in checkpoints.checkpoint_problem(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------

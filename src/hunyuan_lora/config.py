@@ -11,6 +11,8 @@ nearest valid name, all problems at once, before anything heavy is loaded.
 from __future__ import annotations
 
 import difflib
+import os
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -284,22 +286,45 @@ def _validate(cfg: Config, problems: list[str]) -> None:
                         "experts' weights directly, which NF4 packs into 4-bit blocks)")
 
 
+_KEY_START = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_][\w.]*=")
+
+
+def split_overrides(text: str) -> list[str]:
+    """Make's SET="a.b=1 c.d=x y": a new override starts at whitespace followed by `section.key=`,
+    outside quotes, so values keep their spaces, quotes and brackets (`infer.prompts=[a, b]`)."""
+    parts, start, quote = [], 0, None
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'" and (i == 0 or text[i - 1] in "= [,"):
+            quote = ch
+        elif ch.isspace() and _KEY_START.match(text, i + 1):
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """`section.key=value` with the value parsed as YAML (so 2e-4, true, [a, b] get their types)."""
+    """`section.key=value` with the value parsed as YAML (so 2e-4, true, [a, b], "a b" get their types)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise UserError(
             f"override '{text}' is not of the form section.key=value",
-            where="--set",
-            fix="write it like train.learning_rate=2e-4",
+            where="--set / SET",
+            fix='write it like train.learning_rate=2e-4; several: SET="a.b=1 c.d=2"; a value with spaces '
+                'may be quoted: SET=\'data.system_prompt="你是 甄嬛"\'',
         )
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
-    # YAML 1.1 reads "2e-4" as a string; accept the float spelling users type.
+    # YAML 1.1 reads "2e-4" as a string; accept the float spelling users type. Text YAML would turn
+    # into a mapping ("注意: 回答") is meant as text: no config key takes a mapping.
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):
+    if isinstance(value, dict):
+        value = raw
+    if isinstance(value, str) and value == raw:
         try:
             value = float(raw)
         except ValueError:
@@ -350,17 +375,19 @@ def load(
 
 
 def add_cli_args(parser) -> None:
-    """The arguments every stage script shares (Make passes CONFIG, MODEL_DIR, DATA, OUTPUT_DIR)."""
-    parser.add_argument("--config", default=None, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("--model-dir", default=None, help="override model.dir")
-    parser.add_argument("--data", default=None, help="override data.path")
-    parser.add_argument("--output-dir", default=None, help="override run.output_dir")
+    """The arguments every stage script shares. Make passes CONFIG, MODEL_DIR, DATA, OUTPUT_DIR and
+    SET through the environment (HL_CONFIG ...), so what a user typed arrives unchanged; an option
+    given on the command line wins over its variable, --set comes after SET."""
+    env = {k: os.environ.get(f"HL_{k}") or None for k in ("CONFIG", "MODEL_DIR", "DATA", "OUTPUT_DIR")}
+    parser.add_argument("--config", default=env["CONFIG"], help="YAML run config (configs/*.yaml)")
+    parser.add_argument("--model-dir", default=env["MODEL_DIR"], help="override model.dir")
+    parser.add_argument("--data", default=env["DATA"], help="override data.path")
+    parser.add_argument("--output-dir", default=env["OUTPUT_DIR"], help="override run.output_dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key (repeatable)")
 
 
 def from_args(args) -> Config:
-    return load(args.config, args.overrides, model_dir=args.model_dir or None,
+    overrides = split_overrides(os.environ.get("HL_SET", "")) + args.overrides
+    return load(args.config, overrides, model_dir=args.model_dir or None,
                 data=args.data or None, output_dir=args.output_dir or None)
-
-

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import staging_dir
+from .errors import UserError, exit_on_user_error
 from .hunyuan.configuration_hunyuan import HunYuanConfig
 from .hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
 from .hunyuan.tokenization_hy import PAT_STR, SPECIAL_TOKENS
@@ -32,6 +34,8 @@ CODE_DIR = PACKAGE_DIR / "hunyuan"
 MODEL_CODE_FILES = ["configuration_hunyuan.py", "hunyuan.py", "modeling_hunyuan.py", "tokenization_hy.py"]
 SAMPLE_DATASET = PACKAGE_DIR / "assets" / "zhenhuan_sample.json"
 BPE_SIZE = 814  # 256 byte tokens + 558 merges; + 210 special tokens = a vocabulary of 1,024
+# Marks a folder as written here: only such a folder (or an empty one) is ever replaced.
+MARKER = ".hunyuan-lora-stand-in.json"
 LOGGER_DEFINITION = "logger = logging.get_logger(__name__)\n"
 
 # The chat template, written from the documented rendering rules:
@@ -254,11 +258,28 @@ def copy_model_code(out: Path) -> None:
         (out / name).write_text(text, encoding="utf-8")
 
 
+def refuse_foreign(out: Path) -> None:
+    """Only an empty folder or a stand-in this module wrote (it carries MARKER) may be replaced:
+    STAND_IN_DIR pointed at a user's folder must never cost them a file."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise UserError(f"{out} exists and is not a folder", where="STAND_IN_DIR",
+                        fix="name a new or empty folder for the stand-in, e.g. STAND_IN_DIR=artifacts/stand-in")
+    if any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"{out} is a non-empty folder that `make stand-in` did not write (no {MARKER} in it); "
+                        "nothing in it was changed", where="STAND_IN_DIR",
+                        fix="name a new or empty folder, e.g. STAND_IN_DIR=artifacts/stand-in, or empty this one "
+                            "yourself if it is a stand-in from an older version")
+
+
 def build(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the stand-in folder to out_dir (replacing it) and return its path."""
+    """Write the stand-in folder to out_dir (replacing an earlier stand-in) and return its path."""
     out = Path(out_dir)
+    refuse_foreign(out)
     with staging_dir(out) as tmp:  # readers never see a half-written folder
         _write_folder(tmp, seed)
+        (tmp / MARKER).write_text(json.dumps({"written_by": "hunyuan_lora.stand_in", "seed": seed}) + "\n")
     return out
 
 
@@ -276,9 +297,11 @@ def _write_folder(tmp: Path, seed: int) -> None:
     write_weights(tmp, config, seed)
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", nargs="?", default="artifacts/stand-in")
+    # make stand-in / make demo hand STAND_IN_DIR over as HL_STAND_IN_DIR (exactly as typed)
+    parser.add_argument("out_dir", nargs="?", default=os.environ.get("HL_STAND_IN_DIR") or "artifacts/stand-in")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(build(args.out_dir, args.seed))
