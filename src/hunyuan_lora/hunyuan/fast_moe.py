@@ -221,7 +221,10 @@ class NF4Experts:
         out = scratch.view(self.shape)
         state = bnbf.QuantState(absmax=self.scales(), shape=self.shape, dtype=self.dtype,
                                 blocksize=self.blocksize, quant_type=self.quant_type)
-        bnbf.dequantize_4bit(self.data, state, out=out)
+        if self.device.type == "cuda":
+            bnbf.dequantize_4bit(self.data, state, out=out)
+        else:  # bitsandbytes' CPU backend has no out= variant
+            out.copy_(bnbf.dequantize_4bit(self.data, state))
         return out
 
 
