@@ -47,14 +47,14 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)  ## create .venv from requirements.lock (instant when up to date)
 
-lock:  ## recompile requirements.lock from requirements.in (uv, hashes, Python 3.11 / linux x86_64)
-	$(PYTHON) -m pip install --quiet uv==0.13.9
-	$(PYTHON) -m uv pip compile --quiet --generate-hashes --python-version 3.11 \
+lock: setup  ## recompile requirements.lock from requirements.in (uv, hashes, Python 3.11 / linux x86_64)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==0.13.9  # into the project venv, not the system
+	$(PY) -m uv pip compile --quiet --generate-hashes --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 requirements.in -o requirements.lock
 
 test: setup  ## run the test suite (installs what it needs first)
 	bash scripts/install_test_deps.sh
-	env $(foreach v,$(USER_VARS),-u HL_$(v)) $(PY) -m pytest -q  # tests choose their own HL_* values
+	env $(foreach v,$(USER_VARS),-u HL_$(v)) $(PY) -m pytest -q -rs  # tests choose their own HL_* values
 
 # ---- the stages -------------------------------------------------------------------------------
 stand-in: setup  ## write the tiny stand-in model folder (STAND_IN_DIR, default artifacts/stand-in)
@@ -89,6 +89,8 @@ watch: setup  ## SwanLab dashboard on OUTPUT_DIR/swanlog at swanlab.host:port (e
 
 BENCH_ARGS ?= --real-config --profile
 bench: setup  ## GPU benchmark at the real width, reduced depth: upstream vs fast MoE (bench/results/)
+	@test -f .bench_data/lengths.json || test -f "$${HL_DATA:-../shared/data/huanhuan.json}" || { echo "make bench: \
+	  no dataset at $${HL_DATA:-../shared/data/huanhuan.json} for realistic lengths: pass DATA=<alpaca json>" >&2; exit 2; }
 	test -f .bench_data/lengths.json || $(PY) bench/run.py --write-lengths "$${HL_DATA:-../shared/data/huanhuan.json}" .bench_data/lengths.json
 	$(PY) bench/run.py $(BENCH_ARGS) --lengths .bench_data/lengths.json --out-dir bench/results
 

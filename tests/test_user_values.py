@@ -129,3 +129,12 @@ def test_stand_in_replaces_its_own_folder_and_fills_an_empty_one(tmp_path):
     (empty / "config.json").write_text("{}")  # a rebuild replaces what it wrote before
     stand_in.build(empty)
     assert json.loads((empty / "config.json").read_text()) == stand_in.stand_in_config()
+
+
+def test_bench_without_the_shared_data_says_what_to_pass(fake_venv, tmp_path):
+    if (REPO / ".bench_data" / "lengths.json").exists():
+        pytest.skip(".bench_data/lengths.json exists here: make bench would not read the dataset")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HL_")}
+    proc = subprocess.run(["make", "--no-print-directory", f"VENV={tmp_path / 'venv'}", "bench",
+                           f"DATA={tmp_path / 'none.json'}"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "pass DATA=" in proc.stderr and "none.json" in proc.stderr
