@@ -59,7 +59,8 @@ class ModelSection:
     # in this project's implementation with grouped-GEMM experts (hunyuan_lora/hunyuan/fast_moe.py).
     moe_impl: Literal["upstream", "fast"] = "upstream"
     # nf4: QLoRA, base weights 4-bit through bitsandbytes (one process, CUDA only); the router `wg`
-    # and the lm_head are not quantised (hunyuan_lora/scale.py QUANT_SKIP_MODULES).
+    # and the lm_head are not quantised (hunyuan_lora/scale.py QUANT_SKIP_MODULES). With moe_impl
+    # fast the experts stay NF4 and are dequantised per projection, per pass, into scratch memory.
     quantization: Literal["none", "nf4"] = "none"
 
 
@@ -143,12 +144,38 @@ class SwanLabSection:
 @dataclass
 class InferSection:
     prompts: list[str] = field(default_factory=lambda: ["你是谁？"])
-    input_jsonl: str | None = None  # batch mode: one {"instruction": ...} per line
-    output_jsonl: str | None = None
+    # Batch mode: a file in any dataset format (records.py); a record's answer, if any, is kept as reference.
+    input_jsonl: str | None = None
+    output_jsonl: str | None = None  # default: <output_dir>/infer/answers.jsonl
     thinking: bool = False
     max_new_tokens: int = 512
     do_sample: bool | None = None  # None: the model folder's generation_config.json decides
-    adapter: str | None = None  # default: <output_dir>/adapter
+    adapter: str | None = None  # default: <output_dir>/adapter (chat, eval and serve use it too)
+
+
+@dataclass
+class ChatSection:
+    thinking: bool = False  # the mode a session starts in; /think and /no_think switch it
+    max_new_tokens: int = 512
+    do_sample: bool | None = None  # None: the model folder's generation_config.json decides
+
+
+@dataclass
+class EvalSection:
+    input: str | None = None  # EVAL=file (any dataset format); default <output_dir>/data/eval.jsonl
+    limit: int | None = None  # score only the first N records
+    max_new_tokens: int = 256
+    compare_base: bool = True  # also answer with the base model (adapter switched off)
+    report_samples: int = 10  # answers shown side by side in report.md
+
+
+@dataclass
+class ServeSection:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None  # the id in /v1/models and responses; default: run.name
+    thinking: bool = False  # when a request does not say (enable_thinking, or /think in the message)
+    max_new_tokens: int = 512  # when a request gives no max_tokens; also the most one may ask for
 
 
 @dataclass
@@ -160,6 +187,9 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     swanlab: SwanLabSection = field(default_factory=SwanLabSection)
     infer: InferSection = field(default_factory=InferSection)
+    chat: ChatSection = field(default_factory=ChatSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    serve: ServeSection = field(default_factory=ServeSection)
     source: str | None = field(default=None, metadata={"internal": True})  # the YAML it came from
 
     @property
@@ -281,9 +311,6 @@ def _validate(cfg: Config, problems: list[str]) -> None:
                         "sample to itself, from position ids that restart per sample; with upstream the model "
                         "folder's own hunyuan.py runs, which is not known to, and the samples of one row would "
                         "attend to each other)")
-    if cfg.model.quantization == "nf4" and cfg.model.moe_impl == "fast":
-        problems.append("model.quantization nf4 needs model.moe_impl: upstream (the fast path multiplies the "
-                        "experts' weights directly, which NF4 packs into 4-bit blocks)")
 
 
 _KEY_START = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_][\w.]*=")
