@@ -48,3 +48,24 @@ def patched_stand_in(stand_in_dir, tmp_path_factory) -> Path:
     shutil.copytree(stand_in_dir, dst)
     patch.patch_folder(dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def lora_run(stand_in_dir, tmp_path_factory):
+    """configs/demo.yaml on the stand-in with an untrained, seeded LoRA adapter whose B matrices are
+    random (PEFT's init_lora_weights=False), so base and adapter answer differently: for the stages
+    that generate (infer, chat, eval, serve). Loaded with config.load(...), like a user's run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hunyuan_lora import config
+
+    out = tmp_path_factory.mktemp("lora-run")
+    cfg = config.load(REPO / "configs/demo.yaml", model_dir=str(stand_in_dir), output_dir=str(out))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(stand_in_dir, trust_remote_code=True, torch_dtype=torch.float32)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.targets(),
+                      init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(str(out / "adapter"))
+    return cfg

@@ -1,121 +1,120 @@
-"""Stage 5, infer: answer prompts with the base model + the trained LoRA adapter.
+"""Stage 5, infer: answer prompts with the base model + the trained LoRA adapter (or a merged folder).
 
-    make infer PROMPT="你是谁？"                          # one prompt
-    make infer SET="infer.input_jsonl=q.jsonl"            # batch: {"instruction": ...} per line
+    make infer PROMPT="你是谁？"                           # one prompt
+    make infer SET="infer.input_jsonl=q.jsonl"             # batch: any dataset format, answers optional
 
-Prompts go through the tokenizer's chat template with thinking off (infer.thinking switches it),
-with the model folder's generation_config.json. The answer is the <answer>...</answer> content when
-the model writes one, else the text after </think>, else the whole text: never an IndexError.
-Writes <output_dir>/infer/answers.jsonl (or infer.output_jsonl) and prints each answer.
+Prompts are built by prompt.py exactly as training builds them (alpaca `instruction` + `input`,
+history, system prompts, conversations up to their last user turn), thinking off unless
+infer.thinking, with the model folder's generation_config.json. The answer is the <answer>...</answer>
+content when the model writes one, else the text after </think>, else the whole text.
+
+Writes <output_dir>/infer/answers.jsonl (or infer.output_jsonl), one line per answer as it is
+generated. A run killed part-way is resumed by the next run with the same prompts, adapter and
+settings; any other earlier answers file (another PROMPT, a finished run) is first moved aside to
+answers.<its time>.jsonl, never overwritten.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
+import os
+import tempfile
+import time
 from pathlib import Path
 
-import torch
-
-from .atomic import write_text
 from .config import Config
 from .errors import UserError
-from .train import load_base_model, pick_device, pick_dtype
-
-ANSWER = re.compile(r"<answer>\s*(.*?)\s*(?:</answer>|$)", re.S)
-
-
-def extract_answer(text: str) -> str:
-    """<answer> content if present (closed or not), else what follows </think>, else the text."""
-    match = ANSWER.search(text)
-    if match:
-        return match.group(1).strip()
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1].strip()
-    return text.strip()
+from .generation import infer_sampling, is_merged, load_for_generation, reply
+from .modeling import adapter_dir
+from .prompt import extract_answer, prompt_messages
+from .records import Record, Turn, read_records
 
 
-def adapter_dir(cfg: Config) -> Path:
-    path = Path(cfg.infer.adapter) if cfg.infer.adapter else cfg.output_dir / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"no LoRA adapter in {path}", where="infer.adapter",
-                        fix="run `make train` with the same CONFIG / OUTPUT_DIR, or set infer.adapter")
-    return path
-
-
-def load_with_adapter(cfg: Config, path: Path):
-    """Base model + adapter; fails loudly if any adapter tensor did not land in the model."""
-    from peft import PeftModel
-    from safetensors import safe_open
-
-    device = pick_device(cfg)
-    model = load_base_model(cfg, device, pick_dtype(cfg, device))
-    model = PeftModel.from_pretrained(model, str(path))
-    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
-        saved = set(f.keys())
-    # PEFT's saved keys drop the adapter name: ...lora_A.weight <-> ...lora_A.default.weight
-    loaded = {n.replace(".default", "") for n, _ in model.named_parameters() if "lora_" in n}
-    missing = saved - loaded
-    if missing or not saved:
-        raise UserError(f"{len(missing)} of {len(saved)} adapter tensors match no module of the model, "
-                        f"e.g. {sorted(missing)[:2]}", where=str(path),
-                        fix="use the adapter trained on this model folder (same architecture and targets)")
-    model.eval()
-    return model
-
-
-def read_prompts(cfg: Config) -> list[dict]:
+def read_prompts(cfg: Config) -> list[Record]:
+    """infer.input_jsonl's records (any dataset format; a record's own answer is kept as the reference),
+    else infer.prompts. An empty input file gives no prompts, with a warning."""
     if not cfg.infer.input_jsonl:
-        return [{"instruction": p} for p in cfg.infer.prompts]
+        return [Record(system=None, turns=(Turn("user", p),), where=f"infer.prompts[{i}]")
+                for i, p in enumerate(cfg.infer.prompts)]
     path = Path(cfg.infer.input_jsonl)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist", where="infer.input_jsonl", fix="give a JSONL file of prompts")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    if path.is_file() and not path.read_bytes().strip():
+        print(f"WARNING: {path} is empty: no prompts to answer")
+        return []
+    records, _ = read_records(path, drop_duplicates=False, require_answer=False)
+    return records
+
+
+def output_path(cfg: Config) -> Path:
+    """The answers file, checked to be writable before any weights load."""
+    out = Path(cfg.infer.output_jsonl) if cfg.infer.output_jsonl else cfg.output_dir / "infer" / "answers.jsonl"
+    if out.is_dir():
+        raise UserError(f"{out} is a folder", where="infer.output_jsonl", fix="give a file path, e.g. answers.jsonl")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+        if out.exists() and not os.access(out, os.W_OK):
+            raise PermissionError(13, "Permission denied", str(out))
+    except OSError as e:
+        raise UserError(f"cannot write the answers to {out} ({e.strerror or e})", where="infer.output_jsonl",
+                        fix="choose a writable path with SET=infer.output_jsonl=<file>, or fix the permissions") from e
+    return out
+
+
+def _run_key(cfg: Config, messages: list[dict]) -> str:
+    """What an answer depends on: the prompt, the thinking and sampling settings, the weights."""
+    weights = Path(cfg.model.dir).resolve()
+    if not is_merged(cfg.model.dir):
+        weights = adapter_dir(cfg).resolve() / "adapter_model.safetensors"
+    stat = weights.stat()
+    key = [messages, cfg.infer.thinking, cfg.infer.max_new_tokens, cfg.infer.do_sample, str(weights),
+           stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _earlier_answers(out: Path, keys: list[str]) -> int:
+    """How many answers of this same run an interrupted earlier run left in `out` (resume after them);
+    0 after moving any other earlier file aside, by name. A last line cut off by a kill is dropped."""
+    if not out.exists() or out.stat().st_size == 0:
+        return 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    done = 0
+    for line, key in zip(lines, keys):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"not JSON ({e.msg})", where=f"{path}:{n}", fix='one {"instruction": "..."} per line') from e
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise UserError("each line needs a string field 'instruction'", where=f"{path}:{n}",
-                            fix='write {"instruction": "your question"}')
-        rows.append(row)
-    return rows
-
-
-def generate(model, tokenizer, cfg: Config, instruction: str, system: str | None) -> str:
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": instruction}
-    ]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, enable_thinking=cfg.infer.thinking,
-                                        return_tensors="pt").to(model.device)
-    kwargs = {"max_new_tokens": cfg.infer.max_new_tokens}
-    if cfg.infer.do_sample is not None:
-        kwargs["do_sample"] = cfg.infer.do_sample
-    if cfg.infer.do_sample is False:  # greedy: the folder's sampling settings do not apply
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            if not line.endswith(b"\n") or json.loads(line)["key"] != key:
+                break
+        except (ValueError, KeyError, TypeError):
+            break
+        done += 1
+    if 0 < done < len(keys) and len(lines) - done <= 1:  # only a line cut off by a kill after them
+        with open(out, "r+b") as f:
+            f.truncate(sum(len(line) for line in lines[:done]))
+        print(f"resuming: {done} of {len(keys)} answers already in {out}")
+        return done
+    aside = out.with_name(f"{out.stem}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(out.stat().st_mtime))}"
+                          f"{out.suffix}")
+    os.replace(out, aside)
+    print(f"the earlier answers in {out} were moved to {aside} (kept: this run answers anew)")
+    return 0
 
 
 def run(cfg: Config) -> Path:
-    from transformers import AutoTokenizer
-
-    path = adapter_dir(cfg)
-    rows = read_prompts(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.dir, trust_remote_code=True)
-    model = load_with_adapter(cfg, path)
-    results = []
-    for row in rows:
-        system = row.get("system", cfg.data.system_prompt)
-        text = generate(model, tokenizer, cfg, row["instruction"], system)
-        answer = extract_answer(text)
-        results.append({"instruction": row["instruction"], "answer": answer, "raw": text})
-        print(f"Q: {row['instruction']}\nA: {answer}\n", flush=True)
-    out = Path(cfg.infer.output_jsonl) if cfg.infer.output_jsonl else cfg.output_dir / "infer" / "answers.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
-
+    records = read_prompts(cfg)
+    out = output_path(cfg)
+    if not records:
+        return out
+    asked = [prompt_messages(r, cfg) for r in records]
+    keys = [_run_key(cfg, m) for m in asked]
+    start = _earlier_answers(out, keys)
+    model, tokenizer, _ = load_for_generation(cfg)
+    sampling = infer_sampling(cfg)
+    with open(out, "a", encoding="utf-8") as f:
+        for record, messages, key in list(zip(records, asked, keys))[start:]:
+            text = reply(model, tokenizer, messages, thinking=cfg.infer.thinking, sampling=sampling)
+            row = {"instruction": messages[-1]["content"], "answer": extract_answer(text), "raw": text,
+                   "reference": record.answer, "where": record.where, "key": key}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # an answer written is an answer kept, whatever happens next
+            print(f"Q: {row['instruction']}\nA: {row['answer']}\n", flush=True)
+    return out

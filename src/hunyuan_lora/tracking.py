@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 
 from .config import Config
 from .errors import UserError
+from .runtime import git_commit, package_versions
 
 # The before/after generations run on the training process's model: greedy, short and few, so
 # they add seconds on CPU and well under a minute to an A13B run.
@@ -63,8 +64,6 @@ def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 def run_config(cfg: Config, stats: dict, trainable: int, total: int) -> dict[str, Any]:
     """The run's hyperparameters for SwanLab: config, parameter counts, dataset stats, versions."""
-    from .train import git_commit, package_versions
-
     out: dict[str, Any] = {}
     _flat("", cfg.to_dict(), out)
     out["lora.targets"] = ", ".join(cfg.lora.targets())  # what the preset resolves to
@@ -80,6 +79,16 @@ def run_config(cfg: Config, stats: dict, trainable: int, total: int) -> dict[str
     out["versions.git_commit"] = git_commit()
     out["config_file"] = cfg.source
     return out
+
+
+def swanlab_mode(cfg: Config) -> str:
+    """auto: SWANLAB_MODE if set, else cloud with SWANLAB_API_KEY, else local (never a login prompt)."""
+    if cfg.swanlab.mode != "auto":
+        return cfg.swanlab.mode
+    env = os.environ.get("SWANLAB_MODE")
+    if env in ("cloud", "local", "disabled"):
+        return env
+    return "cloud" if os.environ.get("SWANLAB_API_KEY") else "local"
 
 
 def callbacks(cfg: Config, mode: str, stats: dict, trainable: int, total: int, tokenizer) -> list:
@@ -254,7 +263,7 @@ class SampleGenerations(TrainerCallback):
 
     The base answers come from the same PEFT model with its adapter switched off
     (`model.disable_adapter()`), so no second copy of the weights is ever loaded. Prompts go
-    through infer.generate: the same chat template and system prompt as `make infer`.
+    through prompt.ask and generation.reply: the same chat template and system prompt as `make infer`.
     """
 
     def __init__(self, cfg: Config, tokenizer):
@@ -268,13 +277,14 @@ class SampleGenerations(TrainerCallback):
         self.after: list[str] = []
 
     def _answers(self, model) -> list[str]:
-        from .infer import extract_answer, generate
+        from .generation import infer_sampling, reply
+        from .prompt import ask, extract_answer
 
         was_training = model.training
         model.eval()  # no dropout; the model's forward also skips gradient checkpointing in eval
         try:
-            return [extract_answer(generate(model, self.tokenizer, self.cfg, p, self.cfg.data.system_prompt))
-                    for p in self.prompts]
+            return [extract_answer(reply(model, self.tokenizer, ask(p, self.cfg), thinking=self.cfg.infer.thinking,
+                                         sampling=infer_sampling(self.cfg))) for p in self.prompts]
         finally:
             model.train(was_training)
 

@@ -1,0 +1,173 @@
+"""Generation shared by infer, chat, eval and serve: the model to talk to, sampling settings, and one
+streaming generator that stops at <|eos|>, a stop string, max_new_tokens or when asked to.
+
+    model, tokenizer, adapter = load_for_generation(cfg)
+    text = reply(model, tokenizer, prompt.ask("你是谁？", cfg), thinking=False, sampling=infer_sampling(cfg))
+    gen = Generation(model, tokenizer, prompt_ids(...), Sampling(max_new_tokens=256), stop=["\n\n"])
+    for piece in gen:            # text as it is generated (what a stop string needs held back is held)
+        print(piece, end="")
+    gen.text, gen.finish_reason, gen.completion_tokens
+
+`model.generate` runs in a thread and hands text over through transformers' TextIteratorStreamer;
+cancel() (Ctrl-C in chat, a client gone in serve) ends it after the current token.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .errors import UserError
+from .modeling import adapter_dir, load_base_model, load_with_adapter
+from .prompt import prompt_ids
+from .runtime import pick_device, pick_dtype
+
+MERGED_MARKER = "merged_from.json"  # written by `make merge` into the folder it writes
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    do_sample: bool | None = None  # None: the model folder's generation_config.json decides
+    temperature: float | None = None
+    top_p: float | None = None
+
+    def kwargs(self) -> dict:
+        out: dict = {"max_new_tokens": self.max_new_tokens}
+        if self.do_sample is False:  # greedy: the folder's sampling settings do not apply
+            return out | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if self.do_sample:
+            out["do_sample"] = True
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
+        if self.top_p is not None:
+            out["top_p"] = self.top_p
+        return out
+
+
+def infer_sampling(cfg: Config) -> Sampling:
+    return Sampling(max_new_tokens=cfg.infer.max_new_tokens, do_sample=cfg.infer.do_sample)
+
+
+def reply(model, tokenizer, messages: list[dict], *, thinking: bool, sampling: Sampling) -> str:
+    """The model's whole reply to the last user turn of `messages` (prompt.py builds them), generated
+    in this thread (training callbacks call it too)."""
+    import torch
+
+    ids = prompt_ids(tokenizer, messages, thinking)
+    input_ids = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             pad_token_id=tokenizer.pad_token_id, **sampling.kwargs())
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def is_merged(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / MERGED_MARKER).is_file()
+
+
+def load_for_generation(cfg: Config, *, require_adapter: bool = True):
+    """(model, tokenizer, adapter): the base model + the run's adapter, or a `make merge` folder as it
+    is (its adapter is already in the weights: applying it again would double it). adapter is the
+    adapter folder, or None for a merged folder; require_adapter=False allows the bare base model."""
+    from transformers import AutoTokenizer
+
+    adapter = None
+    if not is_merged(cfg.model.dir):
+        try:
+            adapter = adapter_dir(cfg)
+        except UserError:
+            if require_adapter:
+                raise
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.dir, trust_remote_code=True)
+    if adapter is not None:
+        model = load_with_adapter(cfg, adapter)
+    else:
+        device = pick_device(cfg)
+        model = load_base_model(cfg, device, pick_dtype(cfg, device)).eval()
+    return model, tokenizer, adapter
+
+
+class Generation:
+    """One answer being generated; iterate for text pieces, then read text / finish_reason."""
+
+    def __init__(self, model, tokenizer, ids: list[int], sampling: Sampling, stop: list[str] | tuple = ()):
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        self._cancel = threading.Event()
+        cancel = self._cancel
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        self.prompt_tokens = len(ids)
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.finish_reason: str | None = None  # stop | length | cancelled
+        self._sampling = sampling
+        self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._eos = set(_eos_ids(model, tokenizer))
+        self._output = None
+        self._error: BaseException | None = None
+        input_ids = torch.tensor([ids], device=model.device)
+
+        def work():
+            try:
+                with torch.no_grad():
+                    self._output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                                  streamer=self._streamer,
+                                                  stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                                                  pad_token_id=tokenizer.pad_token_id, **sampling.kwargs())
+            except BaseException as e:  # handed to the reading thread, which raises it
+                self._error = e
+                self._streamer.end()
+
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def __iter__(self):
+        hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may still be forming
+        sent = 0
+        for piece in self._streamer:
+            self.text += piece
+            cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                self.finish_reason = "stop"
+                self.cancel()
+                break
+            if len(self.text) - hold > sent:
+                yield self.text[sent:len(self.text) - hold]
+                sent = len(self.text) - hold
+        for _ in self._streamer:  # after a stop string: let generate end
+            pass
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if len(self.text) > sent:
+            yield self.text[sent:]
+        if self.finish_reason is None:
+            new = self._output[0, self.prompt_tokens:].tolist() if self._output is not None else []
+            if self._cancel.is_set():
+                self.finish_reason = "cancelled"
+            elif new and new[-1] in self._eos:
+                self.finish_reason = "stop"
+            else:
+                self.finish_reason = "length"
+
+    @property
+    def completion_tokens(self) -> int:
+        return 0 if self._output is None else int(self._output.shape[1]) - self.prompt_tokens
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return ids + [tokenizer.eos_token_id]
