@@ -160,7 +160,7 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------
 # the tests
 
-from hunyuan_lora import check, config, infer  # noqa: E402
+from hunyuan_lora import check, config, modeling  # noqa: E402
 from hunyuan_lora.errors import UserError  # noqa: E402
 
 
@@ -274,7 +274,7 @@ def test_adapter_killed_mid_write_leaves_the_previous_one(scenarios):
     d = scenarios["dirs"]
     assert tree_digest(d["adapter_mid"] / "adapter") == tree_digest(d["train_prev"] / "adapter")
     cfg = cfg_for(scenarios["model"], d["adapter_mid"])
-    assert infer.adapter_dir(cfg) == d["adapter_mid"] / "adapter"
+    assert modeling.adapter_dir(cfg) == d["adapter_mid"] / "adapter"
     assert (d["adapter_mid"] / "manifest.json").read_bytes() == (d["train_prev"] / "manifest.json").read_bytes()
 
 
@@ -284,7 +284,7 @@ def test_adapter_killed_during_the_swap_leaves_none_and_infer_says_so(scenarios)
     assert not (out / "adapter").exists()
     assert tree_digest(out / "adapter.old") == tree_digest(d["train_prev"] / "adapter")  # never read
     with pytest.raises(UserError, match="no LoRA adapter"):
-        infer.adapter_dir(cfg_for(scenarios["model"], out))
+        modeling.adapter_dir(cfg_for(scenarios["model"], out))
     rows = check.preflight(cfg_for(scenarios["model"], out), stage="check", echo=False).rows
     assert f"`mv {out / 'adapter.old'} {out / 'adapter'}` restores it" in " ".join(r.detail for r in rows)
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "infer.py"), "--config", str(DEMO),
@@ -298,7 +298,7 @@ def test_adapter_killed_without_a_previous_one_leaves_none(scenarios):
     out = scenarios["dirs"]["adapter_fresh"]
     assert not (out / "adapter").exists()
     with pytest.raises(UserError, match="no LoRA adapter"):
-        infer.adapter_dir(cfg_for(scenarios["model"], out))
+        modeling.adapter_dir(cfg_for(scenarios["model"], out))
 
 
 def test_manifest_killed_mid_write_leaves_the_previous_complete_one(scenarios):

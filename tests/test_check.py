@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_lora import check, config, data, patch, train
+from hunyuan_lora import check, checkpoints, config, data, patch, train, training
 from hunyuan_lora.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_passing_preflight_prints_the_table_and_returns_the_plan(patched_stand_i
         assert f"  {name} " in table
     assert "FAIL" not in table
     assert {r.status for r in plan.rows} == {"ok"}
-    assert (plan.device, plan.dtype, plan.resume) == ("cpu", torch.float32, None)
+    assert (plan.device, plan.dtype, plan.resume.path) == ("cpu", torch.float32, None)
     assert "55,552 trainable" in table and "40 examples" in table
 
 
@@ -95,7 +95,7 @@ def test_parameter_counts_from_config_json_equal_peft_on_the_loaded_model(patche
     counted = check.count_parameters(json.loads((patched_stand_in / "config.json").read_text()),
                                      cfg.lora.targets(), cfg.lora.r)
     model = AutoModelForCausalLM.from_pretrained(patched_stand_in, trust_remote_code=True, torch_dtype=torch.float32)
-    trainable, total = get_peft_model(model, train.lora_config(cfg)).get_nb_trainable_parameters()
+    trainable, total = get_peft_model(model, training.lora_config(cfg)).get_nb_trainable_parameters()
     assert (counted.lora, counted.total + counted.lora) == (trainable, total)
 
 
@@ -285,29 +285,32 @@ def fake_checkpoint(out: Path, step: int, complete: bool = True, r: int = 8, bat
 
 
 def test_resume_auto_skips_an_incomplete_checkpoint_and_train_sets_it_aside(patched_stand_in, run_dir):
+    from transformers.trainer_utils import get_last_checkpoint
+
     fake_checkpoint(run_dir, 2)
     fake_checkpoint(run_dir, 4, complete=False)
     cfg = demo_cfg(patched_stand_in, run_dir, "train.resume=auto")
-    plan = check.preflight(cfg, stage="check", echo=False)
-    assert plan.resume == str(run_dir / "checkpoint-2")
-    resume_row = {r.name: r for r in plan.rows}["resume"]
-    assert resume_row.status == "warn" and "checkpoint-4 is incomplete (trainer_state.json missing" in resume_row.detail
-    assert (run_dir / "checkpoint-4").is_dir()  # `make check` writes nothing
+    for stage in ("check", "train"):  # the preflight only reports, whichever stage runs it
+        plan = check.preflight(cfg, stage=stage, echo=False)
+        assert plan.resume.path == str(run_dir / "checkpoint-2")
+        resume_row = {r.name: r for r in plan.rows}["resume"]
+        assert resume_row.status == "warn" and "checkpoint-4 is incomplete (trainer_state.json missing" in resume_row.detail
+        assert (run_dir / "checkpoint-4").is_dir()
 
-    plan = check.preflight(cfg, stage="train", echo=False)
-    assert plan.resume == str(run_dir / "checkpoint-2")
+    assert train.prepare_output(cfg, plan.resume) == str(run_dir / "checkpoint-2")  # train.run acts on it
     assert not (run_dir / "checkpoint-4").exists() and (run_dir / "incomplete-checkpoint-4").is_dir()
-    assert train.resume_checkpoint(cfg) == str(run_dir / "checkpoint-2")  # what the Trainer would pick now
+    assert get_last_checkpoint(str(run_dir)) == str(run_dir / "checkpoint-2")  # what the Trainer would pick now
 
 
 def test_trainer_state_cut_short_is_incomplete(run_dir):
     ckpt = fake_checkpoint(run_dir, 6)
     (ckpt / "trainer_state.json").write_text('{"global_step": 6, "log_hi')
-    assert check.checkpoint_problem(ckpt) == "trainer_state.json is cut short or not valid"
+    assert checkpoints.checkpoint_problem(ckpt) == "trainer_state.json is cut short or not valid"
 
 
 @pytest.mark.parametrize("override,kwargs,fragment", [
     ("lora.r=16", {}, "r=8 (config: 16)"),
+    ("lora.alpha=16", {}, "alpha=32 (config: 16)"),
     ("train.per_device_train_batch_size=2", {}, "per_device_train_batch_size=4 (config: 2)"),
     ("train.resume=CKPT", {"complete": False}, "is incomplete (trainer_state.json missing)"),
     ("train.resume=/nonexistent/checkpoint-3", {}, "does not exist"),

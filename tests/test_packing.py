@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_lora import config, data, train
+from hunyuan_lora import config, data, train, training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,9 +35,9 @@ def loss_and_grads(model, batch):
 
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(setup):
     cfg, features, model, tokenizer = setup
-    padded = train.make_collator(cfg, tokenizer)(features)
+    padded = training.make_collator(cfg, tokenizer)(features)
     cfg.train.packing = True
-    packed = train.make_collator(cfg, tokenizer)(features)
+    packed = training.make_collator(cfg, tokenizer)(features)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     assert packed["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features) < padded["input_ids"].numel()
     assert (packed["position_ids"] == 0).sum() == len(features)
@@ -52,8 +52,8 @@ def test_packing_without_boundaries_would_differ(setup):
     """The check above can fail: the same row with one running position sequence mixes samples."""
     cfg, features, model, tokenizer = setup
     cfg.train.packing = True
-    packed = train.make_collator(cfg, tokenizer)(features)
-    padded = train.make_collator(config.load(REPO / "configs/demo.yaml"), tokenizer)(features)
+    packed = training.make_collator(cfg, tokenizer)(features)
+    padded = training.make_collator(config.load(REPO / "configs/demo.yaml"), tokenizer)(features)
     leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
     with torch.no_grad():
         assert abs(model(**leaky).loss - model(**padded).loss) > 1e-3
@@ -125,10 +125,10 @@ def test_rounding_the_length_up_keeps_loss_gradients_and_the_throughput_count(se
     base, features, model, tokenizer = setup
     cfg = copy.deepcopy(base)
     cfg.train.packing, cfg.train.pad_to_multiple_of = packing, None
-    plain = train.make_collator(cfg, tokenizer)(features)
+    plain = training.make_collator(cfg, tokenizer)(features)
     length = plain["input_ids"].shape[1]
     cfg.train.pad_to_multiple_of = multiple = next(m for m in (64, 48, 40) if length % m)
-    rounded = train.make_collator(cfg, tokenizer)(features)
+    rounded = training.make_collator(cfg, tokenizer)(features)
     assert rounded["input_ids"].shape[1] == -(-length // multiple) * multiple > length
     extra = (slice(None), slice(length, None))
     assert (rounded["labels"][extra] == -100).all() and rounded["attention_mask"][extra].sum() == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from hunyuan_lora import config, infer, merge
+from hunyuan_lora import config, infer, merge, modeling
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo's first logged loss (mean over its first 2 steps) from seed 0: it depends only on the
@@ -93,17 +93,6 @@ def test_infer_batch_mode_writes_one_answer_per_line(demo, tmp_path):
     assert all(isinstance(r["answer"], str) and r["raw"] for r in rows)
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("<think>\nhm\n</think>\n<answer>\n家父是甄远道。\n</answer>", "家父是甄远道。"),
-    ("<answer>\n没有收尾", "没有收尾"),
-    ("<think>\n\n</think>\n臣妾甄嬛。", "臣妾甄嬛。"),
-    ("臣妾甄嬛。", "臣妾甄嬛。"),
-    ("", ""),
-])
-def test_answer_extraction_never_raises(text, answer):
-    assert infer.extract_answer(text) == answer
-
-
 def test_merged_model_equals_base_plus_adapter(demo):
     from transformers import AutoModelForCausalLM
 
@@ -113,7 +102,7 @@ def test_merged_model_equals_base_plus_adapter(demo):
             "hy.tiktoken", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in merged_dir.iterdir()}
     ids = torch.tensor([[815, 300, 301, 302, 819, 500]])
     with torch.no_grad():
-        with_adapter = infer.load_with_adapter(cfg, cfg.output_dir / "adapter")(input_ids=ids).logits
+        with_adapter = modeling.load_with_adapter(cfg, cfg.output_dir / "adapter")(input_ids=ids).logits
         merged, info = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=True,
                                                             torch_dtype=torch.float32, output_loading_info=True)
         merged.eval()

@@ -244,7 +244,7 @@ def test_no_traceback_in_any_run(runs):
 def test_sigterm_handler_is_safe_inside_a_print():
     """A signal can arrive while the main thread is inside print(); a handler that prints then raises
     "RuntimeError: reentrant call" out of the Trainer's own print and the run dies unsaved."""
-    from hunyuan_lora.train import make_sigterm_callback
+    from hunyuan_lora.training import make_sigterm_callback
 
     previous = signal.getsignal(signal.SIGTERM)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_lora import checkpoints, config, modeling, runtime, scale, train
+from hunyuan_lora import check, checkpoints, config, modeling, runtime, scale, train
 from hunyuan_lora.errors import UserError
 from test_check import (H200, REAL_TOTAL, demo_cfg, failure, fake_gpus, real_cfg,  # noqa: F401 (fixtures)
                         real_size_folder, run_dir, tokenized)

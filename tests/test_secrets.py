@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_lora import check, config, data
+from hunyuan_lora import check, config, data, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -120,7 +120,7 @@ def test_without_the_mask_swanlab_would_store_the_token(tmp_path, monkeypatch):
     for k in [k for k in os.environ if k.startswith("GIT_CONFIG_")]:
         monkeypatch.delenv(k)
     assert token in (get_remote_url() or "")
-    assert check.mask_git_remote(apply=True) == "https://github.com/acme/hunyuan-lora.git"
+    assert runtime.mask_git_remote(apply=True) == "https://github.com/acme/hunyuan-lora.git"
     try:
         assert get_remote_url() == "https://github.com/acme/hunyuan-lora"
     finally:
@@ -137,7 +137,7 @@ def test_without_the_mask_swanlab_would_store_the_token(tmp_path, monkeypatch):
     ("ssh://git@github.com/a/b.git", None),  # a user name, no secret
 ])
 def test_credential_in_url_is_recognised(url, masked):
-    assert check._strip_userinfo(url) == masked
+    assert runtime._strip_userinfo(url) == masked
 
 
 # ---------------------------------------------------------------------------------------------

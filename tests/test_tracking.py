@@ -144,7 +144,7 @@ def test_before_is_the_base_model_and_after_is_the_saved_adapter(run):
     """Regenerate both columns outside training: the base folder alone, then base + adapter/."""
     import torch
 
-    from hunyuan_lora import infer, train
+    from hunyuan_lora import generation, modeling, prompt
 
     (record,) = tracking.read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], tracking.SAMPLES_KEY)
     logged_before, logged_after = record["data"][0::2], record["data"][1::2]
@@ -153,10 +153,11 @@ def test_before_is_the_base_model_and_after_is_the_saved_adapter(run):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run.model.dir, trust_remote_code=True)
-    base = train.load_base_model(run, "cpu", torch.float32).eval()
-    tuned = infer.load_with_adapter(run, run.output_dir / "adapter")
+    base = modeling.load_base_model(run, "cpu", torch.float32).eval()
+    tuned = modeling.load_with_adapter(run, run.output_dir / "adapter")
     for model, logged in ((base, logged_before), (tuned, logged_after)):
-        answers = [infer.extract_answer(infer.generate(model, tokenizer, greedy, p, run.data.system_prompt))
+        answers = [prompt.extract_answer(generation.reply(model, tokenizer, prompt.ask(p, greedy), thinking=False,
+                                                          sampling=generation.infer_sampling(greedy)))
                    for p in run.infer.prompts]
         assert answers == logged
 

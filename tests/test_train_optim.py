@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_lora import config, data, train
+from hunyuan_lora import config, data, train, training
 from hunyuan_lora.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_no_empty_parameter_group_so_deepspeed_and_the_lr_scheduler_agree(patche
 
     def optimizer_and_scheduler(trainer_cls, deepspeed: bool):
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(patched_stand_in), trust_remote_code=True),
-                               train.lora_config(cfg))
+                               training.lora_config(cfg))
         args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, weight_decay=0.01)
         trainer = trainer_cls(model=model, args=args)
         trainer.is_deepspeed_enabled = deepspeed  # what `accelerate launch` with a DeepSpeed config sets
@@ -73,10 +73,10 @@ def test_no_empty_parameter_group_so_deepspeed_and_the_lr_scheduler_agree(patche
     stock, _ = optimizer_and_scheduler(Trainer, True)
     assert [len(g["params"]) for g in stock.param_groups][-1] == 0  # the precondition this guards against
     # without DeepSpeed the groups stay as Trainer makes them: older checkpoints' optimizer state loads
-    plain, _ = optimizer_and_scheduler(train.trainer_class(), False)
+    plain, _ = optimizer_and_scheduler(training.trainer_class(), False)
     assert [len(g["params"]) for g in plain.param_groups] == [len(g["params"]) for g in stock.param_groups]
 
-    optimizer, scheduler = optimizer_and_scheduler(train.trainer_class(), True)
+    optimizer, scheduler = optimizer_and_scheduler(training.trainer_class(), True)
     assert all(g["params"] for g in optimizer.param_groups)
     n_trainable = sum(len(g["params"]) for g in optimizer.param_groups)
     assert n_trainable == sum(len(g["params"]) for g in stock.param_groups)  # nothing trainable lost

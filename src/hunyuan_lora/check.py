@@ -46,26 +46,20 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from .config import Config
 from .download import human_bytes
+from .checkpoints import INCOMPLETE_PREFIX, ResumePoint, incomplete_notes, resume_point
 from .errors import UserError
+from .runtime import mask_git_remote
 
 GIB = 2**30
 CUDA_OVERHEAD_BYTES = GIB  # per GPU: context + allocator slack
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# What a checkpoint of a LoRA run holds when the Trainer finished writing it. trainer_state.json is
-# written last (Trainer._save_checkpoint), so a kill while saving leaves it missing or cut short.
-CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-                    "trainer_state.json")
-INCOMPLETE_PREFIX = "incomplete-"  # not "checkpoint-*": the Trainer neither resumes from nor rotates it
 # Temporary siblings the stages write before renaming into place; a killed run leaves them behind.
 LEFTOVER_PATTERNS = (".data-*", ".adapter-*", ".merged-*", "*.old", "*.tmp", f"{INCOMPLETE_PREFIX}checkpoint-*")
 
@@ -117,7 +111,7 @@ class Plan:
 
     device: str | None
     dtype: Any  # torch.dtype
-    resume: str | None
+    resume: ResumePoint | None
     rows: list[Row] = field(default_factory=list)
     params: ParamCount | None = None
     memory: MemoryEstimate | None = None
@@ -339,103 +333,6 @@ def check_raw_dataset(cfg: Config) -> tuple[Status, str, int | None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints and resume
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint-N folder cannot be resumed from, or None when it is complete."""
-    expected = CHECKPOINT_FILES
-    if (path / "latest").is_file():  # a DeepSpeed checkpoint: weights + optimizer sharded in global_step*/
-        tag = (path / "latest").read_text(encoding="utf-8").strip()
-        expected = ("adapter_config.json", "trainer_state.json", *([f"{tag}/"] if tag else []))
-    missing = [f for f in expected if not ((path / f).is_dir() if f.endswith("/") else (path / f).is_file())]
-    if missing:
-        return f"{', '.join(missing)} missing"
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        step = int(state["global_step"])
-    except (ValueError, KeyError, TypeError, OSError):
-        return "trainer_state.json is cut short or not valid"
-    m = CHECKPOINT_RE.match(path.name)
-    if m and int(m[1]) != step:
-        return f"trainer_state.json says step {step}"
-    return None
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """checkpoint-N folders, newest first."""
-    if not out.is_dir():
-        return []
-    found = [p for p in out.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name)[1]), reverse=True)
-
-
-def _lora_mismatch(checkpoint: Path, cfg: Config) -> list[str]:
-    saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
-    problems = []
-    if saved.get("r") != cfg.lora.r:
-        problems.append(f"r={saved.get('r')} (config: {cfg.lora.r})")
-    if saved.get("lora_alpha") != cfg.lora.alpha:
-        problems.append(f"alpha={saved.get('lora_alpha')} (config: {cfg.lora.alpha})")
-    if sorted(saved.get("target_modules") or []) != sorted(cfg.lora.targets()):
-        problems.append(f"targets {sorted(saved.get('target_modules') or [])} (config: {sorted(cfg.lora.targets())})")
-    return problems
-
-
-def choose_resume(cfg: Config, set_aside: bool) -> tuple[str | None, str, list[str]]:
-    """(checkpoint to resume from or None, table detail, warnings).
-
-    resume: auto takes the newest COMPLETE checkpoint; newer incomplete ones (a kill while saving)
-    are reported and, with set_aside (the train stage), renamed incomplete-checkpoint-N so that the
-    Trainer neither resumes from them nor counts them when it rotates checkpoints.
-    """
-    from .train import resume_checkpoint  # handles never and an explicit path
-
-    warnings: list[str] = []
-    if cfg.train.resume != "auto":
-        chosen = resume_checkpoint(cfg)
-        if chosen is None:
-            return None, "train.resume: never (starts at step 0)", warnings
-        problem = checkpoint_problem(Path(chosen))
-        if problem:
-            raise UserError(f"checkpoint {chosen} is incomplete ({problem}): it was being written when the run "
-                            "was killed", where="train.resume",
-                            fix="point train.resume at a complete checkpoint-N, or use auto (the newest complete one)")
-    else:
-        chosen = None
-        for ckpt in checkpoints(cfg.output_dir):
-            problem = checkpoint_problem(ckpt)
-            if problem is None:
-                chosen = str(ckpt)
-                break
-            if set_aside:
-                dest = ckpt.with_name(INCOMPLETE_PREFIX + ckpt.name)
-                n = 1
-                while dest.exists():
-                    dest, n = ckpt.with_name(f"{INCOMPLETE_PREFIX}{ckpt.name}.{n}"), n + 1
-                os.replace(ckpt, dest)
-                warnings.append(f"{ckpt.name} is incomplete ({problem}; killed while saving?): set aside as {dest.name}")
-            else:
-                warnings.append(f"{ckpt.name} is incomplete ({problem}; killed while saving?): `make train` will set "
-                                f"it aside as {INCOMPLETE_PREFIX}{ckpt.name}")
-        if chosen is None:
-            return None, "auto: no complete checkpoint in the output folder, starts at step 0", warnings
-    mismatch = _lora_mismatch(Path(chosen), cfg)
-    state = json.loads((Path(chosen) / "trainer_state.json").read_text(encoding="utf-8"))
-    if state.get("train_batch_size") not in (None, cfg.train.per_device_train_batch_size):
-        # The Trainer finds its place in the data by counting batches: another batch size resumes
-        # at the wrong example (it only warns).
-        mismatch.append(f"per_device_train_batch_size={state['train_batch_size']} "
-                        f"(config: {cfg.train.per_device_train_batch_size})")
-    if mismatch:
-        raise UserError(f"checkpoint {chosen} was trained with other settings: " + ", ".join(mismatch),
-                        where="train.resume",
-                        fix="use the settings it was trained with, set train.resume=never to start over, or give the "
-                            "run another OUTPUT_DIR")
-    return chosen, f"continues from {chosen} (step {state['global_step']})", warnings
-
-
-# ---------------------------------------------------------------------------------------------
 # disk and memory estimates
 
 
@@ -515,7 +412,7 @@ def check_memory(cfg: Config, model_config: dict, params: ParamCount, device: st
                  ) -> tuple[str, MemoryEstimate]:
     import torch
 
-    from .scale import launch
+    from .runtime import launch
 
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     gc = cfg.train.gradient_checkpointing
@@ -593,39 +490,6 @@ def leftovers(out: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# secrets
-
-
-def _strip_userinfo(url: str) -> str | None:
-    """The URL without user:password@ when it has one (https, http); None when there is none."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
-        return None
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def mask_git_remote(cwd: str | Path | None = None, apply: bool = True) -> str | None:
-    """SwanLab stores `git config --get remote.origin.url` of the working folder in its metadata (and
-    uploads it in cloud mode). When that URL carries a credential (https://user:TOKEN@host/...),
-    override it for this process and its children through git's GIT_CONFIG_COUNT variables (highest
-    precedence, nothing written to .git/config). Returns the masked URL, or None when nothing to mask."""
-    try:
-        url = subprocess.run(["git", "config", "--get", "remote.origin.url"], capture_output=True, text=True,
-                             timeout=10, cwd=cwd).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    masked = _strip_userinfo(url) if url else None
-    if masked and apply:
-        n = int(os.environ.get("GIT_CONFIG_COUNT", "0") or 0)
-        os.environ.update({"GIT_CONFIG_COUNT": str(n + 1), f"GIT_CONFIG_KEY_{n}": "remote.origin.url",
-                           f"GIT_CONFIG_VALUE_{n}": masked})
-    return masked
-
-
-# ---------------------------------------------------------------------------------------------
 # the preflight
 
 
@@ -663,12 +527,10 @@ def format_table(rows: list[Row]) -> str:
 def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: bool = True) -> Plan:
     """Run every check; print the table; raise one UserError naming every failure.
 
-    stage "train": the tokenized dataset must exist, incomplete checkpoints are set aside and a
-    credential in the git remote URL is masked for this process. stage "check": writes nothing.
+    Reads only (train.run acts on what it reports). stage "train": the tokenized dataset must exist.
     """
     from .patch import patch_folder
-    from .scale import check_combination, launch
-    from .train import pick_device, pick_dtype
+    from .runtime import check_combination, launch, pick_device, pick_dtype
 
     main_process = os.environ.get("RANK", "0") == "0"  # accelerate launch sets RANK per process
     echo = echo and main_process
@@ -724,20 +586,16 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
 
     # -- resume
     def _resume():
-        # Under accelerate launch every process runs this: only the first renames (the rest only read).
-        chosen, detail, notes = choose_resume(cfg, set_aside=stage == "train" and main_process)
-        return ("warn" if notes else "ok"), "; ".join([detail] + notes), chosen
+        point = resume_point(cfg)
+        notes = incomplete_notes(point)
+        return ("warn" if notes else "ok"), "; ".join([point.detail] + notes), point
 
     resume = t.run("resume", _resume)
 
     steps = expected_steps(cfg, examples)
-    if resume and steps is not None:
-        at = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-        if at >= steps:
-            # Trainer 4.51 checks max_steps only after a step: resuming at the last step off an
-            # epoch boundary trains one step more than an uninterrupted run.
-            t.add("resume", "warn", f"{Path(resume).name} is already at the last step ({steps}): training is "
-                                    "complete; resuming from it can add one extra step (transformers 4.51)")
+    if resume and resume.path and steps is not None and resume.step >= steps:
+        t.add("resume", "warn", f"{Path(resume.path).name} is already at the last step ({steps}): training is "
+                                "complete; `make train` changes nothing")
 
     # -- output folder and disk
     needed, basis = None, ""
@@ -794,11 +652,10 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
             memory = t.run("memory", lambda: check_memory(cfg, model_config, params, device, dtype, tokens))
 
     # -- secrets
-    masked = mask_git_remote(apply=stage == "train")
+    masked = mask_git_remote(apply=False)
     if masked:
         t.add("secrets", "warn", f"the git remote URL carries a credential; SwanLab records that URL, so "
-                                 f"{'it is masked for this run' if stage == 'train' else '`make train` masks it'}"
-                                 f" ({masked})")
+                                 f"`make train` masks it for its process ({masked})")
 
     plan = Plan(device=device, dtype=dtype, resume=resume, rows=t.rows, params=params, memory=memory,
                 disk_bytes=needed)

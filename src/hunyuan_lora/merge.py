@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .atomic import staging_dir
 from .config import Config
-from .infer import adapter_dir, load_with_adapter
+from .modeling import adapter_dir, load_with_adapter
 
 # Files copied from the base folder as they are (the weights and their index are written anew).
 CARRIED = ("config.json", "generation_config.json", "tokenizer_config.json", "hy.tiktoken")

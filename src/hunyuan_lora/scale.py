@@ -1,4 +1,4 @@
-"""Real scale: DeepSpeed ZeRO-3 over several GPUs (via `accelerate launch`) and QLoRA (NF4) on one.
+"""Real scale: QLoRA (NF4) on one GPU, and the model-side pieces of DeepSpeed ZeRO-3 over several.
 
     make train LAUNCH=zero3 NPROC=4 [CONFIG=...]         # accelerate launch + configs/accelerate/zero3.yaml
     make train CONFIG=configs/huanhuan_qlora.yaml        # one process, bitsandbytes NF4 base weights
@@ -8,16 +8,12 @@ Three ways to place the 80 B model (README "Which GPUs do I need"):
     ZeRO-3       one process per GPU, every weight sharded 1/N per GPU and gathered layer by layer
     QLoRA nf4    one process, base weights 4-bit (0.5 byte/param), router and lm_head kept in bf16
 
-`accelerate launch` describes the run to each process through environment variables
-(ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_ZERO_STAGE, ..., WORLD_SIZE); everything here reads
-them, so the single-process path is untouched when they are absent.
+How the process was launched (accelerate's environment) is runtime.launch().
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from dataclasses import dataclass
 
 from .config import Config
 from .errors import UserError
@@ -29,67 +25,6 @@ QUANT_SKIP_MODULES = ["wg", "lm_head"]
 # The decoder's MoE block, by class name: the model folder's remote code and this project's
 # hunyuan/ each define their own class object, so the class is found on the loaded model.
 MOE_CLASS_NAME = "HunYuanMoE"
-
-
-@dataclass(frozen=True)
-class Launch:
-    """How this process was started (from accelerate launch's environment)."""
-
-    deepspeed: bool
-    zero_stage: int | None
-    processes: int  # WORLD_SIZE: all processes of the run, every machine
-    offload_param: bool  # ZeRO-3 keeps the sharded weights in host RAM
-
-    @property
-    def zero3(self) -> bool:
-        return self.deepspeed and self.zero_stage == 3
-
-
-def accelerate_config(path: str) -> Launch:
-    """What `accelerate launch --config_file path` would tell each process, read with accelerate's own
-    loader (for `make check LAUNCH=zero3 NPROC=4`, which runs one process and launches nothing)."""
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    if not os.path.isfile(path):
-        raise UserError(f"accelerate config {path} does not exist", where="LAUNCH",
-                        fix="use LAUNCH=zero3 or LAUNCH=zero3_offload (configs/accelerate/*.yaml)")
-    c = load_config_from_file(path)
-    ds = c.deepspeed_config or {}
-    return Launch(deepspeed=str(c.distributed_type).endswith("DEEPSPEED"),
-                  zero_stage=int(ds["zero_stage"]) if "zero_stage" in ds else None,
-                  processes=int(c.num_processes or 1),
-                  offload_param=ds.get("offload_param_device", "none") not in ("none", None))
-
-
-def launch(env: dict[str, str] | None = None) -> Launch:
-    """From accelerate launch's environment; else (make check) HL_ACCELERATE_CONFIG + HL_NPROC."""
-    env = os.environ if env is None else env
-    if "ACCELERATE_USE_DEEPSPEED" not in env and env.get("HL_ACCELERATE_CONFIG"):
-        from dataclasses import replace
-
-        planned = accelerate_config(env["HL_ACCELERATE_CONFIG"])
-        return replace(planned, processes=int(env.get("HL_NPROC") or planned.processes))
-    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    return Launch(
-        deepspeed=deepspeed,
-        zero_stage=int(stage) if deepspeed and stage else None,
-        processes=int(env.get("WORLD_SIZE", "1") or 1),
-        offload_param=deepspeed and env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("none", ""),
-    )
-
-
-def check_combination(cfg: Config, run: Launch) -> None:
-    """The combinations this project supports; UserError naming the fix for the rest."""
-    if run.deepspeed and run.zero_stage != 3:
-        raise UserError(f"DeepSpeed ZeRO stage {run.zero_stage} is not supported: stages 1-2 keep a full bf16 copy "
-                        "of the 160 GB model on every GPU", where="accelerate config (deepspeed_config.zero_stage)",
-                        fix="use LAUNCH=zero3 (configs/accelerate/zero3.yaml)")
-    if cfg.model.quantization == "nf4" and run.deepspeed:
-        raise UserError("model.quantization nf4 under DeepSpeed is not supported here (QLoRA + ZeRO-3 needs "
-                        "bnb_4bit_quant_storage and a different loading path)", where="model.quantization",
-                        fix="QLoRA runs as one process (`make train CONFIG=configs/huanhuan_qlora.yaml`, no LAUNCH); "
-                            "for several GPUs use ZeRO-3 in bf16 (model.quantization: none)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""The Trainer's checkpoint-N folders: list them, tell complete from cut short, choose the resume point.
+
+    point = resume_point(cfg)          # read-only; `make check` reports it, train.run acts on it
+    set_aside(point.incomplete)        # train.run only: newer incomplete checkpoints out of the Trainer's way
+
+resume: auto continues from the newest COMPLETE checkpoint of run.output_dir; never starts at
+step 0; a path continues from that checkpoint. A checkpoint trained with other LoRA settings or
+another micro-batch size is refused (the Trainer would load it, or skip to the wrong example).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .errors import UserError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# What a checkpoint of a LoRA run holds when the Trainer finished writing it. trainer_state.json is
+# written last (Trainer._save_checkpoint), so a kill while saving leaves it missing or cut short.
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+                    "trainer_state.json")
+INCOMPLETE_PREFIX = "incomplete-"  # not "checkpoint-*": the Trainer neither resumes from nor rotates it
+
+
+@dataclass
+class ResumePoint:
+    path: str | None  # the checkpoint to continue from; None: step 0
+    step: int  # its global_step (0 for none)
+    detail: str  # one line for the preflight table
+    incomplete: list[Path] = field(default_factory=list)  # newer checkpoints cut short (auto only)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint-N folder cannot be resumed from, or None when it is complete."""
+    expected = CHECKPOINT_FILES
+    if (path / "latest").is_file():  # a DeepSpeed checkpoint: weights + optimizer sharded in global_step*/
+        tag = (path / "latest").read_text(encoding="utf-8").strip()
+        expected = ("adapter_config.json", "trainer_state.json", *([f"{tag}/"] if tag else []))
+    missing = [f for f in expected if not ((path / f).is_dir() if f.endswith("/") else (path / f).is_file())]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        step = int(read_state(path)["global_step"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return "trainer_state.json is cut short or not valid"
+    m = CHECKPOINT_RE.match(path.name)
+    if m and int(m[1]) != step:
+        return f"trainer_state.json says step {step}"
+    return None
+
+
+def read_state(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders, newest first."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name)[1]), reverse=True)
+
+
+def settings_mismatch(checkpoint: Path, cfg: Config) -> list[str]:
+    """The settings a checkpoint was trained with that differ from the config's."""
+    saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
+    problems = []
+    if saved.get("r") != cfg.lora.r:
+        problems.append(f"r={saved.get('r')} (config: {cfg.lora.r})")
+    if saved.get("lora_alpha") != cfg.lora.alpha:
+        problems.append(f"alpha={saved.get('lora_alpha')} (config: {cfg.lora.alpha})")
+    if sorted(saved.get("target_modules") or []) != sorted(cfg.lora.targets()):
+        problems.append(f"targets {sorted(saved.get('target_modules') or [])} (config: {sorted(cfg.lora.targets())})")
+    batch = read_state(checkpoint).get("train_batch_size")
+    if batch not in (None, cfg.train.per_device_train_batch_size):
+        # The Trainer finds its place in the data by counting batches: another batch size resumes
+        # at the wrong example (it only warns).
+        problems.append(f"per_device_train_batch_size={batch} (config: {cfg.train.per_device_train_batch_size})")
+    return problems
+
+
+def resume_point(cfg: Config) -> ResumePoint:
+    """Where training continues from, by train.resume; reads only. UserError for a checkpoint that
+    is incomplete (an explicit path) or was trained with other settings."""
+    if cfg.train.resume == "never":
+        return ResumePoint(None, 0, "train.resume: never (starts at step 0)")
+    incomplete: list[Path] = []
+    if cfg.train.resume == "auto":
+        chosen = None
+        for ckpt in checkpoints(cfg.output_dir):
+            if checkpoint_problem(ckpt) is None:
+                chosen = ckpt
+                break
+            incomplete.append(ckpt)
+        if chosen is None:
+            return ResumePoint(None, 0, "auto: no complete checkpoint in the output folder, starts at step 0",
+                               incomplete)
+    else:
+        chosen = Path(cfg.train.resume)
+        if not chosen.is_dir():
+            raise UserError(f"checkpoint {chosen} does not exist", where="train.resume",
+                            fix="use auto, never, or the path of a checkpoint-* folder")
+        problem = checkpoint_problem(chosen)
+        if problem:
+            raise UserError(f"checkpoint {chosen} is incomplete ({problem}): it was being written when the run "
+                            "was killed", where="train.resume",
+                            fix="point train.resume at a complete checkpoint-N, or use auto (the newest complete one)")
+    mismatch = settings_mismatch(chosen, cfg)
+    if mismatch:
+        raise UserError(f"checkpoint {chosen} was trained with other settings: " + ", ".join(mismatch),
+                        where="train.resume",
+                        fix="use the settings it was trained with, set train.resume=never to start over, or give the "
+                            "run another OUTPUT_DIR")
+    step = int(read_state(chosen)["global_step"])
+    return ResumePoint(str(chosen), step, f"continues from {chosen} (step {step})", incomplete)
+
+
+def incomplete_notes(point: ResumePoint) -> list[str]:
+    """One line per incomplete checkpoint and what `make train` does with it."""
+    return [f"{p.name} is incomplete ({checkpoint_problem(p)}; killed while saving?): `make train` sets it aside as "
+            f"{aside_name(p).name}" for p in point.incomplete]
+
+
+def aside_name(ckpt: Path) -> Path:
+    """incomplete-checkpoint-N (.1, .2, ... when that exists already)."""
+    dest, n = ckpt.with_name(INCOMPLETE_PREFIX + ckpt.name), 1
+    while dest.exists():
+        dest, n = ckpt.with_name(f"{INCOMPLETE_PREFIX}{ckpt.name}.{n}"), n + 1
+    return dest
+
+
+def set_aside(incomplete: list[Path]) -> list[str]:
+    """Rename each incomplete checkpoint out of the Trainer's way (it neither resumes from nor
+    rotates incomplete-checkpoint-N); returns one line per rename."""
+    lines = []
+    for ckpt in incomplete:
+        problem, dest = checkpoint_problem(ckpt), aside_name(ckpt)
+        os.replace(ckpt, dest)
+        lines.append(f"{ckpt.name} is incomplete ({problem}; killed while saving?): set aside as {dest.name}")
+    return lines
