@@ -94,6 +94,10 @@ bench: setup  ## GPU benchmark at the real width, reduced depth: upstream vs fas
 	test -f .bench_data/lengths.json || $(PY) bench/run.py --write-lengths "$${HL_DATA:-../shared/data/huanhuan.json}" .bench_data/lengths.json
 	$(PY) bench/run.py $(BENCH_ARGS) --lengths .bench_data/lengths.json --out-dir bench/results
 
+.PHONY: probe
+probe: setup  ## the config's training on random weights, measured: memory, s/step, samples/s, ETA, fits? (PROBE_STEPS PROBE_LAYERS PROBE_LENGTHS)
+	$(PY) scripts/probe.py
+
 demo: CONFIG = configs/demo.yaml
 demo: setup  ## stand-in -> patch -> dataset -> train -> infer, CPU, offline (the first quick-start)
 	$(PY) -m hunyuan_lora.stand_in

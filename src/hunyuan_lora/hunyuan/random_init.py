@@ -119,10 +119,12 @@ def build_random_model(config: dict, *, moe_impl: str, quantization: str, device
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        # everything but the decoder layers: the model with zero layers (the router stays float32 in the layers)
-        shell_config = config_cls(**{**hf_config.to_dict(), "num_hidden_layers": 0})
+        # everything but the decoder layers: the model built with one layer (post_init looks for the
+        # float32 router inside the layers), which is then dropped
+        shell_config = config_cls(**{**hf_config.to_dict(), "num_hidden_layers": 1})
         with torch.device(device):
             model = lm_cls(shell_config)
+        model.model.layers = nn.ModuleList()
         _init_(model, std, generator)
         model.config = hf_config
         model.model.config = hf_config

@@ -1,0 +1,402 @@
+"""The probe: the config's real training run on random weights, measured, before any download.
+
+    make probe CONFIG=configs/huanhuan_qlora.yaml [PROBE_STEPS=20] [PROBE_LAYERS=8] \
+               [PROBE_LENGTHS=../shared/data/huanhuan_token_lengths.json]
+
+What runs is `make train`'s own code: training.py's TrainingArguments, collator, Trainer and LoRA
+(targets, quantisation, MoE implementation as configured), on a model of the real architecture
+(the model folder's config.json, else the real Hunyuan-A13B config) with random weights created
+where they live (hunyuan/random_init.py), for PROBE_STEPS optimizer steps on the config's
+dataset lengths. Nothing is saved but the report: outputs/<run>/probe/probe.json + probe.md with
+per-GPU peak memory (allocated, reserved, nvidia-smi), warm-up and steady-state seconds per
+optimizer step, samples/s, real (non-pad) tokens/s, MFU against a bf16 GEMM rate measured in the
+same run, the ETA of the configured run, and a fits / headroom / does-not-fit verdict per card size.
+
+Lengths, first that applies (probe.json says which): PROBE_LENGTHS (a JSON file with a "tokens"
+list and optionally "answer_tokens", or a plain list); the config's tokenized dataset
+(outputs/<run>/data from `make dataset`: its real samples); the raw dataset (data.path) through the
+model folder's tokenizer, else through the stand-in's. Token ids are random where only lengths
+are known (the work per token does not depend on them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .atomic import staging_dir, write_json, write_text
+from .config import Config
+from .errors import UserError
+from .modeling import load_base_model
+from .runtime import git_commit, launch, package_versions, pick_device, pick_dtype
+from .training import attach_lora, build_trainer, training_arguments
+
+CARD_SIZES_GB = (24, 48, 80, 141)
+HEADROOM = 0.10  # "fits with headroom": at least 10 % of the card left over the measured peak
+GIB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------
+# lengths and samples
+
+
+def _lengths_file(path: Path) -> tuple[list[int], list[int] | None]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read token lengths from {path}: {e}", where="PROBE_LENGTHS",
+                        fix='give a JSON file with a "tokens" list of per-sample token counts') from e
+    tokens = data.get("tokens") if isinstance(data, dict) else data
+    answers = data.get("answer_tokens") if isinstance(data, dict) else None
+    if not (isinstance(tokens, list) and tokens and all(isinstance(n, int) and n > 1 for n in tokens)):
+        raise UserError(f"{path} holds no list of token counts (each > 1)", where="PROBE_LENGTHS",
+                        fix='give a JSON file {"tokens": [61, 48, ...]} or a plain list')
+    return tokens, answers if isinstance(answers, list) and len(answers) == len(tokens) else None
+
+
+def _synthetic(lengths: list[int], answers: list[int] | None, vocab: int, seed: int) -> list[dict]:
+    """Samples of the given lengths with random ids (below the special tokens at the top of the
+    vocabulary); labels on the last answer_tokens of each (all but the first token without them)."""
+    g = torch.Generator().manual_seed(seed)
+    top = int(0.9 * vocab)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(0, top, (n,), generator=g).tolist()
+        a = min(answers[i], n - 1) if answers else n - 1
+        out.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * (n - a) + ids[n - a:]})
+    return out
+
+
+def _tokenizer(cfg: Config, scratch: Path):
+    """The model folder's tokenizer, else the stand-in's (built into scratch); and which it is."""
+    from transformers import AutoTokenizer
+
+    folder = Path(cfg.model.dir)
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=True), f"the model folder's ({folder})"
+    from . import stand_in
+
+    built = stand_in.build(scratch / "stand-in")
+    return AutoTokenizer.from_pretrained(built, trust_remote_code=True), "the stand-in's (no model folder)"
+
+
+def probe_samples(cfg: Config, lengths_file: str | None, vocab: int, scratch: Path):
+    """(train samples, records in the configured run's dataset, tokenizer, where the lengths came from)."""
+    from datasets import load_from_disk
+
+    tokenizer, which = _tokenizer(cfg, scratch)
+    if lengths_file:
+        tokens, answers = _lengths_file(Path(lengths_file))
+        return (_synthetic(tokens, answers, vocab, cfg.run.seed), len(tokens), tokenizer,
+                f"token lengths from {lengths_file} (random ids)")
+    tokenized = cfg.output_dir / "data"
+    if (tokenized / "dataset_dict.json").is_file():
+        train = load_from_disk(str(tokenized))["train"]
+        samples = [{k: row[k] for k in ("input_ids", "attention_mask", "labels")} for row in train]
+        return samples, len(samples), tokenizer, f"the config's tokenized dataset ({tokenized})"
+    from .prompt import training_samples
+    from .records import read_records
+
+    path = Path(cfg.data.path)
+    if not path.is_file():
+        raise UserError(f"no dataset to take lengths from: {tokenized} (make dataset) and {path} (data.path) "
+                        "do not exist", where="data.path",
+                        fix="run `make dataset`, or give PROBE_LENGTHS=<a JSON list of token counts>")
+    records, _ = read_records(path, drop_duplicates=cfg.data.drop_duplicates)
+    samples = [s for r in records for s in training_samples(tokenizer, r, cfg)[0]]
+    for s in samples:
+        s.pop("truncated", None)
+    return samples, len(samples), tokenizer, f"{path} through {which} tokenizer"
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+class StepClock:
+    """Trainer callback: wall time, samples and real (non-pad) tokens of every optimizer step.
+
+    A forward pre-hook sums what each training micro-batch feeds the model (attention_mask; packed
+    rows count samples by position ids restarting at 0); each step ends with a device sync, so a
+    step's time is what the GPU took, measured from the end of the step before (data loading included).
+    """
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                clock.hook = model.register_forward_pre_hook(clock.count, with_kwargs=True)
+                clock.last = clock.sync()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                now = clock.sync()
+                clock.steps.append({"s": now - clock.last, "samples": int(clock.samples),
+                                    "tokens": int(clock.tokens)})
+                clock.samples, clock.tokens, clock.last = 0, 0, now
+
+            def on_train_end(self, args, state, control, **kwargs):
+                clock.hook.remove()
+
+        self.callback = _Callback()
+        self.steps: list[dict] = []
+        self.samples, self.tokens, self.last, self.hook = 0, 0, 0.0, None
+
+    @staticmethod
+    def sync() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def count(self, module, args, kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        positions = kwargs.get("position_ids")
+        self.tokens = self.tokens + real.sum()
+        if positions is not None and real.shape[0] == 1:
+            self.samples = self.samples + ((positions == 0) & real).sum()  # packed: one row of whole samples
+        else:
+            self.samples = self.samples + real.shape[0]
+
+
+class SmiPeak:
+    """nvidia-smi's memory.used per GPU, sampled every 250 ms in the background: the peak (MiB)."""
+
+    def __init__(self):
+        self.peak: dict[int, int] = {}
+        self.proc = None
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
+                                          "-lms", "250"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+                i, mib = int(parts[0]), int(parts[1])
+                self.peak[i] = max(self.peak.get(i, 0), mib)
+
+    def stop(self) -> dict[int, int]:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        return dict(self.peak)
+
+
+def gemm_rate(device: str) -> tuple[float, str]:
+    """FLOP/s of a square matrix product measured now: bf16 8192^3 on CUDA, float32 1024^3 on the CPU."""
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t0 = StepClock.sync()
+    reps = 10
+    for _ in range(reps):
+        a @ b
+    seconds = StepClock.sync() - t0
+    return reps * 2 * n**3 / seconds, f"{str(dtype).replace('torch.', '')} {n}^3"
+
+
+def active_parameters(config) -> int:
+    """Parameters one token passes through: per layer attention + shared expert + top-k routed experts,
+    plus the lm_head (6x this per token = training FLOPs with frozen base weights and recompute)."""
+    H, hd = config.hidden_size, config.attention_head_dim
+    total = config.vocab_size * H
+    for i in range(config.num_hidden_layers):
+        def at(key, default=None):
+            v = getattr(config, key, default)
+            return v[i] if isinstance(v, list) else v
+        attn = H * config.num_attention_heads * hd * 2 + H * config.num_key_value_heads * hd * 2
+        shared = 3 * H * config.intermediate_size * (at("num_shared_expert", 1) if config.use_mixed_mlp_moe else 0)
+        routed = at("moe_topk") * 3 * H * at("moe_intermediate_size") if config.num_experts > 1 else 0
+        total += attn + shared + routed
+    return total
+
+
+def verdicts(peak_gib: float) -> dict[str, str]:
+    """Per card size (nominal GB ~ GiB usable, less 2 % for the driver): fits with headroom / fits / does not fit."""
+    out = {}
+    for gb in CARD_SIZES_GB:
+        usable = 0.98 * gb
+        out[f"{gb}GB"] = ("fits with headroom" if peak_gib <= (1 - HEADROOM) * usable
+                          else "fits" if peak_gib <= usable else "does not fit")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str | None = None) -> Path:
+    if launch().deepspeed:
+        raise UserError("make probe runs one process: ZeRO-3 (LAUNCH=zero3) is not probed yet", where="LAUNCH",
+                        fix="run `make probe` without LAUNCH (one GPU, or NF4 with configs/huanhuan_qlora.yaml)")
+    if steps < 2:
+        raise UserError(f"PROBE_STEPS={steps}: at least 2 optimizer steps are needed (warm-up and steady state)",
+                        where="PROBE_STEPS", fix="PROBE_STEPS=20")
+    out = cfg.output_dir / "probe"
+    device = pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    world = 1
+    per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * world
+
+    with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
+        scratch = Path(scratch)
+        t0 = time.perf_counter()
+        model = load_base_model(cfg, device, dtype, weights="random", num_layers=layers)
+        init = dict(model.random_init, init_s=round(time.perf_counter() - t0, 2))
+        samples, records, tokenizer, lengths_source = probe_samples(cfg, lengths, model.config.vocab_size, scratch)
+        rng = random.Random(cfg.run.seed)
+        order = list(range(len(samples)))
+        rng.shuffle(order)
+        need = steps * per_step
+        chosen = [samples[order[i % len(order)]] for i in range(need)]  # the Trainer shuffles again (seeded)
+
+        from datasets import Dataset
+
+        train = Dataset.from_list(chosen)
+        model = attach_lora(cfg, model)
+        trainable, total = model.get_nb_trainable_parameters()
+        args = training_arguments(cfg, output_dir=scratch / "trainer", max_steps=steps)
+        args.save_strategy = "no"  # a probe keeps nothing but its report
+        args.eval_strategy = "no"
+        args.logging_steps = steps
+        args.disable_tqdm = True
+        clock = StepClock()
+        trainer = build_trainer(cfg, model, tokenizer, {"train": train}, args, [clock.callback])
+        rate, gemm_what = gemm_rate(device)
+        if device == "cuda":
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(i)
+        smi = SmiPeak() if device == "cuda" else None
+        t_train = time.perf_counter()
+        result = trainer.train()
+        train_wall = time.perf_counter() - t_train
+        smi_peak = smi.stop() if smi else {}
+
+    report = summarize(cfg, clock.steps, per_step, records, rate, gemm_what, init, lengths_source, device,
+                       trainable, total, train_wall, smi_peak, model, float(result.training_loss))
+    with staging_dir(out) as tmp:
+        write_json(tmp / "probe.json", report)
+        write_text(tmp / "probe.md", markdown(report))
+    print(markdown(report))
+    print(f"wrote {out}/probe.json and probe.md")
+    return out
+
+
+def summarize(cfg: Config, steps: list[dict], per_step: int, records: int, rate: float, gemm_what: str, init: dict,
+              lengths_source: str, device: str, trainable: int, total: int, train_wall: float, smi_peak: dict,
+              model, loss: float) -> dict:
+    times = [s["s"] for s in steps]
+    warm = max(1, len(times) // 4)  # the first quarter: plan building for new shapes, allocator growth
+    steady_times = times[warm:]
+    steady = statistics.median(steady_times)
+    mean_after = statistics.fmean(steady_times)
+    warmup_s = max(0.0, sum(times[:warm]) - warm * steady)
+    samples = statistics.fmean(s["samples"] for s in steps[warm:])
+    tokens = statistics.fmean(s["tokens"] for s in steps[warm:])
+    config = model.get_base_model().config
+    active = active_parameters(config)
+    tokens_per_s = tokens / steady
+    run_steps = (cfg.train.max_steps if cfg.train.max_steps > 0
+                 else math.ceil(cfg.train.num_train_epochs * math.ceil(records / per_step)))
+    memory = []
+    if device == "cuda":
+        for i in range(torch.cuda.device_count()):
+            memory.append({"gpu": i, "name": torch.cuda.get_device_name(i),
+                           "allocated_gib": round(torch.cuda.max_memory_allocated(i) / GIB, 2),
+                           "reserved_gib": round(torch.cuda.max_memory_reserved(i) / GIB, 2),
+                           "nvidia_smi_gib": round(smi_peak[i] / 1024, 2) if i in smi_peak else None,
+                           "card_gib": round(torch.cuda.get_device_properties(i).total_memory / GIB, 1)})
+    else:
+        import resource
+
+        memory.append({"cpu_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
+    peak = max((m.get("nvidia_smi_gib") or m.get("reserved_gib") or m.get("cpu_peak_rss_gib") or 0) for m in memory)
+    import transformers
+
+    return {
+        "config": cfg.source, "run": cfg.run.name, "card": memory[0].get("name", "cpu") if memory else "cpu",
+        "gpus": torch.cuda.device_count() if device == "cuda" else 0,
+        "device": device, "layers": init["layers"], "layers_in_config": init["layers_in_config"],
+        "depth_cut": init["layers"] != init["layers_in_config"], "architecture_from": init["config_source"],
+        "code": init["code"], "moe_impl": cfg.model.moe_impl, "quantization": cfg.model.quantization,
+        "lora": {"targets": cfg.lora.targets(), "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                 "trainable": trainable, "total": total},
+        "train": {"per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+                  "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "packing": cfg.train.packing,
+                  "pad_to_multiple_of": cfg.train.pad_to_multiple_of, "optim": cfg.train.optim,
+                  "gradient_checkpointing": cfg.train.gradient_checkpointing},
+        "lengths_from": lengths_source,
+        "samples_per_optimizer_step": per_step, "steps": len(times), "warmup_steps": warm,
+        "step_s": [round(t, 4) for t in times],
+        "steady_s_per_step": round(steady, 4), "mean_s_per_step_after_warmup": round(mean_after, 4),
+        "warmup_s": round(warmup_s, 3), "first_step_s": round(times[0], 3), "train_wall_s": round(train_wall, 3),
+        "init_s": init["init_s"],
+        "samples_per_s": round(samples / steady, 3), "tokens_per_s": round(tokens_per_s, 1),
+        "real_tokens_per_step": round(tokens, 1), "samples_per_step_measured": round(samples, 2),
+        "active_params_per_token": active, "gemm_tflops": round(rate / 1e12, 1), "gemm": gemm_what,
+        "mfu": round(tokens_per_s * 6 * active / rate, 4),
+        "run_steps": run_steps, "run_records": records,
+        "eta_s": round(warmup_s + run_steps * mean_after, 1),
+        "memory": memory, "peak_gib": peak, "verdict": verdicts(peak),
+        "final_loss": round(loss, 4),
+        "code_commit": git_commit(), "versions": package_versions(), "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def markdown(r: dict) -> str:
+    cut = f" (cut from {r['layers_in_config']}: PROBE_LAYERS)" if r["depth_cut"] else ""
+    mem = "; ".join(
+        f"GPU {m['gpu']} {m['name']}: allocated {m['allocated_gib']} GiB, reserved {m['reserved_gib']} GiB, "
+        f"nvidia-smi {m['nvidia_smi_gib']} GiB of {m['card_gib']}" if "gpu" in m else f"CPU peak RSS {m['cpu_peak_rss_gib']} GiB"
+        for m in r["memory"])
+    eta = r["eta_s"]
+    lines = [
+        f"# Probe: {r['run']} on {r['card']} ({r['date']})",
+        "",
+        f"Config {r['config']}: {r['layers']} layers{cut}, architecture from {r['architecture_from']}, code: {r['code']}; "
+        f"moe_impl {r['moe_impl']}, quantization {r['quantization']}; LoRA r={r['lora']['r']} on {len(r['lora']['targets'])} "
+        f"target names ({r['lora']['trainable']:,} trainable); {r['samples_per_optimizer_step']} samples per optimizer step "
+        f"(micro-batch {r['train']['per_device_train_batch_size']} x {r['train']['gradient_accumulation_steps']}, packing "
+        f"{r['train']['packing']}, pad to {r['train']['pad_to_multiple_of']}, {r['train']['optim']}). Lengths: {r['lengths_from']}. "
+        f"Random weights built in {r['init_s']} s.",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| steady state (median of steps {r['warmup_steps'] + 1}-{r['steps']}) | **{r['steady_s_per_step']} s per optimizer step** "
+        f"(mean {r['mean_s_per_step_after_warmup']} s) |",
+        f"| warm-up (steps 1-{r['warmup_steps']}, beyond steady) | {r['warmup_s']} s (first step {r['first_step_s']} s) |",
+        f"| samples/s | **{r['samples_per_s']}** |",
+        f"| real (non-pad) tokens/s | {r['tokens_per_s']:,} ({r['real_tokens_per_step']} per step) |",
+        f"| MFU | {100 * r['mfu']:.1f} % of {r['gemm_tflops']} TFLOP/s ({r['gemm']} measured in this run; "
+        f"6 x {r['active_params_per_token'] / 1e9:.2f} B active parameters per token) |",
+        f"| ETA of the configured run | {eta / 60:.1f} min ({r['run_steps']} steps x {r['mean_s_per_step_after_warmup']} s "
+        f"+ warm-up; weights loading not included){' at this depth' if r['depth_cut'] else ''} |",
+        f"| peak memory | {mem} |",
+        "| verdict (from the measured peak " + f"{r['peak_gib']} GiB" + ") | "
+        + ", ".join(f"{k}: {v}" for k, v in r["verdict"].items()) + " |",
+        "",
+        f"Step times (s): {', '.join(str(t) for t in r['step_s'])}. Code {r['code_commit']}.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,90 @@
+"""make probe on the stand-in (CPU): the config's real training code on random weights, and its report.
+
+    .venv/bin/python -m pytest tests/test_probe.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from hunyuan_lora import config, probe
+from hunyuan_lora.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+FIELDS = {"card", "gpus", "layers", "quantization", "moe_impl", "samples_per_optimizer_step", "steady_s_per_step",
+          "warmup_s", "samples_per_s", "tokens_per_s", "peak_gib", "gemm_tflops", "code_commit", "mfu", "eta_s",
+          "verdict", "memory", "lengths_from", "code", "architecture_from", "step_s", "run_steps"}
+
+
+def check_consistent(r: dict, steps: int) -> None:
+    times = r["step_s"]
+    assert len(times) == r["steps"] == steps
+    assert sum(times) <= r["train_wall_s"] + 0.05  # every step lies inside the training call
+    warm = r["warmup_steps"]
+    assert 1 <= warm < steps
+    assert r["steady_s_per_step"] == pytest.approx(statistics.median(times[warm:]), abs=1e-4)
+    assert r["mean_s_per_step_after_warmup"] == pytest.approx(statistics.fmean(times[warm:]), abs=1e-4)
+    assert r["warmup_s"] == pytest.approx(max(0.0, sum(times[:warm]) - warm * r["steady_s_per_step"]), abs=2e-3)
+    assert r["samples_per_s"] == pytest.approx(r["samples_per_step_measured"] / r["steady_s_per_step"], rel=1e-2)
+    assert r["tokens_per_s"] == pytest.approx(r["real_tokens_per_step"] / r["steady_s_per_step"], rel=1e-2)
+    assert r["eta_s"] == pytest.approx(r["warmup_s"] + r["run_steps"] * r["mean_s_per_step_after_warmup"], rel=1e-2)
+    assert set(r["verdict"]) == {"24GB", "48GB", "80GB", "141GB"}
+    assert all(v in ("fits with headroom", "fits", "does not fit") for v in r["verdict"].values())
+
+
+def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
+    """configs/huanhuan_qlora.yaml's switches (fast NF4 experts, 16 packed samples) on the stand-in, one layer."""
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps({"tokens": [37] * 50, "answer_tokens": [9] * 50}))
+    cfg = config.load(REPO / "configs/huanhuan_qlora.yaml", ["swanlab.mode=disabled", "model.device=cpu",
+                                                             "model.device_map=null", "train.optim=adamw_torch"],
+                      model_dir=str(stand_in_dir), output_dir=str(tmp_path / "run"))
+    out = probe.run(cfg, steps=4, layers=1, lengths=str(lengths))
+    r = json.loads((out / "probe.json").read_text())
+    assert FIELDS <= set(r)
+    assert (r["layers"], r["layers_in_config"], r["depth_cut"]) == (1, 2, True)
+    assert (r["moe_impl"], r["quantization"], r["device"]) == ("fast", "nf4", "cpu")
+    assert "grouped experts" in r["code"] and str(stand_in_dir) in r["architecture_from"]
+    assert r["lengths_from"].startswith(f"token lengths from {lengths}")
+    # 16 samples of 37 tokens per step, packed into one row (padding to 64 is not counted)
+    assert r["samples_per_optimizer_step"] == 16 and r["samples_per_step_measured"] == 16
+    assert r["real_tokens_per_step"] == 16 * 37
+    assert r["run_steps"] == 4  # 50 records / 16 per step, one epoch: ceil = 4
+    check_consistent(r, 4)
+    md = (out / "probe.md").read_text()
+    assert "cut from 2: PROBE_LAYERS" in md and f"{r['steady_s_per_step']} s per optimizer step" in md
+
+
+def test_probe_upstream_on_the_raw_dataset(stand_in_dir, tmp_path):
+    """The demo config as it is: the folder's own code, the raw dataset through the folder's tokenizer."""
+    cfg = config.load(REPO / "configs/demo.yaml", ["swanlab.mode=disabled"], model_dir=str(stand_in_dir),
+                      output_dir=str(tmp_path / "run"))
+    out = probe.run(cfg, steps=3)
+    r = json.loads((out / "probe.json").read_text())
+    assert (r["layers"], r["depth_cut"], r["moe_impl"], r["quantization"]) == (2, False, "upstream", "none")
+    assert r["code"].startswith("the model folder's own code")
+    assert "through the model folder's" in r["lengths_from"]
+    assert r["samples_per_step_measured"] == cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    check_consistent(r, 3)
+
+
+def test_probe_refuses_what_it_cannot_measure(stand_in_dir, tmp_path):
+    cfg = config.load(REPO / "configs/demo.yaml", ["swanlab.mode=disabled"], model_dir=str(stand_in_dir),
+                      output_dir=str(tmp_path / "run"))
+    with pytest.raises(UserError, match="at least 2 optimizer steps"):
+        probe.run(cfg, steps=1)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tokens": []}')
+    with pytest.raises(UserError, match="no list of token counts"):
+        probe.run(cfg, steps=2, lengths=str(bad))
+    assert not (tmp_path / "run" / "probe").exists()  # nothing written for a refused probe
+
+
+def test_verdicts_follow_the_measured_peak():
+    v = probe.verdicts(70.0)
+    assert v == {"24GB": "does not fit", "48GB": "does not fit", "80GB": "fits with headroom", "141GB": "fits with headroom"}
+    assert probe.verdicts(75.0)["80GB"] == "fits" and probe.verdicts(79.0)["80GB"] == "does not fit"
