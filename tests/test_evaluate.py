@@ -1,0 +1,89 @@
+"""make eval: base vs adapter on the held-out split or an EVAL file, LLaMA-Factory's metrics, the three
+output files, SwanLab, and the refusals (no split, a stale split)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hunyuan_lora import data, evaluate, tracking
+from hunyuan_lora.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg(lora_run, tmp_path):
+    """The run with its adapter, its own output folder, a quarter of the sample data held out."""
+    return dataclasses.replace(
+        lora_run, run=dataclasses.replace(lora_run.run, output_dir=str(tmp_path / "run")),
+        infer=dataclasses.replace(lora_run.infer, adapter=str(lora_run.output_dir / "adapter")),
+        data=dataclasses.replace(lora_run.data, eval_ratio=0.25),
+        eval=dataclasses.replace(lora_run.eval, max_new_tokens=8, report_samples=3))
+
+
+def test_scores_are_llama_factorys():
+    same = evaluate.scores("臣妾甄嬛", "臣妾甄嬛")
+    assert same["rouge-1"] == same["rouge-l"] == same["exact_match"] == 100.0
+    assert evaluate.scores("", "臣妾甄嬛") == {"bleu-4": 0.0, "rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0,
+                                            "exact_match": 0.0}
+    # characters for BLEU (nltk, smoothing method 3), jieba words for ROUGE (rouge-chinese)
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    pred, ref = "臣妾甄嬛，入宫侍奉。", "臣妾甄嬛，蒙皇上恩典，入宫侍奉左右。"
+    got = evaluate.scores(pred, ref)
+    assert got["bleu-4"] == round(100 * sentence_bleu([list(ref)], list(pred),
+                                                      smoothing_function=SmoothingFunction().method3), 4)
+    assert 0 < got["rouge-2"] < got["rouge-1"] < 100 and got["exact_match"] == 0
+
+
+def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg, capsys):
+    data.run(cfg)
+    out = evaluate.run(cfg)
+    summary = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    held = [json.loads(line) for line in (cfg.output_dir / "data/eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert summary["records"] == len(rows) == len(held) == 10
+    assert [r["reference"] for r in rows] == [h["messages"][-1]["content"] for h in held]
+    assert set(summary["metrics"]) == {"adapter", "base"}
+    for side in ("adapter", "base"):  # the means of the rows' own scores, each from its answer
+        assert summary["metrics"][side] == evaluate.mean_scores(rows, side)
+        assert all(r[f"{side}_scores"] == evaluate.scores(r[side], r["reference"]) for r in rows)
+    assert any(r["adapter"] != r["base"] for r in rows)  # the adapter changes the answers
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| metric | adapter | base |" in report and f"| rouge-l | {summary['metrics']['adapter']['rouge-l']:.2f}" in report
+    assert report.count(rows[0]["reference"]) >= 1 and rows[3]["reference"] not in report.split("answers")[-1]
+    assert "adapter: bleu-4" in capsys.readouterr().out
+    (experiment,) = [e for e in tracking.local_experiments(cfg.output_dir / "swanlog") if e["name"] == "demo-eval"]
+    assert experiment["status"] == "finished"
+
+
+def test_eval_file_in_another_format_through_the_script(cfg, tmp_path):
+    test_file = tmp_path / "test.json"
+    test_file.write_text(json.dumps([{"conversations": [{"from": "human", "value": "你是谁？"},
+                                                        {"from": "gpt", "value": "臣妾甄嬛。"}]}], ensure_ascii=False),
+                         encoding="utf-8")
+    env = {**os.environ, "HL_CONFIG": str(REPO / "configs/demo.yaml"), "HL_MODEL_DIR": cfg.model.dir,
+           "HL_OUTPUT_DIR": cfg.run.output_dir, "HL_EVAL": str(test_file),
+           "HL_SET": f"infer.adapter={cfg.infer.adapter} eval.max_new_tokens=4 eval.compare_base=false "
+                     "swanlab.mode=disabled"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/eval.py")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((cfg.output_dir / "eval/eval.json").read_text(encoding="utf-8"))
+    assert summary["source"] == str(test_file) and summary["records"] == 1 and list(summary["metrics"]) == ["adapter"]
+
+
+def test_no_split_and_a_stale_split_are_refused(cfg):
+    with pytest.raises(UserError, match="no held-out records.*data.eval_ratio"):
+        evaluate.run(cfg)
+    data.run(cfg)
+    stale = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=64))
+    with pytest.raises(UserError, match="stale: data.max_length was 256 .* rerun `make dataset`"):
+        evaluate.run(stale)
