@@ -1,5 +1,6 @@
 """make probe: python scripts/probe.py [--config FILE] [--model-dir DIR] [--output-dir DIR] [--set k=v]
-[--steps N] [--layers N] [--lengths FILE]; make passes PROBE_STEPS / PROBE_LAYERS / PROBE_LENGTHS."""
+[--steps N] [--layers N] [--lengths FILE] [--profile]; make passes PROBE_STEPS / PROBE_LAYERS /
+PROBE_LENGTHS / PROBE_PROFILE."""
 
 import argparse
 import os
@@ -18,8 +19,11 @@ def main() -> None:
                         else None, help="decoder layers to build (PROBE_LAYERS; default: all of the config)")
     parser.add_argument("--lengths", default=os.environ.get("PROBE_LENGTHS") or None,
                         help="JSON of per-sample token counts (PROBE_LENGTHS), e.g. ../shared/data/huanhuan_token_lengths.json")
+    parser.add_argument("--profile", action="store_true", default=os.environ.get("PROBE_PROFILE") == "1",
+                        help="profile one extra step: kernels, GPU busy, dequantisation share (PROBE_PROFILE=1)")
     args = parser.parse_args()
-    probe.run(config.from_args(args), steps=args.steps, layers=args.layers, lengths=args.lengths)
+    probe.run(config.from_args(args), steps=args.steps, layers=args.layers, lengths=args.lengths,
+              profile=args.profile)
 
 
 if __name__ == "__main__":

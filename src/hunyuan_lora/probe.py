@@ -201,6 +201,50 @@ class SmiPeak:
         return dict(self.peak)
 
 
+class StepProfile:
+    """Trainer callback: torch.profiler over one optimizer step (an extra step after the timed ones):
+    kernels launched, GPU busy time, the top kernels, and the share of bitsandbytes' dequantisation."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        outer = self
+        self.result: dict | None = None
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == step and outer.prof is None:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    StepClock.sync()
+                    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                    outer.prof = profile(activities=acts)
+                    outer.prof.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.prof is not None and outer.result is None:
+                    StepClock.sync()
+                    outer.prof.__exit__(None, None, None)
+                    outer.result = outer.summary()
+
+        self.prof = None
+        self.callback = _Callback()
+
+    def summary(self) -> dict:
+        kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+        by_name: dict[str, list] = {}
+        for e in kernels:
+            entry = by_name.setdefault(e.name[:90], [0.0, 0])
+            entry[0] += e.device_time / 1e3  # ms
+            entry[1] += 1
+        busy_ms = sum(v[0] for v in by_name.values())
+        dequant = sum(v[0] for n, v in by_name.items() if "equant" in n)
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+        return {"kernels": len(kernels), "busy_ms": round(busy_ms, 2), "dequantize_ms": round(dequant, 2),
+                "top": [[n, round(ms, 3), c] for n, (ms, c) in top]}
+
+
 def gemm_rate(device: str) -> tuple[float, str]:
     """FLOP/s of a square matrix product measured now: bf16 8192^3 on CUDA, float32 1024^3 on the CPU."""
     n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
@@ -246,7 +290,8 @@ def verdicts(peak_gib: float) -> dict[str, str]:
 # the stage
 
 
-def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str | None = None) -> Path:
+def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str | None = None,
+        profile: bool = False) -> Path:
     if launch().deepspeed:
         raise UserError("make probe runs one process: ZeRO-3 (LAUNCH=zero3) is not probed yet", where="LAUNCH",
                         fix="run `make probe` without LAUNCH (one GPU, or NF4 with configs/huanhuan_qlora.yaml)")
@@ -268,7 +313,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
         rng = random.Random(cfg.run.seed)
         order = list(range(len(samples)))
         rng.shuffle(order)
-        need = steps * per_step
+        need = (steps + profile) * per_step
         chosen = [samples[order[i % len(order)]] for i in range(need)]  # the Trainer shuffles again (seeded)
 
         from datasets import Dataset
@@ -276,13 +321,16 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
         train = Dataset.from_list(chosen)
         model = attach_lora(cfg, model)
         trainable, total = model.get_nb_trainable_parameters()
-        args = training_arguments(cfg, output_dir=scratch / "trainer", max_steps=steps)
+        # profile: one more step after the timed ones, profiled (the profiler's overhead stays out of the timings)
+        args = training_arguments(cfg, output_dir=scratch / "trainer", max_steps=steps + profile)
         args.save_strategy = "no"  # a probe keeps nothing but its report
         args.eval_strategy = "no"
         args.logging_steps = steps
         args.disable_tqdm = True
         clock = StepClock()
-        trainer = build_trainer(cfg, model, tokenizer, {"train": train}, args, [clock.callback])
+        profiler = StepProfile(steps) if profile else None
+        callbacks = [clock.callback] + ([profiler.callback] if profiler else [])
+        trainer = build_trainer(cfg, model, tokenizer, {"train": train}, args, callbacks)
         rate, gemm_what = gemm_rate(device)
         if device == "cuda":
             for i in range(torch.cuda.device_count()):
@@ -293,8 +341,12 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
         train_wall = time.perf_counter() - t_train
         smi_peak = smi.stop() if smi else {}
 
-    report = summarize(cfg, clock.steps, per_step, records, rate, gemm_what, init, lengths_source, device,
+    report = summarize(cfg, clock.steps[:steps], per_step, records, rate, gemm_what, init, lengths_source, device,
                        trainable, total, train_wall, smi_peak, model, float(result.training_loss))
+    if profiler is not None and profiler.result is not None:
+        p = profiler.result
+        report["profile"] = dict(p, busy_fraction_of_steady=round(p["busy_ms"] / 1e3 / report["steady_s_per_step"], 3),
+                                 kernels_per_layer=round(p["kernels"] / report["layers"], 1))
     with staging_dir(out) as tmp:
         write_json(tmp / "probe.json", report)
         write_text(tmp / "probe.md", markdown(report))
@@ -399,4 +451,10 @@ def markdown(r: dict) -> str:
         "",
         f"Step times (s): {', '.join(str(t) for t in r['step_s'])}. Code {r['code_commit']}.",
     ]
+    p = r.get("profile")
+    if p:
+        lines += ["", f"Profile of one more step: {p['kernels']} kernels ({p['kernels_per_layer']} per layer), "
+                  f"{p['busy_ms']} ms of GPU busy = {100 * p['busy_fraction_of_steady']:.0f} % of the steady step; "
+                  f"dequantisation {p['dequantize_ms']} ms. Top kernels (ms, launches):", ""]
+        lines += [f"- {n}: {ms} ms x {c}" for n, ms, c in p["top"]]
     return "\n".join(lines) + "\n"

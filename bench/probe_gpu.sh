@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU runs of `make probe` for the published figures (issues 13 and 14), on the device machine:
+#   bash bench/gpu_wheels.sh; cp ../shared/data/huanhuan_token_lengths.json .bench_data/   # here
+#   run(carry=[".whl", ".bench_data"], command="PROBES='...' bash bench/probe_gpu.sh")       # there
+# PROBES: space-separated what:config:steps:layers[:profile], e.g.
+#   "qlora-fast-d32:configs/huanhuan_qlora.yaml:20:32 qlora-tutorial-d4:configs/huanhuan_qlora_tutorial.yaml:3:4"
+# Each probe's probe.json / probe.md land in $OUT (or bench/results) as probe-<card>-<date>-<what>.{json,md};
+# GPU_TESTS=1 first runs the CUDA tests of the fast and NF4 MoE paths. Lengths: the real tokenizer's
+# (.bench_data/huanhuan_token_lengths.json, a copy of ../shared/data's), 16 samples per optimizer step.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+DEST=${OUT:-bench/results}
+LENGTHS=${LENGTHS:-.bench_data/huanhuan_token_lengths.json}
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 2
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src" SWANLAB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ "${GPU_TESTS:-0}" = 1 ]; then
+  $PY -m pytest -q -m gpu tests/test_nf4_moe.py tests/test_fast_moe.py -p no:cacheprovider 2>&1 | tail -15 | tee "$DEST/gpu-tests.log"
+fi
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
+for p in ${PROBES:-}; do
+  IFS=: read -r what config steps layers profile <<<"$p"
+  start=$SECONDS
+  PROBE_PROFILE=$([ "${profile:-}" = profile ] && echo 1) timeout "${PROBE_TIMEOUT:-540}" $PY scripts/probe.py \
+    --config "$config" --output-dir "/tmp/probe-$what" --steps "$steps" --layers "$layers" --lengths "$LENGTHS" \
+    >"/tmp/probe-$what.log" 2>&1
+  rc=$?
+  echo "== $what: rc=$rc in $((SECONDS - start)) s"
+  if [ -f "/tmp/probe-$what/probe/probe.json" ]; then
+    cp "/tmp/probe-$what/probe/probe.json" "$DEST/probe-$CARD-$(date +%F)-$what.json"
+    cp "/tmp/probe-$what/probe/probe.md" "$DEST/probe-$CARD-$(date +%F)-$what.md"
+    grep -E "steady state|samples/s|tokens/s|MFU|peak memory|Profile" "/tmp/probe-$what/probe/probe.md"
+  else
+    tail -25 "/tmp/probe-$what.log"
+  fi
+done
