@@ -130,7 +130,11 @@ class Generation:
         self._thread.start()
 
     def cancel(self) -> None:
+        """Stop after the current token and wait for generate to return (what was streamed stays in text)."""
         self._cancel.set()
+        for _ in self._streamer:
+            pass
+        self._thread.join()
 
     def __iter__(self):
         hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may still be forming
@@ -146,8 +150,6 @@ class Generation:
             if len(self.text) - hold > sent:
                 yield self.text[sent:len(self.text) - hold]
                 sent = len(self.text) - hold
-        for _ in self._streamer:  # after a stop string: let generate end
-            pass
         self._thread.join()
         if self._error is not None:
             raise self._error

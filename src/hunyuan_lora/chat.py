@@ -1,0 +1,91 @@
+"""Stage: chat, an interactive terminal conversation with the base model + adapter (or a merged folder).
+
+    make chat [CONFIG=...] [MODEL_DIR=<base folder, or the make merge output>]
+
+Tokens are printed as they are generated; the conversation is kept and each turn's prompt is built
+by prompt.py exactly as training builds it (the config's data.system_prompt, earlier answers as the
+template renders them). Commands:
+    /think  /no_think   switch thinking mode for the next answers (chat.thinking is the start)
+    /base   /adapter    answer with the adapter switched off / on (not for a merged folder)
+    /reset              forget the conversation        /exit (or Ctrl-D)   leave
+Ctrl-C while an answer is streaming stops that answer (it is not kept); the session goes on.
+Every exchange is appended to <output_dir>/chat/<start time>.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+from .config import Config
+from .generation import Generation, Sampling, load_for_generation
+from .prompt import conversation, prompt_ids
+from .records import Record, Turn
+
+HELP = "/think /no_think /base /adapter /reset /exit — Ctrl-C stops an answer"
+
+
+def run(cfg: Config) -> Path:
+    import readline  # noqa: F401  (line editing and history for input())
+
+    model, tokenizer, adapter = load_for_generation(cfg)
+    sampling = Sampling(max_new_tokens=cfg.chat.max_new_tokens, do_sample=cfg.chat.do_sample)
+    thinking, use_adapter = cfg.chat.thinking, adapter is not None
+    history: list[Turn] = []
+    transcript = cfg.output_dir / "chat" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    transcript.parent.mkdir(parents=True, exist_ok=True)
+    weights = f"{cfg.model.dir} + adapter {adapter}" if adapter else f"{cfg.model.dir} (merged: adapter inside)"
+    print(f"chatting with {weights}; thinking {'on' if thinking else 'off'}\n{HELP}", flush=True)
+
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            break
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D leaves)")
+            continue
+        command = line.strip()
+        if not command:
+            continue
+        if command == "/exit":
+            break
+        if command in ("/think", "/no_think"):
+            thinking = command == "/think"
+            print(f"thinking {'on' if thinking else 'off'}")
+            continue
+        if command == "/reset":
+            history = []
+            print("conversation cleared")
+            continue
+        if command in ("/base", "/adapter"):
+            if adapter is None:
+                print(f"{cfg.model.dir} is a merged folder (the adapter is in its weights): {command} is not "
+                      "available; chat with MODEL_DIR=<the base folder> to compare")
+            else:
+                use_adapter = command == "/adapter"
+                print("answering with " + ("base model + adapter" if use_adapter else "the base model (adapter off)"))
+            continue
+
+        turns = (*history, Turn("user", line))
+        messages = conversation(Record(system=None, turns=turns, where="chat"), cfg)
+        off = model.disable_adapter() if adapter is not None and not use_adapter else contextlib.nullcontext()
+        with off:  # the whole answer, generated in another thread, with the adapter as chosen
+            gen = Generation(model, tokenizer, prompt_ids(tokenizer, messages, thinking), sampling)
+            try:
+                for piece in gen:
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:
+                gen.cancel()
+        if gen.finish_reason is None:  # interrupted
+            print("\n[stopped: this answer is not kept]", flush=True)
+            continue
+        print(flush=True)
+        history = [*turns, Turn("assistant", gen.text)]
+        with open(transcript, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"user": line, "reply": gen.text, "thinking": thinking,
+                                "adapter": use_adapter, "finish_reason": gen.finish_reason}, ensure_ascii=False) + "\n")
+    return transcript
