@@ -160,7 +160,7 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------
 # the tests
 
-from hunyuan_lora import check, config, modeling  # noqa: E402
+from hunyuan_lora import check, config, model_folder, modeling  # noqa: E402
 from hunyuan_lora.errors import UserError  # noqa: E402
 
 
@@ -323,7 +323,7 @@ def test_merged_killed_mid_write_leaves_the_previous_one(scenarios):
     d = scenarios["dirs"]
     before = tree_digest(d["merged_prev"] / "merged")
     assert tree_digest(d["merged_mid"] / "merged") == before
-    detail, _ = check.check_model_folder(d["merged_mid"] / "merged")  # loadable as a model folder
+    detail, _ = model_folder.check_model_folder(d["merged_mid"] / "merged")  # loadable as a model folder
     assert "2 shard(s)" in detail or "1 shard(s)" in detail
 
 
@@ -333,7 +333,7 @@ def test_merged_killed_during_the_swap_or_without_a_previous_one_leaves_none(sce
         merged = d[name] / "merged"
         assert not merged.exists(), name
         with pytest.raises(UserError, match="does not exist"):
-            check.check_model_folder(merged)
+            model_folder.check_model_folder(merged)
     assert tree_digest(d["merged_swap"] / "merged.old") == tree_digest(d["merged_prev"] / "merged")
 
 
@@ -345,4 +345,4 @@ def test_a_merged_folder_cut_short_is_refused(scenarios, tmp_path):
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     with pytest.raises(UserError, match="is incomplete or corrupt"):
-        check.check_model_folder(merged)
+        model_folder.check_model_folder(merged)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_lora import check, checkpoints, config, data, patch, train, training
+from hunyuan_lora import check, checkpoints, config, data, estimate, patch, train, training
 from hunyuan_lora.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_parameter_counts_from_config_json_equal_peft_on_the_loaded_model(patche
     from transformers import AutoModelForCausalLM
 
     cfg = config.load(DEMO, model_dir=str(patched_stand_in))
-    counted = check.count_parameters(json.loads((patched_stand_in / "config.json").read_text()),
+    counted = estimate.count_parameters(json.loads((patched_stand_in / "config.json").read_text()),
                                      cfg.lora.targets(), cfg.lora.r)
     model = AutoModelForCausalLM.from_pretrained(patched_stand_in, trust_remote_code=True, torch_dtype=torch.float32)
     trainable, total = get_peft_model(model, training.lora_config(cfg)).get_nb_trainable_parameters()
@@ -102,7 +102,7 @@ def test_parameter_counts_from_config_json_equal_peft_on_the_loaded_model(patche
 def test_parameter_counts_of_the_real_config_are_the_published_ones():
     from hunyuan_lora.stand_in import real_config
 
-    counted = check.count_parameters(real_config(), config.LORA_PRESETS["tutorial"], 8)
+    counted = estimate.count_parameters(real_config(), config.LORA_PRESETS["tutorial"], 8)
     assert (counted.total, counted.lora) == (REAL_TOTAL, REAL_LORA_TUTORIAL)
     assert counted.per_target["gate_proj"] == 32 * 65  # 64 routed experts + the shared one, per layer
 
@@ -338,15 +338,15 @@ def test_too_little_disk_fails_with_the_estimate(patched_stand_in, run_dir, monk
 
 
 def test_checkpoint_estimate():
-    params = check.ParamCount(total=10**9, lora=10**6, per_target={})
-    per = check.checkpoint_bytes(params, tokenizer_bytes=0)
+    params = estimate.ParamCount(total=10**9, lora=10**6, per_target={})
+    per = estimate.checkpoint_bytes(params, tokenizer_bytes=0)
     assert per == 10**6 * 4 + 10**6 * 12  # adapter fp32 + (fp32 weights, Adam m, v)
     cfg = config.load(DEMO, ["train.save_steps=10", "train.max_steps=95"])
-    assert check.disk_needed(cfg, per, 4 * 10**6, check.expected_steps(cfg, None)) == (10 * per + 4 * 10**6, 10)
+    assert estimate.disk_needed(cfg, per, 4 * 10**6, estimate.expected_steps(cfg, None)) == (10 * per + 4 * 10**6, 10)
     cfg = config.load(DEMO, ["train.save_steps=10", "train.max_steps=95", "train.save_total_limit=2"])
-    assert check.disk_needed(cfg, per, 0, 95)[1] == 3  # the limit, + 1 while the next is written
+    assert estimate.disk_needed(cfg, per, 0, 95)[1] == 3  # the limit, + 1 while the next is written
     # the tutorial's published run: 3,729 records, batch 4 x accumulation 4, 1 epoch -> 233 steps
-    assert check.expected_steps(config.load(HUANHUAN_CONFIG), 3729) == 233
+    assert estimate.expected_steps(config.load(HUANHUAN_CONFIG), 3729) == 233
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,9 +454,9 @@ def test_real_size_memory_estimate_against_one_and_two_h200(real_size_folder, tm
 def test_no_gradient_checkpointing_raises_the_activation_estimate(real_size_folder):
     from hunyuan_lora.stand_in import real_config
 
-    params = check.count_parameters(real_config(), config.LORA_PRESETS["tutorial"], 8)
-    with_gc = check.estimate_memory(real_config(), params, 2, 4 * 1024, True, 1)
-    without = check.estimate_memory(real_config(), params, 2, 4 * 1024, False, 1)
+    params = estimate.count_parameters(real_config(), config.LORA_PRESETS["tutorial"], 8)
+    with_gc = estimate.estimate_memory(real_config(), params, 2, 4 * 1024, True, 1)
+    without = estimate.estimate_memory(real_config(), params, 2, 4 * 1024, False, 1)
     assert with_gc.activations == 4096 * 4096 * 32 * 2  # hidden x tokens x layers x bytes
     assert without.activations == 37 * with_gc.activations
 

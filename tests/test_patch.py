@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hunyuan_lora import patch
+from hunyuan_lora import model_folder, patch
 from hunyuan_lora.errors import UserError
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def test_patch_inserts_only_the_logger_lines_and_keeps_the_original(model_copy):
     diff = [line for line in difflib.ndiff(original.splitlines(True), patched.splitlines(True)) if line[:2] != "  "]
     assert [line[2:] for line in diff if line.startswith("+ ")] == patch.INSERTED_LINES
     assert not [line for line in diff if line.startswith("- ")]
-    assert patch.undefined_uses(patched) == []
+    assert model_folder.undefined_uses(patched) == []
     compile(patched, "hunyuan.py", "exec")
 
 
@@ -64,7 +64,7 @@ def test_check_only_reports_and_writes_nothing(model_copy):
     ],
 )
 def test_undefined_logger_is_found_from_the_code(source, needed):
-    assert bool(patch.undefined_uses(source)) is needed
+    assert bool(model_folder.undefined_uses(source)) is needed
 
 
 def test_insertion_goes_after_the_last_top_level_import():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_lora import check, checkpoints, config, modeling, runtime, scale, train
+from hunyuan_lora import check, checkpoints, config, estimate, modeling, runtime, scale, train
 from hunyuan_lora.errors import UserError
 from test_check import (H200, REAL_TOTAL, demo_cfg, failure, fake_gpus, real_cfg,  # noqa: F401 (fixtures)
                         real_size_folder, run_dir, tokenized)
@@ -266,18 +266,18 @@ def test_preflight_refuses_nf4_without_cuda(patched_stand_in, run_dir):
 def test_real_size_estimates_zero3_divides_by_processes_and_nf4_is_half_a_byte():
     from hunyuan_lora.stand_in import real_config
 
-    params = check.count_parameters(real_config(), config.LORA_PRESETS["tutorial"], 8)
+    params = estimate.count_parameters(real_config(), config.LORA_PRESETS["tutorial"], 8)
     routers, embedding, norms = 32 * 4096 * 64, 128167 * 4096, 32 * (2 * 4096 + 2 * 128) + 4096
     assert params.quantizable == REAL_TOTAL - routers - embedding - norms  # every Linear but wg and lm_head
     assert params.moe_block == 65 * 3 * 4096 * 3072 + 4096 * 64  # 64 routed + shared expert + router
-    one = check.estimate_memory(real_config(), params, 2, 4 * 512, True, 1)
-    four = check.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, zero3_processes=4)
+    one = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1)
+    four = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, zero3_processes=4)
     assert four.weights == pytest.approx(one.weights / 4, abs=1) and four.per_gpu_of == 4
     assert four.lora_and_optimizer == pytest.approx(one.lora_and_optimizer / 4, abs=1)
     assert four.activations == one.activations and four.gathered == 2 * params.moe_block * 2
-    offload = check.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, zero3_processes=4, offload_param=True)
+    offload = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, zero3_processes=4, offload_param=True)
     assert offload.weights == 0
-    nf4 = check.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, nf4=True)
+    nf4 = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, nf4=True)
     assert 41.0e9 < nf4.weights < 44.0e9  # ~0.516 B x 79.86 B quantised + 0.53 B x 4 B (fp32 after prepare)
     assert "per GPU, ZeRO-3 over 4 processes" in four.describe()
 

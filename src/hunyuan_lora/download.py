@@ -30,13 +30,8 @@ from pathlib import Path
 from .atomic import write_json
 from .config import Config
 from .errors import UserError
-
-PROVENANCE_FILE = "download.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_WEIGHTS_FILE = "model.safetensors"
-# tokenization_hy.HYTokenizer reads its BPE ranks from this file (VOCAB_FILES_NAMES in Tencent's code).
-TOKENIZER_FILES = ("tokenizer_config.json", "hy.tiktoken")
-
+from .estimate import human_bytes
+from .model_folder import PROVENANCE_FILE, no_auto_map_error, verify
 
 @dataclass
 class RepoListing:
@@ -47,13 +42,6 @@ class RepoListing:
     branches: list[str]
     tags: list[str]
     files: dict[str, dict] | None  # path -> {"Size", "Sha256", "Revision" (commit), ...}; None: list unusable
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units, as disks and GPU specs are quoted: 160.8 GB, 5.8 MB, 1.0 kB."""
-    if n >= 1e9:
-        return f"{n / 1e9:.1f} GB"
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _model_folder(cache_dir: Path, model_id: str) -> Path:
@@ -181,18 +169,6 @@ def check_disk(cfg: Config, listing: RepoListing | None) -> int:
 # 3. the remote-code format, checked on config.json before the weights
 
 
-def no_auto_map_error(config_path: Path, config: dict, listing: RepoListing | None = None) -> UserError:
-    known = f" (tags: {', '.join(listing.tags) or 'none'}; branches: {', '.join(listing.branches)})" if listing else ""
-    return UserError(
-        f"{config_path} has no auto_map (model_type {config.get('model_type')!r}): this copy is in the native "
-        "transformers format (>= 4.56), but the pinned transformers 4.51.3 can only load Hunyuan-A13B through "
-        "the remote-code format (auto_map + configuration_hunyuan.py, hunyuan.py, modeling_hunyuan.py)",
-        where="model.revision",
-        fix=f"set model.revision to a revision whose config.json has auto_map{known}, e.g. --set "
-            "model.revision=<tag>, and run the download again",
-    )
-
-
 def check_remote_code_format(cfg: Config, listing: RepoListing) -> None:
     """Fetch only config.json (into the same cache, so the snapshot will not fetch it again) and require auto_map."""
     from modelscope.hub.file_download import model_file_download
@@ -208,106 +184,6 @@ def check_remote_code_format(cfg: Config, listing: RepoListing) -> None:
         return
     if not config.get("auto_map"):
         raise no_auto_map_error(path, config, listing)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. verification
-
-
-def _code_files(refs) -> set[str]:
-    """Module files named by auto_map values: "module.Class", or a [slow, fast] list of them."""
-    out = set()
-    for ref in refs if isinstance(refs, list) else [refs]:
-        # "other/repo--module.Class" points at another repo's code: nothing to find in this folder.
-        if isinstance(ref, str) and ref and "--" not in ref:
-            out.add(ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
-    return out
-
-
-def _with_relative_imports(folder: Path, files: set[str]) -> set[str]:
-    """Add the files these code files import relatively (hunyuan.py -> modeling_hunyuan.py), recursively."""
-    # The same two patterns transformers' dynamic module loader follows (get_relative_imports).
-    pattern = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.M)
-    todo, seen = list(files), set(files)
-    while todo:
-        path = folder / todo.pop()
-        if not path.is_file():
-            continue
-        for m in pattern.finditer(path.read_text(encoding="utf-8", errors="replace")):
-            name = f"{m[1] or m[2]}.py"
-            if name not in seen:
-                seen.add(name)
-                todo.append(name)
-    return seen
-
-
-def _read_json(path: Path, problems: dict[str, str]) -> dict | None:
-    if not path.is_file():
-        problems.setdefault(path.name, f"{path.name} is missing")
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        problems[path.name] = f"{path.name} is not valid JSON ({e})"
-        return None
-
-
-def verify(folder: Path, files: dict[str, dict] | None) -> dict:
-    """Check the downloaded folder; returns config.json. One UserError names every missing or wrong file.
-
-    `files` is the server's listing (path -> {"Size", ...}); None checks presence only.
-    """
-    problems: dict[str, str] = {}  # file -> what is wrong with it (one line per file)
-
-    # (b) every file the server listed is there, with the size it listed
-    for path, meta in (files or {}).items():
-        p = folder / path
-        if not p.is_file():
-            problems[path] = f"{path} is missing"
-        elif p.stat().st_size != meta["Size"]:
-            problems[path] = f"{path} has {p.stat().st_size} bytes, the server lists {meta['Size']}"
-
-    # (a) config.json with auto_map, and the code files it names
-    config = _read_json(folder / "config.json", problems)
-    auto_map = (config or {}).get("auto_map")
-    code: set[str] = set()
-    for refs in (auto_map or {}).values():
-        code |= _code_files(refs)
-
-    # (c) tokenizer: tokenizer_config.json's auto_map code, the BPE ranks file
-    tok_config = _read_json(folder / "tokenizer_config.json", problems)
-    for refs in ((tok_config or {}).get("auto_map") or {}).values():
-        code |= _code_files(refs)
-    for name in TOKENIZER_FILES:
-        if not (folder / name).is_file():
-            problems.setdefault(name, f"{name} (tokenizer) is missing")
-    for name in sorted(_with_relative_imports(folder, code)):
-        if not (folder / name).is_file():
-            problems.setdefault(name, f"{name} (model/tokenizer code named by auto_map or imported by it) is missing")
-
-    # (b) every shard the index names (or the single weights file)
-    index = folder / INDEX_FILE
-    if index.is_file() or (files is not None and INDEX_FILE in files):
-        weight_map = (_read_json(index, problems) or {}).get("weight_map", {})
-        for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
-                unlisted = files is not None and shard not in files
-                problems.setdefault(shard, f"{shard} (named in {INDEX_FILE}) is missing"
-                                    + (" and the server does not list it" if unlisted else ""))
-    elif not (folder / SINGLE_WEIGHTS_FILE).is_file():
-        problems.setdefault(SINGLE_WEIGHTS_FILE, f"no weights: neither {INDEX_FILE} nor {SINGLE_WEIGHTS_FILE}")
-
-    if config is not None and not auto_map:
-        raise no_auto_map_error(folder / "config.json", config)
-    if problems:
-        raise UserError(
-            f"the download in {folder} is incomplete: " + "; ".join(problems[k] for k in sorted(problems)),
-            where="model.dir",
-            fix="delete the files named above that are present but wrong, then run `make download` again "
-                "(modelscope fetches only what is missing); if the server itself lacks a file, pin another "
-                "model.revision",
-        )
-    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,12 +219,6 @@ def write_provenance(folder: Path, cfg: Config, listing: RepoListing) -> Path:
     }
     out = write_json(folder / PROVENANCE_FILE, record)
     return out
-
-
-def read_provenance(folder: str | Path) -> dict | None:
-    """The download.json of a model folder (None when the folder was not made by this stage)."""
-    p = Path(folder) / PROVENANCE_FILE
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------
