@@ -103,11 +103,18 @@ def test_packed_dequantisation_is_bitsandbytes_per_expert(overrides, double_quan
     assert torch.equal(again, want["up_proj"])
 
 
-def test_scratch_is_shared_across_layers():
-    model = nf4_model(tiny_config())
-    a = fast_moe.projections(model.model.layers[0].mlp)["gate_proj"].weight.materialize()
-    b = fast_moe.projections(model.model.layers[1].mlp)["down_proj"].weight.materialize()
-    assert a.data_ptr() == b.data_ptr()  # gate (E, I, H) and down (E, H, I): the same E*I*H values
+def test_no_dequantised_weight_is_saved_for_backward():
+    """Autograd keeps activations only: no tensor of a projection's E x out x in dequantised values."""
+    config = tiny_config()
+    _, fast = peft_pair(config)
+    moe = fast.base_model.model.model.layers[0].mlp
+    weight_size = config.num_experts * config.moe_intermediate_size[0] * config.hidden_size
+    saved = []
+    x = torch.randn(1, 20, config.hidden_size, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = moe(x)
+    assert saved and weight_size not in saved
+    y.sum().backward()
 
 
 @pytest.mark.parametrize("tokens", [3, 40])

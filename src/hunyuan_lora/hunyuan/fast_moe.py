@@ -32,9 +32,10 @@ Why this layout (the design point): the model keeps the checkpoint's module tree
 NF4 (QLoRA, bitsandbytes `Linear4bit` experts): the experts stay 4-bit. Their quantised codes
 and block scales are packed the same way (each `Params4bit.data` and `quant_state.absmax`
 re-pointed to its slice of one buffer per projection), so ONE `bitsandbytes.functional.
-dequantize_4bit` call per projection per pass writes all E experts' bf16 weights, into a scratch
-buffer shared by every layer (`NF4Experts`; one buffer of E x out x in values per device and
-dtype: 1.5 GiB on the real model). The double-quantised scales (one offset per expert) are
+dequantize_4bit` call per projection per pass writes all E experts' bf16 weights (`NF4Experts`;
+1.5 GiB on the real model), used by one grouped product and released: the caching allocator
+hands the same block to the next projection and layer, so one such block is all the scratch
+there is. The double-quantised scales (one offset per expert) are
 dequantised with bitsandbytes' `dequantize_blockwise` over all experts, then each expert's offset
 added, the arithmetic bitsandbytes does per tensor. Nothing dequantised is kept for backward.
 
@@ -147,10 +148,8 @@ class NF4Experts:
     expert's `Params4bit.data` a slice of it); absmax: per 64-value block, either float32 or (double
     quantisation) uint8 codes of `absmax - offset` under a second-level blockwise state, whose
     per-expert pieces are stacked here. `materialize()` writes all E bf16 weights with one
-    `dequantize_4bit` call into a scratch buffer shared by every NF4Experts of that size.
+    `dequantize_4bit` call.
     """
-
-    _scratch: dict[tuple, torch.Tensor] = {}
 
     def __init__(self, linears: list[nn.Module]):
         params = [m.weight for m in linears]
@@ -211,21 +210,13 @@ class NF4Experts:
         return (a.view(E, -1)[:, : self.blocks] + self.offsets[:, None]).reshape(-1)
 
     def materialize(self) -> torch.Tensor:
-        """(E, out, in) dequantised weights in the shared scratch buffer (valid until the next call)."""
+        """(E, out, in) dequantised weights: a fresh tensor that nothing keeps after the product using it,
+        so the caching allocator hands the same block to the next projection and layer."""
         import bitsandbytes.functional as bnbf
 
-        key = (self.device, self.dtype, self.shape[0] * self.shape[1] * self.shape[2])
-        scratch = self._scratch.get(key)
-        if scratch is None:
-            scratch = self._scratch[key] = torch.empty(key[2], dtype=self.dtype, device=self.device)
-        out = scratch.view(self.shape)
         state = bnbf.QuantState(absmax=self.scales(), shape=self.shape, dtype=self.dtype,
                                 blocksize=self.blocksize, quant_type=self.quant_type)
-        if self.device.type == "cuda":
-            bnbf.dequantize_4bit(self.data, state, out=out)
-        else:  # bitsandbytes' CPU backend has no out= variant
-            out.copy_(bnbf.dequantize_4bit(self.data, state))
-        return out
+        return bnbf.dequantize_4bit(self.data, state)
 
 
 def _lora_plan(mods: list[nn.Module]) -> list[tuple[list[nn.Linear], list[nn.Linear], float, nn.Module]]:

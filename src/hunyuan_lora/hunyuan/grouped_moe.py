@@ -16,8 +16,7 @@ I expert width, r LoRA rank.
      (deterministic, no atomics; the gathers of steps 1 and 4 back-propagate as gathers, `_Rows`).
 
 A base weight is either a tensor (E, out, in) or a `WeightSource`: something that writes the
-(E, out, in) weight on demand (NF4 experts: bitsandbytes' dequantisation into shared scratch
-memory). A source's weight is never saved for backward: the backward pass asks for it again.
+(E, out, in) weight on demand (NF4 experts: bitsandbytes' dequantisation). A source's weight is never saved for backward: the backward pass asks for it again.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from torch import nn
 
 
 class WeightSource(Protocol):
-    """A frozen (E, out, in) weight materialised on demand (into memory the caller may reuse)."""
+    """A frozen (E, out, in) weight materialised on demand."""
 
     shape: tuple[int, int, int]
     dtype: torch.dtype
@@ -92,7 +91,7 @@ class _SourcedProduct(torch.autograd.Function):
 
     Backward materialises W again (the input gradient grad @ W[e]): with gradient checkpointing
     that is the third materialisation per step (forward, recompute, backward), and no layer's
-    weight outlives its product, so one scratch buffer serves every layer.
+    weight outlives its product: one weight-sized block of memory serves every layer in turn.
     """
 
     @staticmethod
