@@ -159,3 +159,14 @@ def test_every_labelled_span_follows_its_own_inference_prompt(tokenizer):
             thinking = prompt.is_thinking(messages[i]["content"])
             assert before == prompt.prompt_ids(tokenizer, messages[:i], thinking)
             assert tokenizer.decode(label) == messages[i]["content"] + "<|eos|>"
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("<think>\nhm\n</think>\n<answer>\n家父是甄远道。\n</answer>", "家父是甄远道。"),
+    ("<answer>\n没有收尾", "没有收尾"),
+    ("<think>\n\n</think>\n臣妾甄嬛。", "臣妾甄嬛。"),
+    ("臣妾甄嬛。", "臣妾甄嬛。"),
+    ("", ""),
+])
+def test_answer_extraction_never_raises(text, answer):
+    assert prompt.extract_answer(text) == answer

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
-from .records import THINK_CLOSE, THINK_OPEN, Record
+from .records import THINK_CLOSE, THINK_OPEN, Record, Turn
 
 IGNORE_INDEX = -100
 EMPTY_THINK = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n"  # what enable_thinking=False appends to the prompt
@@ -71,6 +71,17 @@ def conversation(record: Record, cfg: Config) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [
         {"role": t.role, "content": trained_content(t.content, cfg) if t.role == "assistant" else t.content}
         for t in record.turns]
+
+
+def ask(user: str, cfg: Config, system: str | None = None) -> list[dict]:
+    """The messages of a one-turn question (the config's system prompt unless `system` is given)."""
+    return conversation(Record(system=system, turns=(Turn("user", user),), where="prompt"), cfg)
+
+
+def prompt_messages(record: Record, cfg: Config) -> list[dict]:
+    """The conversation a record asks the model to continue: everything up to its last user turn."""
+    messages = conversation(record, cfg)
+    return messages[:-1] if record.answer is not None else messages
 
 
 def prompt_ids(tokenizer, messages: list[dict], thinking: bool) -> list[int]:

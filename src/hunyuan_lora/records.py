@@ -362,8 +362,9 @@ def _not_records(text: str, path: Path) -> UserError:
     except json.JSONDecodeError as e:
         p = _syntax_problem(e)
         return UserError(f"neither a JSON array nor JSONL: {p.what}", where=f"{path}:{p.loc}",
-                         fix='alpaca data is a JSON array [{"instruction": ..., "output": ...}, ...] '
-                             "or JSONL, one such object per line")
+                         fix='a dataset is a JSON array of records [{"instruction": ..., "output": ...}, ...] '
+                             '(or {"messages": [...]} / {"conversations": [...]} records), or JSONL, one record '
+                             "per line")
     return UserError(
         f"the top level is {_kind(value)}; expected an array of records or JSONL (one object per line)",
         where=f"{path}:line 1", fix='write the records as [{"instruction": ..., "input": "", "output": ...}, ...]')
