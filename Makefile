@@ -80,8 +80,18 @@ train: setup  ## LoRA fine-tune with HF Trainer + SwanLab (resume: auto); LAUNCH
 infer: setup  ## answer PROMPT (or infer.prompts / infer.input_jsonl) with base + adapter
 	$(PY) scripts/infer.py
 
-merge: setup  ## merge the adapter into the base weights -> OUTPUT_DIR/merged
+merge: setup  ## merge the adapter into the base weights -> OUTPUT_DIR/merged, then check every delta is in it
 	$(PY) scripts/merge.py
+
+.PHONY: chat eval serve
+chat: setup  ## talk to base + adapter (or MODEL_DIR=<merged folder>) in the terminal; /think /base /reset /exit
+	$(PY) scripts/chat.py
+
+eval: setup  ## base vs adapter on the held-out split or EVAL=file: BLEU-4, ROUGE, exact match -> OUTPUT_DIR/eval
+	$(PY) scripts/eval.py
+
+serve: setup  ## OpenAI-compatible API on serve.host:port (127.0.0.1:8000) over base + adapter
+	$(PY) scripts/serve.py
 
 .PHONY: watch
 watch: setup  ## SwanLab dashboard on OUTPUT_DIR/swanlog at swanlab.host:port (e.g. CONFIG=configs/demo.yaml)

@@ -1,17 +1,9 @@
-"""make chat: python scripts/chat.py [--config FILE] [--model-dir DIR] [--output-dir DIR] [--set k=v]."""
+"""make chat: talk to base + adapter (or a merged folder) in the terminal.
 
-import argparse
+`python -m hunyuan_lora chat --help` lists the options (src/hunyuan_lora/cli.py).
+"""
 
-from hunyuan_lora import chat, config
-from hunyuan_lora.errors import exit_on_user_error
-
-
-@exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    config.add_cli_args(parser)
-    chat.run(config.from_args(parser.parse_args()))
-
+from hunyuan_lora.cli import main
 
 if __name__ == "__main__":
-    main()
+    main("chat")

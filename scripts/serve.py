@@ -1,17 +1,9 @@
-"""make serve: python scripts/serve.py [--config FILE] [--model-dir DIR] [--output-dir DIR] [--set k=v]."""
+"""make serve: an OpenAI-compatible server on 127.0.0.1 over base + adapter.
 
-import argparse
+`python -m hunyuan_lora serve --help` lists the options (src/hunyuan_lora/cli.py).
+"""
 
-from hunyuan_lora import serve, config
-from hunyuan_lora.errors import exit_on_user_error
-
-
-@exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    config.add_cli_args(parser)
-    serve.run(config.from_args(parser.parse_args()))
-
+from hunyuan_lora.cli import main
 
 if __name__ == "__main__":
-    main()
+    main("serve")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -103,9 +104,17 @@ def _log_to_swanlab(cfg: Config, summary: dict, rows: list[dict], table: str) ->
         swanlab.finish()
 
 
-def run(cfg: Config) -> Path:
+def add_arguments(parser) -> None:
+    # make eval EVAL=... arrives as HL_EVAL, exactly as typed
+    parser.add_argument("--eval", dest="eval_file", default=os.environ.get("HL_EVAL") or None,
+                        help="evaluate on this file (any dataset format) instead of the held-out split")
+
+
+def run(cfg: Config, eval_file: str | None = None) -> Path:
     from tqdm import tqdm
 
+    if eval_file:
+        cfg.eval.input = eval_file
     source, records = eval_records(cfg)
     model, tokenizer, adapter = load_for_generation(cfg)
     sides = ["adapter", "base"] if cfg.eval.compare_base and adapter is not None else ["adapter"]

@@ -98,7 +98,15 @@ def _earlier_answers(out: Path, keys: list[str]) -> int:
     return 0
 
 
-def run(cfg: Config) -> Path:
+def add_arguments(parser) -> None:
+    # make infer PROMPT=... arrives as HL_PROMPT, exactly as typed
+    parser.add_argument("--prompt", default=os.environ.get("HL_PROMPT") or None,
+                        help="answer this one prompt instead of infer.prompts / infer.input_jsonl")
+
+
+def run(cfg: Config, prompt: str | None = None) -> Path:
+    if prompt:
+        cfg.infer.prompts, cfg.infer.input_jsonl = [prompt], None
     records = read_prompts(cfg)
     out = output_path(cfg)
     if not records:
@@ -117,4 +125,5 @@ def run(cfg: Config) -> Path:
             f.flush()
             os.fsync(f.fileno())  # an answer written is an answer kept, whatever happens next
             print(f"Q: {row['instruction']}\nA: {row['answer']}\n", flush=True)
+    print(f"answers written to {out}")
     return out
