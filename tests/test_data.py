@@ -196,3 +196,16 @@ def test_stale_dataset_is_named_by_dataset_mismatch(stand_in_dir, tmp_path, mode
     assert "data.max_length was 256 when tokenized, the config now says 64" in problems
     assert "data.train_on was 'all_assistant'" in problems and "tokenizer files" in problems
     assert "older version" in dataset_mismatch(cfg, {"splits": {"train": 2}})[0]
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty", "config_only"])
+def test_no_model_folder_yet_says_run_make_download(stand_in_dir, tmp_path, folder):
+    model = tmp_path / "model"
+    if folder != "missing":
+        model.mkdir()
+    if folder == "config_only":
+        (model / "config.json").write_text((stand_in_dir / "config.json").read_text())
+    cfg = _cfg(model, tmp_path, [{"instruction": "q", "output": "a"}])
+    with pytest.raises(UserError, match=r"no tokenizer in .*run `make download` first \(or use "
+                                        r"CONFIG=configs/demo.yaml"):
+        data.run(cfg)

@@ -82,3 +82,20 @@ def test_gbk_input_is_refused_and_an_empty_one_warns(cfg, tmp_path, capsys):
     cfg.infer.input_jsonl = str(empty)
     out = infer.run(cfg)
     assert "WARNING: " in capsys.readouterr().out and not out.exists()
+
+
+@pytest.mark.parametrize("broken", ["empty", "no_weights", "truncated_shard"])
+def test_a_broken_model_folder_is_reported_in_words(cfg, model_copy, broken):
+    import shutil
+
+    if broken == "empty":
+        shutil.rmtree(model_copy)
+        model_copy.mkdir()
+    for shard in model_copy.glob("*.safetensors"):
+        if broken == "no_weights":
+            shard.unlink()
+        else:
+            shard.write_bytes(shard.read_bytes()[:100])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dir=str(model_copy)))
+    with pytest.raises(UserError, match="make download"):
+        infer.run(cfg)

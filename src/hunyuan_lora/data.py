@@ -30,7 +30,7 @@ import numpy as np
 from .atomic import staging_dir, write_json, write_text
 from .config import Config
 from .errors import UserError
-from .prompt import IGNORE_INDEX, dataset_provenance, training_samples
+from .prompt import IGNORE_INDEX, dataset_provenance, load_tokenizer, training_samples
 from .records import Record, check_sha256, read_records, summarise
 
 
@@ -89,14 +89,13 @@ def _length_stats(lengths: list[int]) -> dict:
 
 def run(cfg: Config) -> Path:
     from datasets import Dataset, DatasetDict
-    from transformers import AutoTokenizer
 
     out = cfg.output_dir / "data"
+    tokenizer = load_tokenizer(cfg)  # before a download: `make dataset` needs the model folder's tokenizer
     path = fetch_dataset(cfg)
     records, report = read_records(path, drop_duplicates=cfg.data.drop_duplicates)
     print(summarise(report))
     train_records, eval_records = split_records(records, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.dir, trust_remote_code=True)
 
     splits: dict[str, list[dict]] = {}
     dropped = 0

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
+from .model_folder import check_model_folder
 from .modeling import adapter_dir, load_base_model, load_with_adapter
-from .prompt import prompt_ids
+from .prompt import load_tokenizer, prompt_ids
 from .runtime import pick_device, pick_dtype
 
 MERGED_MARKER = "merged_from.json"  # written by `make merge` into the folder it writes
@@ -72,8 +73,7 @@ def load_for_generation(cfg: Config, *, require_adapter: bool = True):
     """(model, tokenizer, adapter): the base model + the run's adapter, or a `make merge` folder as it
     is (its adapter is already in the weights: applying it again would double it). adapter is the
     adapter folder, or None for a merged folder; require_adapter=False allows the bare base model."""
-    from transformers import AutoTokenizer
-
+    check_model_folder(Path(cfg.model.dir))  # a missing, partial or damaged folder: in words, before loading
     adapter = None
     if not is_merged(cfg.model.dir):
         try:
@@ -81,7 +81,7 @@ def load_for_generation(cfg: Config, *, require_adapter: bool = True):
         except UserError:
             if require_adapter:
                 raise
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.dir, trust_remote_code=True)
+    tokenizer = load_tokenizer(cfg)
     if adapter is not None:
         model = load_with_adapter(cfg, adapter)
     else:

@@ -24,6 +24,7 @@ from .atomic import staging_dir, write_json
 from .config import Config
 from .errors import UserError
 from .generation import MERGED_MARKER, is_merged
+from .model_folder import check_model_folder
 from .modeling import adapter_dir, load_with_adapter
 
 # Files copied from the base folder as they are (the weights and their index are written anew).
@@ -104,6 +105,7 @@ def run(cfg: Config) -> Path:
     if is_merged(base):
         raise UserError(f"{base} is a `make merge` output: its weights already hold an adapter", where="model.dir",
                         fix="merge into the base model folder (MODEL_DIR=<the downloaded folder>)")
+    check_model_folder(base)
     adapter = adapter_dir(cfg)
     model = load_with_adapter(cfg, adapter)
     merged = model.merge_and_unload()

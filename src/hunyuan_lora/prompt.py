@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
+from .model_folder import TOKENIZER_FILES
 from .records import THINK_CLOSE, THINK_OPEN, Record, Turn
 
 IGNORE_INDEX = -100
@@ -34,11 +35,28 @@ _REASONING = re.compile(rf"{THINK_OPEN}(.*?){THINK_CLOSE}\n?", re.S)
 _ANSWER = re.compile(r"<answer>\s*(.*?)\s*(?:</answer>|$)", re.S)
 
 # Files of a model folder that decide how text becomes tokens (the chat template is in tokenizer_config.json).
-TOKENIZER_FILES = ("tokenizer_config.json", "hy.tiktoken", "tokenization_hy.py", "special_tokens_map.json",
+FINGERPRINT_FILES = ("tokenizer_config.json", "hy.tiktoken", "tokenization_hy.py", "special_tokens_map.json",
                    "tokenizer.json")
 # data.* settings (and the seed of the split) that change the tokenized examples.
 TOKEN_SETTINGS = ("system_prompt", "max_length", "answer_tags", "overlong", "eval_ratio", "drop_duplicates",
                   "train_on")
+
+
+def load_tokenizer(cfg: Config):
+    """The model folder's tokenizer (Tencent's code through auto_map); UserError when it cannot load."""
+    from transformers import AutoTokenizer
+
+    folder = Path(cfg.model.dir)
+    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"no tokenizer in {folder} ({', '.join(missing)} missing)", where="model.dir",
+                        fix="run `make download` first (or use CONFIG=configs/demo.yaml for the stand-in demo), "
+                            "or pass MODEL_DIR=<the model folder>")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"the tokenizer in {folder} does not load ({type(e).__name__}: {e})", where="model.dir",
+                        fix="download the folder again (`make download`), or pass MODEL_DIR=<the model folder>") from e
 
 
 def is_thinking(content: str) -> bool:
@@ -164,7 +182,7 @@ def extract_answer(text: str) -> str:
 def tokenizer_fingerprint(model_dir: str | Path) -> str:
     """sha256 over the tokenizer files of a model folder (their names and bytes), not its path."""
     digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
+    for name in FINGERPRINT_FILES:
         path = Path(model_dir) / name
         if path.is_file():
             digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
