@@ -57,7 +57,8 @@ def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg
         assert all(r[f"{side}_scores"] == evaluate.scores(r[side], r["reference"]) for r in rows)
     assert any(r["adapter"] != r["base"] for r in rows)  # the adapter changes the answers
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert "| metric | adapter | base |" in report and f"| rouge-l | {summary['metrics']['adapter']['rouge-l']:.2f}" in report
+    assert "| metric | adapter | base |" in report
+    assert f"| rouge-l | {summary['metrics']['adapter']['rouge-l']:.2f}" in report
     assert report.count(rows[0]["reference"]) >= 1 and rows[3]["reference"] not in report.split("answers")[-1]
     assert "adapter: bleu-4" in capsys.readouterr().out
     (experiment,) = [e for e in tracking.local_experiments(cfg.output_dir / "swanlog") if e["name"] == "demo-eval"]

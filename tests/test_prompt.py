@@ -3,7 +3,6 @@ model's rendering rules): multi-turn, thinking on and off, mixed, expansion into
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

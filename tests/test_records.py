@@ -232,7 +232,8 @@ def test_real_dataset():
     assert records[0].where == f"{HUANHUAN}:line 2, record #1"
     assert records[2].where == f"{HUANHUAN}:line 12, record #3"  # 4-space pretty print: 5 lines a record
     raw = json.loads(HUANHUAN.read_text(encoding="utf-8"))[0]
-    assert records[0].turns == (Turn("user", raw["instruction"]), Turn("assistant", raw["output"]))  # the tutorial's text
+    # the tutorial's text exactly
+    assert records[0].turns == (Turn("user", raw["instruction"]), Turn("assistant", raw["output"]))
 
     deduped, report = read_records(HUANHUAN)
     assert len(deduped) == report.records == 3729 - 112 and report.dropped == 112

@@ -519,7 +519,8 @@ def _text_problem(v: Any, floc: str, required: bool, nullable: bool = False) -> 
     """The problem with one text field's value, if any."""
     if not isinstance(v, str):
         or_null = " or null" if nullable else ""
-        return _Problem(floc, f"is {_kind(v)}, expected a string", f"write it as a JSON string in double quotes{or_null}")
+        return _Problem(floc, f"is {_kind(v)}, expected a string",
+                        f"write it as a JSON string in double quotes{or_null}")
     if required and not v.strip():
         return _Problem(floc, "is empty" if not v else f"is only whitespace ({v[:20]!r})",
                         "write the text, or delete the record")
@@ -536,7 +537,8 @@ def _think_problem(answer: str, floc: str) -> _Problem | None:
                         "end the reasoning with </think> before the answer, e.g. <think>\\n...\\n</think>\\n<answer>")
     if THINK_CLOSE in answer and not answer.startswith(THINK_OPEN):
         return _Problem(floc, "contains </think> but does not start with <think> (a reasoning trace must open "
-                        "the answer)", "move the <think>...</think> block to the very start of the answer, or delete it")
+                        "the answer)",
+                        "move the <think>...</think> block to the very start of the answer, or delete it")
     return None
 
 
@@ -559,7 +561,8 @@ def _alpaca_turns(value: dict, loc: str, extra: list[str], require_answer: bool,
     if history is not None:
         if not isinstance(history, list):
             found.append(_Problem(f"{loc}, field 'history'", f"is {_kind(history)}, expected a list of "
-                                  "[user, assistant] pairs", 'write it as [["earlier question", "earlier answer"], ...]'))
+                                  "[user, assistant] pairs",
+                                  'write it as [["earlier question", "earlier answer"], ...]'))
         for i, pair in enumerate(history if isinstance(history, list) else [], 1):
             floc = f"{loc}, field 'history', pair #{i}"
             if not (isinstance(pair, list) and len(pair) == 2):
