@@ -99,3 +99,14 @@ def test_a_broken_model_folder_is_reported_in_words(cfg, model_copy, broken):
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dir=str(model_copy)))
     with pytest.raises(UserError, match="make download"):
         infer.run(cfg)
+
+
+def test_a_prompt_over_the_models_context_warns(lora_run, capsys):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(lora_run.model.dir, trust_remote_code=True)
+    model = type("Model", (), {"config": config})  # what warn_if_too_long reads of a model: its config
+    generation.warn_if_too_long(model, config.max_position_embeddings - 4, 4)
+    assert capsys.readouterr().out == ""
+    generation.warn_if_too_long(model, config.max_position_embeddings - 4, 5)
+    assert f"over the model's context of {config.max_position_embeddings:,}" in capsys.readouterr().out

@@ -58,11 +58,20 @@ def reply(model, tokenizer, messages: list[dict], *, thinking: bool, sampling: S
     import torch
 
     ids = prompt_ids(tokenizer, messages, thinking)
+    warn_if_too_long(model, len(ids), sampling.max_new_tokens)
     input_ids = torch.tensor([ids], device=model.device)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              pad_token_id=tokenizer.pad_token_id, **sampling.kwargs())
     return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def warn_if_too_long(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """The model was not trained beyond max_position_embeddings: say so rather than answer quietly worse."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and prompt_tokens + max_new_tokens > limit:
+        print(f"WARNING: the prompt is {prompt_tokens:,} tokens and up to {max_new_tokens:,} more may be generated, "
+              f"over the model's context of {limit:,} (max_position_embeddings): the answer may degrade", flush=True)
 
 
 def is_merged(model_dir: str | Path) -> bool:
@@ -105,6 +114,7 @@ class Generation:
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         self.prompt_tokens = len(ids)
+        warn_if_too_long(model, len(ids), sampling.max_new_tokens)
         self.stop = [s for s in stop if s]
         self.text = ""
         self.finish_reason: str | None = None  # stop | length | cancelled
