@@ -297,3 +297,20 @@ def test_cuda_fast_nf4_matches_peft_linear4bit(tokens):
             assert rel(g_f[k], g_r[k]) < 1e-2, k
         else:
             assert g_f[k].abs().max() == 0, k
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_pack_experts_before_the_first_forward(quantized):
+    """fast_moe.pack_experts (what model loading calls): every projection packed, no forward needed."""
+    config = tiny_config()
+    model = nf4_model(config) if quantized else HunYuanMoEV1ForCausalLM(config).float()
+    for layer in model.model.layers:
+        layer.mlp.moe_impl = "fast"
+    assert fast_moe.pack_experts(model) == config.num_hidden_layers
+    for layer in model.model.layers:
+        for name in fast_moe.PROJECTIONS:
+            linears = expert_4bit(layer.mlp, name)
+            tensors = [m.weight.data for m in linears]
+            assert fast_moe._is_packed(tensors), name
+            if quantized:
+                assert fast_moe._is_packed([m.weight.quant_state.absmax for m in linears]), name

@@ -62,7 +62,12 @@ def load_base_model(cfg: Config, device: str, dtype, *, weights: Literal["checkp
     if run.zero3:
         scale.set_moe_leaf_modules(model)  # without it, ranks routing to different experts hang
         return model  # sharded by zero.Init; the DeepSpeed engine places it
-    return model if "device_map" in kwargs else model.to(device)
+    model = model if "device_map" in kwargs else model.to(device)
+    if cfg.model.moe_impl == "fast":
+        from .hunyuan.fast_moe import pack_experts
+
+        pack_experts(model)  # now, not on the first forward: the per-expert blocks go back to the driver whole
+    return model
 
 
 def adapter_dir(cfg: Config) -> Path:

@@ -289,6 +289,35 @@ def projections(moe: nn.Module) -> dict[str, Projection]:
     return out
 
 
+@torch.no_grad()
+def pack_experts(model: nn.Module) -> int:
+    """Pack every fast HunYuanMoE's expert weights now rather than on its first forward, then return
+    the freed per-expert blocks to the driver; returns how many MoE blocks were packed.
+
+    Why now: packing allocates each projection's (E, ...) buffer and frees E per-expert tensors. Done
+    lazily, layer by layer between activations, the freed blocks stay cached in pieces too small for
+    the activations (measured: 86 GiB reserved for 50 GiB allocated, NF4 at 32 layers); done here,
+    before training, the whole per-expert memory goes back in one `empty_cache`.
+    """
+    n = 0
+    for moe in model.modules():
+        if type(moe).__name__ != "HunYuanMoE" or getattr(moe, "moe_impl", None) != "fast":
+            continue
+        try:
+            plan = _plan(moe)
+        except Unsupported:
+            continue  # falls back to the per-expert loop at run time, with its warning
+        for base, _ in plan.values():
+            if not isinstance(base, NF4Experts):
+                params = [m.weight for m in base]
+                if not _is_packed(params):
+                    _pack(params)  # also while the weights still require grad (before LoRA freezes them)
+        n += 1
+    if n and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return n
+
+
 _warned: set[str] = set()
 
 

@@ -147,6 +147,10 @@ def build_random_model(config: dict, *, moe_impl: str, quantization: str, device
         model.is_loaded_in_4bit = True
         model.quantization_method = "bitsandbytes"
     model.tie_weights()
+    if moe_impl == "fast":
+        from .fast_moe import pack_experts
+
+        pack_experts(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     info = {"code": code, "moe_impl": moe_impl, "quantization": quantization, "layers": layers,
