@@ -5,7 +5,7 @@
 # PROBES: space-separated what:config:steps:layers[:profile], e.g.
 #   "qlora-fast-d32:configs/huanhuan_qlora.yaml:20:32 qlora-tutorial-d4:configs/huanhuan_qlora_tutorial.yaml:3:4"
 # Each probe's probe.json / probe.md land in $OUT (or bench/results) as probe-<card>-<date>-<what>.{json,md};
-# GPU_TESTS=1 first runs the CUDA tests of the fast and NF4 MoE paths. Lengths: the real tokenizer's
+# A probe that runs out of memory is run again 4 layers shallower. GPU_TESTS=1 first runs the CUDA tests of the fast and NF4 MoE paths. Lengths: the real tokenizer's
 # (.bench_data/huanhuan_token_lengths.json, a copy of ../shared/data's), 16 samples per optimizer step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +30,13 @@ for p in ${PROBES:-}; do
     --config "$config" --output-dir "/tmp/probe-$what" --steps "$steps" --layers "$layers" --lengths "$LENGTHS" \
     >"/tmp/probe-$what.log" 2>&1
   rc=$?
+  if [ $rc != 0 ] && grep -q "out of memory" "/tmp/probe-$what.log" && [ "$layers" -gt 4 ]; then
+    echo "== $what: out of memory at $layers layers, again at $((layers - 4))"  # the largest depth that fits
+    PROBE_PROFILE=$([ "${profile:-}" = profile ] && echo 1) timeout "${PROBE_TIMEOUT:-540}" $PY scripts/probe.py \
+      --config "$config" --output-dir "/tmp/probe-$what" --steps "$steps" --layers "$((layers - 4))" --lengths "$LENGTHS" \
+      >"/tmp/probe-$what.log" 2>&1
+    rc=$?
+  fi
   echo "== $what: rc=$rc in $((SECONDS - start)) s"
   if [ -f "/tmp/probe-$what/probe/probe.json" ]; then
     cp "/tmp/probe-$what/probe/probe.json" "$DEST/probe-$CARD-$(date +%F)-$what.json"
