@@ -16,7 +16,7 @@ Formats, detected from the file's first record and named in the report (one form
 - OpenAI `messages`: a list of {"role": "system" | "user" | "assistant", "content": "..."}; an optional
   system message first, then user and assistant alternating, ending with the assistant.
 - ShareGPT `conversations`: a list of {"from": "system" | "human" | "gpt", "value": "..."}, the same
-  order; the system prompt may also be a top-level `system` field.
+  order. In both, the system prompt may instead be a top-level `system` field (not both).
 An assistant turn may start with a reasoning trace `<think>...</think>`; it must be closed.
 Tool calls and tool/observation turns are not supported and are rejected.
 
@@ -78,7 +78,7 @@ _CHATS = {
     SHAREGPT: _Chat("conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"},
                     '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}'),
 }
-_FIELDS = {ALPACA: ALPACA_FIELDS, MESSAGES: ("messages",), SHAREGPT: ("conversations", "system")}
+_FIELDS = {ALPACA: ALPACA_FIELDS, MESSAGES: ("messages", "system"), SHAREGPT: ("conversations", "system")}
 _UNSUPPORTED_ROLES = ("tool", "function", "function_call", "observation", "ipython")
 
 # Names that other instruction formats use for our fields, offered as a rename in the fix.
