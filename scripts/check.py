@@ -1,21 +1,9 @@
-"""make check: python scripts/check.py [--config FILE] [--model-dir DIR] [--data FILE] [--output-dir DIR] [--set k=v].
+"""make check: the preflight table (config, model folder, patch, dataset, resume, disk, memory); nothing is loaded.
 
-Checks config, model folder, patch, dataset, resume, output space and memory without loading any
-weights; prints a table; exits 2 with one paragraph per problem (what, where, fix).
+`python -m hunyuan_lora check --help` lists the options (src/hunyuan_lora/cli.py).
 """
 
-import argparse
-
-from hunyuan_lora import check, config
-from hunyuan_lora.errors import exit_on_user_error
-
-
-@exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    config.add_cli_args(parser)
-    check.run(config.from_args(parser.parse_args()))
-
+from hunyuan_lora.cli import main
 
 if __name__ == "__main__":
-    main()
+    main("check")

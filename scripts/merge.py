@@ -1,17 +1,9 @@
-"""make merge: python scripts/merge.py [--config FILE] [--model-dir DIR] [--output-dir DIR]."""
+"""make merge: fold the adapter into the base weights -> <output_dir>/merged.
 
-import argparse
+`python -m hunyuan_lora merge --help` lists the options (src/hunyuan_lora/cli.py).
+"""
 
-from hunyuan_lora import config, merge
-from hunyuan_lora.errors import exit_on_user_error
-
-
-@exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    config.add_cli_args(parser)
-    print(f"merged model written to {merge.run(config.from_args(parser.parse_args()))}")
-
+from hunyuan_lora.cli import main
 
 if __name__ == "__main__":
-    main()
+    main("merge")

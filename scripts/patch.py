@@ -1,23 +1,9 @@
-"""make patch: define the `logger` hunyuan.py uses (python scripts/patch.py [--check] [--model-dir DIR])."""
+"""make patch: define the `logger` the model folder's hunyuan.py uses (--check: report only).
 
-import argparse
-import sys
+`python -m hunyuan_lora patch --help` lists the options (src/hunyuan_lora/cli.py).
+"""
 
-from hunyuan_lora import config, patch
-from hunyuan_lora.errors import exit_on_user_error
-
-
-@exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    config.add_cli_args(parser)
-    parser.add_argument("--check", action="store_true", help="report whether the patch is needed; write nothing")
-    args = parser.parse_args()
-    cfg = config.from_args(args)
-    patch.run(cfg, check_only=args.check)
-    if args.check and patch.patch_folder(cfg.model.dir, check_only=True).needed:
-        sys.exit(1)
-
+from hunyuan_lora.cli import main
 
 if __name__ == "__main__":
-    main()
+    main("patch")

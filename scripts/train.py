@@ -1,17 +1,9 @@
-"""make train: python scripts/train.py [--config FILE] [--model-dir DIR] [--data FILE] [--output-dir DIR] [--set k=v]."""
+"""make train: LoRA fine-tune with the HF Trainer, tracked in SwanLab (resume: auto).
 
-import argparse
+`python -m hunyuan_lora train --help` lists the options (src/hunyuan_lora/cli.py).
+"""
 
-from hunyuan_lora import config, train
-from hunyuan_lora.errors import exit_on_user_error
-
-
-@exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    config.add_cli_args(parser)
-    train.run(config.from_args(parser.parse_args()))
-
+from hunyuan_lora.cli import main
 
 if __name__ == "__main__":
-    main()
+    main("train")

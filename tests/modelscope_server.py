@@ -24,6 +24,8 @@ Fault switches (constructor arguments), for tests of the client's error handling
   omit_sha256=True        the listing has no Sha256 keys (the client then cannot check hashes)
   strip_auto_map=True     config.json is listed and served without its "auto_map" key
   broken_file_list=True   the file list answers 200 without Data.Files (an API shape change)
+  stall_after={path: n}   every transfer of `path` sends n body bytes, then holds the connection open
+                          without sending more until the server stops (a download in progress)
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class ModelScopeServer:
         omit_sha256: bool = False,
         strip_auto_map: bool = False,
         broken_file_list: bool = False,
+        stall_after: dict[str, int] | None = None,
     ):
         self.folder = Path(folder)
         self.model_id = model_id
@@ -141,6 +144,8 @@ class ModelScopeServer:
         self.listed_size = dict(listed_size or {})
         self.omit_sha256 = omit_sha256
         self.broken_file_list = broken_file_list
+        self.stall_after = dict(stall_after or {})
+        self._stopping = threading.Event()
         self.requests: list[Request] = []
         self.errors: list[str] = []  # exceptions inside the server (tests assert it stays empty)
         self._lock = threading.Lock()
@@ -148,7 +153,8 @@ class ModelScopeServer:
         self.files: dict[str, _File] = {}
         for p in sorted(self.folder.rglob("*")):
             rel = p.relative_to(self.folder).as_posix()
-            if p.is_file() and rel not in hidden:
+            # dot files are local bookkeeping (the stand-in's marker), not part of a ModelScope repo
+            if p.is_file() and rel not in hidden and not p.name.startswith("."):
                 self.files[rel] = _file_from_path(p)
         if strip_auto_map:
             config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
@@ -187,6 +193,7 @@ class ModelScopeServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # releases stalled transfers
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -307,11 +314,19 @@ class ModelScopeServer:
         h.end_headers()
         with self._lock:
             limit = self.cut_after.pop(path, None)  # only the first transfer is cut
+        stall = self.stall_after.get(path)
         pos = start
         while pos < end:
             n = min(CHUNK, end - pos)
             if limit is not None:
                 n = min(n, start + limit - pos)
+            if stall is not None and pos + n > stall:
+                n = stall - pos
+                if n <= 0:
+                    h.wfile.flush()
+                    self._stopping.wait()
+                    h.close_connection = True
+                    return
             if n <= 0:
                 break
             h.wfile.write(f.read(pos, pos + n))

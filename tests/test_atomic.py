@@ -160,7 +160,7 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------
 # the tests
 
-from hunyuan_lora import check, config, model_folder, modeling  # noqa: E402
+from hunyuan_lora import config, model_folder, modeling, preflight  # noqa: E402
 from hunyuan_lora.errors import UserError  # noqa: E402
 
 
@@ -245,26 +245,26 @@ def _log(scenarios, name: str) -> str:
 def test_dataset_killed_mid_write_leaves_the_previous_one(scenarios):
     d = scenarios["dirs"]
     assert tree_digest(d["data_mid"] / "data") == tree_digest(d["data_prev"] / "data")
-    plan = check.preflight(cfg_for(scenarios["model"], d["data_mid"]), stage="check", echo=False)
+    plan = preflight.preflight(cfg_for(scenarios["model"], d["data_mid"]), stage="check", echo=False)
     assert {r.name: r.status for r in plan.rows}["dataset"] == "ok"
-    assert [p.name[:6] for p in check.leftovers(d["data_mid"])] == [".data-"]  # the half-written temp
+    assert [p.name[:6] for p in preflight.leftovers(d["data_mid"])] == [".data-"]  # the half-written temp
 
 
 def test_dataset_killed_without_a_previous_one_leaves_none(scenarios):
     out = scenarios["dirs"]["data_fresh"]
     assert not (out / "data").exists()
     with pytest.raises(UserError, match="no tokenized dataset"):
-        check.preflight(cfg_for(scenarios["model"], out), stage="train", echo=False)
+        preflight.preflight(cfg_for(scenarios["model"], out), stage="train", echo=False)
 
 
 def test_dataset_killed_while_deleting_the_old_one_leaves_the_new_one_complete(scenarios):
     """The new dataset is renamed into place before the previous one (moved aside to data.old) is
     deleted: a kill during that delete leaves the complete new dataset and a leftover data.old."""
     out = scenarios["dirs"]["data_delete"]
-    plan = check.preflight(cfg_for(scenarios["model"], out, "data.max_length=128"), stage="check", echo=False)
+    plan = preflight.preflight(cfg_for(scenarios["model"], out, "data.max_length=128"), stage="check", echo=False)
     assert {r.name: r.status for r in plan.rows}["dataset"] == "ok"
     assert json.loads((out / "data" / "stats.json").read_text())["max_length"] == 128  # the new one
-    assert (out / "data.old").is_dir() and out / "data.old" in check.leftovers(out)
+    assert (out / "data.old").is_dir() and out / "data.old" in preflight.leftovers(out)
 
 
 # -- adapter and manifest
@@ -285,7 +285,7 @@ def test_adapter_killed_during_the_swap_leaves_none_and_infer_says_so(scenarios)
     assert tree_digest(out / "adapter.old") == tree_digest(d["train_prev"] / "adapter")  # never read
     with pytest.raises(UserError, match="no LoRA adapter"):
         modeling.adapter_dir(cfg_for(scenarios["model"], out))
-    rows = check.preflight(cfg_for(scenarios["model"], out), stage="check", echo=False).rows
+    rows = preflight.preflight(cfg_for(scenarios["model"], out), stage="check", echo=False).rows
     assert f"`mv {out / 'adapter.old'} {out / 'adapter'}` restores it" in " ".join(r.detail for r in rows)
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "infer.py"), "--config", str(DEMO),
                            "--model-dir", str(scenarios["model"]), "--output-dir", str(out)],
@@ -309,7 +309,7 @@ def test_manifest_killed_mid_write_leaves_the_previous_complete_one(scenarios):
     half = out / "manifest.json.tmp"
     with pytest.raises(json.JSONDecodeError):  # the half-written one exists only under its temp name
         json.loads(half.read_text())
-    assert half in check.leftovers(out)
+    assert half in preflight.leftovers(out)
     # the new adapter was published with its own manifest: it says which run made it (seed 0), while
     # the top-level manifest still describes the previous run (seed 1)
     assert json.loads((out / "adapter" / "manifest.json").read_text())["seed"] == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_lora import check, checkpoints, config, data, estimate, patch, train, training
+from hunyuan_lora import checkpoints, config, data, estimate, patch, preflight, train, training
 from hunyuan_lora.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,13 +62,13 @@ def patched_copy(patched_stand_in, tmp_path) -> Path:
 
 def failure(cfg, stage="train") -> UserError:
     with pytest.raises(UserError) as info:
-        check.preflight(cfg, stage=stage, echo=False)
+        preflight.preflight(cfg, stage=stage, echo=False)
     assert info.value.fix, info.value.paragraph()  # every failure says how to fix it
     return info.value
 
 
-def rows(cfg, stage="check") -> dict[str, check.Row]:
-    plan = check.preflight(cfg, stage=stage, echo=False)
+def rows(cfg, stage="check") -> dict[str, preflight.Row]:
+    plan = preflight.preflight(cfg, stage=stage, echo=False)
     return {r.name: r for r in plan.rows}
 
 
@@ -77,7 +77,7 @@ def rows(cfg, stage="check") -> dict[str, check.Row]:
 
 
 def test_passing_preflight_prints_the_table_and_returns_the_plan(patched_stand_in, tokenized, capsys):
-    plan = check.preflight(demo_cfg(patched_stand_in, tokenized), stage="train")
+    plan = preflight.preflight(demo_cfg(patched_stand_in, tokenized), stage="train")
     table = capsys.readouterr().out
     for name in ("config", "model folder", "patch", "parameters", "dataset", "resume", "output", "memory"):
         assert f"  {name} " in table
@@ -291,7 +291,7 @@ def test_resume_auto_skips_an_incomplete_checkpoint_and_train_sets_it_aside(patc
     fake_checkpoint(run_dir, 4, complete=False)
     cfg = demo_cfg(patched_stand_in, run_dir, "train.resume=auto")
     for stage in ("check", "train"):  # the preflight only reports, whichever stage runs it
-        plan = check.preflight(cfg, stage=stage, echo=False)
+        plan = preflight.preflight(cfg, stage=stage, echo=False)
         assert plan.resume.path == str(run_dir / "checkpoint-2")
         resume_row = {r.name: r for r in plan.rows}["resume"]
         assert resume_row.status == "warn" and "checkpoint-4 is incomplete (trainer_state.json missing" in resume_row.detail
@@ -332,7 +332,7 @@ def test_output_under_a_file_fails(patched_stand_in, tmp_path):
 
 
 def test_too_little_disk_fails_with_the_estimate(patched_stand_in, run_dir, monkeypatch):
-    monkeypatch.setattr(check.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     error = failure(demo_cfg(patched_stand_in, run_dir))
     assert "1.0 kB free" in error.what and "5 checkpoint(s)" in error.what and "save_total_limit" in error.fix
 
@@ -356,7 +356,7 @@ def test_checkpoint_estimate():
 def fake_gpus(monkeypatch, gpus: list[tuple[str, int, int]], bf16: bool = True) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    monkeypatch.setattr(check, "gpu_memory", lambda: gpus)
+    monkeypatch.setattr(preflight, "gpu_memory", lambda: gpus)
 
 
 def test_cuda_requested_without_a_gpu_fails(patched_stand_in, run_dir, monkeypatch):
@@ -367,7 +367,7 @@ def test_cuda_requested_without_a_gpu_fails(patched_stand_in, run_dir, monkeypat
 
 def test_stand_in_on_a_fake_gpu_passes_with_the_estimate_printed(patched_stand_in, run_dir, monkeypatch, capsys):
     fake_gpus(monkeypatch, [("NVIDIA H200", H200, H200)])
-    plan = check.preflight(demo_cfg(patched_stand_in, run_dir, "model.device=cuda", "model.device_map=auto"))
+    plan = preflight.preflight(demo_cfg(patched_stand_in, run_dir, "model.device=cuda", "model.device_map=auto"))
     assert (plan.device, plan.dtype) == ("cuda", torch.bfloat16)
     assert "1 GPU(s): NVIDIA H200 141.0 GB free" in capsys.readouterr().out
 
@@ -428,7 +428,7 @@ def real_cfg(folder: Path, out: Path, *overrides: str) -> config.Config:
 
 
 def test_real_size_folder_on_the_cpu_fails_on_memory_with_the_estimate(real_size_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(check, "available_ram", lambda: 64 * 10**9)
+    monkeypatch.setattr(preflight, "available_ram", lambda: 64 * 10**9)
     assert sum(p.stat().st_size for p in real_size_folder.glob("*.safetensors")) > 160e9  # apparent size
     error = failure(real_cfg(real_size_folder, tmp_path / "out", "model.device=cpu"), stage="check")
     assert "on the CPU, in float32, these settings need ~" in error.what
@@ -443,7 +443,7 @@ def test_real_size_memory_estimate_against_one_and_two_h200(real_size_folder, tm
     assert "weights 160.8 GB" in error.what and "make more GPUs visible" in error.fix
 
     fake_gpus(monkeypatch, [("NVIDIA H200", H200, H200)] * 2)
-    plan = check.preflight(cfg, stage="check")
+    plan = preflight.preflight(cfg, stage="check")
     table = capsys.readouterr().out
     assert f"{REAL_TOTAL:,} in the model" in table and f"{REAL_LORA_TUTORIAL:,} trainable" in table
     assert 160.8e9 + 5.8e9 < plan.memory.total < 282e9
@@ -464,12 +464,12 @@ def test_no_gradient_checkpointing_raises_the_activation_estimate(real_size_fold
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_real_gpus_are_read_and_compared(real_size_folder, patched_stand_in, tokenized, tmp_path, capsys):
-    gpus = check.gpu_memory()
+    gpus = preflight.gpu_memory()
     assert gpus and all(0 < free <= total for _, free, total in gpus)
-    plan = check.preflight(demo_cfg(patched_stand_in, tokenized, "model.device=cuda"), stage="check")
+    plan = preflight.preflight(demo_cfg(patched_stand_in, tokenized, "model.device=cuda"), stage="check")
     assert plan.device == "cuda" and "GPU(s):" in capsys.readouterr().out
     try:  # the real 80 B model: fits on 2+ H200s, not on one; either way the estimate is printed
-        plan = check.preflight(real_cfg(real_size_folder, tmp_path / "out"), stage="check")
+        plan = preflight.preflight(real_cfg(real_size_folder, tmp_path / "out"), stage="check")
     except UserError as e:
         assert len(gpus) == 1 and "GPU(s) with" in e.what and "these settings need ~" in e.what
     else:

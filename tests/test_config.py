@@ -73,3 +73,61 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = config.load(REPO / "configs/demo.yaml")
     again = config.load(cfg.dump(tmp_path / "resolved.yaml"))
     assert again.to_dict() == cfg.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# train: TrainingArguments by their own names
+
+
+def test_train_takes_any_trainingarguments_field_and_it_reaches_the_trainer():
+    from hunyuan_lora import training
+
+    cfg = config.load(REPO / "configs/demo.yaml", ["train.weight_decay=0.05", "train.lr_scheduler_type=cosine",
+                                                   "train.adam_beta2=0.95"])
+    args = training.training_arguments(cfg)
+    assert (args.weight_decay, args.lr_scheduler_type.value, args.adam_beta2) == (0.05, "cosine", 0.95)
+    assert cfg.to_dict()["train"]["weight_decay"] == 0.05  # resolved.yaml: one flat train: section
+    assert config.load(REPO / "configs/demo.yaml", [f"train.{k}={v}" for k, v in cfg.to_dict()["train"].items()
+                                                    if v is not None]).train.args == cfg.train.args
+
+
+def test_yaml_float_spelling_is_the_float_the_user_meant(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text("train:\n  learning_rate: 2e-4\n  warmup_ratio: 1e-1\n")  # strings to YAML 1.1
+    cfg = config.load(path)
+    assert (cfg.train.learning_rate, cfg.train.warmup_ratio) == (2e-4, 0.1)
+
+
+def test_settings_the_project_derives_are_refused_by_name():
+    with pytest.raises(UserError, match=r"'train.output_dir' is set by the project from run.output_dir"):
+        config.load(overrides=["train.output_dir=/tmp/x"])
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("lora.dropout=2", "lora.dropout is 2.0: it must be in [0, 1)"),
+    ("lora.alpha=-5", "lora.alpha is -5: it must be positive"),
+    ("train.learning_rate=-1", "train.learning_rate is -1.0: it must be positive"),
+    ("train.warmup_ratio=5", "train.warmup_ratio is 5.0: it must be in [0, 1]"),
+    ("train.lr_scheduler_type=foo", "'train.lr_scheduler_type' is 'foo', not one of TrainingArguments' choices"),
+    ("train.dataloader_num_workers=-1", "train.dataloader_num_workers is -1"),
+    ("train.save_total_limit=0", "train.save_total_limit is 0: at least 1"),
+    ("infer.max_new_tokens=0", "infer.max_new_tokens is 0: at least 1"),
+    ("lora.target_modules=[q_proj, v_proj]", "lora.target_modules is set but lora.preset is 'tutorial'"),
+])
+def test_out_of_range_values_fail_at_load_with_the_key(override, fragment):
+    with pytest.raises(UserError) as e:
+        config.load(REPO / "configs/huanhuan.yaml", [override])
+    assert fragment in str(e.value)
+
+
+def test_target_modules_with_the_custom_preset_are_what_trains():
+    cfg = config.load(overrides=["lora.preset=custom", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.lora.targets() == ["q_proj", "v_proj"]
+
+
+def test_optimizer_suggestions_are_installed_optimizers():
+    with pytest.raises(UserError) as e:
+        config.load(overrides=["train.optim=adamw_torch_4bit"])  # torchao: not in the lock
+    assert "needs a package this environment does not install" in str(e.value)
+    suggested = str(e.value).split("did you mean '")[1].split("'")[0]
+    assert suggested in config.installed_optimizers() and "adamw_torch_4bit" not in config.installed_optimizers()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_lora import check, checkpoints, config, estimate, modeling, runtime, scale, train
+from hunyuan_lora import checkpoints, config, estimate, modeling, preflight, runtime, scale, train
 from hunyuan_lora.errors import UserError
 from test_check import (H200, REAL_TOTAL, demo_cfg, failure, fake_gpus, real_cfg,  # noqa: F401 (fixtures)
                         real_size_folder, run_dir, tokenized)
@@ -287,7 +287,7 @@ def test_make_check_zero3_fits_where_one_process_does_not(real_size_folder, tmp_
     fake_gpus(monkeypatch, [("NVIDIA H200", H200, H200)] * 2)
     monkeypatch.setenv("HL_ACCELERATE_CONFIG", str(ZERO3))
     monkeypatch.setenv("HL_NPROC", "2")
-    plan = check.preflight(cfg, stage="check")
+    plan = preflight.preflight(cfg, stage="check")
     out = capsys.readouterr().out
     assert "DeepSpeed ZeRO-3 over 2 processes" in out and "per GPU, ZeRO-3 over 2 processes" in out
     assert 80.3e9 < plan.memory.weights < 80.5e9 and plan.memory.total < H200
@@ -300,7 +300,7 @@ def test_make_check_qlora_fits_one_80gb_gpu(real_size_folder, tmp_path, monkeypa
     cfg = config.load(QLORA, model_dir=str(real_size_folder), output_dir=str(tmp_path / "out"),
                       data=str(REPO / "src" / "hunyuan_lora" / "assets" / "zhenhuan_sample.json"))
     fake_gpus(monkeypatch, [("NVIDIA A100-SXM4-80GB", 80 * 10**9, 80 * 10**9)])
-    plan = check.preflight(cfg, stage="check")
+    plan = preflight.preflight(cfg, stage="check")
     assert "base weights NF4" in capsys.readouterr().out
     assert plan.memory.total < 80e9 and 41e9 < plan.memory.weights < 44e9
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_lora import check, config, data, runtime
+from hunyuan_lora import config, data, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"

@@ -6,6 +6,11 @@
 Order of precedence: dataclass defaults < YAML file < `--set section.key=value` < the path
 overrides (MODEL_DIR / DATA / OUTPUT_DIR). Unknown keys and wrong types are rejected with the
 nearest valid name, all problems at once, before anything heavy is loaded.
+
+The train: section takes the project's keys (packing, pad_to_multiple_of, resume) and any
+TrainingArguments field by its own name, checked against TrainingArguments' dataclass (names,
+types, choices); training.training_arguments hands them to it as given. TRAINING_DEFAULTS holds
+the tutorial's values.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import os
 import re
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+import enum
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,19 +107,48 @@ class LoraSection:
         return list(self.target_modules or []) if self.preset == "custom" else LORA_PRESETS[self.preset]
 
 
+# The tutorial's TrainingArguments (the rest keep TrainingArguments' own defaults). The values the
+# project reads before transformers is imported (preflight, estimates) are listed even where they
+# equal TrainingArguments' default, so reading them never imports it.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 4,
+    "num_train_epochs": 1.0,
+    "max_steps": -1,
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "linear",
+    "warmup_ratio": 0.0,
+    "logging_steps": 10,
+    "save_steps": 100,
+    "save_total_limit": None,
+    "gradient_checkpointing": True,
+    # adamw_torch (foreach AdamW) is what the tutorial's Trainer used; adamw_torch_fused (one kernel set
+    # for all LoRA tensors) measured up to 2x per layer at micro-batch 4 (bench/NOTES.md).
+    "optim": "adamw_torch",
+    "bf16": True,  # on a GPU; the CPU runs in float32 (runtime.pick_dtype)
+    "dataloader_num_workers": 0,
+}
+# TrainingArguments the project derives from other settings (training.training_arguments): a
+# train: key of that name is refused, naming the setting to change instead.
+DERIVED_TRAINING_ARGS = {
+    "output_dir": "run.output_dir",
+    "seed": "run.seed",
+    "data_seed": "run.seed",
+    "use_cpu": "model.device",
+    "report_to": "swanlab.mode (SwanLab is the project's own callback)",
+    "resume_from_checkpoint": "train.resume",
+    "gradient_checkpointing_kwargs": "the launcher (reentrant under ZeRO-3)",
+    "label_names": "the dataset's labels column",
+    "deepspeed": "LAUNCH=zero3 (configs/accelerate/)",
+}
+
+
 @dataclass
 class TrainSection:
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 4
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    learning_rate: float = 1e-4
-    lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.0
-    logging_steps: int = 10
-    save_steps: int = 100
-    save_total_limit: int | None = None
-    gradient_checkpointing: bool = True
+    """train: the project's own keys below, and any TrainingArguments field by its own name
+    (validated against TrainingArguments' dataclass), kept in `args` and read as attributes:
+    cfg.train.learning_rate is TrainingArguments' learning_rate for this run."""
+
     # Concatenate each micro-batch into one row (position ids restart per sample, no cross-sample
     # attention, no padding): raise per_device_train_batch_size to fill thousands of tokens.
     # Needs model.moe_impl: fast (the project's attention; Tencent's is not known to mask per sample).
@@ -122,13 +158,69 @@ class TrainSection:
     # builds a graph per new sequence length (hundreds of ms each), and packed batches would
     # otherwise bring a new length almost every step. null: pad to the longest only (the tutorial).
     pad_to_multiple_of: int | None = None
-    # TrainingArguments(optim=...). adamw_torch (foreach AdamW) is what the tutorial's Trainer used;
-    # adamw_torch_fused (one kernel set for all LoRA tensors) measured up to 2x per layer at
-    # micro-batch 4 on an H200 (bench/results/NVIDIA-H200-2026-11-28-v4-fused.md vs -v4.md).
-    optim: str = "adamw_torch"
-    bf16: bool = True  # used only on GPU; CPU runs in float32
-    resume: str = "auto"  # auto: continue from the last checkpoint in output_dir; never; or a path
-    dataloader_num_workers: int = 0
+    resume: str = "auto"  # auto: continue from the last complete checkpoint in output_dir; never; or a path
+    args: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_DEFAULTS), metadata={"internal": True})
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names that are not the fields above
+        args = self.__dict__.get("args")
+        if args is None or name.startswith("__"):
+            raise AttributeError(name)
+        if name in args:
+            return args[name]
+        defaults = training_argument_defaults()
+        if name in defaults:
+            return defaults[name]
+        raise AttributeError(f"train.{name} is neither a project key nor a TrainingArguments field")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in TRAIN_PROJECT_KEYS or name == "args":
+            object.__setattr__(self, name, value)
+        else:
+            self.args[name] = value
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the YAML writes it: one flat section."""
+        return {**{k: getattr(self, k) for k in TRAIN_PROJECT_KEYS}, **self.args}
+
+
+TRAIN_PROJECT_KEYS = ("packing", "pad_to_multiple_of", "resume")
+
+
+@lru_cache(maxsize=1)
+def training_argument_hints() -> dict[str, Any]:
+    """TrainingArguments' own fields and their types (its dataclass is the schema for train:)."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints[f.name] for f in fields(TrainingArguments) if f.init}
+
+
+@lru_cache(maxsize=1)
+def training_argument_defaults() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    return {f.name: f.default for f in fields(TrainingArguments) if f.init and f.default is not MISSING}
+
+
+@lru_cache(maxsize=1)
+def installed_optimizers() -> tuple[str, ...]:
+    """The Trainer's optimizer names whose implementation this environment has (the rest need a
+    package the lock does not install: torchao, galore_torch, apex, ...)."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    args = TrainingArguments(output_dir=tempfile.gettempdir(), use_cpu=True, report_to="none")
+    names = []
+    for name in OptimizerNames:
+        args.optim = name
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(args)
+        except (ImportError, ValueError):  # "You need to install ..." / "Trainer failed to import ..."
+            continue
+        names.append(name.value)
+    return tuple(names)
 
 
 @dataclass
@@ -199,6 +291,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("source")
+        d["train"] = self.train.to_dict()
         return d
 
     def dump(self, path: Path) -> Path:
@@ -219,13 +312,17 @@ def _check_type(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):  # TrainingArguments' choices: by value
+        return value in {e.value for e in hint}
     if origin in (typing.Union, types.UnionType):
         return any(_check_type(value, h) for h in typing.get_args(hint))
     if origin is Literal:
         return value in typing.get_args(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+    if origin in (list, dict):
+        args = typing.get_args(hint)
+        if origin is dict:
+            return isinstance(value, dict)
+        return isinstance(value, list) and all(_check_type(v, args[0]) for v in value)
     if hint is type(None):
         return value is None
     if hint is float:
@@ -251,6 +348,47 @@ def _nearest(name: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(choices)})"
 
 
+def _enum_choices(hint: Any) -> list[str]:
+    """The values of the Enum a TrainingArguments field accepts next to str (lr_scheduler_type, ...)."""
+    members = [h for h in typing.get_args(hint) or (hint,) if isinstance(h, type) and issubclass(h, enum.Enum)]
+    return [e.value for m in members for e in m]
+
+
+def _coerce(value: Any, hint: Any, keep_ints: bool) -> Any:
+    """YAML 1.1's string "2e-4" as the float the user meant; an int where a float is expected as a
+    float, except where keep_ints (TrainingArguments' *_steps: a float there is a fraction of the run)."""
+    accepts_float = hint is float or float in typing.get_args(hint)
+    if accepts_float and isinstance(value, int) and not isinstance(value, bool) and not keep_ints:
+        return float(value)
+    if accepts_float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _key_hint(sec_name: str, section: Any, key: str, where: str, problems: list[str]) -> Any:
+    """The type a section's key takes, or None (after naming the problem) when there is no such key."""
+    hints = _section_types(type(section))
+    hints.pop("args", None)
+    if key in hints:
+        return hints[key]
+    if sec_name != "train":
+        problems.append(f"{where}: unknown key '{sec_name}.{key}'{_nearest(key, list(hints))}")
+        return None
+    training = training_argument_hints()
+    if key in DERIVED_TRAINING_ARGS:
+        problems.append(f"{where}: 'train.{key}' is set by the project from {DERIVED_TRAINING_ARGS[key]}: change "
+                        "that instead")
+        return None
+    if key not in training:
+        problems.append(f"{where}: unknown key 'train.{key}' (neither a project key nor a TrainingArguments field)"
+                        f"{_nearest(key, list(hints) + list(training))}")
+        return None
+    return training[key]
+
+
 def _apply(cfg: Config, data: dict, where: str, problems: list[str]) -> None:
     sections = {f.name: f for f in fields(Config) if not f.metadata.get("internal")}
     if not isinstance(data, dict):
@@ -261,22 +399,21 @@ def _apply(cfg: Config, data: dict, where: str, problems: list[str]) -> None:
             problems.append(f"{where}: unknown section '{sec_name}'{_nearest(sec_name, list(sections))}")
             continue
         section = getattr(cfg, sec_name)
-        hints = _section_types(type(section))
         if not isinstance(values, dict):
             problems.append(f"{where}: section '{sec_name}' must be a mapping of keys")
             continue
         for key, value in values.items():
-            if key not in hints:
-                problems.append(
-                    f"{where}: unknown key '{sec_name}.{key}'{_nearest(key, list(hints))}"
-                )
+            hint = _key_hint(sec_name, section, key, where, problems)
+            if hint is None:
                 continue
-            if isinstance(value, int) and not isinstance(value, bool) and hints[key] in (float, float | None):
-                value = float(value)
-            if not _check_type(value, hints[key]):
-                problems.append(
-                    f"{where}: '{sec_name}.{key}' is {value!r}, expected {_describe(hints[key])}"
-                )
+            value = _coerce(value, hint, keep_ints=sec_name == "train" and key.endswith("_steps"))
+            choices = _enum_choices(hint)
+            if choices and isinstance(value, str) and value not in choices and key != "optim":
+                problems.append(f"{where}: '{sec_name}.{key}' is {value!r}, not one of TrainingArguments' choices"
+                                f"{_nearest(value, choices)}")
+                continue
+            if not _check_type(value, hint):
+                problems.append(f"{where}: '{sec_name}.{key}' is {value!r}, expected {_describe(hint)}")
                 continue
             setattr(section, key, value)
 
@@ -284,6 +421,10 @@ def _apply(cfg: Config, data: dict, where: str, problems: list[str]) -> None:
 def _validate(cfg: Config, problems: list[str]) -> None:
     if cfg.lora.preset == "custom" and not cfg.lora.target_modules:
         problems.append("lora.preset is 'custom' but lora.target_modules is empty: list the module names")
+    if cfg.lora.preset != "custom" and cfg.lora.target_modules:
+        problems.append(f"lora.target_modules is set but lora.preset is '{cfg.lora.preset}', which trains its own "
+                        f"list ({', '.join(LORA_PRESETS[cfg.lora.preset])}) and would ignore yours: add "
+                        "lora.preset=custom to train exactly lora.target_modules, or drop target_modules")
     if "gate" in cfg.lora.targets():
         problems.append(
             "lora.target_modules contains 'gate', which matches the router `mlp.gate` (not a Linear): "
@@ -298,14 +439,34 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("data.eval_ratio must be in [0, 1)")
     if cfg.lora.r < 1:
         problems.append("lora.r must be at least 1")
+    if cfg.lora.alpha <= 0:
+        problems.append(f"lora.alpha is {cfg.lora.alpha}: it must be positive (the update is scaled by alpha / r)")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        problems.append(f"lora.dropout is {cfg.lora.dropout}: it must be in [0, 1)")
+    if not cfg.train.learning_rate > 0:
+        problems.append(f"train.learning_rate is {cfg.train.learning_rate}: it must be positive")
+    if not 0.0 <= cfg.train.warmup_ratio <= 1.0:
+        problems.append(f"train.warmup_ratio is {cfg.train.warmup_ratio}: it must be in [0, 1] (a fraction of the steps)")
+    if cfg.train.dataloader_num_workers < 0:
+        problems.append(f"train.dataloader_num_workers is {cfg.train.dataloader_num_workers}: 0 (load in the "
+                        "training process) or more")
+    if cfg.train.save_total_limit is not None and cfg.train.save_total_limit < 1:
+        problems.append(f"train.save_total_limit is {cfg.train.save_total_limit}: at least 1 (checkpoints kept), or "
+                        "null to keep all")
+    for section in ("infer", "chat", "eval", "serve"):
+        tokens = getattr(getattr(cfg, section, None), "max_new_tokens", 1)
+        if tokens < 1:
+            problems.append(f"{section}.max_new_tokens is {tokens}: at least 1")
     if cfg.train.pad_to_multiple_of is not None and cfg.train.pad_to_multiple_of < 1:
         problems.append("train.pad_to_multiple_of must be at least 1, or null")
-    if cfg.train.optim not in ("adamw_torch", "adamw_torch_fused"):  # anything else: ask transformers (slow import)
-        from transformers.training_args import OptimizerNames
+    if cfg.train.optim not in ("adamw_torch", "adamw_torch_fused"):  # anything else: ask transformers
+        installed = installed_optimizers()
+        if cfg.train.optim not in installed:
+            from transformers.training_args import OptimizerNames
 
-        names = [o.value for o in OptimizerNames]
-        if cfg.train.optim not in names:
-            problems.append(f"train.optim '{cfg.train.optim}' is not a Trainer optimizer{_nearest(cfg.train.optim, names)}")
+            known = cfg.train.optim in {o.value for o in OptimizerNames}
+            problems.append(f"train.optim '{cfg.train.optim}' " + ("needs a package this environment does not install"
+                            if known else "is not a Trainer optimizer") + _nearest(cfg.train.optim, list(installed)))
     if cfg.train.packing and cfg.model.moe_impl != "fast":
         problems.append("train.packing needs model.moe_impl: fast (the project's attention keeps each packed "
                         "sample to itself, from position ids that restart per sample; with upstream the model "

@@ -1,7 +1,7 @@
 """Stage 2, patch: define the `logger` that the model folder's hunyuan.py uses but never defines.
 
     make patch [MODEL_DIR=...]            # fix it (keeps hunyuan.py.orig)
-    python scripts/patch.py --check       # report only
+    python -m hunyuan_lora patch --check  # report only: exit 1 when the patch is needed
 
 HunYuanModel.forward calls `logger.warning_once(...)` under gradient checkpointing + training +
 use_cache, so the tutorial's training dies with `NameError: name 'logger' is not defined`. The need
@@ -66,6 +66,11 @@ def patch_folder(model_dir: str | Path, check_only: bool = False) -> PatchResult
     return PatchResult(path, needed=True, written=True, lines=lines)
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--check", dest="check_only", action="store_true",
+                        help="report whether the patch is needed (exit 1 when it is); write nothing")
+
+
 def run(cfg: Config, check_only: bool = False) -> Path:
     result = patch_folder(cfg.model.dir, check_only=check_only)
     where = ", ".join(map(str, result.lines))
@@ -74,6 +79,7 @@ def run(cfg: Config, check_only: bool = False) -> Path:
               f"{result.path.name}.orig")
     elif result.needed:
         print(f"{result.path} needs the patch: `logger` is undefined at line(s) {where} (run `make patch`)")
+        raise SystemExit(1)  # --check: the answer is the exit status
     else:
         print(f"{result.path} is already patched: `logger` is defined")
     return result.path

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from . import check, scale, tracking
+from . import scale, tracking
 from .atomic import staging_dir, write_json
 from .checkpoints import set_aside
 from .config import Config
 from .modeling import load_base_model
+from .preflight import preflight
 from .runtime import git_commit, is_main_process, launch, mask_git_remote, package_versions
-from .training import attach_lora, build_trainer, make_sigterm_callback, training_arguments
+from .training import attach_lora, build_trainer, make_stop_callback, training_arguments
 
 
 def run(cfg: Config) -> Path:
@@ -36,7 +37,7 @@ def run(cfg: Config) -> Path:
 
     out = cfg.output_dir
     # ---- fail fast: everything cheap before the weights load (`make check`'s table) -------------
-    plan = check.preflight(cfg, stage="train")
+    plan = preflight(cfg, stage="train")
     device, dtype = plan.device, plan.dtype
     resume = prepare_output(cfg, plan.resume)
     set_seed(cfg.run.seed)
@@ -57,9 +58,9 @@ def run(cfg: Config) -> Path:
     print(f"LoRA {cfg.lora.targets()} r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.3f} %), {device}, {dtype}, quantization {cfg.model.quantization}, "
           f"process {args.process_index + 1} of {args.world_size}")
-    sigterm = make_sigterm_callback()
+    stop = make_stop_callback()  # Ctrl-C / SIGTERM: checkpoint, then stop
     mode = tracking.swanlab_mode(cfg) if main_process else "disabled"  # one SwanLab experiment per run
-    callbacks = [sigterm, *tracking.callbacks(cfg, mode, stats, trainable, total, tokenizer)]
+    callbacks = [stop, *tracking.callbacks(cfg, mode, stats, trainable, total, tokenizer)]
     trainer = build_trainer(cfg, model, tokenizer, splits, args, callbacks)
 
     # ---- train -----------------------------------------------------------------------------------
@@ -69,9 +70,10 @@ def run(cfg: Config) -> Path:
     if main_process:
         write_json(out / "log_history.json", trainer.state.log_history)
         tracking.plot_loss(trainer.state.log_history, out / "loss.png")
-    if sigterm.received:
-        raise SystemExit(f"stopped by SIGTERM at step {trainer.state.global_step}; the checkpoint is in {out}; "
-                         "rerun `make train` to continue")
+    if stop.received:
+        raise SystemExit(f"stopped by {stop.received} at step {trainer.state.global_step}; the checkpoint is "
+                         f"{out / f'checkpoint-{trainer.state.global_step}'}: rerun the same `make train` to "
+                         "continue from it")
 
     # ---- publish: adapter + its manifest and config in one rename, then the top-level copies ----
     manifest = run_manifest(cfg, stats, device, dtype, args, trainable, total, resume, trainer, result, mode)

@@ -16,41 +16,36 @@ from .runtime import launch, pick_device, pick_dtype
 
 
 def training_arguments(cfg: Config, *, output_dir: str | Path | None = None, max_steps: int | None = None):
-    """TrainingArguments from the config; output_dir / max_steps override run.output_dir / train.max_steps."""
+    """TrainingArguments: the train: section's fields as given, plus what the project derives from
+    its other settings (config.DERIVED_TRAINING_ARGS); output_dir / max_steps override
+    run.output_dir / train.max_steps."""
     import torch
     from transformers import TrainingArguments
 
     device = pick_device(cfg)
-    has_eval = cfg.data.eval_ratio > 0  # the dataset has an eval split exactly then (check.check_tokenized)
+    has_eval = cfg.data.eval_ratio > 0  # the dataset has an eval split exactly then (preflight.check_tokenized)
+    given = dict(cfg.train.args)
+    given.pop("bf16", None)  # train.bf16 chooses the dtype on a GPU (runtime.pick_dtype); the flag follows it
+    if max_steps is not None:
+        given["max_steps"] = max_steps
+    given.setdefault("per_device_eval_batch_size", cfg.train.per_device_train_batch_size)
+    given.setdefault("eval_strategy", "steps" if has_eval else "no")
+    if has_eval:
+        given.setdefault("eval_steps", cfg.train.logging_steps)
+    given.setdefault("save_safetensors", True)
+    given.setdefault("disable_tqdm", False)
     return TrainingArguments(
+        **given,
         output_dir=str(output_dir or cfg.output_dir),
-        per_device_train_batch_size=cfg.train.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.train.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        num_train_epochs=cfg.train.num_train_epochs,
-        max_steps=cfg.train.max_steps if max_steps is None else max_steps,
-        learning_rate=cfg.train.learning_rate,
-        lr_scheduler_type=cfg.train.lr_scheduler_type,
-        optim=cfg.train.optim,
-        warmup_ratio=cfg.train.warmup_ratio,
-        logging_steps=cfg.train.logging_steps,
-        save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.train.logging_steps if has_eval else None,
-        gradient_checkpointing=cfg.train.gradient_checkpointing,
-        # ZeRO-3 releases each layer's gathered weights after use; non-reentrant checkpointing then finds
-        # them empty on recompute (CheckpointError, shape [0]), so reentrant there.
-        gradient_checkpointing_kwargs={"use_reentrant": launch().zero3},
         bf16=pick_dtype(cfg, device) == torch.bfloat16,
         use_cpu=device == "cpu",
         seed=cfg.run.seed,
         data_seed=cfg.run.seed,
-        dataloader_num_workers=cfg.train.dataloader_num_workers,
+        # ZeRO-3 releases each layer's gathered weights after use; non-reentrant checkpointing then finds
+        # them empty on recompute (CheckpointError, shape [0]), so reentrant there.
+        gradient_checkpointing_kwargs={"use_reentrant": launch().zero3},
         label_names=["labels"],
         report_to="none",  # SwanLab comes as our own callback; "all" would add a second one
-        save_safetensors=True,
-        disable_tqdm=False,
     )
 
 
@@ -110,28 +105,45 @@ def make_collator(cfg: Config, tokenizer):
     return pack_and_pad
 
 
-def make_sigterm_callback():
-    """`docker stop` and cloud pre-emption send SIGTERM: save a checkpoint, then stop."""
+def make_stop_callback():
+    """Ctrl-C (SIGINT), `docker stop` and cloud pre-emption (SIGTERM): save a checkpoint after the
+    current step, then stop; `make train` continues from it. A second Ctrl-C stops at once, unsaved."""
     from transformers import TrainerCallback
 
-    class SaveOnSigterm(TrainerCallback):
-        received = False
+    class SaveOnSignal(TrainerCallback):
+        received: str | None = None  # what stopped the run, once a signal arrived
 
         def __init__(self):
-            signal.signal(signal.SIGTERM, self._on_signal)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._on_signal)
 
         def _on_signal(self, signum, frame):
+            if self.received and signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt  # the user will not wait for the save
             # Flag first, and no print(): the handler runs inside whatever the main thread is doing,
             # and a print() landing inside another print() raises "reentrant call" (run lost, no save).
-            self.received = True
-            os.write(2, b"SIGTERM received: saving a checkpoint after this step, then stopping\n")
+            self.received = signal.Signals(signum).name
+            os.write(2, f"\n{self.received} received: saving a checkpoint after this step, then stopping "
+                        "(Ctrl-C again stops at once, without saving)\n".encode())
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.received:
+            stop = self.received is not None
+            if args.world_size > 1:
+                # Every rank must stop after the same step (saving under ZeRO-3 is collective), and a
+                # terminal's Ctrl-C reaches the ranks at slightly different moments.
+                import torch
+                import torch.distributed as dist
+
+                flag = torch.tensor([float(stop)], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+                self.received = self.received or ("a signal to another process" if stop else None)
+            if stop:
                 control.should_save = True
                 control.should_training_stop = True
 
-    return SaveOnSigterm()
+    return SaveOnSignal()
 
 
 def trainer_class():

@@ -1,0 +1,421 @@
+"""The preflight: everything cheap that can stop a run, checked before any weights load. Reads only.
+
+    make check [CONFIG=configs/huanhuan.yaml] [MODEL_DIR=...]     # the table; exit 2 on a problem
+    plan = preflight(cfg, stage="train")                           # the first thing train.run does
+
+Each row of the table is one check; a failed row is a UserError (what, where, fix). All rows run
+(those whose input is missing are skipped), then every failure is raised as one UserError, so one
+`make check` lists every problem.
+
+    config        config.load has validated every key and type (unknown keys name the nearest)
+    model folder  model_folder.verify: config.json + auto_map code, tokenizer files, every shard of the
+                  index (and each size, when the folder has a download.json); plus each shard's
+                  safetensors header: complete file, every indexed tensor present
+    patch         hunyuan.py defines `logger` (training with gradient checkpointing needs it)
+    parameters    counted from config.json alone: the project's HunYuan built on the meta device;
+                  every LoRA target must match an nn.Linear
+    dataset       train: <output_dir>/data complete and tokenized with this config;
+                  before `make dataset`: the raw file read with records.read_records
+    resume        the checkpoint training continues from: the newest *complete* one
+    output        output_dir writable, free space for the checkpoints (estimate printed)
+    memory        visible GPUs (or CPU RAM) against an estimate for these settings (printed)
+    launch        device, dtype, how the process was launched (one process, ZeRO-3), QLoRA's needs
+    secrets       a credential in the git remote URL (SwanLab records that URL): `make train` masks it
+
+The estimates behind the output and memory rows are estimate.py's (the formulas are there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from .checkpoints import INCOMPLETE_PREFIX, ResumePoint, incomplete_notes, resume_point
+from .config import Config
+from .errors import UserError
+from .estimate import (MemoryEstimate, ParamCount, checkpoint_bytes, count_parameters, disk_needed, estimate_memory,
+                       expected_steps, human_bytes)
+from .model_folder import check_model_folder, undefined_logger
+from .records import check_sha256, read_records
+from .runtime import check_combination, is_main_process, launch, mask_git_remote, pick_device, pick_dtype
+
+# Temporary siblings the stages write before renaming into place; a killed run leaves them behind.
+LEFTOVER_PATTERNS = (".data-*", ".adapter-*", ".merged-*", "*.old", "*.tmp", f"{INCOMPLETE_PREFIX}checkpoint-*")
+
+Status = Literal["ok", "FAIL", "warn", "skip", "todo"]
+
+
+@dataclass
+class Row:
+    name: str
+    status: Status
+    detail: str
+
+
+@dataclass
+class Plan:
+    """What the preflight established; train.run uses device, dtype and resume."""
+
+    device: str | None
+    dtype: Any  # torch.dtype
+    resume: ResumePoint | None
+    rows: list[Row] = field(default_factory=list)
+    params: ParamCount | None = None
+    memory: MemoryEstimate | None = None
+    disk_bytes: int | None = None  # what the output folder must have free
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+
+
+def _split_rows(split_dir: Path) -> int:
+    """Rows in one `save_to_disk` split; UserError when a file it lists is gone."""
+    import pyarrow as pa
+
+    state = json.loads((split_dir / "state.json").read_text(encoding="utf-8"))
+    rows = 0
+    for entry in state.get("_data_files", []):
+        path = split_dir / entry["filename"]
+        if not path.is_file():
+            raise FileNotFoundError(2, "No such file", str(path))
+        with pa.memory_map(str(path)) as source:
+            rows += pa.ipc.open_stream(source).read_all().num_rows
+    return rows
+
+
+def check_tokenized(cfg: Config) -> tuple[str, dict]:
+    """<output_dir>/data as `make dataset` leaves it, tokenized with this config's settings."""
+    data_dir = cfg.output_dir / "data"
+    stats_path = data_dir / "stats.json"
+    if not stats_path.is_file():
+        raise UserError(f"no tokenized dataset in {data_dir}", where="run.output_dir",
+                        fix="run `make dataset` with the same CONFIG / OUTPUT_DIR first")
+    incomplete = f"the tokenized dataset in {data_dir} is incomplete"
+    rerun = "run `make dataset` again (it replaces the folder)"
+    try:
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        splits: dict[str, int] = stats["splits"]
+        found = json.loads((data_dir / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        if sorted(found) != sorted(splits):
+            raise ValueError(f"splits {found} on disk, {sorted(splits)} in stats.json")
+        for name, n in splits.items():
+            rows = _split_rows(data_dir / name)
+            if rows != n:
+                raise ValueError(f"split '{name}' has {rows} rows, stats.json says {n}")
+    except FileNotFoundError as e:
+        raise UserError(f"{incomplete}: {e.filename} is missing", where=str(data_dir), fix=rerun) from e
+    except (ValueError, KeyError, TypeError, OSError) as e:  # json and pyarrow errors are ValueErrors/OSErrors
+        raise UserError(f"{incomplete} or damaged ({type(e).__name__}: {e})", where=str(data_dir), fix=rerun) from e
+
+    # Tokenized under other settings: training would silently use the old examples.
+    stale = [f"data.{k} was {stats.get(k)!r} when tokenized, the config now says {getattr(cfg.data, k)!r}"
+             for k in ("max_length", "answer_tags", "system_prompt") if stats.get(k) != getattr(cfg.data, k)]
+    if (cfg.data.eval_ratio > 0) != ("eval" in splits):
+        stale.append(f"data.eval_ratio is {cfg.data.eval_ratio} but the dataset has splits {sorted(splits)}")
+    if stale:
+        raise UserError("the tokenized dataset does not match the config: " + "; ".join(stale), where=str(data_dir),
+                        fix="run `make dataset` with this CONFIG again")
+    detail = (f"{data_dir}: {stats['examples']:,} examples ({', '.join(f'{k} {v:,}' for k, v in splits.items())}), "
+              f"tokens max {stats['tokens']['max']}, from {stats['source']}")
+    return detail, stats
+
+
+def check_raw_dataset(cfg: Config) -> tuple[Status, str, int | None]:
+    """Before `make dataset`: the raw file, read and validated as the dataset stage will read it."""
+    path = Path(cfg.data.path)
+    if not path.exists():
+        if cfg.data.url:
+            return "todo", f"{path} not downloaded yet: `make dataset` fetches {cfg.data.url}", None
+        raise UserError(f"dataset file {path} does not exist", where="data.path",
+                        fix="set DATA=/path/to/file.json(l), or data.url in the config")
+    check_sha256(path, cfg.data.sha256, str(path))
+    records, report = read_records(path, drop_duplicates=cfg.data.drop_duplicates)
+    note = "; not tokenized yet: run `make dataset`"
+    return "ok", f"{path}: {len(records):,} valid records ({report.format}){note}", len(records)
+
+
+def gpu_memory(only: int | None = None) -> list[tuple[str, int, int]]:
+    """(name, free bytes, total bytes) of every visible GPU, or of GPU `only` (each query opens a CUDA
+    context on that GPU for the life of the process: a ZeRO-3 rank must touch only its own)."""
+    import torch
+
+    out = []
+    for i in ([only] if only is not None else range(torch.cuda.device_count())):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append((torch.cuda.get_device_name(i), free, total))
+    return out
+
+
+def available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_output(cfg: Config, params: ParamCount | None, steps: int | None) -> tuple[Status, str, int | None]:
+    """output_dir writable (or creatable), with free space for the checkpoints estimate.disk_needed counts."""
+    out = cfg.output_dir
+    needed = basis = None
+    if params is not None:
+        folder = Path(cfg.model.dir)
+        tokenizer_bytes = sum((folder / n).stat().st_size for n in ("hy.tiktoken", "tokenizer_config.json",
+                                                                     "tokenization_hy.py") if (folder / n).is_file())
+        per_ckpt = checkpoint_bytes(params, tokenizer_bytes)
+        needed, n = disk_needed(cfg, per_ckpt, params.lora * 4, steps)
+        basis = (f"{n} checkpoint(s) x {human_bytes(per_ckpt)} + adapter"
+                 + ("" if steps is not None else "; steps unknown until the dataset is read"))
+    anchor = out
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"{anchor} is a file, so the output folder {out} cannot be created", where="run.output_dir",
+                        fix="pass another OUTPUT_DIR")
+    try:  # os.access is not enough: read-only mounts, root on NFS, ...
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=anchor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write in {anchor} ({e.strerror})", where="run.output_dir",
+                        fix="pass an OUTPUT_DIR on a writable disk, or fix the folder's permissions") from e
+    free = shutil.disk_usage(anchor).free
+    if needed is not None and free < needed:
+        raise UserError(f"{human_bytes(free)} free at {anchor.resolve()}, "
+                        f"the run needs about {human_bytes(needed)} ({basis})",
+                        where="run.output_dir",
+                        fix="free some space, pass an OUTPUT_DIR on a bigger disk, or set train.save_total_limit "
+                            "(checkpoints kept)")
+    needs = f", ~{human_bytes(needed)} needed ({basis})" if needed is not None else ""
+    return "ok", f"{out} writable, {human_bytes(free)} free{needs}", needed
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Temporary siblings a killed stage left behind (never read by any stage; safe to delete)."""
+    if not out.is_dir():
+        return []
+    return sorted({p for pattern in LEFTOVER_PATTERNS for p in out.glob(pattern)})
+
+
+def check_memory(cfg: Config, model_config: dict | None, params: ParamCount | None, placement: tuple | None,
+                 stats: dict | None) -> tuple[Status, str, MemoryEstimate | None]:
+    """The visible GPUs' free memory (or the CPU's RAM) against estimate.estimate_memory."""
+    import torch
+
+    if placement is None:
+        return "skip", "needs the device (launch row)", None
+    if params is None or model_config is None:
+        return "skip", "needs the parameter count", None
+    device, dtype = placement
+    longest = min(cfg.data.max_length, stats["tokens"]["max"]) if stats else cfg.data.max_length
+    batch = cfg.train.per_device_train_batch_size
+    tokens = batch * longest
+    dtype_bytes = torch.empty(0, dtype=dtype).element_size()
+    gc = cfg.train.gradient_checkpointing
+    run, nf4 = launch(), cfg.model.quantization == "nf4"
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0")) if run.zero3 and "LOCAL_RANK" in os.environ else None
+        gpus = gpu_memory(local) if local is not None else gpu_memory()
+        if not gpus:
+            raise UserError("no CUDA GPU is visible", where="model.device",
+                            fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: cpu")
+        if run.zero3:  # one process per GPU, each holding 1/N: this process's own GPU
+            used = gpus[:1]  # this rank's GPU (launched), or the first (`make check LAUNCH=zero3`)
+            est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, 1,
+                                  zero3_processes=run.processes, offload_param=run.offload_param)
+        else:
+            used = gpus if cfg.model.device_map else gpus[:1]  # without device_map everything goes to cuda:0
+            est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, len(used), nf4=nf4)
+        free = sum(f for _, f, _ in used)
+        where = ", ".join(f"{name} {human_bytes(f)} free of {human_bytes(t)}" for name, f, t in used)
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise UserError(f"{gpus[0][0]} has no bfloat16 support", where="train.bf16",
+                            fix="use an Ampere or newer GPU (A100, H100, H200, RTX 30xx+); float32 would need "
+                                "twice the memory")
+        if est.total > free:
+            raise UserError(f"{len(used)} GPU(s) with {human_bytes(free)} free, these settings need {est.describe()}",
+                            where=f"model.device_map={cfg.model.device_map!r}, batch {batch} x {longest} tokens",
+                            fix="make more GPUs visible (device_map: auto spreads the layers over them) or run ZeRO-3 "
+                                "over more processes (`make train LAUNCH=zero3 NPROC=<GPUs>`) or QLoRA "
+                                "(CONFIG=configs/huanhuan_qlora.yaml), free the GPUs other processes hold, or lower "
+                                "train.per_device_train_batch_size / data.max_length")
+        return "ok", f"{len(used)} GPU(s): {where}; {str(dtype).replace('torch.', '')} needs {est.describe()}", est
+    est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, 0)
+    ram = available_ram()
+    if ram is not None and est.total > ram:
+        raise UserError(f"on the CPU, in {str(dtype).replace('torch.', '')}, these settings need {est.describe()} of RAM; "
+                        f"{human_bytes(ram)} is available", where=f"model.device={cfg.model.device!r}",
+                        fix="train this model on GPUs (model.device: cuda; check `nvidia-smi`); the CPU is for the "
+                            "stand-in (CONFIG=configs/demo.yaml)")
+    return "ok", (f"cpu, {str(dtype).replace('torch.', '')}: needs {est.describe()}"
+                  + (f", {human_bytes(ram)} RAM available" if ram else "")), est
+
+
+# ---------------------------------------------------------------------------------------------
+# the preflight
+
+
+class _Table:
+    def __init__(self):
+        self.rows: list[Row] = []
+        self.errors: list[tuple[str, UserError]] = []
+
+    def run(self, name: str, check: Callable[..., tuple], *args) -> Any:
+        """check(*args) returns (status, detail) or (status, detail, value); a UserError is a FAIL row.
+        Returns the value (None on FAIL)."""
+        try:
+            status, detail, *value = check(*args)
+        except UserError as e:
+            self.add(name, "FAIL", e.what)
+            self.errors.append((name, e))
+            return None
+        self.add(name, status, detail)
+        return value[0] if value else None
+
+    def add(self, name: str, status: Status, detail: str) -> None:
+        self.rows.append(Row(name, status, detail))
+
+    def raise_failures(self) -> None:
+        """One UserError: the only failure as it is, or every failure numbered."""
+        if len(self.errors) == 1:
+            raise self.errors[0][1]
+        if self.errors:
+            raise UserError(f"{len(self.errors)} preflight checks failed: "
+                            + " ".join(f"({i}) {name}: {e.paragraph()}" for i, (name, e) in enumerate(self.errors, 1)),
+                            fix="fix each problem as its own 'Fix:' says, then run `make check` again")
+
+
+def format_table(rows: list[Row]) -> str:
+    width = max(len(r.name) for r in rows)
+    return "\n".join(f"  {r.name:<{width}}  {r.status:<4}  {r.detail}" for r in rows)
+
+
+def check_patch(cfg: Config, model_config: dict | None) -> tuple[Status, str]:
+    if not cfg.train.gradient_checkpointing:
+        return "skip", "gradient checkpointing is off: the undefined `logger` is never reached"
+    if cfg.model.moe_impl == "fast":
+        return "skip", "model.moe_impl is fast: the project's own model code runs, not the folder's hunyuan.py"
+    if model_config is None or not model_config.get("auto_map"):
+        return "skip", "needs the model folder's config.json with auto_map"
+    path, lines = undefined_logger(cfg.model.dir)
+    if lines:
+        raise UserError(f"hunyuan.py uses `logger` without defining it (line(s) {', '.join(map(str, lines))}), so "
+                        "training with gradient checkpointing would crash with NameError", where=str(path),
+                        fix="run `make patch`")
+    return "ok", f"{path.name} defines `logger`"
+
+
+def check_parameters(cfg: Config, model_config: dict | None) -> tuple[Status, str, ParamCount | None]:
+    if model_config is None:
+        return "skip", "needs the model folder's config.json", None
+    p = count_parameters(model_config, cfg.lora.targets(), cfg.lora.r)
+    modules = sum(p.per_target.values())
+    return "ok", (f"{p.total:,} in the model (from config.json, meta device); LoRA r={cfg.lora.r} on {modules:,} "
+                  f"Linear layers: {p.lora:,} trainable ({100 * p.lora / (p.total + p.lora):.3f} % of "
+                  f"{p.total + p.lora:,})"), p
+
+
+def check_dataset(cfg: Config, stage: str) -> tuple[Status, str, tuple[dict | None, int | None]]:
+    """The tokenized dataset when it exists or train needs it, else the raw file.
+    Value: (stats.json or None, training examples or None)."""
+    if stage == "train" or (cfg.output_dir / "data" / "stats.json").is_file():
+        detail, stats = check_tokenized(cfg)
+        return "ok", detail, (stats, stats["splits"].get("train"))
+    status, detail, records = check_raw_dataset(cfg)
+    examples = math.floor(records * (1 - cfg.data.eval_ratio)) if records is not None else None
+    return status, detail, (None, examples)
+
+
+def check_resume(cfg: Config, steps: int | None) -> tuple[Status, str, ResumePoint]:
+    point = resume_point(cfg)
+    notes = incomplete_notes(point)
+    if point.path and steps is not None and point.step >= steps:
+        notes.append(f"training is complete ({Path(point.path).name} is at the last step, {steps}): `make train` "
+                     "changes nothing")
+    return ("warn" if notes else "ok"), "; ".join([point.detail] + notes), point
+
+
+def check_launch(cfg: Config) -> tuple[Status, str, tuple]:
+    """Device, dtype and launcher; value (device, dtype)."""
+    device = pick_device(cfg)
+    dtype = pick_dtype(cfg, device)
+    run = launch()
+    check_combination(cfg, run)
+    if cfg.model.quantization == "nf4" and device != "cuda":
+        raise UserError("model.quantization is nf4 (QLoRA) but there is no CUDA GPU: bitsandbytes' 4-bit layers run "
+                        "on CUDA only", where="model.quantization",
+                        fix="run QLoRA on a GPU machine, or set model.quantization: none (on the CPU only the stand-in "
+                            "trains: CONFIG=configs/demo.yaml)")
+    if run.zero3:
+        how = (f"DeepSpeed ZeRO-3 over {run.processes} processes (weights sharded 1/{run.processes} per GPU"
+               + (", offloaded to host RAM" if run.offload_param else "") + "; MoE blocks are leaf modules)")
+    else:
+        how = f"one process, {device}" + (f", device_map={cfg.model.device_map!r}"
+                                          if device == "cuda" and cfg.model.device_map else "")
+    if cfg.model.quantization == "nf4":
+        how += ", base weights NF4 (router wg and lm_head bf16)"
+    return "ok", how, (device, dtype)
+
+
+def leftover_rows(out: Path) -> list[tuple[Status, str]]:
+    stale = leftovers(out)
+    # X.old without X: killed between "old aside" and "new in place"; X.old is the last complete X.
+    orphans = [p for p in stale if p.suffix == ".old" and not p.with_suffix("").exists()]
+    rows = []
+    if orphans:
+        rows.append(("warn", "; ".join(f"{p} is the previous complete {p.stem} (a run was killed while replacing "
+                                       f"it): `mv {p} {p.with_suffix('')}` restores it" for p in orphans)))
+    if set(stale) - set(orphans):
+        rows.append(("warn", f"{', '.join(p.name for p in stale if p not in orphans)} in {out}: temporary files of a "
+                             "killed run, never read; safe to delete"))
+    return rows
+
+
+def read_model_config(folder: Path) -> dict | None:
+    """config.json, or None when it is missing or unreadable (the model folder row says which)."""
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: bool = True) -> Plan:
+    """Run every check; print the table; raise one UserError naming every failure.
+
+    Reads only (train.run acts on what it reports). stage "train": the tokenized dataset must exist.
+    """
+    t = _Table()
+    source = cfg.source or "(defaults)"
+    t.add("config", "ok", f"{source}: every key and type valid")
+    model_config = read_model_config(Path(cfg.model.dir))
+    t.run("model folder", lambda folder: ("ok", check_model_folder(folder)[0]), Path(cfg.model.dir))
+    t.run("patch", check_patch, cfg, model_config)
+    params = t.run("parameters", check_parameters, cfg, model_config)
+    stats, examples = t.run("dataset", check_dataset, cfg, stage) or (None, None)
+    steps = expected_steps(cfg, examples)
+    resume = t.run("resume", check_resume, cfg, steps)
+    needed = t.run("output", check_output, cfg, params, steps)
+    for status, detail in leftover_rows(cfg.output_dir):
+        t.add("leftovers", status, detail)
+    placement = t.run("launch", check_launch, cfg)
+    memory = t.run("memory", check_memory, cfg, model_config, params, placement, stats)
+    masked = mask_git_remote(apply=False)
+    if masked:
+        t.add("secrets", "warn", f"the git remote URL carries a credential; SwanLab records that URL, so "
+                                 f"`make train` masks it for its process ({masked})")
+
+    if echo and is_main_process():
+        print(f"preflight ({stage}, {source}):\n{format_table(t.rows)}", flush=True)
+    t.raise_failures()
+    device, dtype = placement
+    return Plan(device=device, dtype=dtype, resume=resume, rows=t.rows, params=params, memory=memory,
+                disk_bytes=needed)
