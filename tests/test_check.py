@@ -267,6 +267,20 @@ def test_dataset_tokenized_under_other_settings_fails(patched_stand_in, run_dir,
     assert fragment in error.what
 
 
+def test_dataset_made_from_another_or_an_edited_file_fails(patched_stand_in, run_dir, tmp_path):
+    """make dataset DATA=big.json, then make train without DATA; or the file edited after make dataset."""
+    other = tmp_path / "big.json"
+    other.write_bytes(SAMPLE.read_bytes())
+    error = failure(demo_cfg(patched_stand_in, run_dir, data_path=str(other)))
+    assert f"it was made from {SAMPLE.resolve()}, the config's data.path is {other.resolve()}" in error.what
+    assert "rerun `make dataset`" in error.fix
+    data.run(demo_cfg(patched_stand_in, run_dir, data_path=str(other)))
+    assert rows(demo_cfg(patched_stand_in, run_dir, data_path=str(other)))["dataset"].status == "ok"
+    other.write_text(other.read_text(encoding="utf-8").replace("甄嬛", "嬛嬛", 1), encoding="utf-8")
+    error = failure(demo_cfg(patched_stand_in, run_dir, data_path=str(other)), stage="check")
+    assert f"{other.resolve()} has changed since it was tokenized" in error.what
+
+
 # ---------------------------------------------------------------------------------------------
 # resume
 

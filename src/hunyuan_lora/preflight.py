@@ -42,6 +42,7 @@ from .errors import UserError
 from .estimate import (MemoryEstimate, ParamCount, checkpoint_bytes, count_parameters, disk_needed, estimate_memory,
                        expected_steps, human_bytes)
 from .model_folder import check_model_folder, undefined_logger
+from .prompt import dataset_mismatch
 from .records import check_sha256, read_records
 from .runtime import check_combination, is_main_process, launch, mask_git_remote, pick_device, pick_dtype
 
@@ -114,14 +115,14 @@ def check_tokenized(cfg: Config) -> tuple[str, dict]:
     except (ValueError, KeyError, TypeError, OSError) as e:  # json and pyarrow errors are ValueErrors/OSErrors
         raise UserError(f"{incomplete} or damaged ({type(e).__name__}: {e})", where=str(data_dir), fix=rerun) from e
 
-    # Tokenized under other settings: training would silently use the old examples.
-    stale = [f"data.{k} was {stats.get(k)!r} when tokenized, the config now says {getattr(cfg.data, k)!r}"
-             for k in ("max_length", "answer_tags", "system_prompt") if stats.get(k) != getattr(cfg.data, k)]
+    # Tokenized from another file or tokenizer, or under other settings: training would silently use
+    # the old examples.
+    stale = dataset_mismatch(cfg, stats)
     if (cfg.data.eval_ratio > 0) != ("eval" in splits):
         stale.append(f"data.eval_ratio is {cfg.data.eval_ratio} but the dataset has splits {sorted(splits)}")
     if stale:
         raise UserError("the tokenized dataset does not match the config: " + "; ".join(stale), where=str(data_dir),
-                        fix="run `make dataset` with this CONFIG again")
+                        fix="rerun `make dataset` with this CONFIG (and DATA / MODEL_DIR)")
     detail = (f"{data_dir}: {stats['examples']:,} examples ({', '.join(f'{k} {v:,}' for k, v in splits.items())}), "
               f"tokens max {stats['tokens']['max']}, from {stats['source']}")
     return detail, stats
