@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,6 +231,13 @@ def _incomplete(folder: Path, files: dict[str, dict] | None) -> list[str]:
             if not (folder / p).is_file() or (folder / p).stat().st_size != m["Size"]]
 
 
+def _leave_on_ctrl_c(signum, frame) -> None:
+    # modelscope fetches in worker threads, which a KeyboardInterrupt would wait for (a stalled transfer:
+    # forever), so leave at once: finished and partial files stay where the rerun resumes them.
+    os.write(2, b"\ndownload interrupted: the finished files are kept; `make download` fetches only the rest\n")
+    os._exit(128 + signum)
+
+
 def run(cfg: Config) -> Path:
     """Download `cfg.model.model_id` at `cfg.model.revision` into `cfg.model.cache_dir`; return the folder."""
     from modelscope import snapshot_download
@@ -249,7 +257,8 @@ def run(cfg: Config) -> Path:
     # -- 3: a native-only copy (no auto_map) cannot load on the pinned stack: stop before the weights
     check_remote_code_format(cfg, listing)
 
-    # -- 4: download (modelscope's progress bars; finished files are skipped on a re-run)
+    # -- 4: download (modelscope's progress bars; finished files are skipped on a re-run; Ctrl-C: one line)
+    previous = signal.signal(signal.SIGINT, _leave_on_ctrl_c)
     try:
         folder = Path(snapshot_download(m.model_id, revision=m.revision, cache_dir=str(cache_dir)))
     except (FileIntegrityError, FileDownloadError, OSError, Urllib3Error) as e:
@@ -267,6 +276,8 @@ def run(cfg: Config) -> Path:
                 "same file fails again the server's copy does not match its listing (try later or pin another "
                 "model.revision); a full disk needs another model.cache_dir",
         ) from e
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     # -- 5, 6: check it, record it
     verify(folder, listing.files)

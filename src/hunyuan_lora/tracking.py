@@ -4,6 +4,7 @@
                tracking.plot_loss(trainer.state.log_history, out / "loss.png")
     again:     python -m hunyuan_lora.tracking outputs/demo/log_history.json   # -> outputs/demo/loss.png
     dashboard: make watch [CONFIG=configs/demo.yaml]                          # scripts/watch.py
+    preflight: status, detail = tracking.check_swanlab(cfg)   # cloud: key present, well formed, accepted
 
 In SwanLab a run holds:
     config       the resolved config flattened to `section.key`, LoRA parameter counts (params.*),
@@ -17,12 +18,20 @@ In SwanLab a run holds:
     samples/generations   greedy answers to infer.prompts, logged at the last step: per prompt a row
                  "before: <prompt>" (base model, adapter disabled, generated at train start) and a row
                  "after: <prompt>" (the trained adapter)
+
+A run stopped early (Ctrl-C, SIGTERM: a checkpoint is saved) is marked crashed with the reason,
+since SwanLab's store knows only running / finished / crashed. swanlab 0.5.7 cannot reopen an
+experiment, so a resumed run is a new one whose description and config name the earlier one;
+<output_dir>/swanlab_runs.json lists the experiments of the output folder (run id, link, process).
+An experiment the local store still shows running whose process is gone (kill -9) is marked crashed
+when the next run starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -32,8 +41,9 @@ import torch
 from transformers import TrainerCallback
 
 from .config import Config
+from .atomic import write_json
 from .errors import UserError
-from .runtime import git_commit, package_versions
+from .runtime import git_commit, is_main_process, package_versions
 
 # The before/after generations run on the training process's model: greedy, short and few, so
 # they add seconds on CPU and well under a minute to an A13B run.
@@ -43,6 +53,12 @@ SAMPLES_KEY = "samples/generations"
 GIB = 2**30
 # What the Trainer logs once at the end: one point each under single_value/, as SwanLab's callback does.
 SINGLE_VALUE_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
+RUNS_FILE = "swanlab_runs.json"  # in the output folder: the SwanLab experiments its runs started
+LOGIN_TIMEOUT_S = 15
+# SwanLab's local store (swanboard's experiment.status)
+RUNNING, FINISHED, CRASHED = 0, 1, -1
+LOCAL_ALTERNATIVE = ("or log locally with SET=swanlab.mode=local (the run is kept in <output_dir>/swanlog; "
+                     "`make watch` shows it)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +112,7 @@ def callbacks(cfg: Config, mode: str, stats: dict, trainable: int, total: int, t
     if mode == "disabled":
         return []
     if mode == "cloud":
-        _check_cloud_login()
+        check_cloud_login()  # a key, well formed, that the server accepts (UserError otherwise)
     return [
         _swanlab_callback(cfg, mode, run_config(cfg, stats, trainable, total)),
         Throughput(),
@@ -104,17 +120,61 @@ def callbacks(cfg: Config, mode: str, stats: dict, trainable: int, total: int, t
     ]
 
 
-def _check_cloud_login() -> None:
-    """Cloud mode needs a key now: without one SwanLab would prompt on a TTY or fail at train start."""
-    from swanlab.error import KeyFileError
-    from swanlab.package import get_key
+def check_swanlab(cfg: Config) -> tuple[str, str]:
+    """The preflight's row: (status, detail). Cloud mode: a key, well formed, that the server accepts.
 
+    Without this a missing key prompts (or fails) only when training starts, after the weights
+    loaded, and a malformed key or an unreachable server ends in SwanLab's traceback there.
+    """
+    mode = swanlab_mode(cfg)
+    if mode == "disabled":
+        return "skip", "swanlab.mode disabled: nothing is logged (loss.png and log_history.json are still written)"
+    if mode != "cloud":
+        return "ok", f"{mode}: logged to {cfg.output_dir / 'swanlog'} (`make watch` shows it)"
+    if not is_main_process():
+        return "skip", "cloud: the main process logs in"
+    return "ok", check_cloud_login()
+
+
+def check_cloud_login() -> str:
+    """A SwanLab API key, well formed, that the cloud accepts; a one-line detail, else UserError."""
+    import requests
+    from swanlab.api.auth.login import login_request
+    from swanlab.error import APIKeyFormatError, KeyFileError
+    from swanlab.package import get_host_api, get_key
+
+    source = "SWANLAB_API_KEY" if os.environ.get("SWANLAB_API_KEY") is not None else "the key `swanlab login` saved"
     try:
-        get_key()  # SWANLAB_API_KEY, else the key `swanlab login` saved
+        key = get_key()  # SWANLAB_API_KEY, else ~/.swanlab/.netrc
     except (KeyFileError, OSError) as e:  # OSError: no ~/.swanlab folder to hold a saved key
         raise UserError("swanlab.mode is 'cloud' but there is no SwanLab API key", where="swanlab.mode",
                         fix="export SWANLAB_API_KEY=<key from swanlab.cn settings> (or run `swanlab login`), "
-                            "or log locally with SET=swanlab.mode=local") from e
+                            + LOCAL_ALTERNATIVE) from e
+    try:
+        APIKeyFormatError.check(key)
+    except APIKeyFormatError as e:  # its message names the bad character or the length, never the key
+        raise UserError(f"the SwanLab API key ({source}) is malformed: {e}", where="swanlab.mode",
+                        fix="copy the key again from swanlab.cn (settings: 21 letters and digits) into "
+                            f"SWANLAB_API_KEY or `swanlab login`, {LOCAL_ALTERNATIVE}") from e
+    host = get_host_api()
+    network = "check the network (a proxy: HTTPS_PROXY; another server: SWANLAB_API_HOST), "
+    try:
+        answer = login_request(key, host, timeout=LOGIN_TIMEOUT_S)  # what swanlab.init's login sends
+    except requests.RequestException as e:
+        raise UserError(f"cannot reach the SwanLab cloud at {host} ({type(e).__name__})", where="swanlab.mode",
+                        fix=network + LOCAL_ALTERNATIVE) from e
+    if answer.status_code in (401, 403):
+        raise UserError(f"the SwanLab cloud at {host} refused the API key ({source}): HTTP {answer.status_code}",
+                        where="swanlab.mode", fix="create a new key at swanlab.cn (settings) and export "
+                                                  "SWANLAB_API_KEY=<it>, " + LOCAL_ALTERNATIVE)
+    try:
+        answer.raise_for_status()
+        user = answer.json()["userInfo"]["username"]
+    except (requests.RequestException, ValueError, KeyError, TypeError) as e:  # a proxy's page, an outage
+        raise UserError(f"the SwanLab cloud at {host} did not answer the login as SwanLab does "
+                        f"(HTTP {answer.status_code})", where="swanlab.mode",
+                        fix=network + "or try again later, " + LOCAL_ALTERNATIVE) from e
+    return f"cloud: {host} accepted the key ({source}) of user {user}"
 
 
 def _swanlab_callback(cfg: Config, mode: str, config: dict):
@@ -133,14 +193,37 @@ def _swanlab_callback(cfg: Config, mode: str, config: dict):
             if not state.is_world_process_zero:
                 return
             swanlab = self._swanlab
+            resumed = {}
             if swanlab.get_run() is None:
-                swanlab.init(**self._swanlab_init)
+                for line in close_stale_experiments(out):
+                    print(line)
+                init = dict(self._swanlab_init)
+                if state.global_step:  # resumed from a checkpoint (the Trainer has loaded its state)
+                    resumed = resumed_from(out, state.global_step)
+                    init["description"] = resumed["continues"]
+                    print(f"SwanLab: {resumed['continues']} (swanlab 0.5.7 cannot reopen an experiment)")
+                record_experiment(out, swanlab.init(**init), mode, state.global_step)
             base = getattr(model, "get_base_model", lambda: model)()
             swanlab.config.update({
                 "FRAMEWORK": "🤗transformers",  # as the stock setup() sets it
                 "trainer_args": args.to_dict(),
                 "model_config": base.config.to_dict() if getattr(base, "config", None) is not None else {},
+                **resumed,
             })
+
+        def on_train_end(self, args, state, control, **kwargs):
+            super().on_train_end(args, state, control, **kwargs)
+            run = self._swanlab.get_run()
+            if state.is_world_process_zero and state.global_step < state.max_steps and run is not None:
+                # stopped with a checkpoint (Ctrl-C, SIGTERM): "finished" would claim a complete run
+                from swanlab.data.run import SwanLabRunState
+
+                run_id = run.public.run_id
+                self._swanlab.finish(SwanLabRunState.CRASHED,
+                                     error=f"stopped at step {state.global_step} of {state.max_steps} with a "
+                                           "checkpoint; `make train` continues it in a new experiment")
+                # swanlab 0.5.7 records the error, but its local store marks every finish() finished
+                mark_local_experiments(out, {run_id}, CRASHED)
 
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):
             # As the stock on_log, except that only the train log of a step carries train/epoch and
@@ -158,6 +241,7 @@ def _swanlab_callback(cfg: Config, mode: str, config: dict):
             if summary or values:
                 self._swanlab.log({**summary, **values}, step=state.global_step)
 
+    out = cfg.output_dir
     return ProjectSwanLabCallback(
         project=cfg.swanlab.project,
         experiment_name=cfg.swanlab.experiment or cfg.run.name,
@@ -165,6 +249,79 @@ def _swanlab_callback(cfg: Config, mode: str, config: dict):
         mode=mode,
         config=config,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiments of one output folder: a resumed run names the earlier one, killed ones are closed
+
+
+def read_runs(out: Path) -> list[dict]:
+    """<out>/swanlab_runs.json: one entry per experiment a run in this folder started, oldest first."""
+    try:
+        runs = json.loads((Path(out) / RUNS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return runs if isinstance(runs, list) else []
+
+
+def record_experiment(out: Path, run, mode: str, step: int) -> None:
+    cloud = run.public.cloud
+    entry = {"run_id": run.public.run_id, "mode": mode, "url": cloud.experiment_url if cloud.available else None,
+             "first_step": step, "pid": os.getpid(), "host": socket.gethostname(),
+             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(Path(out) / RUNS_FILE, read_runs(out) + [entry])
+
+
+def resumed_from(out: Path, step: int) -> dict[str, Any]:
+    """The config entries (and description) that link a resumed run to the experiment it continues."""
+    earlier = (read_runs(out) or [None])[-1]
+    if earlier is None:
+        return {"resumed_from_step": step, "continues": f"resumed at step {step} (no earlier experiment recorded)"}
+    where = earlier["url"] or f"run {earlier['run_id']} in {Path(out) / 'swanlog'}"
+    return {"resumed_from_step": step, "continues_run_id": earlier["run_id"],
+            "continues": f"resumed at step {step}: continues the experiment {where}"}
+
+
+def _process_alive(entry: dict) -> bool:
+    if entry.get("host") != socket.gethostname():
+        return False  # another machine or container: it cannot be training in this folder now
+    try:
+        os.kill(int(entry["pid"]), 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return True  # it exists, as another user's
+    except (ProcessLookupError, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def mark_local_experiments(out: Path, run_ids: set[str], status: int) -> None:
+    """Set the status of these experiments in <out>/swanlog's local store (as swanboard's update_status)."""
+    import sqlite3
+
+    from swankit.env import create_time
+
+    db = Path(out) / "swanlog" / "runs.swanlab"
+    if not (run_ids and db.is_file()):
+        return
+    now = create_time()  # swanboard's time format
+    con = sqlite3.connect(db, timeout=30)  # a `make watch` dashboard may be reading it
+    try:
+        with con:
+            con.executemany("UPDATE experiment SET status = ?, finish_time = ?, update_time = ? WHERE run_id = ?",
+                            [(status, now, now, run_id) for run_id in sorted(run_ids)])
+    finally:
+        con.close()
+
+
+def close_stale_experiments(out: Path) -> list[str]:
+    """Mark crashed the experiments the local store shows running whose process is gone (kill -9, power
+    loss: nothing ran to close them). Only one run trains in an output folder at a time, so any
+    other is stale. Returns one line per experiment marked."""
+    alive = {e.get("run_id") for e in read_runs(out) if _process_alive(e)}
+    stale = [e for e in local_experiments(Path(out) / "swanlog") if e["status"] == "running" and e["run_id"] not in alive]
+    mark_local_experiments(out, {e["run_id"] for e in stale}, CRASHED)
+    return [f"SwanLab: experiment {e['name']} ({e['run_id']}) was still marked running, but its process is gone: "
+            "marked crashed" for e in stale]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +454,8 @@ class SampleGenerations(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not (self.before and state.is_world_process_zero and model is not None):
             return
+        if state.global_step < state.max_steps:
+            return  # stopped early with a checkpoint: the "after" answers come when the run completes
         import swanlab
 
         self.after = self._answers(model)
@@ -374,7 +533,7 @@ def local_experiments(swanlog: str | Path) -> list[dict]:
             "ORDER BY e.id").fetchall()
     finally:
         con.close()
-    status = {0: "running", 1: "finished", -1: "crashed"}
+    status = {RUNNING: "running", FINISHED: "finished", CRASHED: "crashed"}
     return [{"id": i, "name": n, "run_id": r, "status": status.get(s, str(s)), "project": p}
             for i, n, r, s, p in rows]
 
