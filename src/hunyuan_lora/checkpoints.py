@@ -2,6 +2,8 @@
 
     point = resume_point(cfg)          # read-only; `make check` reports it, train.run acts on it
     set_aside(point.incomplete)        # train.run only: newer incomplete checkpoints out of the Trainer's way
+    set_aside_previous_run(out)        # train.run, resume: never: the earlier run's outputs out of the way
+    whole_run_loss(log_history, ...)   # the run's train_loss, also when it was resumed
 
 resume: auto continues from the newest COMPLETE checkpoint of run.output_dir; never starts at
 step 0; a path continues from that checkpoint. A checkpoint trained with other LoRA settings or
@@ -25,6 +27,9 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
                     "trainer_state.json")
 INCOMPLETE_PREFIX = "incomplete-"  # not "checkpoint-*": the Trainer neither resumes from nor rotates it
+# What train writes into the output folder (next to data/, the input, and swanlog/, every run's log).
+RUN_OUTPUTS = ("adapter", "resolved.yaml", "manifest.json", "log_history.json", "loss.png")
+PREVIOUS_RUNS = "previous-runs"  # <output_dir>/previous-runs/<time>/: earlier runs a fresh one set aside
 
 
 @dataclass
@@ -88,7 +93,10 @@ def resume_point(cfg: Config) -> ResumePoint:
     """Where training continues from, by train.resume; reads only. UserError for a checkpoint that
     is incomplete (an explicit path) or was trained with other settings."""
     if cfg.train.resume == "never":
-        return ResumePoint(None, 0, "train.resume: never (starts at step 0)")
+        earlier = previous_run(cfg.output_dir)
+        return ResumePoint(None, 0, "train.resume: never (starts at step 0)" + (
+            f"; `make train` sets the earlier run's {', '.join(p.name for p in earlier)} aside in "
+            f"{cfg.output_dir / PREVIOUS_RUNS}/" if earlier else ""))
     incomplete: list[Path] = []
     if cfg.train.resume == "auto":
         chosen = None
@@ -143,3 +151,63 @@ def set_aside(incomplete: list[Path]) -> list[str]:
         os.replace(ckpt, dest)
         lines.append(f"{ckpt.name} is incomplete ({problem}; killed while saving?): set aside as {dest.name}")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# a fresh run in a used output folder
+
+
+def previous_run(out: Path) -> list[Path]:
+    """What an earlier run left in the output folder: its checkpoints and outputs."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name) or p.name.startswith(INCOMPLETE_PREFIX)
+             or p.name in RUN_OUTPUTS]
+    return sorted(found, key=lambda p: p.name)
+
+
+def set_aside_previous_run(out: Path) -> Path | None:
+    """Move an earlier run's checkpoints and outputs into <out>/previous-runs/<time>/, so a fresh run
+    neither resumes from, rotates, nor publishes alongside them; None when there was nothing."""
+    import time
+
+    earlier = previous_run(out)
+    if not earlier:
+        return None
+    dest = out / PREVIOUS_RUNS / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        dest, n = dest.with_name(f"{dest.name.split('.')[0]}.{n}"), n + 1
+    dest.mkdir(parents=True)
+    for p in earlier:
+        os.replace(p, dest / p.name)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's loss
+
+
+def whole_run_loss(log_history: list[dict], resumed_at: int, session_loss: float, global_step: int) -> float:
+    """The mean training loss over the whole run, also when it resumed at step resumed_at.
+
+    The Trainer's own train_loss divides the loss of THIS process's steps by all steps, so after a
+    resume it is too low. Its log history (restored from the checkpoint) holds the mean loss of
+    every logging interval of the run; the steps this session ran after its last log are what its
+    session_loss (x global_step: this session's summed step losses) has beyond its logged intervals.
+    Steps before the resume point that no log covered are left out of the mean."""
+    total = covered = 0.0
+    session_logged = 0.0
+    last = 0
+    for entry in sorted((e for e in log_history if "loss" in e and "step" in e), key=lambda e: e["step"]):
+        start = resumed_at if last < resumed_at < entry["step"] else last  # the first log after the resume
+        steps = entry["step"] - start
+        total, covered = total + entry["loss"] * steps, covered + steps
+        if entry["step"] > resumed_at:
+            session_logged += entry["loss"] * steps
+        last = entry["step"]
+    tail = global_step - max(last, resumed_at)
+    if tail > 0:
+        total += session_loss * global_step - session_logged
+        covered += tail
+    return total / covered if covered else session_loss

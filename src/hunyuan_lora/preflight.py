@@ -20,6 +20,7 @@ Each row of the table is one check; a failed row is a UserError (what, where, fi
     output        output_dir writable, free space for the checkpoints (estimate printed)
     memory        visible GPUs (or CPU RAM) against an estimate for these settings (printed)
     launch        device, dtype, how the process was launched (one process, ZeRO-3), QLoRA's needs
+    swanlab       cloud mode: an API key, well formed, that the cloud accepts (tracking.check_swanlab)
     secrets       a credential in the git remote URL (SwanLab records that URL): `make train` masks it
 
 The estimates behind the output and memory rows are estimate.py's (the formulas are there).
@@ -45,6 +46,7 @@ from .model_folder import check_model_folder, undefined_logger
 from .prompt import dataset_mismatch
 from .records import check_sha256, read_records
 from .runtime import check_combination, is_main_process, launch, mask_git_remote, pick_device, pick_dtype
+from .tracking import check_swanlab
 
 # Temporary siblings the stages write before renaming into place; a killed run leaves them behind.
 LEFTOVER_PATTERNS = (".data-*", ".adapter-*", ".merged-*", "*.old", "*.tmp", f"{INCOMPLETE_PREFIX}checkpoint-*")
@@ -70,6 +72,7 @@ class Plan:
     params: ParamCount | None = None
     memory: MemoryEstimate | None = None
     disk_bytes: int | None = None  # what the output folder must have free
+    steps: int | None = None  # optimizer steps the run will take (estimate.expected_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +412,7 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
         t.add("leftovers", status, detail)
     placement = t.run("launch", check_launch, cfg)
     memory = t.run("memory", check_memory, cfg, model_config, params, placement, stats)
+    t.run("swanlab", check_swanlab, cfg)
     masked = mask_git_remote(apply=False)
     if masked:
         t.add("secrets", "warn", f"the git remote URL carries a credential; SwanLab records that URL, so "
@@ -419,4 +423,4 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
     t.raise_failures()
     device, dtype = placement
     return Plan(device=device, dtype=dtype, resume=resume, rows=t.rows, params=params, memory=memory,
-                disk_bytes=needed)
+                disk_bytes=needed, steps=steps)

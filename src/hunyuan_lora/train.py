@@ -23,7 +23,7 @@ import torch
 
 from . import scale, tracking
 from .atomic import staging_dir, write_json
-from .checkpoints import set_aside
+from .checkpoints import set_aside, set_aside_previous_run, whole_run_loss
 from .config import Config
 from .modeling import load_base_model
 from .preflight import preflight
@@ -39,6 +39,10 @@ def run(cfg: Config) -> Path:
     # ---- fail fast: everything cheap before the weights load (`make check`'s table) -------------
     plan = preflight(cfg, stage="train")
     device, dtype = plan.device, plan.dtype
+    if finished(cfg, plan):
+        print(f"already complete: {plan.resume.path} is the last step ({plan.steps}) and {out / 'adapter'} is "
+              "published; nothing changed (train.resume=never starts over, the earlier run set aside)")
+        return out / "adapter"
     resume = prepare_output(cfg, plan.resume)
     set_seed(cfg.run.seed)
     started = time.time()
@@ -76,7 +80,8 @@ def run(cfg: Config) -> Path:
                          "continue from it")
 
     # ---- publish: adapter + its manifest and config in one rename, then the top-level copies ----
-    manifest = run_manifest(cfg, stats, device, dtype, args, trainable, total, resume, trainer, result, mode)
+    manifest = run_manifest(cfg, stats, device, dtype, args, trainable, total, resume, plan.resume.step, trainer,
+                            result, mode)
     manifest["wall_time_s"] = round(time.time() - started, 1)
     adapter = publish_adapter(cfg, model, tokenizer, manifest, main_process)
     if main_process:
@@ -86,11 +91,22 @@ def run(cfg: Config) -> Path:
     return adapter
 
 
+def finished(cfg: Config, plan) -> bool:
+    """The resume point is the run's last step and its adapter was published: nothing to do."""
+    point = plan.resume
+    return bool(point.path and plan.steps is not None and point.step >= plan.steps
+                and (cfg.output_dir / "adapter" / "manifest.json").is_file())
+
+
 def prepare_output(cfg: Config, point) -> str | None:
-    """Act on what the preflight reported (main process only; the others read): incomplete
-    checkpoints set aside, a credential in the git remote URL masked for this process and its
-    children. Returns the checkpoint to resume from."""
+    """Act on what the preflight reported (main process only; the others read): an earlier run set
+    aside when this one starts over, incomplete checkpoints set aside, a credential in the git
+    remote URL masked for this process and its children. Returns the checkpoint to resume from."""
     if is_main_process():
+        if cfg.train.resume == "never":
+            aside = set_aside_previous_run(cfg.output_dir)
+            if aside:
+                print(f"train.resume: never: the earlier run's checkpoints and outputs are set aside in {aside}")
         for line in set_aside(point.incomplete):
             print(line)
         masked = mask_git_remote()
@@ -100,7 +116,7 @@ def prepare_output(cfg: Config, point) -> str | None:
 
 
 def run_manifest(cfg: Config, stats: dict, device: str, dtype, args, trainable: int, total: int,
-                 resume: str | None, trainer, result, mode: str) -> dict:
+                 resume: str | None, resumed_at: int, trainer, result, mode: str) -> dict:
     """What made this adapter: versions, commit, model revision, data, placement, LoRA, outcome."""
     download_info = Path(cfg.model.dir) / "download.json"
     return {
@@ -124,7 +140,8 @@ def run_manifest(cfg: Config, stats: dict, device: str, dtype, args, trainable: 
                  "dropout": cfg.lora.dropout, "trainable_params": trainable, "total_params": total},
         "resumed_from": resume,
         "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": whole_run_loss(trainer.state.log_history, resumed_at, result.training_loss,
+                                     trainer.state.global_step),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "swanlab_mode": mode,
