@@ -241,8 +241,12 @@ class StepProfile:
         busy_ms = sum(v[0] for v in by_name.values())
         dequant = sum(v[0] for n, v in by_name.items() if "equant" in n)
         top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+        # the host side: operators by their own CPU time (Python, dispatch, autograd, launches)
+        ops = sorted(self.prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:15]
+        host = [[a.key[:90], round(a.self_cpu_time_total / 1e3, 3), a.count] for a in ops]
         return {"kernels": len(kernels), "busy_ms": round(busy_ms, 2), "dequantize_ms": round(dequant, 2),
-                "top": [[n, round(ms, 3), c] for n, (ms, c) in top]}
+                "top": [[n, round(ms, 3), c] for n, (ms, c) in top], "host_top": host,
+                "host_ms": round(sum(a.self_cpu_time_total for a in self.prof.key_averages()) / 1e3, 2)}
 
 
 def gemm_rate(device: str) -> tuple[float, str]:
@@ -457,4 +461,7 @@ def markdown(r: dict) -> str:
                   f"{p['busy_ms']} ms of GPU busy = {100 * p['busy_fraction_of_steady']:.0f} % of the steady step; "
                   f"dequantisation {p['dequantize_ms']} ms. Top kernels (ms, launches):", ""]
         lines += [f"- {n}: {ms} ms x {c}" for n, ms, c in p["top"]]
+        lines += ["", f"Host side of that step: {p['host_ms']} ms of operators' own CPU time (under the profiler); "
+                  "top (ms, calls):", ""]
+        lines += [f"- {n}: {ms} ms x {c}" for n, ms, c in p["host_top"]]
     return "\n".join(lines) + "\n"
