@@ -35,7 +35,7 @@ MODEL_CODE_FILES = ["configuration_hunyuan.py", "hunyuan.py", "modeling_hunyuan.
 SAMPLE_DATASET = PACKAGE_DIR / "assets" / "zhenhuan_sample.json"
 BPE_SIZE = 814  # 256 byte tokens + 558 merges; + 210 special tokens = a vocabulary of 1,024
 # Marks a folder as written here: only such a folder (or an empty one) is ever replaced.
-MARKER = ".hunyuan-lora-stand-in.json"
+MARKER = "stand_in.json"
 LOGGER_DEFINITION = "logger = logging.get_logger(__name__)\n"
 
 # The chat template, written from the documented rendering rules:
