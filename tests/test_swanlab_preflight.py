@@ -10,7 +10,10 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -141,3 +144,51 @@ def test_local_and_disabled_need_no_login(cloud):
                                                    "(`make watch` shows it)")
     off = dataclasses.replace(cloud, swanlab=dataclasses.replace(cloud.swanlab, mode="disabled"))
     assert tracking.check_swanlab(off)[0] == "skip"
+
+
+# ---- through the real scripts: `make check` and train's preflight, before the weights load ------
+
+
+@pytest.fixture(scope="module")
+def run_folders(patched_stand_in, tmp_path_factory):
+    """(model folder, output folder with the tokenized demo data)."""
+    from hunyuan_lora import data
+
+    out = tmp_path_factory.mktemp("swanlab-preflight") / "out"
+    data.run(config.load(REPO / "configs/demo.yaml", model_dir=str(patched_stand_in), output_dir=str(out)))
+    return patched_stand_in, out
+
+
+def run_script(script: str, run_folders, tmp_path, **env: str) -> subprocess.CompletedProcess:
+    model, out = run_folders
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("HL_", "SWANLAB_")) and k.lower() not in ("https_proxy", "http_proxy", "all_proxy")}
+    clean.update(SWANLAB_SAVE_DIR=str(tmp_path / "no-login"), NO_PROXY="127.0.0.1,localhost", **env)
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), "--config", str(REPO / "configs/demo.yaml"),
+                           "--model-dir", str(model), "--output-dir", str(out), "--set", "swanlab.mode=cloud"],
+                          cwd=REPO, env=clean, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script, env, problem", [
+    ("check.py", {}, "swanlab.mode is 'cloud' but there is no SwanLab API key"),
+    ("check.py", {"SWANLAB_API_KEY": "abc123"}, "is malformed"),
+    ("train.py", {"SWANLAB_API_KEY": GOOD_KEY}, "cannot reach the SwanLab cloud at http://127.0.0.1:"),
+])
+def test_the_preflight_stops_before_the_weights_load(run_folders, tmp_path, script, env, problem):
+    env.setdefault("SWANLAB_API_HOST", f"http://127.0.0.1:{closed_port()}/api")
+    proc = run_script(script, run_folders, tmp_path, **env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert re.search(r"^  swanlab +FAIL ", proc.stdout, re.M), proc.stdout
+    paragraph = " ".join(proc.stderr[proc.stderr.index("error: "):].split())
+    assert problem in paragraph and "SET=swanlab.mode=local" in paragraph
+    assert "Loading checkpoint shards" not in proc.stderr and "trainable of" not in proc.stdout  # no weights
+
+
+def test_check_shows_the_accepted_login(run_folders, tmp_path):
+    body = json.dumps({"sid": "s", "expiredAt": "2099-01-01", "userInfo": {"username": "zhen-huan"}}).encode()
+    with LoginServer(200, body) as srv:
+        proc = run_script("check.py", run_folders, tmp_path, SWANLAB_API_KEY=GOOD_KEY, SWANLAB_API_HOST=srv.api)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(rf"^  swanlab +ok +cloud: {re.escape(srv.api)} accepted the key \(SWANLAB_API_KEY\) of user "
+                     "zhen-huan$", proc.stdout, re.M), proc.stdout

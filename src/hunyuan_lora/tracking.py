@@ -108,11 +108,10 @@ def swanlab_mode(cfg: Config) -> str:
 
 
 def callbacks(cfg: Config, mode: str, stats: dict, trainable: int, total: int, tokenizer) -> list:
-    """SwanLab's callback (with our config) + throughput/memory + before/after samples; [] if disabled."""
+    """SwanLab's callback (with our config) + throughput/memory + before/after samples; [] if disabled.
+    Cloud mode: train's preflight has checked the login (check_swanlab), before the weights loaded."""
     if mode == "disabled":
         return []
-    if mode == "cloud":
-        check_cloud_login()  # a key, well formed, that the server accepts (UserError otherwise)
     return [
         _swanlab_callback(cfg, mode, run_config(cfg, stats, trainable, total)),
         Throughput(),
