@@ -40,8 +40,12 @@ for p in ("transformers", "peft", "accelerate", "datasets", "deepspeed", "bitsan
 EOF
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
 # the card's bf16 GEMM rate, measured now (bench/run.py's gemm_rate): the MFU denominator of the table
+# (the last line only, and checked: anything an import prints on stdout would otherwise reach summarize's
+# --gemm-tflops and fail its argument parsing)
 GEMM_TFLOPS=$(CUDA_VISIBLE_DEVICES=0 $PY -c "import sys, torch; sys.path.insert(0, 'bench'); import run; \
-print(round(run.gemm_rate(torch.device('cuda')) / 1e12))") || exit 2
+print(round(run.gemm_rate(torch.device('cuda')) / 1e12))" | tail -n 1) || exit 2
+GEMM_ARGS=()
+if [[ $GEMM_TFLOPS =~ ^[0-9]+(\.[0-9]+)?$ ]]; then GEMM_ARGS=(--gemm-tflops "$GEMM_TFLOPS"); else GEMM_TFLOPS="-"; fi
 echo "bf16 GEMM 8192^3: $GEMM_TFLOPS TFLOP/s"
 TAG="${GPU}-$(date +%F)-scale"
 OUT=bench/results
@@ -81,7 +85,7 @@ run_case() {  # name, processes, launcher..., -- extra args
   echo "$name: $status in $((SECONDS - start)) s (log: $LOGS/$name.train.log)"
   [ "$status" = ok ] || tail -30 "$LOGS/$name.train.log"
   $PY bench/verify_scale.py summarize --case "$name" --run-dir "$dir" --mem-log "$LOGS/$name.mem.csv" \
-    --processes "$nproc" --out-dir "$OUT" --tag "$TAG" --status "$status" --gemm-tflops "$GEMM_TFLOPS"
+    --processes "$nproc" --out-dir "$OUT" --tag "$TAG" --status="$status" "${GEMM_ARGS[@]}"
 }
 
 FAST_PRESET=(--set model.moe_impl=fast --set train.packing=true --set train.per_device_train_batch_size=16
