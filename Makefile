@@ -53,6 +53,7 @@ lock: setup  ## recompile requirements.lock from requirements.in (uv, hashes, Py
 	  --python-platform x86_64-manylinux_2_28 requirements.in -o requirements.lock
 
 test: setup  ## run the test suite (installs what it needs first)
+	$(VENV)/bin/ruff check  # the lint rules: pyproject.toml [tool.ruff]
 	bash scripts/install_test_deps.sh
 	env $(foreach v,$(USER_VARS),-u HL_$(v)) $(PY) -m pytest -q -rs  # tests choose their own HL_* values
 

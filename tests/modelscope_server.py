@@ -93,7 +93,7 @@ class _TLSServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, owner: "ModelScopeServer", ctx: ssl.SSLContext):
+    def __init__(self, owner: ModelScopeServer, ctx: ssl.SSLContext):
         self.owner, self.ctx = owner, ctx
         super().__init__(("127.0.0.1", 0), _Handler)
 
@@ -186,7 +186,7 @@ class ModelScopeServer:
         """What MODELSCOPE_DOMAIN must be set to (host:port; modelscope prepends https://)."""
         return f"127.0.0.1:{self._httpd.server_address[1]}"
 
-    def start(self) -> "ModelScopeServer":
+    def start(self) -> ModelScopeServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="modelscope-server", daemon=True)
         self._thread.start()
@@ -200,7 +200,7 @@ class ModelScopeServer:
             self._thread.join(timeout=5)
         self._tmp.cleanup()
 
-    def __enter__(self) -> "ModelScopeServer":
+    def __enter__(self) -> ModelScopeServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

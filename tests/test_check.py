@@ -308,7 +308,8 @@ def test_resume_auto_skips_an_incomplete_checkpoint_and_train_sets_it_aside(patc
         plan = preflight.preflight(cfg, stage=stage, echo=False)
         assert plan.resume.path == str(run_dir / "checkpoint-2")
         resume_row = {r.name: r for r in plan.rows}["resume"]
-        assert resume_row.status == "warn" and "checkpoint-4 is incomplete (trainer_state.json missing" in resume_row.detail
+        assert resume_row.status == "warn"
+        assert "checkpoint-4 is incomplete (trainer_state.json missing" in resume_row.detail
         assert (run_dir / "checkpoint-4").is_dir()
 
     assert train.prepare_output(cfg, plan.resume) == str(run_dir / "checkpoint-2")  # train.run acts on it

@@ -94,7 +94,7 @@ def normalise_pip(tokens: list[str]) -> str | None:
 def makefile_setup_pip_commands(makefile: str) -> list[str]:
     """The pip commands of the Makefile's `$(STAMP):` rule, normalised."""
     lines = makefile.splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith("$(STAMP):"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("$(STAMP):"))
     cmds = []
     for line in lines[start + 1:]:
         if not line.startswith("\t"):
@@ -295,7 +295,8 @@ def test_dockerfile_pip_command_is_the_makefile_one():
     assert lock_cmd in found
 
 
-GOOD_RUN = 'RUN python3.11 -m venv /opt/venv && "${VENV}/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock\nRUN make setup\n'
+GOOD_RUN = ('RUN python3.11 -m venv /opt/venv && "${VENV}/bin/python" -m pip install --quiet '
+            '--disable-pip-version-check --require-hashes -r requirements.lock\nRUN make setup\n')
 
 
 @pytest.mark.parametrize(
@@ -452,7 +453,7 @@ def test_docker_targets_dry_run():
     train = run(["make", "-n", "docker-train", "IMAGE=ghcr.io/o/hunyuan-lora", "TAG=v9",
                  "MODELS_VOLUME=/root/autodl-tmp", "CONFIG=configs/huanhuan.yaml"], env=env)
     assert train.returncode == 0, train.stderr
-    cmd = next(l for l in train.stdout.splitlines() if l.startswith("docker run"))
+    cmd = next(line for line in train.stdout.splitlines() if line.startswith("docker run"))
     tokens = shlex.split(cmd)
     assert "--gpus" in tokens and tokens[tokens.index("--gpus") + 1] == "all"
     assert "/root/autodl-tmp:/models" in tokens

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from modelscope_server import ModelScopeServer
 
 from hunyuan_lora import config, download, model_folder
 from hunyuan_lora.errors import UserError
-from modelscope_server import ModelScopeServer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "Tencent-Hunyuan/Hunyuan-A13B-Instruct"

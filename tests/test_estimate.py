@@ -18,7 +18,8 @@ from hunyuan_lora.stand_in import real_config
 ])
 def test_expected_steps_is_the_trainers_count(examples, batch, accumulation, epochs, steps):
     cfg = config.load(overrides=[f"train.per_device_train_batch_size={batch}",
-                                 f"train.gradient_accumulation_steps={accumulation}", f"train.num_train_epochs={epochs}"])
+                                 f"train.gradient_accumulation_steps={accumulation}",
+                                 f"train.num_train_epochs={epochs}"])
     assert estimate.expected_steps(cfg, examples) == steps
 
 

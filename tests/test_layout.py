@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hunyuan_lora"
-STAGES = {"download", "patch", "data", "check", "train", "infer", "merge", "watch", "probe", "chat", "evaluate", "serve"}
+STAGES = {"download", "patch", "data", "check", "train", "infer", "merge", "watch", "probe", "chat", "evaluate",
+          "serve"}
 
 
 def project_imports(path: Path) -> set[str]:

@@ -24,7 +24,8 @@ def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     quick_start = readme.split("## Quick start", 1)[1].split("##", 1)[0]
     assert "make demo" in quick_start and "make test" in quick_start
-    ci = [line for line in (REPO / ".ci/run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci = [line for line in (REPO / ".ci/run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == ["make test"]
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_check import H200, REAL_TOTAL, demo_cfg, failure, fake_gpus, real_cfg, real_size_folder, run_dir, tokenized  # noqa: F401 (fixtures)
 
 from hunyuan_lora import checkpoints, config, estimate, modeling, preflight, runtime, scale, train
 from hunyuan_lora.errors import UserError
-from test_check import (H200, REAL_TOTAL, demo_cfg, failure, fake_gpus, real_cfg,  # noqa: F401 (fixtures)
-                        real_size_folder, run_dir, tokenized)
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = REPO / "configs" / "accelerate" / "zero3.yaml"
@@ -31,7 +30,8 @@ ROUTER_FREE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 
 def make(*args: str) -> list[str]:
     # --no-print-directory: under `make test` this make is a sub-make and would add "Entering directory" lines
-    out = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
     return [line for line in out.splitlines() if line.strip()]
 
 
@@ -75,7 +75,8 @@ def test_accelerate_launch_environment_is_what_scale_reads():
     args, defaults, _ = _validate_launch_command(args)
     args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
     _, env = prepare_deepspeed_cmd_env(args)
-    assert {k: env[k] for k in ZERO3_ENV if k != "WORLD_SIZE"} == {k: v for k, v in ZERO3_ENV.items() if k != "WORLD_SIZE"}
+    expected = {k: v for k, v in ZERO3_ENV.items() if k != "WORLD_SIZE"}
+    assert {k: env[k] for k in expected} == expected
     run = runtime.launch({**env, "WORLD_SIZE": "4"})  # WORLD_SIZE: torchrun's, per process
     assert run.zero3 and run.processes == 4 and not run.offload_param
     assert runtime.launch({}) == runtime.Launch(deepspeed=False, zero_stage=None, processes=1, offload_param=False)
@@ -246,7 +247,8 @@ def test_skip_list_keeps_every_router_and_the_lm_head_out_of_nf4(patched_stand_i
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     q = scale.bnb_config(config.load(QLORA))
     model = replace_with_bnb_linear(model, modules_to_not_convert=q.llm_int8_skip_modules, quantization_config=q)
-    kept = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit)}
+    kept = {n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit)}
     quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     routers = {f"model.layers.{i}.mlp.gate.wg" for i in range(model_config.num_hidden_layers)}
     assert kept == routers | {"lm_head"}
@@ -275,7 +277,8 @@ def test_real_size_estimates_zero3_divides_by_processes_and_nf4_is_half_a_byte()
     assert four.weights == pytest.approx(one.weights / 4, abs=1) and four.per_gpu_of == 4
     assert four.lora_and_optimizer == pytest.approx(one.lora_and_optimizer / 4, abs=1)
     assert four.activations == one.activations and four.gathered == 2 * params.moe_block * 2
-    offload = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, zero3_processes=4, offload_param=True)
+    offload = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, zero3_processes=4,
+                                       offload_param=True)
     assert offload.weights == 0
     nf4 = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, nf4=True)
     assert 41.0e9 < nf4.weights < 44.0e9  # ~0.516 B x 79.86 B quantised + 0.53 B x 4 B (fp32 after prepare)
@@ -328,11 +331,13 @@ def test_gpu_verification_scripts_parse_and_summarize(tmp_path):
     def summarize(case: str, samples_per_s: float, mem_rows: str) -> str:
         run = tmp_path / case
         (run / "data").mkdir(parents=True)
-        (run / "log_history.json").write_text('[{"loss": 9.5, "step": 1}, {"loss": 8.25, "step": 2}, {"train_runtime": 4}]')
+        (run / "log_history.json").write_text(
+            '[{"loss": 9.5, "step": 1}, {"loss": 8.25, "step": 2}, {"train_runtime": 4}]')
         (run / "manifest.json").write_text(f'{{"global_step": 2, "train_runtime_s": 4.0, "train_samples_per_second": '
                                            f'{samples_per_s}, "quantization": "none", "deepspeed_zero_stage": 3, '
                                            '"gpus": ["H200", "H200"]}')
-        (run / "resolved.yaml").write_text("train:\n  per_device_train_batch_size: 4\n  gradient_accumulation_steps: 1\n")
+        (run / "resolved.yaml").write_text(
+            "train:\n  per_device_train_batch_size: 4\n  gradient_accumulation_steps: 1\n")
         (run / "data" / "stats.json").write_text('{"tokens": {"mean": 95.0}}')
         mem = tmp_path / f"{case}.csv"
         mem.write_text(mem_rows)

@@ -70,7 +70,8 @@ def run(patched_stand_in, tmp_path_factory):
     data.run(config.load(DEMO, model_dir=str(patched_stand_in), output_dir=str(out), data=str(SAMPLE)))
     env = {**os.environ, **{n: keys[n] for n in SECRET_VARS}, "HOME": str(home), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(DEMO), "--model-dir", str(patched_stand_in),
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(DEMO),
+         "--model-dir", str(patched_stand_in),
          "--output-dir", str(out), "--data", str(SAMPLE), "--set", "train.max_steps=2", "--set", "train.save_steps=1",
          "--set", "swanlab.mode=local"],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

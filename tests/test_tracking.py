@@ -109,7 +109,7 @@ def test_config_is_flat_and_complete(run):
     values = {k: v["value"] for k, v in raw.items()}
     manifest = json.loads((run.output_dir / "manifest.json").read_text())
     stats = json.loads((run.output_dir / "data/stats.json").read_text())
-    for key, value in config.Config().to_dict()["lora"].items():
+    for key in config.Config().to_dict()["lora"]:
         assert f"lora.{key}" in values, key
     assert values["train.max_steps"] == STEPS
     assert values["train.gradient_checkpointing"] == "true"

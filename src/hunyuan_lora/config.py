@@ -16,11 +16,11 @@ the tutorial's values.
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 import re
 import types
 import typing
-import enum
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -446,7 +446,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if not cfg.train.learning_rate > 0:
         problems.append(f"train.learning_rate is {cfg.train.learning_rate}: it must be positive")
     if not 0.0 <= cfg.train.warmup_ratio <= 1.0:
-        problems.append(f"train.warmup_ratio is {cfg.train.warmup_ratio}: it must be in [0, 1] (a fraction of the steps)")
+        problems.append(f"train.warmup_ratio is {cfg.train.warmup_ratio}: it must be in [0, 1] (a fraction of the "
+                        "steps)")
     if cfg.train.dataloader_num_workers < 0:
         problems.append(f"train.dataloader_num_workers is {cfg.train.dataloader_num_workers}: 0 (load in the "
                         "training process) or more")

@@ -34,6 +34,7 @@ from .errors import UserError
 from .estimate import human_bytes
 from .model_folder import PROVENANCE_FILE, no_auto_map_error, verify
 
+
 @dataclass
 class RepoListing:
     """What the server says about `model_id` at `revision`, before anything is downloaded."""
@@ -211,7 +212,7 @@ def write_provenance(folder: Path, cfg: Config, listing: RepoListing) -> Path:
         "commit": newest.get("Revision"),
         "endpoint": listing.endpoint,
         "modelscope_version": modelscope.__version__,
-        "downloaded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "downloaded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "folder": str(folder.resolve()),
         "total_bytes": sum(f["Size"] for f in files.values()),
         # sha256 as listed by the server; modelscope checked each file it fetched against it.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import sys
 import textwrap
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 EXIT_USER_ERROR = 2
 
@@ -38,7 +39,8 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(textwrap.fill("error: " + e.paragraph(), width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
+            print(textwrap.fill("error: " + e.paragraph(), width=100, break_on_hyphens=False, break_long_words=False),
+                  file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper

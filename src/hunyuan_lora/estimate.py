@@ -130,7 +130,8 @@ def count_parameters(model_config: dict, targets: list[str], r: int) -> ParamCou
             hints.append(f"'{t}' {kind}" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise UserError("LoRA target(s) " + "; ".join(hints) + f"; the model's Linear layers are named "
                         f"{', '.join(suffixes)}", where="lora.target_modules",
-                        fix="correct lora.target_modules (or pick lora.preset: tutorial / attention / attention_shared)")
+                        fix="correct lora.target_modules (or pick lora.preset: tutorial / attention / "
+                            "attention_shared)")
     quantizable = sum(i * o for n, i, o in linears if not skipped_by_quantization(n))
     moe_block = sum(i * o for n, i, o in linears if ".layers.0.mlp." in n)
     return ParamCount(total=total, lora=lora, per_target=per_target, quantizable=quantizable, moe_block=moe_block)

@@ -33,15 +33,24 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from .checkpoints import INCOMPLETE_PREFIX, ResumePoint, incomplete_notes, resume_point
 from .config import Config
 from .errors import UserError
-from .estimate import (MemoryEstimate, ParamCount, checkpoint_bytes, count_parameters, disk_needed, estimate_memory,
-                       expected_steps, human_bytes)
+from .estimate import (
+    MemoryEstimate,
+    ParamCount,
+    checkpoint_bytes,
+    count_parameters,
+    disk_needed,
+    estimate_memory,
+    expected_steps,
+    human_bytes,
+)
 from .model_folder import check_model_folder, undefined_logger
 from .prompt import dataset_mismatch
 from .records import check_sha256, read_records
@@ -256,8 +265,8 @@ def check_memory(cfg: Config, model_config: dict | None, params: ParamCount | No
     est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, 0)
     ram = available_ram()
     if ram is not None and est.total > ram:
-        raise UserError(f"on the CPU, in {str(dtype).replace('torch.', '')}, these settings need {est.describe()} of RAM; "
-                        f"{human_bytes(ram)} is available", where=f"model.device={cfg.model.device!r}",
+        raise UserError(f"on the CPU, in {str(dtype).replace('torch.', '')}, these settings need {est.describe()} of "
+                        f"RAM; {human_bytes(ram)} is available", where=f"model.device={cfg.model.device!r}",
                         fix="train this model on GPUs (model.device: cuda; check `nvidia-smi`); the CPU is for the "
                             "stand-in (CONFIG=configs/demo.yaml)")
     return "ok", (f"cpu, {str(dtype).replace('torch.', '')}: needs {est.describe()}"

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .config import Config
 from .atomic import write_json
+from .config import Config
 from .errors import UserError
 from .runtime import git_commit, is_main_process, package_versions
 
@@ -317,7 +317,8 @@ def close_stale_experiments(out: Path) -> list[str]:
     loss: nothing ran to close them). Only one run trains in an output folder at a time, so any
     other is stale. Returns one line per experiment marked."""
     alive = {e.get("run_id") for e in read_runs(out) if _process_alive(e)}
-    stale = [e for e in local_experiments(Path(out) / "swanlog") if e["status"] == "running" and e["run_id"] not in alive]
+    stale = [e for e in local_experiments(Path(out) / "swanlog")
+             if e["status"] == "running" and e["run_id"] not in alive]
     mark_local_experiments(out, {e["run_id"] for e in stale}, CRASHED)
     return [f"SwanLab: experiment {e['name']} ({e['run_id']}) was still marked running, but its process is gone: "
             "marked crashed" for e in stale]
