@@ -88,3 +88,58 @@ def test_verdicts_follow_the_measured_peak():
     v = probe.verdicts(70.0)
     assert v == {"24GB": "does not fit", "48GB": "does not fit", "80GB": "fits with headroom", "141GB": "fits with headroom"}
     assert probe.verdicts(75.0)["80GB"] == "fits" and probe.verdicts(79.0)["80GB"] == "does not fit"
+
+
+# ---------------------------------------------------------------------------------------------
+# random weights created where they live (hunyuan/random_init.py)
+
+
+@pytest.mark.parametrize("moe_impl,quantization", [("fast", "nf4"), ("fast", "none"), ("upstream", "none")])
+def test_random_model_of_the_stand_in_config(stand_in_dir, moe_impl, quantization):
+    import torch
+
+    from hunyuan_lora.hunyuan.random_init import build_random_model, real_or_folder_config
+    from hunyuan_lora.scale import QUANT_SKIP_MODULES
+
+    config, source = real_or_folder_config(stand_in_dir)
+    assert source == str(stand_in_dir / "config.json")
+    model, info = build_random_model(config, moe_impl=moe_impl, quantization=quantization, device="cpu",
+                                     dtype=torch.float32, num_layers=1, model_dir=stand_in_dir,
+                                     skip=QUANT_SKIP_MODULES)
+    assert len(model.model.layers) == info["layers"] == model.config.num_hidden_layers == 1
+    assert model.config.moe_topk == config["moe_topk"][:1] and info["layers_in_config"] == 2
+    assert model.model.layers[0].mlp.moe_impl == moe_impl
+    assert model.model.layers[0].mlp.gate.wg.weight.dtype == torch.float32  # the router is never quantised
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as the checkpoint
+    folder_code = moe_impl == "upstream"
+    assert type(model).__module__.startswith("hunyuan_lora.") is not folder_code
+    assert info["code"].startswith("the model folder's own code") is folder_code
+    if quantization == "nf4":
+        # every Linear of the layer but the router: 4 attention + 3 shared + 8 experts x 3
+        assert info["quantized_linears"] == 4 + 3 + 8 * 3 and model.is_loaded_in_4bit
+        assert type(model.model.layers[0].mlp.experts[0].up_proj).__name__ == "Linear4bit"
+    else:
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(stand_in_dir, trust_remote_code=True, num_hidden_layers=1)
+        got, want = model.state_dict(), reference.state_dict()
+        assert list(got) == list(want) and all(got[k].shape == want[k].shape for k in want)
+        w = model.model.layers[0].self_attn.q_proj.weight
+        assert 0.5 * config["initializer_range"] < w.std().item() < 2 * config["initializer_range"]
+
+
+def test_random_model_of_the_real_architecture_on_meta():
+    """The real Hunyuan-A13B config (no folder): real shapes, cut to 2 layers, the project's reference code."""
+    import torch
+
+    from hunyuan_lora.hunyuan.random_init import build_random_model, real_or_folder_config
+
+    config, source = real_or_folder_config(None)
+    assert "real Hunyuan-A13B" in source
+    model, info = build_random_model(config, moe_impl="upstream", quantization="none", device="meta",
+                                     dtype=torch.bfloat16, num_layers=2)
+    assert "reference implementation" in info["code"] and info["layers"] == 2
+    experts = model.model.layers[1].mlp.experts
+    assert len(experts) == 64 and experts[63].down_proj.weight.shape == (4096, 3072)
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert per_layer == 2_495_881_472  # the real layer (hunyuan-a13b.md: 32 x 2,495,881,472 + embeddings)

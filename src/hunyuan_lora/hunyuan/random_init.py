@@ -114,7 +114,7 @@ def build_random_model(config: dict, *, moe_impl: str, quantization: str, device
     hf_config = config_cls(**{k: v for k, v in cfg.items() if k not in ("auto_map", "architectures")})
     hf_config.moe_impl = moe_impl
     std = hf_config.initializer_range
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)  # meta: shapes only
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
