@@ -2,7 +2,7 @@
 # GPU runs of `make probe` for the published figures (issues 13 and 14), on the device machine:
 #   bash bench/gpu_wheels.sh; cp ../shared/data/huanhuan_token_lengths.json .bench_data/   # here
 #   run(carry=[".whl", ".bench_data"], command="PROBES='...' bash bench/probe_gpu.sh")       # there
-# PROBES: space-separated what:config:steps:layers[:profile], e.g.
+# PROBES: space-separated what:config:steps:layers[:profile[:key=value,key=value]] (config overrides), e.g.
 #   "qlora-fast-d32:configs/huanhuan_qlora.yaml:20:32 qlora-tutorial-d4:configs/huanhuan_qlora_tutorial.yaml:3:4"
 # Each probe's probe.json / probe.md land in $OUT (or bench/results) as probe-<card>-<date>-<what>.{json,md};
 # A probe that runs out of memory is run again 4 layers shallower. GPU_TESTS=1 first runs the CUDA tests of the fast and NF4 MoE paths. Lengths: the real tokenizer's
@@ -24,17 +24,20 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then
 fi
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
 for p in ${PROBES:-}; do
-  IFS=: read -r what config steps layers profile <<<"$p"
+  IFS=: read -r what config steps layers profile sets <<<"$p"
+  SETS=()
+  IFS=, read -r -a pairs <<<"${sets:-}"
+  for kv in "${pairs[@]}"; do SETS+=(--set "$kv"); done
   start=$SECONDS
   PROBE_PROFILE=$([ "${profile:-}" = profile ] && echo 1) timeout "${PROBE_TIMEOUT:-540}" $PY scripts/probe.py \
     --config "$config" --output-dir "/tmp/probe-$what" --steps "$steps" --layers "$layers" --lengths "$LENGTHS" \
-    >"/tmp/probe-$what.log" 2>&1
+    "${SETS[@]}" >"/tmp/probe-$what.log" 2>&1
   rc=$?
   if [ $rc != 0 ] && grep -q "out of memory" "/tmp/probe-$what.log" && [ "$layers" -gt 4 ]; then
     echo "== $what: out of memory at $layers layers, again at $((layers - 4))"  # the largest depth that fits
     PROBE_PROFILE=$([ "${profile:-}" = profile ] && echo 1) timeout "${PROBE_TIMEOUT:-540}" $PY scripts/probe.py \
       --config "$config" --output-dir "/tmp/probe-$what" --steps "$steps" --layers "$((layers - 4))" --lengths "$LENGTHS" \
-      >"/tmp/probe-$what.log" 2>&1
+      "${SETS[@]}" >"/tmp/probe-$what.log" 2>&1
     rc=$?
   fi
   echo "== $what: rc=$rc in $((SECONDS - start)) s"

@@ -54,6 +54,7 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     assert r["samples_per_optimizer_step"] == 16 and r["samples_per_step_measured"] == 16
     assert r["real_tokens_per_step"] == 16 * 37
     assert r["run_steps"] == 4  # 50 records / 16 per step, one epoch: ceil = 4
+    assert len(r["loss_per_step"]) == 4 and all(v > 0 for v in r["loss_per_step"])
     check_consistent(r, 4)
     md = (out / "probe.md").read_text()
     assert "cut from 2: PROBE_LAYERS" in md and f"{r['steady_s_per_step']} s per optimizer step" in md

@@ -36,6 +36,7 @@ import torch
 from .atomic import staging_dir, write_json, write_text
 from .config import Config
 from .errors import UserError
+from .model_folder import check_config
 from .modeling import load_base_model
 from .runtime import git_commit, launch, package_versions, pick_device, pick_dtype
 from .training import attach_lora, build_trainer, training_arguments
@@ -302,6 +303,8 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
     if steps < 2:
         raise UserError(f"PROBE_STEPS={steps}: at least 2 optimizer steps are needed (warm-up and steady state)",
                         where="PROBE_STEPS", fix="PROBE_STEPS=20")
+    if (Path(cfg.model.dir) / "config.json").is_file():  # else the real A13B architecture (no folder yet)
+        check_config(Path(cfg.model.dir), code=cfg.model.moe_impl == "upstream")  # upstream runs the folder's code
     out = cfg.output_dir / "probe"
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
@@ -329,7 +332,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
         args = training_arguments(cfg, output_dir=scratch / "trainer", max_steps=steps + profile)
         args.save_strategy = "no"  # a probe keeps nothing but its report
         args.eval_strategy = "no"
-        args.logging_steps = steps
+        args.logging_steps = 1  # the loss of every step (one host sync per step, at its end)
         args.disable_tqdm = True
         clock = StepClock()
         profiler = StepProfile(steps) if profile else None
@@ -347,6 +350,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
 
     report = summarize(cfg, clock.steps[:steps], per_step, records, rate, gemm_what, init, lengths_source, device,
                        trainable, total, train_wall, smi_peak, model, float(result.training_loss))
+    report["loss_per_step"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e][:steps]
     if profiler is not None and profiler.result is not None:
         p = profiler.result
         report["profile"] = dict(p, busy_fraction_of_steady=round(p["busy_ms"] / 1e3 / report["steady_s_per_step"], 3),
@@ -453,7 +457,8 @@ def markdown(r: dict) -> str:
         "| verdict (from the measured peak " + f"{r['peak_gib']} GiB" + ") | "
         + ", ".join(f"{k}: {v}" for k, v in r["verdict"].items()) + " |",
         "",
-        f"Step times (s): {', '.join(str(t) for t in r['step_s'])}. Code {r['code_commit']}.",
+        f"Step times (s): {', '.join(str(t) for t in r['step_s'])}. Loss per step: "
+        f"{', '.join(str(v) for v in r.get('loss_per_step', []))}. Code {r['code_commit']}.",
     ]
     p = r.get("profile")
     if p:
