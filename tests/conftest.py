@@ -69,3 +69,28 @@ def lora_run(stand_in_dir, tmp_path_factory):
                       init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(str(out / "adapter"))
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The four layers of the suite, one marker each (`pytest -m unit` runs the fast ones):
+#   unit   no stage runs: config, estimates, layout, records, prompts, patching, the model code
+#   stage  one stage (or two) on the stand-in, checking the content of what it wrote
+#   e2e    the README's path end to end (make demo's stages in order)
+#   infra  make, the container, the browser dashboard, the README itself
+LAYERS = {
+    "unit": ["config", "estimate", "layout", "records", "prompt", "patch", "fast_moe", "hunyuan_model",
+             "lm_head_padding", "moe_impl", "nf4_moe", "bench_cases", "tokenizer_and_stand_in"],
+    "stage": ["atomic", "chat", "check", "checkpoints", "data", "download", "evaluate", "infer", "interrupts",
+              "merge", "packing", "probe", "resume", "scale", "secrets", "serve", "stage_inputs",
+              "swanlab_preflight", "tracking", "train_optim", "umask"],
+    "e2e": ["pipeline"],
+    "infra": ["container", "dashboard", "readme", "user_values"],
+}
+LAYER_OF = {f"test_{name}": layer for layer, names in LAYERS.items() for name in names}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        layer = LAYER_OF.get(item.module.__name__.rsplit(".", 1)[-1])
+        if layer:
+            item.add_marker(layer)

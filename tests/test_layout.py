@@ -55,3 +55,11 @@ def test_the_cli_reaches_every_stage_through_the_registry():
 
     assert not project_imports(PACKAGE / "cli.py") & STAGES
     assert set(cli.STAGES.values()) == STAGES
+
+
+def test_every_test_module_belongs_to_one_layer():
+    from conftest import LAYER_OF, LAYERS
+
+    modules = {p.stem for p in (PACKAGE.parents[1] / "tests").glob("test_*.py")}
+    assert modules - set(LAYER_OF) == set(), "add the new test module to a layer in tests/conftest.py LAYERS"
+    assert sum(len(names) for names in LAYERS.values()) == len(LAYER_OF)  # none in two layers

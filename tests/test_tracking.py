@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from swanlab_store import read_tag
 
 from hunyuan_lora import config, tracking
 
@@ -58,7 +59,7 @@ def _the_experiment(cfg) -> dict:
 
 
 def _series(cfg, tag: str) -> list[tuple[int, object]]:
-    records = tracking.read_tag(cfg.output_dir / "swanlog", _the_experiment(cfg)["run_id"], tag)
+    records = read_tag(cfg.output_dir / "swanlog", _the_experiment(cfg)["run_id"], tag)
     return [(r["index"], r["data"]) for r in records]
 
 
@@ -132,7 +133,7 @@ def test_config_is_flat_and_complete(run):
 
 @pytest.mark.slow
 def test_sample_panel_has_before_and_after_rows_per_prompt(run):
-    (record,) = tracking.read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], tracking.SAMPLES_KEY)
+    (record,) = read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], tracking.SAMPLES_KEY)
     assert record["index"] == STEPS  # logged once, at the end
     captions = [m["caption"] for m in record["more"]]
     assert captions == [c for p in run.infer.prompts for c in (f"before: {p}", f"after: {p}")]
@@ -146,7 +147,7 @@ def test_before_is_the_base_model_and_after_is_the_saved_adapter(run):
 
     from hunyuan_lora import generation, modeling, prompt
 
-    (record,) = tracking.read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], tracking.SAMPLES_KEY)
+    (record,) = read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], tracking.SAMPLES_KEY)
     logged_before, logged_after = record["data"][0::2], record["data"][1::2]
     greedy = tracking.SampleGenerations(run, tokenizer=None).cfg
     assert (greedy.infer.do_sample, greedy.infer.max_new_tokens) == (False, 8)

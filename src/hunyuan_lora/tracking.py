@@ -516,7 +516,7 @@ def plot_loss(log_history: str | Path | list[dict], png_path: str | Path) -> Pat
 
 
 # ---------------------------------------------------------------------------------------------
-# SwanLab's local store, read as swanboard reads it (for `make watch` and the tests)
+# SwanLab's local store, read as swanboard reads it (for `make watch`)
 
 
 def local_experiments(swanlog: str | Path) -> list[dict]:
@@ -537,25 +537,6 @@ def local_experiments(swanlog: str | Path) -> list[dict]:
     return [{"id": i, "name": n, "run_id": r, "status": status.get(s, str(s)), "project": p}
             for i, n, r, s, p in rows]
 
-
-def read_tag(swanlog: str | Path, run_id: str, tag: str) -> list[dict]:
-    """Every record of one logged key, by step: the tag table gives its folder under logs/."""
-    import sqlite3
-
-    swanlog = Path(swanlog)
-    con = sqlite3.connect(f"file:{swanlog / 'runs.swanlab'}?mode=ro", uri=True)
-    try:
-        row = con.execute("SELECT t.folder FROM tag t JOIN experiment e ON e.id = t.experiment_id "
-                          "WHERE e.run_id = ? AND t.name = ?", (run_id, tag)).fetchone()
-    finally:
-        con.close()
-    if row is None:
-        return []
-    folder = swanlog / run_id / "logs" / row[0]
-    records = []
-    for f in sorted(folder.glob("*.log")):  # swanboard: every *.log of the folder, then sort by index
-        records += [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return sorted(records, key=lambda r: int(r["index"]))
 
 
 if __name__ == "__main__":
