@@ -340,6 +340,17 @@ def test_resume_from_an_unusable_checkpoint_fails(patched_stand_in, run_dir, ove
 # output folder and disk
 
 
+def test_an_eval_ratio_that_leaves_nothing_to_train_on_fails_before_make_dataset(patched_stand_in, tmp_path):
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps([{"instruction": "你好", "input": "", "output": "臣妾在"},
+                               {"instruction": "你是谁", "input": "", "output": "甄嬛"}], ensure_ascii=False))
+    half = demo_cfg(patched_stand_in, tmp_path / "a", "data.eval_ratio=0.5", data_path=str(two))
+    assert rows(half)["dataset"].status == "ok"
+    most = demo_cfg(patched_stand_in, tmp_path / "b", "data.eval_ratio=0.9", data_path=str(two))
+    error = failure(most, stage="check")
+    assert error.where == "data.eval_ratio" and "holds out 2 of 2 record(s)" in error.what
+
+
 def test_output_under_a_file_fails(patched_stand_in, tmp_path):
     (tmp_path / "afile").write_text("")
     error = failure(demo_cfg(patched_stand_in, tmp_path / "afile" / "out"), stage="check")

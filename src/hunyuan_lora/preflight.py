@@ -150,6 +150,11 @@ def check_raw_dataset(cfg: Config) -> tuple[Status, str, int | None]:
                         fix="set DATA=/path/to/file.json(l), or data.url in the config")
     check_sha256(path, cfg.data.sha256, str(path))
     records, report = read_records(path, drop_duplicates=cfg.data.drop_duplicates)
+    held_out = math.ceil(cfg.data.eval_ratio * len(records))  # as data.split_records draws them
+    if cfg.data.eval_ratio > 0 and held_out >= len(records):
+        raise UserError(f"data.eval_ratio={cfg.data.eval_ratio} holds out {held_out} of {len(records)} record(s), "
+                        "leaving none to train on", where="data.eval_ratio",
+                        fix="lower data.eval_ratio or add records (0 turns the held-out split off)")
     note = "; not tokenized yet: run `make dataset`"
     return "ok", f"{path}: {len(records):,} valid records ({report.format}){note}", len(records)
 
