@@ -219,6 +219,27 @@ def check_model_folder(folder: Path) -> tuple[str, dict]:
            f"with complete headers{sized}", config
 
 
+def check_config(folder: Path, *, code: bool) -> dict:
+    """config.json (valid, with auto_map) and, with code=True, the model code it names: what building
+    the model from the folder needs when no weights are read (`make probe`). Returns config.json."""
+    problems: dict[str, str] = {}
+    config = _read_json(folder / "config.json", problems)
+    if config is not None and not config.get("auto_map"):
+        raise no_auto_map_error(folder / "config.json", config)
+    files: set[str] = set()
+    for refs in ((config or {}).get("auto_map") or {}).values() if code else ():
+        files |= _code_files(refs)
+    for name in sorted(_with_relative_imports(folder, files)):
+        if not (folder / name).is_file():
+            problems.setdefault(name, f"{name} (model code named by auto_map or imported by it) is missing")
+    if problems:
+        raise UserError(f"the model folder {folder} is incomplete: " + "; ".join(problems[k] for k in sorted(problems)),
+                        where="model.dir",
+                        fix="run `make download` again (it fetches only what is missing), or pass MODEL_DIR=<the "
+                            "complete folder>")
+    return config
+
+
 # ---------------------------------------------------------------------------------------------
 # the `logger` hunyuan.py uses without defining it (`make patch` adds it)
 
