@@ -210,3 +210,17 @@ def test_dataset_before_make_download_names_the_demo(results):
 def test_the_accepted_cases_did_their_work(results):
     assert "wrote " in results["dataset/no_weights"]["stdout"]
     assert "probe.json" in results["probe/no_weights"]["stdout"]
+
+
+def test_make_dataset_with_the_default_config_before_make_download(tmp_path):
+    """The README's first real-model command, typed before `make download` (the default config)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in {f"HL_{name}" for name in USER_VARS}}
+    proc = subprocess.run(["make", "--no-print-directory", "dataset", f"MODEL_DIR={tmp_path / 'not-downloaded'}",
+                           f"OUTPUT_DIR={tmp_path / 'out'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    paragraph = " ".join(proc.stderr[proc.stderr.index("error:"):].split())
+    assert "run `make download` first (or use CONFIG=configs/demo.yaml" in paragraph, paragraph
+    assert not (tmp_path / "out").exists()  # nothing fetched or written
