@@ -11,18 +11,23 @@ under PEFT) vs one dequantisation per projection + grouped products. Float32 on 
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
+from hunyuan_lora import config
 from hunyuan_lora.hunyuan import fast_moe, grouped_moe
 from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
 from hunyuan_lora.hunyuan.random_init import quantize_linears_
+from hunyuan_lora.modeling import load_with_adapter
 from hunyuan_lora.stand_in import stand_in_config
 
+REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SKIP = ("wg", "lm_head")
 
@@ -181,8 +186,9 @@ def test_model_with_padding_and_checkpointing_matches_peft():
 
 
 def test_adapter_from_nf4_fast_loads_on_the_bf16_model(tmp_path, stand_in_dir):
-    """Train a step on fast-NF4, save the adapter, load it on the unquantised model (the folder's own code
-    and the project's fast code) holding the dequantised weights: the same logits, PEFT's per-expert keys."""
+    """Train a step on fast-NF4, save the adapter, load it as `make infer` / `make merge` do
+    (modeling.load_with_adapter) on an unquantised model folder holding the dequantised weights, with the
+    folder's own code and with the project's fast code: the same logits."""
     from transformers import AutoModelForCausalLM
 
     folder = AutoModelForCausalLM.from_pretrained(stand_in_dir, trust_remote_code=True, torch_dtype=torch.float32)
@@ -210,13 +216,18 @@ def test_adapter_from_nf4_fast_loads_on_the_bf16_model(tmp_path, stand_in_dir):
         if fast_moe._is_4bit(m):
             dequantised[name.replace("base_layer", "").replace("..", ".").rstrip(".") + ".weight"] = \
                 bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+    plain = copy.deepcopy(folder)
+    missing, unexpected = plain.load_state_dict(dequantised, strict=False)
+    assert not unexpected and len(dequantised) == 2 * (4 + 3 + 8 * 3)  # every Linear but the routers
+    # a model folder holding those weights, loaded the way `make infer` / `make merge` load (modeling.load_with_adapter)
+    dequantised_dir = tmp_path / "dequantised-folder"
+    shutil.copytree(stand_in_dir, dequantised_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
+    plain.save_pretrained(dequantised_dir)
     for impl in ("upstream", "fast"):
-        plain = copy.deepcopy(folder)
-        missing, unexpected = plain.load_state_dict(dequantised, strict=False)
-        assert not unexpected and len(dequantised) == 2 * (4 + 3 + 8 * 3)  # every Linear but the routers
-        for layer in plain.model.layers:
-            layer.mlp.moe_impl = impl
-        loaded = PeftModel.from_pretrained(plain, tmp_path / "adapter").eval()
+        cfg = config.load(REPO / "configs/demo.yaml", [f"model.moe_impl={impl}", "model.device=cpu"],
+                          model_dir=str(dequantised_dir), output_dir=str(tmp_path / "run"))
+        loaded = load_with_adapter(cfg, tmp_path / "adapter")
+        assert type(loaded.get_base_model()).__module__.startswith("hunyuan_lora.") is (impl == "fast")
         with torch.no_grad():
             got = loaded(input_ids=ids).logits
         assert rel(got, want) < 1e-5, impl
