@@ -261,6 +261,17 @@ def test_preflight_refuses_nf4_without_cuda(patched_stand_in, run_dir):
     assert "nf4 (QLoRA) but there is no CUDA GPU" in error.what and error.where == "model.quantization"
 
 
+@pytest.mark.parametrize("nproc", ["0", "2"])
+def test_make_check_launch_zero3_without_gpus_says_it_needs_gpus(patched_stand_in, run_dir, monkeypatch, nproc):
+    """`make check LAUNCH=zero3` on a machine without GPUs (NPROC counts nvidia-smi's GPUs: 0), or NPROC=2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("HL_ACCELERATE_CONFIG", str(ZERO3))
+    monkeypatch.setenv("HL_NPROC", nproc)
+    error = failure(demo_cfg(patched_stand_in, run_dir, "model.device=auto"), stage="check")
+    assert f"ZeRO-3 over {nproc} processes (LAUNCH, NPROC) needs CUDA GPUs" in error.what
+    assert "no CUDA GPU visible" in error.what and error.where == "LAUNCH" and "without GPUs" in error.fix
+
+
 # ---------------------------------------------------------------------------------------------
 # memory estimates at the real size
 

@@ -373,6 +373,15 @@ def check_launch(cfg: Config) -> tuple[Status, str, tuple]:
                         "on CUDA only", where="model.quantization",
                         fix="run QLoRA on a GPU machine, or set model.quantization: none (on the CPU only the stand-in "
                             "trains: CONFIG=configs/demo.yaml)")
+    if run.deepspeed and device != "cuda" and run.processes != 1:
+        # one process runs on DeepSpeed's CPU accelerator (the tests' path); more, or none (NPROC counts
+        # the GPUs nvidia-smi lists), would pass here and fail inside DeepSpeed
+        why = "model.device is cpu" if cfg.model.device == "cpu" else "this machine has no CUDA GPU visible"
+        raise UserError(f"DeepSpeed ZeRO-3 over {run.processes} processes (LAUNCH, NPROC) needs CUDA GPUs, one per "
+                        f"process, but {why}", where="LAUNCH",
+                        fix="run LAUNCH=zero3 on a GPU machine (`nvidia-smi -L` lists its GPUs; NPROC defaults to "
+                            "their number) with model.device auto or cuda; without GPUs train as one process, no "
+                            "LAUNCH (on the CPU only the stand-in trains: CONFIG=configs/demo.yaml)")
     if run.zero3:
         how = (f"DeepSpeed ZeRO-3 over {run.processes} processes (weights sharded 1/{run.processes} per GPU"
                + (", offloaded to host RAM" if run.offload_param else "") + "; MoE blocks are leaf modules)")
