@@ -59,7 +59,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import math
 import platform
 import random
 import statistics
@@ -239,7 +238,8 @@ def build_model(base_cfg: dict, depth: int, impl: str, args) -> torch.nn.Module:
 
 
 def micro_step(model, batch, device, accum: int):
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+    keys = ("input_ids", "attention_mask", "position_ids", "labels")
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in keys}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(**inputs).loss
     (loss / accum).backward()
@@ -355,7 +355,8 @@ def per_layer_kernels(p1: dict | None, p2: dict | None, layers: int) -> dict | N
                 (p2["kernel_ms_count"].get(n, [0, 0])[1] - p1["kernel_ms_count"].get(n, [0, 0])[1]) / layers]
             for n in names}
     top = sorted(diff.items(), key=lambda kv: -kv[1][0])[:15]
-    return {"kernels": (p2["kernels"] - p1["kernels"]) / layers, "busy_ms": 1e3 * (p2["busy_s"] - p1["busy_s"]) / layers,
+    return {"kernels": (p2["kernels"] - p1["kernels"]) / layers,
+            "busy_ms": 1e3 * (p2["busy_s"] - p1["busy_s"]) / layers,
             "top": [(n, round(ms, 3), int(c)) for n, (ms, c) in top]}
 
 
@@ -398,7 +399,8 @@ def summarise(case: str, runs: list[dict], batches: list[dict], accum: int, args
         tps = tokens / (step32 / 1e3)
         mem1, mem2 = by_depth[d1]["peak_mem_gib"], by_depth[d2]["peak_mem_gib"]
         rows.append({
-            "case": case, "impl": impl, "accum": accum, "micro_step_per_layer_ms": per_layer / accum, "tokens_per_step": tokens, "padded_tokens_per_step": padded,
+            "case": case, "impl": impl, "accum": accum, "micro_step_per_layer_ms": per_layer / accum,
+            "tokens_per_step": tokens, "padded_tokens_per_step": padded,
             "samples_per_step": samples, "per_layer_ms": per_layer, "fixed_ms": fixed, "step32_ms": step32,
             "tokens_per_s_32": tps, "samples_per_s_32": samples / (step32 / 1e3),
             "mfu_32": tps * 6 * ACTIVE_PARAMS / rate,
@@ -424,13 +426,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}. "
         f"Depths {meta['depths']}, {meta['steps']} timed steps (median) after {meta['warmup']} warm-up; "
         f"LoRA r={meta['r']} alpha={meta['alpha']} dropout={meta['dropout']} on {meta['targets']}; "
-        f"gradient checkpointing; autocast bf16; AdamW {meta.get('optim', 'foreach')}. Packing rows: {meta['row_len']} tokens.",
+        f"gradient checkpointing; autocast bf16; AdamW {meta.get('optim', 'foreach')}. "
+        f"Packing rows: {meta['row_len']} tokens.",
         "",
         "Case `mb4x4` = micro-batch 4 x 4 accumulation (the tutorial); `mb16x1` = the same 16 samples per optimizer "
         "step in one micro-batch, padded; `cat16x1` = the same 16 samples concatenated into one row (train.packing); "
         "`pack<T>x1` = T tokens per step, packed. All numbers per OPTIMIZER step.",
         "",
-        "| case | impl | tokens/opt step (non-pad / padded) | ms / layer / opt step | ms / layer / micro-step | step ms @32 layers "
+        "| case | impl | tokens/opt step (non-pad / padded) | ms / layer / opt step | ms / layer / micro-step "
+        "| step ms @32 layers "
         "| tokens/s @32 | samples/s @32 | MFU @32 | x vs upstream-gshard | x vs upstream | peak GiB (d1/d2) "
         "| kernels/opt step (d1) | GPU busy (d1) | loss@step0 (d1/d2) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -442,27 +446,32 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         loss = "/".join(f"{v:.3f}" for v in r["first_loss"].values())
         lines.append(
             f"| {r['case']} | {r['impl']} | {r['tokens_per_step']:.0f} / {r['padded_tokens_per_step']:.0f} "
-            f"| {r['per_layer_ms']:.2f} | {r['micro_step_per_layer_ms']:.2f} | {r['step32_ms']:.0f} | {r['tokens_per_s_32']:.0f} | {r['samples_per_s_32']:.2f} "
-            f"| {100 * r['mfu_32']:.1f}% | {f(r['speedup_vs_gshard'], '{:.1f}')} | {f(r['speedup_vs_upstream'], '{:.1f}')} "
+            f"| {r['per_layer_ms']:.2f} | {r['micro_step_per_layer_ms']:.2f} | {r['step32_ms']:.0f} "
+            f"| {r['tokens_per_s_32']:.0f} | {r['samples_per_s_32']:.2f} | {100 * r['mfu_32']:.1f}% "
+            f"| {f(r['speedup_vs_gshard'], '{:.1f}')} | {f(r['speedup_vs_upstream'], '{:.1f}')} "
             f"| {mem} | {p.get('kernels', '-')} | {f(p.get('busy_fraction'), '{:.0%}')} | {loss} |")
     # the issue's target: same effective batch (16 samples per optimizer step), best micro-batching per impl
     eff = {(r["case"], r["impl"]): r for r in rows}
     base = eff.get(("mb4x4", "upstream-gshard"))
     if base:
-        lines += ["", f"Effective batch 16 (the tutorial's structure: upstream-gshard mb4x4 = {base['samples_per_s_32']:.2f} samples/s @32 layers):"]
+        lines += ["", "Effective batch 16 (the tutorial's structure: upstream-gshard mb4x4 = "
+                      f"{base['samples_per_s_32']:.2f} samples/s @32 layers):"]
         for (case, impl), r in eff.items():
             if case in ("mb4x4", "mb16x1", "cat16x1") and (case, impl) != ("mb4x4", "upstream-gshard"):
                 lines.append(f"- {impl} {case}: {r['samples_per_s_32']:.2f} samples/s, {r['tokens_per_s_32']:.0f} "
-                             f"tokens/s @32 = **{r['samples_per_s_32'] / base['samples_per_s_32']:.1f}x** the tutorial; "
+                             f"tokens/s @32 = **{r['samples_per_s_32'] / base['samples_per_s_32']:.1f}x** "
+                             "the tutorial's structure; "
                              f"per layer {base['per_layer_ms'] / r['per_layer_ms']:.1f}x")
     lines += ["", "GPU kernels of ONE layer (difference of the two depths' profiles; ms and launches per step):", ""]
     for r in rows:
         lp = r.get("layer_profile")
         if lp:
+            top = "; ".join(f"{n[:60]} {ms:.2f} ms x{c}" for n, ms, c in lp["top"][:6])
             lines.append(f"- {r['case']} / {r['impl']}: {lp['kernels']:.0f} kernels, {lp['busy_ms']:.1f} ms busy of "
-                         f"{r['per_layer_ms']:.1f} ms; top: " + "; ".join(f"{n[:60]} {ms:.2f} ms x{c}" for n, ms, c in lp["top"][:6]))
+                         f"{r['per_layer_ms']:.1f} ms; top: {top}")
     lines += ["", "Per layer = difference of median step times between the two depths; @32 layers = fixed "
-              "(embedding, lm_head, loss, optimizer) + 32 x per layer. MFU = tokens/s x 6 x 12.75e9 / the GEMM rate above."]
+              "(embedding, lm_head, loss, optimizer) + 32 x per layer. "
+              "MFU = tokens/s x 6 x 12.75e9 / the GEMM rate above."]
     return "\n".join(lines) + "\n"
 
 
@@ -476,7 +485,8 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=["upstream-gshard", "upstream", "fast"],
                     choices=["upstream-gshard", "upstream", "fast", "fast-plainlm"])
     ap.add_argument("--cases", nargs="+", default=["mb4x4", "mb16x1", "cat16x1", "pack4096x1", "pack16384x1"],
-                    help="mb<B>[x<accum>], pack<T>[x<accum>] or cat<S>[x<accum>]; accum = micro-steps per optimizer step")
+                    help="mb<B>[x<accum>], pack<T>[x<accum>] or cat<S>[x<accum>]; "
+                         "accum = micro-steps per optimizer step")
     ap.add_argument("--skip", nargs="*", default=["upstream-gshard:pack16384x1", "upstream:mb16x1",
                                                   "upstream-gshard:pack4096x1", "upstream-gshard:cat16x1",
                                                   "upstream:cat16x1"],
@@ -537,7 +547,8 @@ def main() -> None:
     rows, raw = [], []
     for case in args.cases:
         spec, accum = parse_case(case)
-        batches = make_batches(spec, lengths, (args.warmup + args.steps) * accum, args.row_len, base_cfg["pad_token_id"])
+        batches = make_batches(spec, lengths, (args.warmup + args.steps) * accum, args.row_len,
+                               base_cfg["pad_token_id"])
         runs = []
         for impl in args.impls:
             if f"{impl}:{case}" in args.skip:
@@ -557,7 +568,8 @@ def main() -> None:
                 r["case"] = case
                 runs.append(r)
                 print(f"{case:>10} {impl:>9} depth {depth}: step {r['step_ms_median']:8.1f} ms  "
-                      f"loss {r['first_loss']:.3f}  peak {r['peak_mem_gib']:.1f} GiB  lm_head rows {r['lm_head_rows']}  "
+                      f"loss {r['first_loss']:.3f}  peak {r['peak_mem_gib']:.1f} GiB  "
+                      f"lm_head rows {r['lm_head_rows']}  "
                       f"({time.time() - t0:.0f} s)", flush=True)
         raw += runs
         rows += summarise(case, runs, batches, accum, args, rate)

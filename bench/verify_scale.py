@@ -38,9 +38,10 @@ def write_model(out: Path, depth: int, seed: int) -> Path:
 
     cfg = stand_in.real_config()
     small = stand_in.stand_in_config()
-    cfg.update(num_hidden_layers=depth, moe_topk=cfg["moe_topk"][:depth], num_shared_expert=cfg["num_shared_expert"][:depth],
-               moe_intermediate_size=cfg["moe_intermediate_size"][:depth],
-               **{k: small[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "eod_token_id", "sep_token_id")})
+    special = ("bos_token_id", "eos_token_id", "pad_token_id", "eod_token_id", "sep_token_id")
+    cfg.update(num_hidden_layers=depth, moe_topk=cfg["moe_topk"][:depth],
+               num_shared_expert=cfg["num_shared_expert"][:depth],
+               moe_intermediate_size=cfg["moe_intermediate_size"][:depth], **{k: small[k] for k in special})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     build = stand_in.random_state_dict
 
@@ -63,7 +64,8 @@ def write_model(out: Path, depth: int, seed: int) -> Path:
 
 
 def peak_memory(mem_log: Path) -> dict[str, int]:
-    """{gpu index: peak MiB used} from `nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms N`."""
+    """{gpu index: peak MiB used} from the log of
+    `nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms N`."""
     peaks: dict[str, int] = {}
     if mem_log.is_file():
         for row in csv.reader(mem_log.read_text().splitlines()):
@@ -109,7 +111,8 @@ def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: 
 
 def write_markdown(rows: list[dict], out_dir: Path, tag: str) -> None:
     lines = [f"# {tag}: ZeRO-3 and QLoRA through `make train`'s code (bench/verify_multi_gpu.sh)", "",
-             "| case | status | processes | steps | loss first → last | samples/s | tokens/s (est.) | peak MiB per GPU |",
+             "| case | status | processes | steps | loss first → last | samples/s | tokens/s (est.) "
+             "| peak MiB per GPU |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = f"{r.get('loss_first'):.3f} → {r.get('loss_last'):.3f}" if r.get("loss_first") is not None else ""
@@ -156,7 +159,8 @@ def extrapolation(rows: list[dict], layers: int = 32) -> list[str]:
         return []
     return ["", f"Extrapolated to {layers} layers (two depths of the same case; ms and GiB per layer, per GPU):", "",
             f"| case | GPUs | depths | ms per layer per step | GiB per layer per GPU | peak GiB per GPU @{layers} "
-            f"| samples/s @{layers} | tokens/s per GPU @{layers} | MFU @{layers} |", "|---|---|---|---|---|---|---|---|---|",
+            f"| samples/s @{layers} | tokens/s per GPU @{layers} | MFU @{layers} |",
+            "|---|---|---|---|---|---|---|---|---|",
             *out, "", "MFU = tokens/s per GPU x 6 x 12.75e9 / the bf16 GEMM rate measured at the start of the run "
             "(- where the run did not measure it). Tokens/s count the run's own samples (`make train`'s data)."]
 

@@ -18,7 +18,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=int(os.environ["PROBE_LAYERS"]) if os.environ.get("PROBE_LAYERS")
                         else None, help="decoder layers to build (PROBE_LAYERS; default: all of the config)")
     parser.add_argument("--lengths", default=os.environ.get("PROBE_LENGTHS") or None,
-                        help="JSON of per-sample token counts (PROBE_LENGTHS), e.g. ../shared/data/huanhuan_token_lengths.json")
+                        help="JSON of per-sample token counts (PROBE_LENGTHS), "
+                             "e.g. ../shared/data/huanhuan_token_lengths.json")
     parser.add_argument("--profile", action="store_true", default=os.environ.get("PROBE_PROFILE") == "1",
                         help="profile one extra step: kernels, GPU busy, dequantisation share (PROBE_PROFILE=1)")
     args = parser.parse_args()

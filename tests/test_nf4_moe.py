@@ -85,6 +85,11 @@ def expert_4bit(moe, name):
     return [fast_moe._base_linear(getattr(e, name)) for e in moe.experts]
 
 
+def per_expert_dequantised(moe, name) -> torch.Tensor:
+    """(E, out, in): bitsandbytes' dequantize_4bit of each expert's own weight, stacked."""
+    return torch.stack([bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in expert_4bit(moe, name)])
+
+
 @pytest.mark.parametrize("overrides,double_quant", [({}, True), (ALIGNED, True), ({}, False)],
                          ids=["unaligned-nested", "aligned-nested", "plain-absmax"])
 def test_packed_dequantisation_is_bitsandbytes_per_expert(overrides, double_quant):
@@ -92,8 +97,7 @@ def test_packed_dequantisation_is_bitsandbytes_per_expert(overrides, double_quan
     model = nf4_model(tiny_config(**overrides), double_quant)
     moe = model.model.layers[1].mlp
     assert fast_moe._is_4bit(moe.experts[0].down_proj) and not fast_moe._is_4bit(moe.gate.wg)
-    want = {name: torch.stack([bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in expert_4bit(moe, name)])
-            for name in fast_moe.PROJECTIONS}
+    want = {name: per_expert_dequantised(moe, name) for name in fast_moe.PROJECTIONS}
     projs = fast_moe.projections(moe)
     for name in fast_moe.PROJECTIONS:
         source = projs[name].weight
@@ -104,7 +108,7 @@ def test_packed_dequantisation_is_bitsandbytes_per_expert(overrides, double_quan
         codes = [m.weight.data for m in expert_4bit(moe, name)]
         assert fast_moe._is_packed(codes) and source.data.data_ptr() == codes[0].data_ptr(), name
     # after packing, PEFT-style per-expert dequantisation still sees the same weights
-    again = torch.stack([bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in expert_4bit(moe, "up_proj")])
+    again = per_expert_dequantised(moe, "up_proj")
     assert torch.equal(again, want["up_proj"])
 
 
@@ -267,7 +271,7 @@ def test_cuda_packed_dequantisation_is_bitsandbytes_per_expert():
     moe = model.model.layers[0].mlp
     quantize_linears_(moe, skip=SKIP, compute_dtype=torch.bfloat16)
     for name in fast_moe.PROJECTIONS:
-        want = torch.stack([bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in expert_4bit(moe, name)])
+        want = per_expert_dequantised(moe, name)
         got = fast_moe.projections(moe)[name].weight.materialize()
         assert got.dtype == torch.bfloat16 and torch.equal(got, want), name
 

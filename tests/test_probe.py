@@ -69,7 +69,8 @@ def test_probe_upstream_on_the_raw_dataset(stand_in_dir, tmp_path):
     assert (r["layers"], r["depth_cut"], r["moe_impl"], r["quantization"]) == (2, False, "upstream", "none")
     assert r["code"].startswith("the model folder's own code")
     assert "through the model folder's" in r["lengths_from"]
-    assert r["samples_per_step_measured"] == cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    assert r["samples_per_step_measured"] == per_step
     check_consistent(r, 3)
 
 
@@ -87,7 +88,8 @@ def test_probe_refuses_what_it_cannot_measure(stand_in_dir, tmp_path):
 
 def test_verdicts_follow_the_measured_peak():
     v = probe.verdicts(70.0)
-    assert v == {"24GB": "does not fit", "48GB": "does not fit", "80GB": "fits with headroom", "141GB": "fits with headroom"}
+    assert v == {"24GB": "does not fit", "48GB": "does not fit", "80GB": "fits with headroom",
+                 "141GB": "fits with headroom"}
     assert probe.verdicts(75.0)["80GB"] == "fits" and probe.verdicts(79.0)["80GB"] == "does not fit"
 
 

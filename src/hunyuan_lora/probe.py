@@ -181,8 +181,9 @@ class SmiPeak:
         self.peak: dict[int, int] = {}
         self.proc = None
         try:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits",
-                                          "-lms", "250"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits", "-lms", "250"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:
             return
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -270,13 +271,14 @@ def active_parameters(config) -> int:
     plus the lm_head (6x this per token = training FLOPs with frozen base weights and recompute)."""
     H, hd = config.hidden_size, config.attention_head_dim
     total = config.vocab_size * H
+    def at(key: str, i: int, default=None):  # a per-layer list's entry, or the one value for every layer
+        v = getattr(config, key, default)
+        return v[i] if isinstance(v, list) else v
+
     for i in range(config.num_hidden_layers):
-        def at(key, default=None):
-            v = getattr(config, key, default)
-            return v[i] if isinstance(v, list) else v
         attn = H * config.num_attention_heads * hd * 2 + H * config.num_key_value_heads * hd * 2
-        shared = 3 * H * config.intermediate_size * (at("num_shared_expert", 1) if config.use_mixed_mlp_moe else 0)
-        routed = at("moe_topk") * 3 * H * at("moe_intermediate_size") if config.num_experts > 1 else 0
+        shared = 3 * H * config.intermediate_size * (at("num_shared_expert", i, 1) if config.use_mixed_mlp_moe else 0)
+        routed = at("moe_topk", i) * 3 * H * at("moe_intermediate_size", i) if config.num_experts > 1 else 0
         total += attn + shared + routed
     return total
 
@@ -429,29 +431,33 @@ def markdown(r: dict) -> str:
     cut = f" (cut from {r['layers_in_config']}: PROBE_LAYERS)" if r["depth_cut"] else ""
     mem = "; ".join(
         f"GPU {m['gpu']} {m['name']}: allocated {m['allocated_gib']} GiB, reserved {m['reserved_gib']} GiB, "
-        f"nvidia-smi {m['nvidia_smi_gib']} GiB of {m['card_gib']}" if "gpu" in m else f"CPU peak RSS {m['cpu_peak_rss_gib']} GiB"
-        for m in r["memory"])
+        f"nvidia-smi {m['nvidia_smi_gib']} GiB of {m['card_gib']}" if "gpu" in m
+        else f"CPU peak RSS {m['cpu_peak_rss_gib']} GiB" for m in r["memory"])
+    lora, train = r["lora"], r["train"]
     eta = r["eta_s"]
     lines = [
         f"# Probe: {r['run']} on {r['card']} ({r['date']})",
         "",
-        f"Config {r['config']}: {r['layers']} layers{cut}, architecture from {r['architecture_from']}, code: {r['code']}; "
-        f"moe_impl {r['moe_impl']}, quantization {r['quantization']}; LoRA r={r['lora']['r']} on {len(r['lora']['targets'])} "
-        f"target names ({r['lora']['trainable']:,} trainable); {r['samples_per_optimizer_step']} samples per optimizer step "
-        f"(micro-batch {r['train']['per_device_train_batch_size']} x {r['train']['gradient_accumulation_steps']}, packing "
-        f"{r['train']['packing']}, pad to {r['train']['pad_to_multiple_of']}, {r['train']['optim']}). Lengths: {r['lengths_from']}. "
+        f"Config {r['config']}: {r['layers']} layers{cut}, architecture from {r['architecture_from']}, "
+        f"code: {r['code']}; moe_impl {r['moe_impl']}, quantization {r['quantization']}; "
+        f"LoRA r={lora['r']} on {len(lora['targets'])} target names ({lora['trainable']:,} trainable); "
+        f"{r['samples_per_optimizer_step']} samples per optimizer step (micro-batch "
+        f"{train['per_device_train_batch_size']} x {train['gradient_accumulation_steps']}, packing {train['packing']}, "
+        f"pad to {train['pad_to_multiple_of']}, {train['optim']}). Lengths: {r['lengths_from']}. "
         f"Random weights built in {r['init_s']} s.",
         "",
         "| measure | value |",
         "| --- | --- |",
-        f"| steady state (median of steps {r['warmup_steps'] + 1}-{r['steps']}) | **{r['steady_s_per_step']} s per optimizer step** "
-        f"(mean {r['mean_s_per_step_after_warmup']} s) |",
-        f"| warm-up (steps 1-{r['warmup_steps']}, beyond steady) | {r['warmup_s']} s (first step {r['first_step_s']} s) |",
+        f"| steady state (median of steps {r['warmup_steps'] + 1}-{r['steps']}) "
+        f"| **{r['steady_s_per_step']} s per optimizer step** (mean {r['mean_s_per_step_after_warmup']} s) |",
+        f"| warm-up (steps 1-{r['warmup_steps']}, beyond steady) "
+        f"| {r['warmup_s']} s (first step {r['first_step_s']} s) |",
         f"| samples/s | **{r['samples_per_s']}** |",
         f"| real (non-pad) tokens/s | {r['tokens_per_s']:,} ({r['real_tokens_per_step']} per step) |",
         f"| MFU | {100 * r['mfu']:.1f} % of {r['gemm_tflops']} TFLOP/s ({r['gemm']} measured in this run; "
         f"6 x {r['active_params_per_token'] / 1e9:.2f} B active parameters per token) |",
-        f"| ETA of the configured run | {eta / 60:.1f} min ({r['run_steps']} steps x {r['mean_s_per_step_after_warmup']} s "
+        f"| ETA of the configured run | {eta / 60:.1f} min "
+        f"({r['run_steps']} steps x {r['mean_s_per_step_after_warmup']} s "
         f"+ warm-up; weights loading not included){' at this depth' if r['depth_cut'] else ''} |",
         f"| peak memory | {mem} |",
         "| verdict (from the measured peak " + f"{r['peak_gib']} GiB" + ") | "

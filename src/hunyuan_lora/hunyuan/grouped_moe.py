@@ -16,14 +16,16 @@ I expert width, r LoRA rank.
      (deterministic, no atomics; the gathers of steps 1 and 4 back-propagate as gathers, `_Rows`).
 
 A base weight is either a tensor (E, out, in) or a `WeightSource`: something that writes the
-(E, out, in) weight on demand (NF4 experts: bitsandbytes' dequantisation). A source's weight is never saved for backward: the backward pass asks for it again.
+(E, out, in) weight on demand (NF4 experts: bitsandbytes' dequantisation). A source's weight is
+never saved for backward: the backward pass asks for it again.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn

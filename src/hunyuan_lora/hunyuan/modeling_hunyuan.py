@@ -22,7 +22,6 @@ from transformers.activations import ACT2FN
 
 from .configuration_hunyuan import HunYuanConfig
 
-
 MOE_IMPLS = ("upstream", "fast")
 
 

@@ -67,8 +67,9 @@ def _classes(moe_impl: str, model_dir: Path | None):
         folder_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
         config_cls, auto_map = type(folder_config), folder_config.auto_map
         lm_cls = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], str(model_dir))
-        layer_cls = getattr(sys.modules[lm_cls.__module__], "HunYuanDecoderLayer")
-        return config_cls, lm_cls, layer_cls, f"the model folder's own code ({model_dir}/{lm_cls.__module__.rsplit('.', 1)[-1]}.py)"
+        layer_cls = sys.modules[lm_cls.__module__].HunYuanDecoderLayer
+        file = f"{model_dir}/{lm_cls.__module__.rsplit('.', 1)[-1]}.py"
+        return config_cls, lm_cls, layer_cls, f"the model folder's own code ({file})"
     from .configuration_hunyuan import HunYuanConfig
     from .hunyuan import HunYuanMoEV1ForCausalLM
     from .modeling_hunyuan import HunYuanDecoderLayer
