@@ -2,7 +2,7 @@
 
     train.py:  callbacks += tracking.callbacks(cfg, mode, stats, trainable, total, tokenizer)
                tracking.plot_loss(trainer.state.log_history, out / "loss.png")
-    again:     python -m hunyuan_lora.tracking outputs/demo/log_history.json   # -> outputs/demo/loss.png
+    again:     .venv/bin/python -m hunyuan_lora.tracking outputs/demo/log_history.json   # -> loss.png next to it
     dashboard: make watch [CONFIG=configs/demo.yaml]                          # scripts/watch.py
     preflight: status, detail = tracking.check_swanlab(cfg)   # cloud: key present, well formed, accepted
 
@@ -542,6 +542,6 @@ def local_experiments(swanlog: str | Path) -> list[dict]:
 if __name__ == "__main__":
     # python -m hunyuan_lora.tracking LOG_HISTORY_JSON [PNG]   (default: loss.png next to it)
     if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m hunyuan_lora.tracking outputs/<run>/log_history.json [loss.png]")
+        sys.exit("usage: .venv/bin/python -m hunyuan_lora.tracking outputs/<run>/log_history.json [loss.png]")
     src = Path(sys.argv[1])
     print(plot_loss(src, sys.argv[2] if len(sys.argv) == 3 else src.with_name("loss.png")))
