@@ -73,14 +73,16 @@ def run(cfg: Config) -> Path:
         turns = (*history, Turn("user", line))
         messages = conversation(Record(system=None, turns=turns, where="chat"), cfg)
         off = model.disable_adapter() if adapter is not None and not use_adapter else contextlib.nullcontext()
+        gen = None
         with off:  # the whole answer, generated in another thread, with the adapter as chosen
-            gen = Generation(model, tokenizer, prompt_ids(tokenizer, messages, thinking), sampling)
             try:
+                gen = Generation(model, tokenizer, prompt_ids(tokenizer, messages, thinking), sampling)
                 for piece in gen:
                     print(piece, end="", flush=True)
             except KeyboardInterrupt:
-                gen.cancel()
-        if gen.finish_reason is None:  # interrupted
+                if gen is not None:
+                    gen.cancel()
+        if gen is None or gen.finish_reason is None:  # interrupted
             print("\n[stopped: this answer is not kept]", flush=True)
             continue
         print(flush=True)
