@@ -310,8 +310,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
     out = cfg.output_dir / "probe"
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
-    world = 1
-    per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * world
+    per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps  # one process
 
     with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
         scratch = Path(scratch)

@@ -11,6 +11,10 @@ loads here unchanged and LoRA `target_modules` match the same names:
 
 Shapes in comments: B batch, T query tokens, S key tokens, H hidden, nh / nkv heads, hd head dim,
 N = B*T tokens, E experts, k experts per token.
+
+The MoE block runs `config.moe_impl`: "upstream" (default; each expert module in turn, self-contained)
+or "fast" (grouped products), which needs the installed hunyuan_lora package: a model folder's copy
+of this file raises an ImportError saying so if asked for "fast" without it.
 """
 
 from __future__ import annotations
