@@ -2,8 +2,8 @@
 
 tempfile.mkdtemp makes 0700 folders and safetensors writes 0600 files regardless of the umask; a
 container running as another uid could then not read the dataset, the adapter or the merged model.
-The real scripts run in subprocesses under a chosen umask (022, and 027 to show the modes follow
-the umask rather than a fixed 0755).
+The Trainer's checkpoints likewise (safetensors again). The real scripts run in subprocesses under
+a chosen umask (022, and 027 to show the modes follow the umask rather than a fixed 0755).
 """
 
 from __future__ import annotations
@@ -65,6 +65,19 @@ def test_the_merged_model_follows_the_umask(lora_run, tmp_path):
     shards = list((out / "merged").glob("*.safetensors"))
     assert shards and (out / "merged" / "config.json").is_file()
     assert_modes(out / "merged", 0o022)
+
+
+def test_checkpoints_and_the_adapter_follow_the_umask(patched_stand_in, tmp_path):
+    from hunyuan_lora import config, data
+
+    out = tmp_path / "out"
+    data.run(config.load(DEMO, model_dir=str(patched_stand_in), output_dir=str(out), data=str(SAMPLE)))
+    sets = ["train.max_steps=2", "train.save_steps=1", "swanlab.mode=disabled", "train.resume=never"]
+    run_script("train.py", 0o022, "--config", str(DEMO), "--model-dir", str(patched_stand_in), "--output-dir",
+               str(out), "--data", str(SAMPLE), *[a for s in sets for a in ("--set", s)])
+    for folder in ("checkpoint-1", "checkpoint-2", "adapter"):
+        assert (out / folder / "adapter_model.safetensors").is_file(), folder
+        assert_modes(out / folder, 0o022)
 
 
 def test_a_staged_folder_with_safetensors_and_an_executable_is_published_with_the_umask(tmp_path):

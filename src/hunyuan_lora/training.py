@@ -11,6 +11,7 @@ import os
 import signal
 from pathlib import Path
 
+from .atomic import honour_umask
 from .config import Config
 from .runtime import launch, pick_device, pick_dtype
 
@@ -167,6 +168,20 @@ def trainer_class():
     return LoraTrainer
 
 
+def make_umask_callback():
+    """Checkpoints get the user's umask: safetensors writes its files 0600 whatever the umask, so a
+    container running as another uid could not resume from them."""
+    from transformers import TrainerCallback
+
+    class CheckpointModes(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_local_process_zero and checkpoint.is_dir():
+                honour_umask(checkpoint)
+
+    return CheckpointModes()
+
+
 def build_trainer(cfg: Config, model, tokenizer, splits, args, callbacks: list):
     """The Trainer over the tokenized splits (eval when the dataset has one)."""
     return trainer_class()(
@@ -175,5 +190,5 @@ def build_trainer(cfg: Config, model, tokenizer, splits, args, callbacks: list):
         train_dataset=splits["train"],
         eval_dataset=splits["eval"] if "eval" in splits else None,
         data_collator=make_collator(cfg, tokenizer),
-        callbacks=callbacks,
+        callbacks=[*callbacks, make_umask_callback()],
     )
