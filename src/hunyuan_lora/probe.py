@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -295,6 +296,19 @@ def verdicts(peak_gib: float) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------
 # the stage
+
+
+def add_arguments(parser) -> None:
+    # make probe PROBE_STEPS=... arrives in the environment (make exports command-line variables)
+    parser.add_argument("--steps", type=int, default=int(os.environ.get("PROBE_STEPS") or 20),
+                        help="optimizer steps to run (PROBE_STEPS, default 20)")
+    parser.add_argument("--layers", type=int, default=int(os.environ["PROBE_LAYERS"]) if os.environ.get("PROBE_LAYERS")
+                        else None, help="decoder layers to build (PROBE_LAYERS; default: all of the config)")
+    parser.add_argument("--lengths", default=os.environ.get("PROBE_LENGTHS") or None,
+                        help="JSON of per-sample token counts (PROBE_LENGTHS), "
+                             "e.g. ../shared/data/huanhuan_token_lengths.json")
+    parser.add_argument("--profile", action="store_true", default=os.environ.get("PROBE_PROFILE") == "1",
+                        help="profile one extra step: kernels, GPU busy, dequantisation share (PROBE_PROFILE=1)")
 
 
 def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str | None = None,
