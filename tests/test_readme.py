@@ -32,3 +32,9 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_names_the_model_licence():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert "Tencent Hunyuan Community License" in readme and "never ships the weights" in readme
+
+
+def test_the_quick_start_says_what_the_demos_answers_look_like():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    quick_start = " ".join(readme.split("## Quick start", 1)[1].split("##", 1)[0].split())
+    assert "Expect nonsense answers" in quick_start and "short fragments of the training data" in quick_start
