@@ -43,7 +43,7 @@ def local(lora_run):
     def answer(messages, thinking=False, base=False):
         off = model.disable_adapter() if base else contextlib.nullcontext()
         with off:
-            return generation.reply(model, tokenizer, messages, thinking=thinking,
+            return generation.answer(model, tokenizer, messages, thinking=thinking,
                                     sampling=generation.Sampling(max_new_tokens=8, do_sample=False))
     return answer
 

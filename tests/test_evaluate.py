@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ def cfg(lora_run, tmp_path):
         lora_run, run=dataclasses.replace(lora_run.run, output_dir=str(tmp_path / "run")),
         infer=dataclasses.replace(lora_run.infer, adapter=str(lora_run.output_dir / "adapter")),
         data=dataclasses.replace(lora_run.data, eval_ratio=0.25),
-        eval=dataclasses.replace(lora_run.eval, max_new_tokens=8, report_samples=3))
+        eval=dataclasses.replace(lora_run.eval, max_new_tokens=8, limit=4, report_samples=3))
 
 
 def test_scores_are_llama_factorys():
@@ -49,8 +46,8 @@ def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg
     summary = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
     held = [json.loads(line) for line in (cfg.output_dir / "data/eval.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert summary["records"] == len(rows) == len(held) == 10
-    assert [r["reference"] for r in rows] == [h["messages"][-1]["content"] for h in held]
+    assert len(held) == 10 and summary["records"] == len(rows) == 4  # eval.limit
+    assert [r["reference"] for r in rows] == [h["messages"][-1]["content"] for h in held[:4]]
     assert set(summary["metrics"]) == {"adapter", "base"}
     for side in ("adapter", "base"):  # the means of the rows' own scores, each from its answer
         assert summary["metrics"][side] == evaluate.mean_scores(rows, side)
@@ -65,20 +62,18 @@ def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg
     assert experiment["status"] == "finished"
 
 
-def test_eval_file_in_another_format_through_the_script(cfg, tmp_path):
+def test_eval_file_in_another_format(cfg, tmp_path):
     test_file = tmp_path / "test.json"
     test_file.write_text(json.dumps([{"conversations": [{"from": "human", "value": "你是谁？"},
                                                         {"from": "gpt", "value": "臣妾甄嬛。"}]}], ensure_ascii=False),
                          encoding="utf-8")
-    env = {**os.environ, "HL_CONFIG": str(REPO / "configs/demo.yaml"), "HL_MODEL_DIR": cfg.model.dir,
-           "HL_OUTPUT_DIR": cfg.run.output_dir, "HL_EVAL": str(test_file),
-           "HL_SET": f"infer.adapter={cfg.infer.adapter} eval.max_new_tokens=4 eval.compare_base=false "
-                     "swanlab.mode=disabled"}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/eval.py")], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((cfg.output_dir / "eval/eval.json").read_text(encoding="utf-8"))
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, compare_base=False),
+                              swanlab=dataclasses.replace(cfg.swanlab, mode="disabled"))
+    out = evaluate.run(cfg, eval_file=str(test_file))  # make eval EVAL=test.json
+    summary = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     assert summary["source"] == str(test_file) and summary["records"] == 1 and list(summary["metrics"]) == ["adapter"]
+    (row,) = [json.loads(line) for line in (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert (row["prompt"], row["reference"]) == ("你是谁？", "臣妾甄嬛。")
 
 
 def test_no_split_and_a_stale_split_are_refused(cfg):

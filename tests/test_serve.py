@@ -58,7 +58,7 @@ def local(lora_run):
     model, tokenizer, _ = generation.load_for_generation(lora_run)
 
     def answer(messages, thinking=False, max_new_tokens=MAX_NEW):
-        return generation.reply(model, tokenizer, messages, thinking=thinking,
+        return generation.answer(model, tokenizer, messages, thinking=thinking,
                                 sampling=generation.Sampling(max_new_tokens=max_new_tokens, do_sample=False))
     return answer
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from .atomic import staging_dir, write_json, write_text
 from .config import Config
 from .errors import UserError
-from .generation import Sampling, load_for_generation, reply
+from .generation import Sampling, answer, load_for_generation
 from .prompt import dataset_mismatch, extract_answer, is_thinking, prompt_messages
 from .records import Record, read_records
 from .tracking import swanlab_mode
@@ -129,7 +129,8 @@ def run(cfg: Config, eval_file: str | None = None) -> Path:
             for side in sides:
                 off = model.disable_adapter() if side == "base" else contextlib.nullcontext()
                 with off:
-                    text = reply(model, tokenizer, messages, thinking=is_thinking(record.answer), sampling=sampling)
+                    text = answer(model, tokenizer, messages, thinking=is_thinking(record.answer),
+                                  sampling=sampling)
                 row[side], row[f"{side}_raw"] = extract_answer(text), text
                 row[f"{side}_scores"] = scores(row[side], reference)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
-from .generation import infer_sampling, is_merged, load_for_generation, reply
+from .generation import answer, infer_sampling, is_merged, load_for_generation
 from .modeling import adapter_dir
 from .prompt import extract_answer, prompt_messages
 from .records import Record, Turn, read_records
@@ -118,7 +118,7 @@ def run(cfg: Config, prompt: str | None = None) -> Path:
     sampling = infer_sampling(cfg)
     with open(out, "a", encoding="utf-8") as f:
         for record, messages, key in list(zip(records, asked, keys))[start:]:
-            text = reply(model, tokenizer, messages, thinking=cfg.infer.thinking, sampling=sampling)
+            text = answer(model, tokenizer, messages, thinking=cfg.infer.thinking, sampling=sampling)
             row = {"instruction": messages[-1]["content"], "answer": extract_answer(text), "raw": text,
                    "reference": record.answer, "where": record.where, "key": key}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
