@@ -180,7 +180,7 @@ class Generation:
             else:
                 self.finish_reason = "length"
 
-    def complete(self) -> "Generation":
+    def complete(self) -> Generation:
         """Generate to the end without streaming; text and finish_reason are then set."""
         for _ in self:
             pass
