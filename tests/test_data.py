@@ -37,8 +37,8 @@ def _built(cfg):
 
 
 def test_prompt_is_exactly_what_inference_feeds_and_labels_cover_answer_and_eos(stand_in_dir, tmp_path, tokenizer):
-    cfg = _cfg(stand_in_dir, tmp_path, [{"instruction": "你父亲是谁？", "input": "", "output": "家父是大理寺少卿甄远道。"}])
-    _, ds, _ = _built(cfg)
+    record = {"instruction": "你父亲是谁？", "input": "", "output": "家父是大理寺少卿甄远道。"}
+    _, ds, _ = _built(_cfg(stand_in_dir, tmp_path, [record]))
     ex = ds[0]
     prompt = tokenizer.apply_chat_template(
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "你父亲是谁？"}], enable_thinking=False)
