@@ -88,7 +88,7 @@ class DataSection:
     answer_tags: bool = False
     # What to do with a record whose prompt + answer exceed max_length.
     overlong: Literal["truncate", "drop", "error"] = "truncate"
-    eval_ratio: float = 0.0  # fraction held out for evaluation loss (0: none)
+    eval_ratio: float = 0.0  # fraction of records held out: eval loss in train, `make eval` (0: none)
     # huanhuan.json repeats 112 records; the tutorial trained on all 3,729 (233 steps).
     drop_duplicates: bool = True
     # Which assistant turns of a conversation carry labels (the others are context only).
