@@ -52,10 +52,12 @@ lock: setup  ## recompile requirements.lock from requirements.in (uv, hashes, Py
 	$(PY) -m uv pip compile --quiet --generate-hashes --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 requirements.in -o requirements.lock
 
+# Two pytest workers (the suite is mostly subprocesses on the stand-in); --dist loadfile keeps a test
+# file on one worker, so its module fixtures (a trained demo run, a served model) are made once.
 test: setup  ## run the test suite (installs what it needs first)
 	$(VENV)/bin/ruff check  # the lint rules: pyproject.toml [tool.ruff]
 	bash scripts/install_test_deps.sh
-	env $(foreach v,$(USER_VARS),-u HL_$(v)) $(PY) -m pytest -q -rs  # tests choose their own HL_* values
+	env $(foreach v,$(USER_VARS),-u HL_$(v)) $(PY) -m pytest -q -rs -n 2 --dist loadfile  # tests choose their own HL_* values
 
 # ---- the stages -------------------------------------------------------------------------------
 stand-in: setup  ## write the tiny stand-in model folder (STAND_IN_DIR, default artifacts/stand-in)
