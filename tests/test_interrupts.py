@@ -6,7 +6,8 @@
                that step is saved, the message says how to continue, the SwanLab experiment is marked
                crashed (not left running), and the rerun resumes from the checkpoint in a new
                experiment that names the earlier one; a SIGKILLed run's experiment is marked
-               crashed by the next run
+               crashed by the next run; with two ranks (torchrun on the CPU), a signal to one stops both
+               after the same step
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -235,3 +237,47 @@ def test_a_killed_run_is_marked_crashed_by_the_next_one(interrupted):
     assert [e["status"] for e in interrupted["after_third"]] == ["crashed", "crashed", "finished"]
     manifest = json.loads((interrupted["out"] / "manifest.json").read_text())
     assert manifest["global_step"] == MAX_STEPS
+
+
+def test_a_signal_to_one_of_two_ranks_stops_both_after_the_same_step(patched_stand_in, tmp_path):
+    """Two DDP processes on the CPU (torchrun, gloo); SIGINT reaches rank 1 only. The ranks agree on the
+    step to stop after (a rank stopping alone would leave the other waiting in a collective forever)
+    and the checkpoint of that step is complete, with both ranks' RNG states."""
+    import psutil
+
+    model, out = tmp_path / "stand-in", tmp_path / "out"
+    shutil.copytree(patched_stand_in, model)
+    data.run(config.load(DEMO, model_dir=str(model), output_dir=str(out), data=str(SAMPLE)))
+    with socket.socket() as sock:  # a free port for the ranks' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
+            str(REPO / "scripts" / "train.py"), "--config", str(DEMO), "--model-dir", str(model),
+            "--output-dir", str(out), "--data", str(SAMPLE)]
+    for setting in ["train.max_steps=40", "train.logging_steps=1", "train.save_steps=100", "swanlab.mode=disabled",
+                    "train.resume=never"]:
+        args += ["--set", setting]
+    log = tmp_path / "ddp.log"
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(args, cwd=REPO, env=clean_env(), stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while "{'loss'" not in log.read_text(errors="replace"):
+            assert launcher.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.05)
+        (rank1,) = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                    if p.environ().get("LOCAL_RANK") == "1" and "train.py" in " ".join(p.cmdline())]
+        rank1.send_signal(signal.SIGINT)
+        launcher.wait(timeout=120)  # a rank that stopped alone leaves the other waiting: no exit
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    stops = re.findall(r"stopped by (SIGINT|a signal to another process) at step (\d+)", text)
+    assert sorted(who for who, _ in stops) == ["SIGINT", "a signal to another process"], text[-3000:]
+    (step,) = {int(s) for _, s in stops}
+    assert 1 <= step < 40
+    checkpoint = out / f"checkpoint-{step}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
