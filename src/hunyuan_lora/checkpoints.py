@@ -27,8 +27,11 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
                     "trainer_state.json")
 INCOMPLETE_PREFIX = "incomplete-"  # not "checkpoint-*": the Trainer neither resumes from nor rotates it
-# What train writes into the output folder (next to data/, the input, and swanlog/, every run's log).
-RUN_OUTPUTS = ("adapter", "resolved.yaml", "manifest.json", "log_history.json", "loss.png")
+# What train writes into the output folder (next to data/, the input, and swanlog/, every run's log):
+# the published adapter with its config and manifest, replaced only by the next publish (atomic.py),
+# and the run's log.
+PUBLISHED = ("adapter", "resolved.yaml", "manifest.json")
+RUN_LOG = ("log_history.json", "loss.png")
 PREVIOUS_RUNS = "previous-runs"  # <output_dir>/previous-runs/<time>/: earlier runs a fresh one set aside
 
 
@@ -96,7 +99,8 @@ def resume_point(cfg: Config) -> ResumePoint:
         earlier = previous_run(cfg.output_dir)
         return ResumePoint(None, 0, "train.resume: never (starts at step 0)" + (
             f"; `make train` sets the earlier run's {', '.join(p.name for p in earlier)} aside in "
-            f"{cfg.output_dir / PREVIOUS_RUNS}/" if earlier else ""))
+            f"{cfg.output_dir / PREVIOUS_RUNS}/ (its published adapter stays until this run publishes)"
+            if earlier else ""))
     incomplete: list[Path] = []
     if cfg.train.resume == "auto":
         chosen = None
@@ -158,17 +162,18 @@ def set_aside(incomplete: list[Path]) -> list[str]:
 
 
 def previous_run(out: Path) -> list[Path]:
-    """What an earlier run left in the output folder: its checkpoints and outputs."""
+    """What a fresh run sets aside of an earlier one: its checkpoints and log. Its published adapter
+    (PUBLISHED) stays where `make infer` finds it until the new run's publish replaces it in one rename."""
     if not out.is_dir():
         return []
     found = [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name) or p.name.startswith(INCOMPLETE_PREFIX)
-             or p.name in RUN_OUTPUTS]
+             or p.name in RUN_LOG]
     return sorted(found, key=lambda p: p.name)
 
 
 def set_aside_previous_run(out: Path) -> Path | None:
-    """Move an earlier run's checkpoints and outputs into <out>/previous-runs/<time>/, so a fresh run
-    neither resumes from, rotates, nor publishes alongside them; None when there was nothing."""
+    """Move an earlier run's checkpoints and log into <out>/previous-runs/<time>/, so a fresh run
+    neither resumes from nor rotates them; None when there was nothing."""
     import time
 
     earlier = previous_run(out)
@@ -182,6 +187,20 @@ def set_aside_previous_run(out: Path) -> Path | None:
     for p in earlier:
         os.replace(p, dest / p.name)
     return dest
+
+
+def published_from(out: Path, point: ResumePoint) -> bool:
+    """The adapter in <out> was published from this checkpoint's run: its manifest is at the same
+    step and newer than the checkpoint (a fresh run's checkpoints are newer than an earlier adapter)."""
+    manifest = out / "adapter" / "manifest.json"
+    if not (point.path and manifest.is_file()):
+        return False
+    state = Path(point.path) / "trainer_state.json"
+    try:
+        step = json.loads(manifest.read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError):
+        return False
+    return step == point.step and manifest.stat().st_mtime >= state.stat().st_mtime
 
 
 # ---------------------------------------------------------------------------------------------

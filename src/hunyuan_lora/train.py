@@ -23,7 +23,7 @@ import torch
 
 from . import scale, tracking
 from .atomic import staging_dir, write_json
-from .checkpoints import set_aside, set_aside_previous_run, whole_run_loss
+from .checkpoints import published_from, set_aside, set_aside_previous_run, whole_run_loss
 from .config import Config
 from .modeling import load_base_model
 from .preflight import preflight
@@ -95,7 +95,7 @@ def finished(cfg: Config, plan) -> bool:
     """The resume point is the run's last step and its adapter was published: nothing to do."""
     point = plan.resume
     return bool(point.path and plan.steps is not None and point.step >= plan.steps
-                and (cfg.output_dir / "adapter" / "manifest.json").is_file())
+                and published_from(cfg.output_dir, point))
 
 
 def prepare_output(cfg: Config, point) -> str | None:
@@ -106,7 +106,8 @@ def prepare_output(cfg: Config, point) -> str | None:
         if cfg.train.resume == "never":
             aside = set_aside_previous_run(cfg.output_dir)
             if aside:
-                print(f"train.resume: never: the earlier run's checkpoints and outputs are set aside in {aside}")
+                print(f"train.resume: never: the earlier run's checkpoints and log are set aside in {aside}; its "
+                      "adapter stays until this run publishes its own")
         for line in set_aside(point.incomplete):
             print(line)
         masked = mask_git_remote()
