@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
+from modelscope_server import ModelScopeServer
 
 from hunyuan_lora import config, data, tracking
-from modelscope_server import ModelScopeServer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
