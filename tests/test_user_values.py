@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 DUMP = """#!{python}
 import json, os, sys
 with open({out!r}, "a", encoding="utf-8") as f:
-    f.write(json.dumps({{"argv": sys.argv[1:], "env": {{k: v for k, v in os.environ.items() if k.startswith("HL_")}}}}) + "\\n")
+    env = {{k: v for k, v in os.environ.items() if k.startswith("HL_")}}
+    f.write(json.dumps({{"argv": sys.argv[1:], "env": env}}) + "\\n")
 """
 
 
@@ -59,7 +60,8 @@ def test_paths_with_spaces_and_set_values_reach_every_stage(fake_venv):
         (call,) = fake_venv(target, "OUTPUT_DIR=outputs/my runs", "CONFIG=configs/my run.yaml", f"SET={sets}",
                             "MODEL_DIR=/models/a b", "DATA=data/甄 嬛.json")
         env = call["env"]
-        assert (env["HL_OUTPUT_DIR"], env["HL_CONFIG"], env["HL_SET"]) == ("outputs/my runs", "configs/my run.yaml", sets)
+        typed = ("outputs/my runs", "configs/my run.yaml", sets)
+        assert (env["HL_OUTPUT_DIR"], env["HL_CONFIG"], env["HL_SET"]) == typed, target
         assert (env["HL_MODEL_DIR"], env["HL_DATA"]) == ("/models/a b", "data/甄 嬛.json"), target
 
 
