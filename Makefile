@@ -24,14 +24,23 @@ $(foreach v,$(USER_VARS),$(eval export HL_$(v) = $$($(v))))
 # Multi-GPU: LAUNCH=<configs/accelerate/ name> runs train under `accelerate launch` with NPROC processes
 # (all GPUs of all machines); ACCELERATE_ARGS adds e.g. --num_machines 2 --machine_rank 0
 # --main_process_ip 10.0.0.1 --main_process_port 29500 (the same command on every machine).
+$(foreach v,LAUNCH NPROC ACCELERATE_ARGS,$(if $(filter command line environment,$(origin $(v))),\
+  $(eval override $(v) := $$(value $(v)))))
 LAUNCH ?=
 NPROC ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 ACCELERATE_ARGS ?=
+# ACCELERATE_ARGS reaches accelerate as words of the environment variable (split, never run).
+export HL_ACCELERATE_ARGS = $(ACCELERATE_ARGS)
 LAUNCH_CONFIG = configs/accelerate/$(LAUNCH).yaml
-TRAIN_LAUNCHER = $(if $(LAUNCH),$(VENV)/bin/accelerate launch --config_file $(LAUNCH_CONFIG) --num_processes $(NPROC) \
-                 $(ACCELERATE_ARGS),$(PY))
-# `make check LAUNCH=zero3 NPROC=4`: one process that estimates memory as one of NPROC ZeRO-3 ranks.
-CHECK_ENV = $(if $(LAUNCH),HL_ACCELERATE_CONFIG=$(LAUNCH_CONFIG) HL_NPROC=$(NPROC))
+LAUNCHES := $(basename $(notdir $(wildcard configs/accelerate/*.yaml)))
+NOT_DIGITS = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+# LAUNCH and NPROC go onto accelerate's command line: only a configs/accelerate/ name and a number.
+CHECK_LAUNCH = $(if $(LAUNCH),$(if $(filter-out 1,$(words $(LAUNCH)))$(filter-out $(LAUNCHES),$(LAUNCH)),\
+  $(error LAUNCH must be one of: $(LAUNCHES) (configs/accelerate/<name>.yaml))))$(if $(LAUNCH),$(if \
+  $(filter-out 1,$(words $(NPROC)))$(call NOT_DIGITS,$(NPROC)),$(error NPROC must be a number of processes, e.g. NPROC=2)))
+TRAIN_LAUNCHER = $(CHECK_LAUNCH)$(if $(LAUNCH),$(VENV)/bin/accelerate launch --config_file $(LAUNCH_CONFIG) \
+                 --num_processes $(NPROC) $$HL_ACCELERATE_ARGS,$(PY))
+CHECK_ENV = $(CHECK_LAUNCH)$(if $(LAUNCH),HL_ACCELERATE_CONFIG=$(LAUNCH_CONFIG) HL_NPROC=$(NPROC))
 
 .PHONY: help setup lock test stand-in download patch dataset train infer merge demo bench
 
@@ -77,7 +86,6 @@ check: setup  ## preflight, no weights loaded: config, model folder, patch, data
 	$(CHECK_ENV) $(PY) scripts/check.py
 
 train: setup  ## LoRA fine-tune with HF Trainer + SwanLab (resume: auto); LAUNCH=zero3 NPROC=8: DeepSpeed ZeRO-3
-	$(if $(LAUNCH),test -f $(LAUNCH_CONFIG) || { echo "LAUNCH=$(LAUNCH): no $(LAUNCH_CONFIG) (see configs/accelerate/)" >&2; exit 2; })
 	$(TRAIN_LAUNCHER) scripts/train.py
 
 infer: setup  ## answer PROMPT (or infer.prompts / infer.input_jsonl) with base + adapter

@@ -28,16 +28,17 @@ def fake_venv(tmp_path):
     """A venv whose python records its arguments and HL_* environment instead of running a stage."""
     venv, out = tmp_path / "venv", tmp_path / "calls.jsonl"
     (venv / "bin").mkdir(parents=True)
-    py = venv / "bin" / "python"
-    py.write_text(DUMP.format(python=sys.executable, out=str(out)))
-    py.chmod(0o755)
+    for tool in ("python", "accelerate"):
+        (venv / "bin" / tool).write_text(DUMP.format(python=sys.executable, out=str(out)))
+        (venv / "bin" / tool).chmod(0o755)
     (venv / ".installed").touch()  # newer than requirements.lock: `setup` has nothing to do
 
-    def make(*args: str) -> list[dict]:
+    def make(*args: str, returncode: int = 0) -> list[dict]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HL_")}
         proc = subprocess.run(["make", "--no-print-directory", f"VENV={venv}", *args], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.returncode == returncode, proc.stdout + proc.stderr
+        make.stderr = proc.stderr
         calls = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] if out.exists() else []
         out.unlink(missing_ok=True)
         return calls
@@ -63,6 +64,21 @@ def test_paths_with_spaces_and_set_values_reach_every_stage(fake_venv):
         typed = ("outputs/my runs", "configs/my run.yaml", sets)
         assert (env["HL_OUTPUT_DIR"], env["HL_CONFIG"], env["HL_SET"]) == typed, target
         assert (env["HL_MODEL_DIR"], env["HL_DATA"]) == ("/models/a b", "data/甄 嬛.json"), target
+
+
+def test_launch_settings_reach_accelerate_as_words_and_run_nothing(fake_venv, tmp_path):
+    pwned = tmp_path / "pwned"
+    (call,) = fake_venv("train", "LAUNCH=zero3", "NPROC=16",
+                        f"ACCELERATE_ARGS=--num_machines 2 --machine_rank 1 `touch {pwned}` $(shell touch {pwned})")
+    assert call["argv"] == ["launch", "--config_file", "configs/accelerate/zero3.yaml", "--num_processes", "16",
+                            "--num_machines", "2", "--machine_rank", "1", "`touch", f"{pwned}`", "$(shell", "touch",
+                            f"{pwned})", "scripts/train.py"]
+    assert not pwned.exists()
+    for bad in (f"LAUNCH=zero3;touch {pwned}", "LAUNCH=nosuch"):
+        assert fake_venv("train", bad, "NPROC=2", returncode=2) == []
+        assert "LAUNCH must be one of: zero3 zero3_offload" in fake_venv.stderr
+    assert fake_venv("check", "LAUNCH=zero3", f"NPROC=2;touch {pwned}", returncode=2) == []
+    assert "NPROC must be a number" in fake_venv.stderr and not pwned.exists()
 
 
 def test_demo_uses_its_config_and_the_stand_in_folder(fake_venv, tmp_path):
