@@ -271,8 +271,10 @@ def test_a_signal_to_one_of_two_ranks_stops_both_after_the_same_step(patched_sta
         rank1.send_signal(signal.SIGINT)
         launcher.wait(timeout=120)  # a rank that stopped alone leaves the other waiting: no exit
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        if launcher.poll() is None:  # torchrun starts each rank in a session of its own
+            for process in [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]:
+                process.kill()
+            launcher.wait()
     text = log.read_text(errors="replace")
     stops = re.findall(r"stopped by (SIGINT|a signal to another process) at step (\d+)", text)
     assert sorted(who for who, _ in stops) == ["SIGINT", "a signal to another process"], text[-3000:]
