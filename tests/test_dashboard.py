@@ -13,12 +13,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+from test_tracking import REPO, demo_run
 
 from hunyuan_lora import tracking
-from test_tracking import REPO, demo_run
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -132,7 +131,7 @@ def test_experiment_page_draws_the_loss_chart(dashboard, browser, tmp_path):
                        "the train/loss chart to be drawn")
     assert pixels > 500  # axes, labels and the curve, not a blank canvas
     for title in ("eval/loss", "perf/tokens_per_second"):
-        _wait_for(lambda: browser.execute_script(CHART_PIXELS_JS, title) > 0, 30, f"the {title} chart")
+        _wait_for(lambda title=title: browser.execute_script(CHART_PIXELS_JS, title) > 0, 30, f"the {title} chart")
     # the before/after table: its rows load when the panel is on screen
     samples = browser.find_element(By.XPATH, "//p[normalize-space()='samples/generations']")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", samples)
