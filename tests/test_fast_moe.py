@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from tensor_helpers import randomise_lora, rel
 
 from hunyuan_lora.hunyuan import fast_moe, grouped_moe
 from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
@@ -44,18 +45,6 @@ def tiny_config(**overrides) -> HunYuanConfig:
                eod_token_id=1021, sep_token_id=1020)
     cfg.update(overrides)
     return HunYuanConfig(**cfg)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def randomise_lora(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def peft_pair(config: HunYuanConfig, dropout: float = 0.0, seed: int = 0):

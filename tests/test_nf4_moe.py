@@ -18,6 +18,7 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tensor_helpers import randomise_lora, rel
 
 from hunyuan_lora import config
 from hunyuan_lora.hunyuan import fast_moe, grouped_moe
@@ -41,18 +42,6 @@ def tiny_config(**overrides) -> HunYuanConfig:
 
 
 ALIGNED = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=[128] * 2, attention_head_dim=32)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def randomise_lora(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def nf4_model(config: HunYuanConfig, double_quant: bool = True, seed: int = 0) -> HunYuanMoEV1ForCausalLM:
