@@ -116,7 +116,7 @@ bench: setup  ## GPU benchmark at the real width, reduced depth: upstream vs fas
 	$(PY) bench/run.py $(BENCH_ARGS) --lengths .bench_data/lengths.json --out-dir bench/results
 
 .PHONY: probe
-probe: setup  ## the config's training on random weights, measured: memory, s/step, samples/s, ETA, fits? (PROBE_STEPS PROBE_LAYERS PROBE_LENGTHS)
+probe: setup  ## the config's training on random weights, measured: memory, s/step, samples/s, ETA, fits? (PROBE_STEPS PROBE_LAYERS PROBE_LENGTHS PROBE_COMPARE)
 	$(PY) scripts/probe.py
 
 demo: CONFIG = configs/demo.yaml

@@ -1,7 +1,7 @@
 """The probe: the config's real training run on random weights, measured, before any download.
 
     make probe CONFIG=configs/huanhuan_qlora.yaml [PROBE_STEPS=20] [PROBE_LAYERS=8] \
-               [PROBE_LENGTHS=../shared/data/huanhuan_token_lengths.json]
+               [PROBE_LENGTHS=../shared/data/huanhuan_token_lengths.json] [PROBE_COMPARE=1]
 
 What runs is `make train`'s own code: training.py's TrainingArguments, collator, Trainer and LoRA
 (targets, quantisation, MoE implementation as configured), on a model of the real architecture
@@ -11,6 +11,8 @@ dataset lengths. Nothing is saved but the report: outputs/<run>/probe/probe.json
 per-GPU peak memory (allocated, reserved, nvidia-smi), warm-up and steady-state seconds per
 optimizer step, samples/s, real (non-pad) tokens/s, MFU against a bf16 GEMM rate measured in the
 same run, the ETA of the configured run, and a fits / headroom / does-not-fit verdict per card size.
+PROBE_COMPARE=1 then probes the same config with model.moe_impl: upstream (unpacked), so one command
+gives the speed-up over the tutorial's MoE path on this machine.
 
 Lengths, first that applies (probe.json says which): PROBE_LENGTHS (a JSON file with a "tokens"
 list and optionally "answer_tokens", or a plain list); the config's tokenized dataset
@@ -307,12 +309,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lengths", default=os.environ.get("PROBE_LENGTHS") or None,
                         help="JSON of per-sample token counts (PROBE_LENGTHS), "
                              "e.g. ../shared/data/huanhuan_token_lengths.json")
+    parser.add_argument("--compare", action="store_true", default=os.environ.get("PROBE_COMPARE") == "1",
+                        help="then the same probe with moe_impl upstream, unpacked, for a ratio (PROBE_COMPARE=1)")
     parser.add_argument("--profile", action="store_true", default=os.environ.get("PROBE_PROFILE") == "1",
                         help="profile one extra step: kernels, GPU busy, dequantisation share (PROBE_PROFILE=1)")
 
 
 def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str | None = None,
-        profile: bool = False) -> Path:
+        profile: bool = False, compare: bool = False) -> Path:
     if launch().deepspeed:
         raise UserError("make probe runs one process: ZeRO-3 (LAUNCH=zero3) is not probed yet", where="LAUNCH",
                         fix="run `make probe` without LAUNCH (one GPU, or NF4 with configs/huanhuan_qlora.yaml)")
@@ -320,8 +324,44 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
         raise UserError(f"PROBE_STEPS={steps}: at least 2 optimizer steps are needed (warm-up and steady state)",
                         where="PROBE_STEPS", fix="PROBE_STEPS=20")
     if (Path(cfg.model.dir) / "config.json").is_file():  # else the real A13B architecture (no folder yet)
-        check_config(Path(cfg.model.dir), code=cfg.model.moe_impl == "upstream")  # upstream runs the folder's code
+        # upstream (and the PROBE_COMPARE baseline) runs the folder's own code
+        check_config(Path(cfg.model.dir), code=cfg.model.moe_impl == "upstream" or compare)
+    if compare and cfg.model.moe_impl != "fast":
+        raise UserError("PROBE_COMPARE=1 measures the config against the per-expert upstream path: the config "
+                        "already runs model.moe_impl: upstream", where="PROBE_COMPARE",
+                        fix="use it with a fast config (configs/huanhuan_fast.yaml, configs/huanhuan_qlora.yaml)")
     out = cfg.output_dir / "probe"
+    report = measure(cfg, steps, layers, lengths, profile)
+    if compare:
+        report["baseline"] = baseline(cfg, steps, layers, lengths)
+        report["speedup_vs_baseline"] = round(report["samples_per_s"] / report["baseline"]["samples_per_s"], 2)
+    with staging_dir(out) as tmp:
+        write_json(tmp / "probe.json", report)
+        write_text(tmp / "probe.md", markdown(report))
+    print(markdown(report))
+    print(f"wrote {out}/probe.json and probe.md")
+    return out
+
+
+def baseline(cfg: Config, steps: int, layers: int | None, lengths: str | None) -> dict:
+    """The same probe with model.moe_impl: upstream and no packing (upstream cannot keep packed samples
+    apart): the tutorial's MoE path at the same samples per step, quantisation and LoRA, for a ratio."""
+    import copy
+    import gc
+
+    base = copy.deepcopy(cfg)
+    base.model.moe_impl, base.train.packing = "upstream", False
+    gc.collect()  # the first probe's model is gone: give its memory back before building the second
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    r = measure(base, steps, layers, lengths, profile=False)
+    keys = ("moe_impl", "code", "train", "steady_s_per_step", "warmup_s", "samples_per_s", "tokens_per_s", "peak_gib",
+            "memory", "step_s", "loss_per_step")
+    return {k: r[k] for k in keys}
+
+
+def measure(cfg: Config, steps: int, layers: int | None, lengths: str | None, profile: bool) -> dict:
+    """One probe: build the random model, train `steps` optimizer steps through the Trainer, report."""
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
     per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps  # one process
@@ -370,12 +410,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
         p = profiler.result
         report["profile"] = dict(p, busy_fraction_of_steady=round(p["busy_ms"] / 1e3 / report["steady_s_per_step"], 3),
                                  kernels_per_layer=round(p["kernels"] / report["layers"], 1))
-    with staging_dir(out) as tmp:
-        write_json(tmp / "probe.json", report)
-        write_text(tmp / "probe.md", markdown(report))
-    print(markdown(report))
-    print(f"wrote {out}/probe.json and probe.md")
-    return out
+    return report
 
 
 def summarize(cfg: Config, steps: list[dict], per_step: int, records: int, rate: float, gemm_what: str, init: dict,
@@ -479,6 +514,11 @@ def markdown(r: dict) -> str:
         f"Step times (s): {', '.join(str(t) for t in r['step_s'])}. Loss per step: "
         f"{', '.join(str(v) for v in r.get('loss_per_step', []))}. Code {r['code_commit']}.",
     ]
+    b = r.get("baseline")
+    if b:
+        lines += ["", f"Baseline in the same run (PROBE_COMPARE): moe_impl {b['moe_impl']}, unpacked ({b['code']}): "
+                  f"{b['steady_s_per_step']} s per optimizer step, {b['samples_per_s']} samples/s, peak "
+                  f"{b['peak_gib']} GiB: the config is **{r['speedup_vs_baseline']}x** that baseline."]
     p = r.get("profile")
     if p:
         lines += ["", f"Profile of one more step: {p['kernels']} kernels ({p['kernels_per_layer']} per layer), "
