@@ -470,7 +470,9 @@ def test_docker_targets_dry_run():
     # The dashboard must listen on all interfaces inside the container, published on loopback only.
     watch = run(["make", "-n", "docker-watch", "TAG=v9", "SET=run.name=x"], env=env)
     assert watch.returncode == 0, watch.stderr
-    tokens = shlex.split(watch.stdout.replace("\\\n", " "))
+    # the docker line only (under `make test` this make is a sub-make that adds "Entering directory" lines)
+    tokens = shlex.split(next(line for line in watch.stdout.replace("\\\n", " ").splitlines()
+                              if "docker run" in line))
     assert "127.0.0.1:5092:5092" in tokens and "--gpus" not in tokens
     # SET travels by name (-e HL_SET), the container's host and port put before what the user typed
     assert tokens[0] == "HL_SET=swanlab.host=0.0.0.0 swanlab.port=5092 $HL_SET"

@@ -53,6 +53,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Waits, not timings: under `make test` two workers share the machine's two cores with the browser, so
+# each bound is generous (a page that never draws still fails, only later).
+WAIT_FACTOR = 3
+
+
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -85,7 +90,7 @@ def dashboard(tmp_path_factory, patched_stand_in):
             return False
 
     try:
-        _wait_for(up, 60, f"the dashboard at {url}")
+        _wait_for(up, 60 * WAIT_FACTOR, f"the dashboard at {url}")
         yield url, cfg, log
     finally:
         os.kill(proc.pid, signal.SIGTERM)  # watch.py is the server itself: its pid is the one to stop
@@ -127,11 +132,12 @@ def test_experiment_page_draws_the_loss_chart(dashboard, browser, tmp_path):
     (exp,) = tracking.local_experiments(cfg.output_dir / "swanlog")
     browser.get(f"{url}/experiment/{exp['id']}")
 
-    pixels = _wait_for(lambda: max(browser.execute_script(CHART_PIXELS_JS, "train/loss"), 0), 60,
+    pixels = _wait_for(lambda: max(browser.execute_script(CHART_PIXELS_JS, "train/loss"), 0), 60 * WAIT_FACTOR,
                        "the train/loss chart to be drawn")
     assert pixels > 500  # axes, labels and the curve, not a blank canvas
     for title in ("eval/loss", "perf/tokens_per_second"):
-        _wait_for(lambda title=title: browser.execute_script(CHART_PIXELS_JS, title) > 0, 30, f"the {title} chart")
+        _wait_for(lambda title=title: browser.execute_script(CHART_PIXELS_JS, title) > 0, 30 * WAIT_FACTOR,
+                  f"the {title} chart")
     # the before/after table: its rows load when the panel is on screen
     samples = browser.find_element(By.XPATH, "//p[normalize-space()='samples/generations']")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", samples)
@@ -141,7 +147,7 @@ def test_experiment_page_draws_the_loss_chart(dashboard, browser, tmp_path):
         text = browser.find_element(By.TAG_NAME, "body").text
         return text if f"after: {prompt}" in text else ""
 
-    body = _wait_for(page_text_once_the_rows_are_in, 30, "the sample generations table")
+    body = _wait_for(page_text_once_the_rows_are_in, 30 * WAIT_FACTOR, "the sample generations table")
     assert cfg.run.name in body and f"before: {prompt}" in body
 
     title = browser.find_element(By.XPATH, "//section[contains(@class, 'chart-container')]"
