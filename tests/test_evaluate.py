@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,11 @@ def test_scores_are_llama_factorys():
 
 def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg, capsys):
     data.run(cfg)
+    import swanlab  # noqa: F401  (its import sets the default hosts; init must add nothing after it)
+
+    environ = dict(os.environ)
     out = evaluate.run(cfg)
+    assert dict(os.environ) == environ  # swanlab.init's SWANLAB_* variables do not outlive the eval
     summary = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
     held = [json.loads(line) for line in (cfg.output_dir / "data/eval.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -92,6 +92,9 @@ def _log_to_swanlab(cfg: Config, summary: dict, rows: list[dict], table: str) ->
         return
     import swanlab
 
+    # swanlab.init writes SWANLAB_MODE / SWANLAB_LOG_DIR / hosts into os.environ and never removes
+    # them: every process this one starts later (a training run, `swanlab watch`) would log there.
+    environ = dict(os.environ)
     swanlab.init(project=cfg.swanlab.project, experiment_name=f"{cfg.swanlab.experiment or cfg.run.name}-eval",
                        logdir=str(cfg.output_dir / "swanlog"), mode=mode,
                        config={k: v for k, v in summary.items() if k != "metrics"})
@@ -102,6 +105,8 @@ def _log_to_swanlab(cfg: Config, summary: dict, rows: list[dict], table: str) ->
                                       for r in rows[:cfg.eval.report_samples] for side in summary["metrics"]]})
     finally:
         swanlab.finish()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def add_arguments(parser) -> None:
