@@ -17,3 +17,16 @@ def randomise_lora(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def moe_forward_backward(moe_ref: torch.nn.Module, moe_fast: torch.nn.Module, tokens: int, hidden: int):
+    """The same seeded input through two MoE blocks, then the same random output gradient back.
+
+    Returns (y_ref, y_fast, x_ref, x_fast): outputs and the inputs whose .grad the backward filled."""
+    x = torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(5))
+    x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_fast = moe_ref(x_ref), moe_fast(x_fast)
+    probe = torch.randn_like(y_ref)
+    (y_ref * probe).sum().backward()
+    (y_fast * probe).sum().backward()
+    return y_ref, y_fast, x_ref, x_fast
