@@ -82,3 +82,42 @@ def test_no_empty_parameter_group_so_deepspeed_and_the_lr_scheduler_agree(patche
     assert n_trainable == sum(len(g["params"]) for g in stock.param_groups)  # nothing trainable lost
     optimizer.param_groups[:] = [pg for pg in optimizer.param_groups if len(pg["params"]) != 0]  # DeepSpeed's filter
     assert len(list(zip(optimizer.param_groups, scheduler.base_lrs, strict=True))) == len(scheduler.base_lrs)
+
+
+def test_trainer_bookkeeping_over_trainable_tensors_trains_as_the_stock_trainer(patched_stand_in, tmp_path):
+    """LoraTrainer clips, zeroes and counts FLOPs without walking the frozen model each step
+    (training.walk_trainable_only): the same losses, gradient norms, total FLOPs and LoRA weights as
+    transformers' Trainer on the same seed, and after an evaluation (model.eval()) every module trains again."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    cfg = config.load(REPO / "configs/demo.yaml", model_dir=str(patched_stand_in))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 900, (16, 12), generator=g).tolist()]
+
+    def run(trainer_cls):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(patched_stand_in), trust_remote_code=True),
+                               training.lora_config(cfg))
+        args = TrainingArguments(output_dir=str(tmp_path / trainer_cls.__name__), report_to=[], use_cpu=True,
+                                 per_device_train_batch_size=4, max_steps=4, logging_steps=1, learning_rate=1e-2,
+                                 max_grad_norm=0.5, lr_scheduler_type="constant", save_strategy="no", seed=0)
+        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                              eval_dataset=Dataset.from_list(rows[:4]))
+        trainer.train()
+        trainer.evaluate()
+        trainer.model.train()
+        states = [m.training for m in trainer.model.modules()]
+        lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        return trainer.state, lora, states
+
+    stock, stock_lora, _ = run(Trainer)
+    ours, our_lora, states = run(training.trainer_class())
+    steps = [(h["loss"], h["grad_norm"]) for h in stock.log_history if "loss" in h]
+    assert len(steps) == 4 and steps == [(h["loss"], h["grad_norm"]) for h in ours.log_history if "loss" in h]
+    assert max(norm for _, norm in steps) > 0.5  # the clipping did something
+    assert ours.total_flos == stock.total_flos > 0
+    assert our_lora.keys() == stock_lora.keys() and all(torch.equal(our_lora[k], stock_lora[k]) for k in our_lora)
+    assert all(states)

@@ -73,6 +73,10 @@ def attach_lora(cfg: Config, model):
     model = get_peft_model(model, lora_config(cfg))
     wrapped_router = [n for n, _ in model.named_modules() if n.endswith("mlp.gate.lora_A")]
     assert not wrapped_router, f"LoRA must never wrap the router: {wrapped_router[:3]}"
+    if cfg.model.moe_impl == "fast" and not launch().zero3:
+        from .hunyuan.fast_moe import stack_expert_lora
+
+        stack_expert_lora(model)  # one trainable tensor per expert projection, not 2 x 64 (host time per step)
     return model
 
 
@@ -148,24 +152,64 @@ def make_stop_callback():
 
 
 def trainer_class():
-    """HF Trainer whose optimizer has no empty parameter group under DeepSpeed.
+    """HF Trainer with two changes.
 
-    Trainer splits the trainable tensors into weight-decay and no-decay groups; under LoRA every one
-    decays, so the no-decay group is empty. DeepSpeed drops empty groups from the optimizer it wraps
-    while the LR scheduler keeps one learning rate per original group, and torch >= 2.9's scheduler
-    zips the two strictly (fails at the first step). Only under DeepSpeed, whose checkpoints never
-    held the empty group: elsewhere the optimizer state of existing checkpoints must still load.
+    * No empty parameter group under DeepSpeed. Trainer splits the trainable tensors into weight-decay
+      and no-decay groups; under LoRA every one decays, so the no-decay group is empty. DeepSpeed drops
+      empty groups from the optimizer it wraps while the LR scheduler keeps one learning rate per
+      original group, and torch >= 2.9's scheduler zips the two strictly (fails at the first step).
+      Only under DeepSpeed, whose checkpoints never held the empty group: elsewhere the optimizer
+      state of existing checkpoints must still load.
+    * Its per-step bookkeeping walks the trainable tensors, not the whole model (`walk_trainable_only`).
     """
     from transformers import Trainer
 
     class LoraTrainer(Trainer):
+        flos_per_token: int | None = None
+
         def create_optimizer(self):
             optimizer = super().create_optimizer()
             if self.is_deepspeed_enabled:
                 optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+            else:
+                walk_trainable_only(self.model, optimizer, self.accelerator)
             return optimizer
 
+        def floating_point_ops(self, inputs):
+            # Trainer asks every micro-step, and the model counts its parameters anew each time
+            if not hasattr(self.model, "floating_point_ops"):
+                return 0
+            if self.flos_per_token is None:
+                self.flos_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
+            return self.flos_per_token * self.model.estimate_tokens(inputs)
+
     return LoraTrainer
+
+
+def walk_trainable_only(model, optimizer, accelerator) -> None:
+    """Make Trainer's per-step `model.train()`, gradient clipping over `model.parameters()` and
+    `model.zero_grad()` touch what can have a gradient.
+
+    Each walks the whole module tree every step: under PEFT on the real model about 2,300 modules and
+    600 bitsandbytes parameters a layer (each attribute of a Params4bit goes through its
+    `__torch_function__`, ~3 us). Measured with the FLOP count: ~20 ms of host time per layer and step,
+    as long as the fast path's whole layer (bench/NOTES.md). Frozen tensors never get a gradient, so
+    clipping and zeroing the optimizer's tensors is the same work; `train()` walks the tree when the
+    mode changes (the first call, after `eval()`), not again while already training.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    clip = accelerator.clip_grad_norm_
+    accelerator.clip_grad_norm_ = lambda parameters, max_norm, norm_type=2: clip(trainable, max_norm, norm_type)
+    model.zero_grad = lambda set_to_none=True: optimizer.zero_grad(set_to_none=set_to_none)
+    module_train, training = model.train, {"all": False}
+
+    def train(mode: bool = True):
+        if not (mode and training["all"]):
+            module_train(mode)
+        training["all"] = bool(mode)
+        return model
+
+    model.train = train
 
 
 def make_umask_callback():

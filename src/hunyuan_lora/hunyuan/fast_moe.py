@@ -20,12 +20,14 @@ Why this layout (the design point): the model keeps the checkpoint's module tree
   weights copied in, and each expert's `weight.data` re-pointed to its slice, so the module tree,
   the `Parameter` objects, `state_dict()` / `load_state_dict()` (which copy in place) and PEFT all
   see the same tensors, and the stacked operand is a free `as_strided` view of the shared storage.
-  Every forward checks that the layout still holds (one storage, slices in order) and re-packs if
-  something replaced the tensors (`model.to(...)`, a loader that assigns new parameters). Base
-  weights that require grad (full fine-tuning) are instead stacked with `torch.stack` each forward
-  (differentiable, slow). LoRA A/B (about 11 M parameters a layer at r=8) are stacked with
-  `torch.stack` on each forward: a ~44 MB copy whose backward hands each expert's own leaf
-  parameter its gradient, so optimiser, gradient clipping and PEFT saving are unchanged.
+  Every forward compares a fingerprint of the modules and their tensors' data pointers with the
+  cached plan's and re-plans (re-packs) if something replaced the tensors (`model.to(...)`, a loader
+  that assigns new parameters). Base weights that require grad (full fine-tuning) are instead
+  stacked with `torch.stack` each forward (differentiable, slow). LoRA A/B (about 11 M parameters a
+  layer at r=8): for training, `stack_expert_lora` (training.attach_lora calls it) makes each
+  projection's E pairs ONE trainable (E, r, in) / (E, out, r) parameter whose per-expert views PEFT
+  saves and loads; otherwise they are stacked with `torch.stack` on each forward, a differentiable
+  copy whose backward hands each expert's own leaf parameter its gradient.
   `save_pretrained` of a packed full model still works: transformers clones disjoint views of one
   storage before writing safetensors.
 
@@ -61,6 +63,7 @@ adapter batches (`adapter_names`), experts whose ranks / scalings / dropouts dif
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -192,35 +195,40 @@ class NF4Experts:
             if whole != self.blocks:
                 absmax = torch.nn.functional.pad(absmax, (0, whole - self.blocks))
         self.absmax = absmax
-
-    def holds(self) -> bool:
-        """The modules still hold the packed tensors (nothing replaced or converted them since)."""
-        return (all(p.quant_state is s for p, s in zip(self.params, self.states))
-                and _is_packed([p.data for p in self.params]) and _is_packed([s.absmax for s in self.states]))
+        self._scales = None
 
     def scales(self) -> torch.Tensor:
-        """(E * blocks,) float32 absmax of every 64-value block, as bitsandbytes computes it per tensor."""
+        """(E * blocks,) float32 absmax of every 64-value block, as bitsandbytes computes it per tensor.
+
+        Decoded once and kept (the base is frozen; a changed one is a new plan): 4 bytes per 64 weights,
+        4.8 GB for the real model's 77 G expert weights, against a decode of the double-quantised scales
+        in every pass (three per layer and step under checkpointing)."""
         import bitsandbytes.functional as bnbf
 
         if not self.nested:
             return self.absmax.reshape(-1)
-        E = self.shape[0]
-        a = bnbf.dequantize_blockwise(self.absmax.reshape(-1), absmax=self.absmax2, code=self.code2,
-                                      blocksize=self.blocksize2)  # (E * whole,) float32
-        return (a.view(E, -1)[:, : self.blocks] + self.offsets[:, None]).reshape(-1)
+        if self._scales is None:
+            E = self.shape[0]
+            a = bnbf.dequantize_blockwise(self.absmax.reshape(-1), absmax=self.absmax2, code=self.code2,
+                                          blocksize=self.blocksize2)  # (E * whole,) float32
+            self._scales = (a.view(E, -1)[:, : self.blocks] + self.offsets[:, None]).reshape(-1)
+        return self._scales
 
     def materialize(self) -> torch.Tensor:
         """(E, out, in) dequantised weights: a fresh tensor that nothing keeps after the product using it,
         so the caching allocator hands the same block to the next projection and layer."""
-        import bitsandbytes.functional as bnbf
-
-        state = bnbf.QuantState(absmax=self.scales(), shape=self.shape, dtype=self.dtype,
-                                blocksize=self.blocksize, quant_type=self.quant_type)
-        return bnbf.dequantize_4bit(self.data, state)
+        return dequantize_4bit(self.data, self.scales(), self.blocksize, self.quant_type, self.shape, self.dtype)
 
 
-def _lora_plan(mods: list[nn.Module]) -> list[tuple[list[nn.Linear], list[nn.Linear], float, nn.Module]]:
-    """Per active adapter: (the E lora_A modules, the E lora_B modules, scaling, dropout), validated."""
+def dequantize_4bit(data: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: tuple,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' 4-bit decode with float32 block scales: its op, without `functional.dequantize_4bit`'s
+    Python (a QuantState per call, the scale decode this module did once)."""
+    return torch.ops.bitsandbytes.dequantize_4bit.default(data, absmax, blocksize, quant_type, list(shape), dtype)
+
+
+def _lora_plan(mods: list[nn.Module]) -> list[tuple[str, list[nn.Linear], list[nn.Linear], float, nn.Module]]:
+    """Per active adapter: (name, the E lora_A modules, the E lora_B modules, scaling, dropout), validated."""
     first = mods[0]
     if not _is_lora(first):
         if any(_is_lora(m) for m in mods):
@@ -245,48 +253,169 @@ def _lora_plan(mods: list[nn.Module]) -> list[tuple[list[nn.Linear], list[nn.Lin
                     or m.active_adapters != first.active_adapters or m.disable_adapters or m.merged
                     or m.use_dora.get(name, False)):
                 raise Unsupported("experts differ in LoRA rank, scaling, dropout or state")
-        plan.append(([m.lora_A[name] for m in mods], [m.lora_B[name] for m in mods], scaling, drop))
+        plan.append((name, [m.lora_A[name] for m in mods], [m.lora_B[name] for m in mods], scaling, drop))
     return plan
 
 
-def _plan(moe: nn.Module) -> dict:
-    """Module lists (base layer, LoRA) of the three expert projections, validated once and cached on `moe`.
+class Snapshot:
+    """What a cached plan was built from, checked cheaply on every forward (twice a step under
+    checkpointing, so it must cost microseconds, not the plan's milliseconds).
 
-    The cache key holds every expert projection module and the adapter state PEFT can switch
-    (active adapters, merged, disabled), so re-wrapping, set_adapter, merge or disable re-plans.
-    Modules, not Parameters: their weights are read on every forward, so a Parameter replaced
-    since (load_state_dict(assign=True), PEFT's low_cpu_mem_usage loading) is the one used.
-    Under NF4 the plan holds the packed `NF4Experts`, rebuilt when the modules no longer hold it.
+    holders: (dict, key, value) triples, the `_modules` / `_parameters` / `_buffers` / `__dict__` entries
+    the plan read: a re-wrapped module, a replaced Parameter (load_state_dict(assign=True), PEFT's
+    low_cpu_mem_usage loading), a new quant_state fail the identity check. pointers: (tensor, data
+    pointer) of what conversions re-point in place (`model.to(...)`, `.double()` set every `.data`). states:
+    the adapter state PEFT switches (active adapters, merged, disabled). bitsandbytes' Params4bit answers
+    every tensor attribute through `__torch_function__` (~3 us), so of those only the first and last
+    pointer is read: a conversion moves them all. ~0.1 ms for a real MoE block's 192 expert projections.
     """
-    mods = {name: [getattr(expert, name) for expert in moe.experts] for name in PROJECTIONS}
-    key = tuple(id(m) for ms in mods.values() for m in ms)
-    key += tuple((tuple(ms[0].active_adapters), ms[0].merged, ms[0].disable_adapters)
-                 for ms in mods.values() if _is_lora(ms[0]))
+
+    def __init__(self, modules: list[nn.Module]):
+        self.holders, self.pointers, self.states, self._columns = [], [], [], None
+        # PEFT switches adapters on every module at once and the plan checked they agree: the ends suffice
+        self.states = [(m, _adapter_state(m)) for m in {id(m): m for m in modules[:1] + modules[-1:]}.values()
+                       if _is_lora(m)]
+        for m in modules:
+            if _is_lora(m):
+                for kind in ("lora_A", "lora_B"):
+                    table = m._modules[kind]._modules
+                    for adapter in m.active_adapters:
+                        if adapter in table:
+                            self.holders.append((table, adapter, table[adapter]))
+                            self._tensor(table[adapter], "weight", plain=True)
+            while "base_layer" in m._modules:
+                self.holders.append((m._modules, "base_layer", m._modules["base_layer"]))
+                m = m._modules["base_layer"]
+            self._tensor(m, "weight", plain=not hasattr(m._parameters.get("weight"), "quant_state"))
+        four_bit = [h[2] for h in self.holders if isinstance(h[2], torch.Tensor) and hasattr(h[2], "quant_state")]
+        for w in four_bit[:1] + four_bit[-1:]:
+            self.pointers.append((w, w.data_ptr()))
+        for w in four_bit:
+            self.holders.append((w.__dict__, "quant_state", w.quant_state))
+            self.holders.append((w.quant_state.__dict__, "absmax", w.quant_state.absmax))
+
+    def _tensor(self, module: nn.Module, name: str, plain: bool) -> None:
+        table = module._parameters if name in module._parameters else module._buffers
+        t = table.get(name)
+        self.holders.append((table, name, t))
+        if plain and t is not None:
+            self.pointers.append((t, t.data_ptr()))
+
+    def holds(self) -> bool:
+        if self._columns is None or len(self._columns[0]) != len(self.holders):
+            self._columns = tuple(zip(*self.holders)) or ((), (), ())
+        tables, keys, values = self._columns
+        return (all(map(operator.is_, map(dict.get, tables, keys), values))
+                and all(t.data_ptr() == p for t, p in self.pointers)
+                and all(_adapter_state(m) == s for m, s in self.states))
+
+
+def _adapter_state(m: nn.Module) -> tuple:
+    return tuple(m.active_adapters), m.merged, m.disable_adapters
+
+
+def _snapshot(moe: nn.Module) -> Snapshot:
+    """The plan's inputs: each expert's projection modules (as `moe.experts[i]` holds them) and below."""
+    experts = [e._modules for e in moe.experts._modules.values()]
+    modules = [e[name] for name in PROJECTIONS for e in experts]
+    snap = Snapshot(modules)
+    snap.holders += [(e, name, e[name]) for name in PROJECTIONS for e in experts]
+    return snap
+
+
+def _plan(moe: nn.Module) -> dict:
+    """Module lists (base layer, LoRA) of the three expert projections, validated once and cached on `moe`
+    with a `Snapshot` of what it was built from: re-wrapping, set_adapter, merge, disable or replaced
+    tensors re-plan. Under NF4 the plan holds the packed `NF4Experts`; the snapshot is taken after packing."""
     cached = moe.__dict__.get("_fast_moe_plan")
-    if cached is not None and cached[0] == key and all(
-            not isinstance(base, NF4Experts) or base.holds() for base, _ in cached[1].values()):
+    if cached is not None and cached[0].holds():
         return cached[1]
+    mods = {name: [getattr(expert, name) for expert in moe.experts] for name in PROJECTIONS}
     plan = {}
     for name, ms in mods.items():
         linears = [_base_linear(m) for m in ms]
         n4 = sum(_is_4bit(m) for m in linears)
         if n4 not in (0, len(linears)):
             raise Unsupported("some experts of a projection are 4-bit and some are not")
-        plan[name] = (NF4Experts(linears) if n4 else linears, _lora_plan(ms))
-    moe.__dict__["_fast_moe_plan"] = (key, plan)
+        if not n4 and not any(m.weight.requires_grad for m in linears):
+            params = [m.weight for m in linears]
+            if not _is_packed(params):
+                _pack(params)
+        lora = [(A, B, scaling, drop, _stacked_lora(moe, name, "lora_A", adapter, A),
+                 _stacked_lora(moe, name, "lora_B", adapter, B)) for adapter, A, B, scaling, drop in _lora_plan(ms)]
+        plan[name] = (NF4Experts(linears) if n4 else linears, lora)
+    moe.__dict__["_fast_moe_plan"] = (_snapshot(moe), plan)
     return plan
+
+
+def _stack_name(projection: str, kind: str, adapter: str) -> str:
+    # no "lora_" in the name: PEFT saves the per-expert views below, never these
+    return f"stacked_{projection}_{kind[-1]}_{adapter}"
+
+
+def _stacked_lora(moe: nn.Module, projection: str, kind: str, adapter: str,
+                  mods: list[nn.Linear]) -> torch.Tensor | None:
+    """The trainable (E, ...) leaf `stack_expert_lora` made, while the experts' weights are still its views."""
+    stacked = moe._parameters.get(_stack_name(projection, kind, adapter))
+    if stacked is None or len(stacked) != len(mods):
+        return None
+    size = stacked[0].numel() * stacked.element_size()
+    views = all(m.weight.data_ptr() == stacked.data_ptr() + i * size for i, m in enumerate(mods))
+    return stacked if views else None
 
 
 def projections(moe: nn.Module) -> dict[str, Projection]:
     """Stacked base weights (or the NF4 source) and LoRA terms of the three expert projections of `moe`."""
     out = {}
     for name, (base, lora) in _plan(moe).items():
-        # LoRA stacks: differentiable copies (E x (r x in + out x r)), each expert's grad flows back to its leaf
-        terms = [LoraTerm(torch.stack([a.weight for a in A]), torch.stack([b.weight for b in B]), scaling, drop)
-                 for A, B, scaling, drop in lora]
+        terms = []
+        for A, B, scaling, drop, a, b in lora:
+            # without stack_expert_lora: differentiable copies (E x (r x in + out x r)), each expert's grad
+            # flows back to its own leaf
+            terms.append(LoraTerm(a if a is not None else torch.stack([m.weight for m in A]),
+                                  b if b is not None else torch.stack([m.weight for m in B]), scaling, drop))
         weight = base if isinstance(base, NF4Experts) else stacked_weight([m.weight for m in base])
         out[name] = Projection(weight, terms)
     return out
+
+
+@torch.no_grad()
+def stack_expert_lora(model: nn.Module) -> int:
+    """Train each expert projection's LoRA as ONE (E, r, in) and ONE (E, out, r) parameter; returns how many.
+
+    PEFT makes 2 x E leaf parameters per projection (384 a layer on the real model), each its own
+    autograd leaf, gradient-accumulation node, clipping and optimizer tensor, and the grouped products
+    need them stacked on every forward. After this call the stacked tensor is the trainable parameter
+    (registered on the HunYuanMoE) and every expert's `lora_A/B[adapter].weight` is a buffer holding its
+    view (`stacked[e]`), so PEFT's state dict, saving, loading (in place) and the per-expert forward see
+    the same numbers: the adapter stays PEFT's per-expert format. For training only (a model that is
+    moved or converted afterwards gets copies, and the fast path falls back to stacking per forward);
+    not under ZeRO-3, whose parameters are shards.
+    """
+    n = 0
+    for moe in model.modules():
+        if type(moe).__name__ != "HunYuanMoE" or getattr(moe, "moe_impl", None) != "fast":
+            continue
+        try:
+            plan = _plan(moe)
+        except Unsupported:
+            continue
+        for projection in plan:
+            adapters = _lora_plan([getattr(expert, projection) for expert in moe.experts])
+            for adapter, A, B, _, _ in adapters:
+                for kind, mods in (("lora_A", A), ("lora_B", B)):
+                    if _stacked_lora(moe, projection, kind, adapter, mods) is not None:
+                        continue
+                    weights = [m.weight for m in mods]
+                    stacked = nn.Parameter(torch.stack(weights), requires_grad=weights[0].requires_grad)
+                    moe.register_parameter(_stack_name(projection, kind, adapter), stacked)
+                    with torch.enable_grad():
+                        for i, m in enumerate(mods):
+                            del m._parameters["weight"]
+                            m.register_buffer("weight", stacked[i])  # a view: grads reach the stacked leaf
+                    n += 1
+        moe.__dict__.pop("_fast_moe_plan", None)
+    return n
 
 
 @torch.no_grad()

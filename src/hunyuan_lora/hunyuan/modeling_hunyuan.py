@@ -29,14 +29,14 @@ from .configuration_hunyuan import HunYuanConfig
 MOE_IMPLS = ("upstream", "fast")
 
 
-def _fast_routed_experts():
+def _fast(name: str):
     """The fast path lives in the installed hunyuan_lora package, not in a model folder."""
     try:
-        from hunyuan_lora.hunyuan.fast_moe import routed_experts_fast
+        from hunyuan_lora.hunyuan import fast_linear, fast_moe
     except ImportError as e:
         raise ImportError("config.moe_impl='fast' needs the hunyuan_lora package installed (its fast_moe.py is "
                           "not part of a model folder); without it use moe_impl='upstream'") from e
-    return routed_experts_fast
+    return getattr(fast_moe, name, None) or getattr(fast_linear, name)
 
 
 class HunYuanRMSNorm(nn.Module):
@@ -98,6 +98,8 @@ class HunYuanAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        # "fast": q/k/v as one product, as o (the package's fast_linear.py); same parameters
+        self.fast_linears = getattr(config, "moe_impl", "upstream") == "fast"
         self.use_qk_norm = config.use_qk_norm
         if self.use_qk_norm:
             self.query_layernorm = HunYuanRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -105,9 +107,13 @@ class HunYuanAttention(nn.Module):
 
     def forward(self, hidden_states, cos, sin, attention_mask=None, past_key_value=None, cache_position=None):
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.fast_linears:
+            q, k, v = _fast("linears_fast")(self, ("q_proj", "k_proj", "v_proj"), hidden_states)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if self.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
@@ -123,6 +129,8 @@ class HunYuanAttention(nn.Module):
             is_causal=attention_mask is None and T > 1,
         )
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        if self.fast_linears:
+            return _fast("linears_fast")(self, ("o_proj",), out)[0]
         return self.o_proj(out)
 
 
@@ -135,8 +143,13 @@ class HunYuanMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.fast_linears = getattr(config, "moe_impl", "upstream") == "fast"  # gate/up as one product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_linears:
+            linears = _fast("linears_fast")
+            gate, up = linears(self, ("gate_proj", "up_proj"), x)
+            return linears(self, ("down_proj",), self.act_fn(gate) * up)[0]
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -192,7 +205,7 @@ class HunYuanMoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])  # (N, H)
         weights, experts = self.gate(x)
         if self.moe_impl == "fast":
-            out = _fast_routed_experts()(self, x, weights, experts)
+            out = _fast("routed_experts_fast")(self, x, weights, experts)
         else:
             out = self.routed_experts(x, weights, experts)
         if self.shared_mlp is not None:

@@ -1,0 +1,260 @@
+"""The fast path's dense projections (fast_linear.py) and stacked expert LoRA (fast_moe.stack_expert_lora)
+against PEFT on the modules themselves, on the CPU in float32 (bitsandbytes' CPU backend for NF4).
+
+    .venv/bin/python -m pytest tests/test_fast_linear.py
+
+A model built with config.moe_impl "fast" runs attention's q/k/v as one product (and o, the shared
+expert's gate/up and down) over packed base weights; training additionally trains each expert
+projection's LoRA as one stacked parameter. The reference is the same model, same weights, with every
+module called as PEFT wraps it (moe_impl "upstream", fast_linears off): outputs, every LoRA gradient,
+an optimizer step, the saved adapter and its reload must agree.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from tensor_helpers import randomise_lora, rel
+from test_nf4_moe import ALIGNED, TARGETS, nf4_model, tiny_config
+
+from hunyuan_lora.hunyuan import fast_linear, fast_moe
+from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
+
+
+def set_fast(model: torch.nn.Module, fast: bool) -> None:
+    for m in model.modules():
+        if type(m).__name__ == "HunYuanMoE":
+            m.moe_impl = "fast" if fast else "upstream"
+        if hasattr(m, "fast_linears"):
+            m.fast_linears = fast
+
+
+def base_model(quant: str, seed: int = 0, **overrides) -> HunYuanMoEV1ForCausalLM:
+    config = tiny_config(**overrides)
+    if quant == "nf4":
+        return nf4_model(config, seed=seed)
+    torch.manual_seed(seed)
+    return HunYuanMoEV1ForCausalLM(config).float()
+
+
+def pair(quant: str, stacked: bool, dropout: float = 0.0, **overrides):
+    """(reference: PEFT's modules, fast: the fast path) on the same base and LoRA weights."""
+    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
+    ref = get_peft_model(base_model(quant, **overrides), lora)
+    randomise_lora(ref, 1)
+    fast = copy.deepcopy(ref)
+    set_fast(ref, False)
+    set_fast(fast, True)
+    if stacked:
+        assert fast_moe.stack_expert_lora(fast) == 2 * 3 * fast.config.num_hidden_layers
+    return ref, fast
+
+
+def per_expert_grads(model) -> dict[str, torch.Tensor]:
+    """Every LoRA gradient under PEFT's per-expert names, read from the stacked parameters where they exist."""
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if ".stacked_" not in name:
+            out[name] = g
+            continue
+        prefix, stack = name.rsplit(".stacked_", 1)
+        projection, kind, adapter = stack.rsplit("_", 2)
+        for e in range(p.shape[0]):
+            out[f"{prefix}.experts.{e}.{projection}.lora_{kind}.{adapter}.weight"] = g[e]
+    return out
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1000, (2, 13), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def forward_backward(model, checkpointing: bool):
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    out = model(**batch())
+    out.loss.backward()
+    return out
+
+
+@pytest.mark.parametrize("quant,stacked,overrides", [("nf4", True, {}), ("nf4", False, ALIGNED),
+                                                     ("bf16", True, ALIGNED), ("bf16", False, {})],
+                         ids=["nf4-stacked", "nf4-per-expert-aligned", "plain-stacked-aligned", "plain-per-expert"])
+def test_fast_model_matches_peft_modules(quant, stacked, overrides):
+    ref, fast = pair(quant, stacked, **overrides)
+    out_ref = forward_backward(ref, checkpointing=True)
+    out_fast = forward_backward(fast, checkpointing=True)
+    assert fast.base_model.model.model.layers[0].self_attn.__dict__["_fast_linear_plans"]  # the dense path ran
+    assert rel(out_fast.logits, out_ref.logits) < 1e-5
+    g_ref, g_fast = per_expert_grads(ref), per_expert_grads(fast)
+    assert g_ref.keys() == g_fast.keys() and len(g_ref) == 2 * (4 + 3 + 8 * 3) * 2
+    for name in g_ref:
+        assert rel(g_fast[name], g_ref[name]) < 1e-5 or g_ref[name].norm() == g_fast[name].norm() == 0, name
+    assert sum(bool(g.norm() > 0) for g in g_ref.values()) > len(g_ref) // 2
+
+
+def test_packed_nf4_is_bitsandbytes_per_module():
+    """q/k/v's codes become slices of one buffer; its one decode == bitsandbytes' decode of each, bit for bit."""
+    model = nf4_model(tiny_config())
+    attn = model.model.layers[0].self_attn
+    want = torch.cat([bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in (attn.q_proj, attn.k_proj,
+                                                                                            attn.v_proj)])
+    packed = fast_linear.PackedNF4([attn.q_proj, attn.k_proj, attn.v_proj])
+    got = packed.materialize()
+    assert got.shape == want.shape and torch.equal(got, want)
+    codes = [m.weight.data for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert fast_linear._is_joined(codes) and packed.data.data_ptr() == codes[0].data_ptr()
+    again = bnbf.dequantize_4bit(attn.k_proj.weight.data, attn.k_proj.weight.quant_state)  # the module's own view
+    assert torch.equal(again, want[attn.q_proj.out_features:][:attn.k_proj.out_features])
+
+
+def test_fast_dense_never_keeps_a_dequantised_weight():
+    """Activations only: no saved tensor of q/k/v's (sum of outs) x in dequantised values."""
+    _, model = pair("nf4", stacked=False)
+    attn = model.base_model.model.model.layers[0].self_attn
+    weight_size = (attn.q_proj.out_features + 2 * attn.k_proj.out_features) * attn.q_proj.in_features
+    saved = []
+    x = torch.randn(1, 7, attn.q_proj.in_features, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        q, _, _ = fast_linear.linears_fast(attn, ("q_proj", "k_proj", "v_proj"), x)
+    assert saved and weight_size not in saved
+    q.sum().backward()
+    assert x.grad is not None and x.grad.norm() > 0
+
+
+def test_dense_plan_follows_a_conversion():
+    """model.double() re-points every weight: the next call re-plans (re-packs) and matches PEFT again."""
+    ref, fast = pair("bf16", stacked=False)
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        fast(input_ids=ids)
+        ref.double(), fast.double()
+        got, want = fast(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert got.dtype == want.dtype == torch.float64 and rel(got, want) < 1e-10
+
+
+def test_unsupported_lora_falls_back_to_the_modules():
+    """LoRA with a bias is not on the fast path: PEFT's modules compute it, with the same result."""
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)
+    ref = get_peft_model(base_model("bf16"), lora)
+    randomise_lora(ref, 2)
+    fast = copy.deepcopy(ref)
+    set_fast(fast, True)
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        assert rel(fast(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-6
+    plans = fast.base_model.model.model.layers[0].self_attn.__dict__["_fast_linear_plans"]
+    assert ("q_proj", "k_proj", "v_proj") not in plans and ("o_proj",) in plans  # o_proj has no LoRA: fast
+
+
+def test_stacked_lora_keeps_peft_format(tmp_path):
+    """Stacking changes the trainable tensors, not the state dict, the saved adapter or its reload."""
+    ref, fast = pair("bf16", stacked=False)
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(fast).items()}
+    count = sum(p.numel() for p in fast.parameters() if p.requires_grad)
+    tensors = sum(p.requires_grad for p in fast.parameters())
+    fast_moe.stack_expert_lora(fast)
+    layers = fast.config.num_hidden_layers
+    assert sum(p.requires_grad for p in fast.parameters()) == tensors - layers * 3 * 2 * (8 - 1)
+    assert sum(p.numel() for p in fast.parameters() if p.requires_grad) == count
+    after = get_peft_model_state_dict(fast)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    fast.save_pretrained(tmp_path / "stacked")
+    ref.save_pretrained(tmp_path / "plain")
+    saved, plain = load_file(tmp_path / "stacked" / "adapter_model.safetensors"), load_file(
+        tmp_path / "plain" / "adapter_model.safetensors")
+    assert saved.keys() == plain.keys() and all(torch.equal(saved[k], plain[k]) for k in plain)
+    # the adapter loads on a plain model (PEFT's modules) with the same outputs
+    reloaded = PeftModel.from_pretrained(base_model("bf16"), tmp_path / "stacked")
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        assert rel(reloaded(input_ids=ids).logits, fast(input_ids=ids).logits) < 1e-5
+    # loading into the stacked model (Trainer's resume) writes into the stacked parameters
+    moe = fast.base_model.model.model.layers[1].mlp
+    stacked = moe.stacked_up_proj_B_default
+    doubled = {k: v * 2 for k, v in saved.items()}
+    set_peft_model_state_dict(fast, doubled)
+    key = "base_model.model.model.layers.1.mlp.experts.3.up_proj.lora_B.weight"
+    assert torch.equal(stacked[3], doubled[key]) and moe.stacked_up_proj_B_default is stacked
+
+
+def test_stacked_lora_trains_as_per_expert_leaves():
+    """One AdamW step with gradient clipping: stacked parameters and PEFT's per-expert leaves end equal;
+    afterwards the per-expert modules (the loop path) still train the stacked parameters."""
+    _, per_expert = pair("bf16", stacked=False)
+    stacked = copy.deepcopy(per_expert)
+    fast_moe.stack_expert_lora(stacked)
+    for model in (per_expert, stacked):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        forward_backward(model, checkpointing=True)
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        opt.zero_grad()
+    want, got = get_peft_model_state_dict(per_expert), get_peft_model_state_dict(stacked)
+    moved = 0
+    for k in want:
+        assert rel(got[k], want[k]) < 1e-6, k
+        moved += ".experts." in k
+    assert moved == 2 * 8 * 3 * 2
+    set_fast(stacked, False)
+    forward_backward(stacked, checkpointing=False)
+    grad = stacked.base_model.model.model.layers[0].mlp.stacked_gate_proj_A_default.grad
+    assert grad is not None and grad.norm() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant", ["nf4", "bf16"])
+def test_cuda_fast_model_matches_peft_modules(quant):
+    """bf16 under autocast, bitsandbytes' CUDA kernel, grouped_mm: the whole fast model (dense packing,
+    grouped experts, stacked LoRA) against PEFT on the modules: loss, logits and every LoRA gradient."""
+    from hunyuan_lora.hunyuan import grouped_moe
+    from hunyuan_lora.hunyuan.random_init import quantize_linears_
+
+    if not grouped_moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("torch._grouped_mm needs compute capability 9.0")
+    config = tiny_config(hidden_size=256, intermediate_size=128, moe_intermediate_size=[128] * 2,
+                         num_experts=16, moe_topk=[4] * 2, num_attention_heads=4, attention_head_dim=64)
+    torch.manual_seed(0)
+    base = HunYuanMoEV1ForCausalLM(config).to("cuda", torch.bfloat16)
+    if quant == "nf4":
+        for layer in base.model.layers:
+            quantize_linears_(layer, skip=("wg", "lm_head"), compute_dtype=torch.bfloat16)
+        base.is_loaded_in_4bit = True
+    ref = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules=TARGETS))
+    randomise_lora(ref, 1)
+    fast = copy.deepcopy(ref)
+    set_fast(ref, False)
+    set_fast(fast, True)
+    fast_moe.stack_expert_lora(fast)
+    ids = torch.randint(0, 1000, (2, 150), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    out = {}
+    for name, model in (("ref", ref), ("fast", fast)):
+        model.train()
+        with torch.autocast("cuda", torch.bfloat16):
+            o = model(input_ids=ids, labels=ids)
+        o.loss.backward()
+        out[name] = o
+    assert fast.base_model.model.model.layers[0].self_attn.__dict__["_fast_linear_plans"]
+    assert abs(out["fast"].loss.item() - out["ref"].loss.item()) < 1e-2
+    assert rel(out["fast"].logits.float(), out["ref"].logits.float()) < 2e-2
+    g_ref, g_fast = per_expert_grads(ref), per_expert_grads(fast)
+    assert g_ref.keys() == g_fast.keys()
+    for k in g_ref:
+        if g_ref[k].norm() > 0:
+            assert rel(g_fast[k].float(), g_ref[k].float()) < 3e-2, k
+        else:
+            assert g_fast[k].abs().max() == 0, k
