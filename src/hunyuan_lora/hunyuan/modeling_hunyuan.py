@@ -13,8 +13,9 @@ Shapes in comments: B batch, T query tokens, S key tokens, H hidden, nh / nkv he
 N = B*T tokens, E experts, k experts per token.
 
 The MoE block runs `config.moe_impl`: "upstream" (default; each expert module in turn, self-contained)
-or "fast" (grouped products), which needs the installed hunyuan_lora package: a model folder's copy
-of this file raises an ImportError saying so if asked for "fast" without it.
+or "fast" (grouped products; attention's q/k/v and the shared expert's gate/up then run as one product
+each too, fast_linear.py), which needs the installed hunyuan_lora package: a model folder's copy of
+this file raises an ImportError saying so if asked for "fast" without it.
 """
 
 from __future__ import annotations
