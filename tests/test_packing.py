@@ -148,3 +148,40 @@ def test_rounding_the_length_up_keeps_loss_gradients_and_the_throughput_count(se
         model.eval()
     assert int(counter._tokens) == sum(len(f["input_ids"]) for f in features)
     assert int(counter._samples) == len(features)
+
+
+def test_fast_run_resumes_and_a_checkpoint_of_the_per_expert_layout_is_refused(setup, tmp_path, monkeypatch):
+    """The fast path's stacked expert LoRA resumes from its own checkpoints; a checkpoint written with PEFT's
+    2 x E tensors per expert projection (the fast path before stack_expert_lora) is refused in one
+    paragraph before training, and left as it was."""
+    import shutil
+
+    from hunyuan_lora.errors import UserError
+    from hunyuan_lora.hunyuan import fast_moe
+
+    cfg, _, _, _ = setup
+
+    def run(out, steps, resume, stacked=True):
+        run_cfg = config.load(REPO / "configs/demo.yaml", ["model.moe_impl=fast", f"train.max_steps={steps}",
+                                                          "train.save_steps=2", "train.logging_steps=1",
+                                                          "swanlab.mode=disabled", f"train.resume={resume}"],
+                              model_dir=cfg.model.dir, output_dir=str(out))
+        if not (out / "data").exists():
+            shutil.copytree(cfg.output_dir / "data", out / "data")
+        with monkeypatch.context() as m:
+            if not stacked:
+                m.setattr(fast_moe, "stack_expert_lora", lambda model: 0)
+            train.run(run_cfg)
+        return json.loads((out / "log_history.json").read_text())
+
+    run(tmp_path / "stacked", 2, "never")
+    history = run(tmp_path / "stacked", 3, "auto")
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]  # resumed: steps 1-2 from the checkpoint
+
+    run(tmp_path / "per-expert", 2, "never", stacked=False)
+    checkpoint = tmp_path / "per-expert" / "checkpoint-2"
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=r"optimizer state for \d+ tensors, this run trains \d+") as e:
+        run(tmp_path / "per-expert", 3, "auto")
+    assert "train.resume=never" in str(e.value.fix)
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()} == before

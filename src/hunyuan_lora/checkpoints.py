@@ -4,6 +4,7 @@
     set_aside(point.incomplete)        # train.run only: newer incomplete checkpoints out of the Trainer's way
     set_aside_previous_run(out)        # train.run, resume: never: the earlier run's outputs out of the way
     whole_run_loss(log_history, ...)   # the run's train_loss, also when it was resumed
+    check_optimizer_layout(ckpt, model)  # train.run, once the model is built: its optimizer state fits
 
 resume: auto continues from the newest COMPLETE checkpoint of run.output_dir; never starts at
 step 0; a path continues from that checkpoint. A checkpoint trained with other LoRA settings or
@@ -90,6 +91,29 @@ def settings_mismatch(checkpoint: Path, cfg: Config) -> list[str]:
         # at the wrong example (it only warns).
         problems.append(f"per_device_train_batch_size={batch} (config: {cfg.train.per_device_train_batch_size})")
     return problems
+
+
+def check_optimizer_layout(checkpoint: str | Path, model) -> None:
+    """UserError when the checkpoint's optimizer state holds another number of tensors than the model
+    trains: the Trainer would fail on loading it. The fast path trains each expert projection's LoRA as one
+    stacked tensor (fast_moe.stack_expert_lora, since 2026-12-01); its checkpoints written before hold
+    2 x 64 per projection. A DeepSpeed checkpoint (optimizer sharded in global_step*/) is not checked."""
+    path = Path(checkpoint) / "optimizer.pt"
+    if not path.is_file():
+        return
+    import torch
+
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    saved = sum(len(group["params"]) for group in state.get("param_groups", []))
+    trains = sum(p.requires_grad for p in model.parameters())
+    if saved != trains:
+        raise UserError(
+            f"checkpoint {checkpoint} holds optimizer state for {saved} tensors, this run trains {trains}: it was "
+            "written with another layout of the LoRA tensors (before 2026-12-01 the fast MoE path trained "
+            "2 x 64 tensors per expert projection, now one stacked tensor each)", where="train.resume",
+            fix="continue it with the version of the kit that wrote it, or set train.resume=never to start over "
+                "(the earlier run is set aside, not deleted); its adapter (infer.adapter=<checkpoint>) loads "
+                "either way")
 
 
 def resume_point(cfg: Config) -> ResumePoint:

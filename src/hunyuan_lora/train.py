@@ -23,7 +23,7 @@ import torch
 
 from . import scale, tracking
 from .atomic import staging_dir, write_json
-from .checkpoints import published_from, set_aside, set_aside_previous_run, whole_run_loss
+from .checkpoints import check_optimizer_layout, published_from, set_aside, set_aside_previous_run, whole_run_loss
 from .config import Config
 from .modeling import load_base_model
 from .preflight import preflight
@@ -58,6 +58,8 @@ def run(cfg: Config) -> Path:
 
     # ---- model + LoRA, Trainer -----------------------------------------------------------------
     model = attach_lora(cfg, load_base_model(cfg, device, dtype))
+    if resume:
+        check_optimizer_layout(resume, model)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"LoRA {cfg.lora.targets()} r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.3f} %), {device}, {dtype}, quantization {cfg.model.quantization}, "
