@@ -135,6 +135,32 @@ def test_ctrl_c_during_download_prints_one_line_and_the_rerun_completes(model_to
     assert (cache / MODEL_ID / "download.json").is_file()
 
 
+def test_ctrl_c_where_no_stage_handles_it_is_one_line_not_a_traceback(tmp_path):
+    """Every stage runs inside errors.exit_on_user_error: a Ctrl-C while, say, the weights load (before
+    train's own handler is installed) ends with one line and exit 130, not a KeyboardInterrupt traceback."""
+    code = ("import time\n"
+            "from hunyuan_lora.errors import exit_on_user_error\n"
+            "@exit_on_user_error\n"
+            "def load():\n"
+            "    print('loading', flush=True)\n"
+            "    time.sleep(TIMEOUT)\n"
+            "load()\n").replace("TIMEOUT", str(TIMEOUT))
+    stdout, stderr = tmp_path / "out", tmp_path / "err"
+    with open(stdout, "w") as so, open(stderr, "w") as se:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=so, stderr=se, env=clean_env(),
+                                start_new_session=True)
+    deadline = time.time() + TIMEOUT
+    while "loading" not in stdout.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=30) == 128 + signal.SIGINT
+    err = stderr.read_text()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "interrupted (Ctrl-C): nothing unfinished was published; run the same command again "
+        "(`make train` continues from its newest complete checkpoint)"]
+
+
 # ---------------------------------------------------------------------------------------------
 # train
 

@@ -7,6 +7,7 @@ record never shows a traceback: it shows what is wrong, where, and how to fix it
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import textwrap
 from collections.abc import Callable
@@ -32,7 +33,8 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Decorator for script entry points: a UserError becomes one paragraph on stderr and exit 2."""
+    """Decorator for script entry points: a UserError becomes one paragraph on stderr and exit 2; a
+    Ctrl-C that no stage handles itself (loading weights, tokenizing) one line and exit 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -42,5 +44,10 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             print(textwrap.fill("error: " + e.paragraph(), width=100, break_on_hyphens=False, break_long_words=False),
                   file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            # stages publish only what is complete (atomic.py): what was cut short is simply not there
+            print("\ninterrupted (Ctrl-C): nothing unfinished was published; run the same command again "
+                  "(`make train` continues from its newest complete checkpoint)", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
 
     return wrapper
