@@ -195,6 +195,8 @@ class HunYuanMoE(nn.Module):
             self.shared_mlp = None
         expert_size = config.layer_value("moe_intermediate_size", layer_idx)
         self.experts = nn.ModuleList(HunYuanMLP(config, expert_size) for _ in range(self.num_experts))
+        for expert in self.experts:  # "fast" groups them (fast_moe.py); the loop calls the modules as they are
+            expert.fast_linears = False
         # "upstream": routed_experts below, each expert module called in turn as the model folder's
         # code does; "fast": grouped products over the same parameters (the package's fast_moe.py)
         self.moe_impl = getattr(config, "moe_impl", "upstream")
