@@ -139,9 +139,7 @@ def _plan(owner: nn.Module, names: tuple[str, ...]) -> tuple:
     lora = [[_Lora(A[0].weight, B[0].weight, scaling, drop) for _, A, B, scaling, drop in _lora_plan([m])]
             for m in mods]
     plan = (base, outs, lora, linears)
-    snapshot = Snapshot(mods)  # after packing
-    snapshot.holders += [(owner._modules, n, m) for n, m in zip(names, mods)]
-    cache[names] = (snapshot, plan)
+    cache[names] = (Snapshot(mods, [(owner._modules, n, m) for n, m in zip(names, mods)]), plan)  # after packing
     return plan
 
 

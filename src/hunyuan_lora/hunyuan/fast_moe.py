@@ -271,8 +271,9 @@ class Snapshot:
     (a 2-core CPU; the plan it guards takes milliseconds to build).
     """
 
-    def __init__(self, modules: list[nn.Module]):
-        self.holders, self.pointers, self.states, self._columns = [], [], [], None
+    def __init__(self, modules: list[nn.Module], owners: list[tuple[dict, str, nn.Module]]):
+        """modules: the projections the plan reads; owners: the (`_modules`, name, module) entries holding them."""
+        self.holders, self.pointers, self.states = list(owners), [], []
         # PEFT switches adapters on every module at once and the plan checked they agree: the ends suffice
         self.states = [(m, _adapter_state(m)) for m in {id(m): m for m in modules[:1] + modules[-1:]}.values()
                        if _is_lora(m)]
@@ -294,6 +295,7 @@ class Snapshot:
         for w in four_bit:
             self.holders.append((w.__dict__, "quant_state", w.quant_state))
             self.holders.append((w.quant_state.__dict__, "absmax", w.quant_state.absmax))
+        self.columns = tuple(zip(*self.holders)) or ((), (), ())
 
     def _tensor(self, module: nn.Module, name: str, plain: bool) -> None:
         table = module._parameters if name in module._parameters else module._buffers
@@ -303,9 +305,7 @@ class Snapshot:
             self.pointers.append((t, t.data_ptr()))
 
     def holds(self) -> bool:
-        if self._columns is None or len(self._columns[0]) != len(self.holders):
-            self._columns = tuple(zip(*self.holders)) or ((), (), ())
-        tables, keys, values = self._columns
+        tables, keys, values = self.columns
         return (all(map(operator.is_, map(dict.get, tables, keys), values))
                 and all(t.data_ptr() == p for t, p in self.pointers)
                 and all(_adapter_state(m) == s for m, s in self.states))
@@ -318,10 +318,8 @@ def _adapter_state(m: nn.Module) -> tuple:
 def _snapshot(moe: nn.Module) -> Snapshot:
     """The plan's inputs: each expert's projection modules (as `moe.experts[i]` holds them) and below."""
     experts = [e._modules for e in moe.experts._modules.values()]
-    modules = [e[name] for name in PROJECTIONS for e in experts]
-    snap = Snapshot(modules)
-    snap.holders += [(e, name, e[name]) for name in PROJECTIONS for e in experts]
-    return snap
+    owners = [(e, name, e[name]) for name in PROJECTIONS for e in experts]
+    return Snapshot([m for _, _, m in owners], owners)
 
 
 def _plan(moe: nn.Module) -> dict:
@@ -380,6 +378,18 @@ def projections(moe: nn.Module) -> dict[str, Projection]:
     return out
 
 
+def _fast_moes(model: nn.Module):
+    """(moe, plan) of every HunYuanMoE running the fast path; a block the fast path does not support is
+    skipped (it runs the per-expert loop, with its warning)."""
+    for moe in model.modules():
+        if type(moe).__name__ != "HunYuanMoE" or getattr(moe, "moe_impl", None) != "fast":
+            continue
+        try:
+            yield moe, _plan(moe)
+        except Unsupported:
+            continue
+
+
 @torch.no_grad()
 def stack_expert_lora(model: nn.Module) -> int:
     """Train each expert projection's LoRA as ONE (E, r, in) and ONE (E, out, r) parameter; returns how many.
@@ -394,13 +404,7 @@ def stack_expert_lora(model: nn.Module) -> int:
     not under ZeRO-3, whose parameters are shards.
     """
     n = 0
-    for moe in model.modules():
-        if type(moe).__name__ != "HunYuanMoE" or getattr(moe, "moe_impl", None) != "fast":
-            continue
-        try:
-            plan = _plan(moe)
-        except Unsupported:
-            continue
+    for moe, plan in _fast_moes(model):
         for projection in plan:
             adapters = _lora_plan([getattr(expert, projection) for expert in moe.experts])
             for adapter, A, B, _, _ in adapters:
@@ -430,13 +434,7 @@ def pack_experts(model: nn.Module) -> int:
     before training, the whole per-expert memory goes back in one `empty_cache`.
     """
     n = 0
-    for moe in model.modules():
-        if type(moe).__name__ != "HunYuanMoE" or getattr(moe, "moe_impl", None) != "fast":
-            continue
-        try:
-            plan = _plan(moe)
-        except Unsupported:
-            continue  # falls back to the per-expert loop at run time, with its warning
+    for _, plan in _fast_moes(model):
         for base, _ in plan.values():
             if not isinstance(base, NF4Experts):
                 params = [m.weight for m in base]
