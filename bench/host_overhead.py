@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from hunyuan_lora import config as config_mod  # noqa: E402
 from hunyuan_lora.hunyuan.random_init import build_random_model, real_or_folder_config  # noqa: E402
+from hunyuan_lora.runtime import placement  # noqa: E402
 from hunyuan_lora.scale import QUANT_SKIP_MODULES  # noqa: E402
 from hunyuan_lora.training import attach_lora  # noqa: E402
 
@@ -75,7 +76,7 @@ def build(cfg, layers: int, device: str, quant: str, variant: str = "all", tiny:
         from hunyuan_lora.hunyuan import fast_moe
 
         fast_moe.stack_expert_lora = lambda model: 0
-    model = attach_lora(run_cfg, model)
+    model = attach_lora(run_cfg, model, placement(run_cfg))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")

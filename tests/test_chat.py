@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_lora import generation, prompt
+from hunyuan_lora import generation, modeling, prompt
 from hunyuan_lora.records import Record, Turn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,8 @@ def _say(child, line: str) -> str:
 
 @pytest.fixture(scope="module")
 def local(lora_run):
-    model, tokenizer, _ = generation.load_for_generation(lora_run)
+    loaded, tokenizer = modeling.load_for_generation(lora_run)
+    model = loaded.model
 
     def answer(messages, thinking=False, base=False):
         off = model.disable_adapter() if base else contextlib.nullcontext()

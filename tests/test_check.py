@@ -83,7 +83,7 @@ def test_passing_preflight_prints_the_table_and_returns_the_plan(patched_stand_i
         assert f"  {name} " in table
     assert "FAIL" not in table
     assert {r.status for r in plan.rows} == {"ok"}
-    assert (plan.device, plan.dtype, plan.resume.path) == ("cpu", torch.float32, None)
+    assert (plan.placement.device, plan.placement.dtype, plan.resume.path) == ("cpu", torch.float32, None)
     assert "55,552 trainable" in table and "40 examples" in table
 
 
@@ -394,7 +394,7 @@ def test_cuda_requested_without_a_gpu_fails(patched_stand_in, run_dir, monkeypat
 def test_stand_in_on_a_fake_gpu_passes_with_the_estimate_printed(patched_stand_in, run_dir, monkeypatch, capsys):
     fake_gpus(monkeypatch, [("NVIDIA H200", H200, H200)])
     plan = preflight.preflight(demo_cfg(patched_stand_in, run_dir, "model.device=cuda", "model.device_map=auto"))
-    assert (plan.device, plan.dtype) == ("cuda", torch.bfloat16)
+    assert (plan.placement.device, plan.placement.dtype) == ("cuda", torch.bfloat16)
     assert "1 GPU(s): NVIDIA H200 141.0 GB free" in capsys.readouterr().out
 
 
@@ -493,7 +493,7 @@ def test_real_gpus_are_read_and_compared(real_size_folder, patched_stand_in, tok
     gpus = preflight.gpu_memory()
     assert gpus and all(0 < free <= total for _, free, total in gpus)
     plan = preflight.preflight(demo_cfg(patched_stand_in, tokenized, "model.device=cuda"), stage="check")
-    assert plan.device == "cuda" and "GPU(s):" in capsys.readouterr().out
+    assert plan.placement.device == "cuda" and "GPU(s):" in capsys.readouterr().out
     try:  # the real 80 B model: fits on 2+ H200s, not on one; either way the estimate is printed
         plan = preflight.preflight(real_cfg(real_size_folder, tmp_path / "out"), stage="check")
     except UserError as e:

@@ -80,11 +80,11 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_train_takes_any_trainingarguments_field_and_it_reaches_the_trainer():
-    from hunyuan_lora import training
+    from hunyuan_lora import runtime, training
 
     cfg = config.load(REPO / "configs/demo.yaml", ["train.weight_decay=0.05", "train.lr_scheduler_type=cosine",
                                                    "train.adam_beta2=0.95"])
-    args = training.training_arguments(cfg)
+    args = training.training_arguments(cfg, runtime.placement(cfg))
     assert (args.weight_decay, args.lr_scheduler_type.value, args.adam_beta2) == (0.05, "cosine", 0.95)
     assert cfg.to_dict()["train"]["weight_decay"] == 0.05  # resolved.yaml: one flat train: section
     assert config.load(REPO / "configs/demo.yaml", [f"train.{k}={v}" for k, v in cfg.to_dict()["train"].items()

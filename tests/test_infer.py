@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_lora import generation, infer, prompt
+from hunyuan_lora import generation, infer, modeling, prompt
 from hunyuan_lora.errors import UserError
 
 
@@ -30,15 +30,13 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_batch_uses_the_training_prompt_with_the_input_field(cfg, tmp_path, capsys):
-    from transformers import AutoTokenizer
-
     cfg.infer.input_jsonl = _questions(tmp_path, [{"instruction": "翻译", "input": "你好"},
                                                   {"instruction": "你是谁？", "output": "臣妾甄嬛。"}])
     rows = _rows(infer.run(cfg))
     assert [r["instruction"] for r in rows] == ["翻译\n你好", "你是谁？"]
     assert [r["reference"] for r in rows] == [None, "臣妾甄嬛。"]
-    model, _, _ = generation.load_for_generation(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.dir, trust_remote_code=True)
+    loaded, tokenizer = modeling.load_for_generation(cfg)
+    model = loaded.model
     direct = generation.reply(model, tokenizer, prompt.ask("翻译\n你好", cfg), thinking=False,
                               sampling=generation.infer_sampling(cfg))
     assert rows[0]["raw"] == direct and rows[0]["answer"] == prompt.extract_answer(direct)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from hunyuan_lora import generation, merge, modeling
+from hunyuan_lora import merge, modeling
 from hunyuan_lora.errors import UserError
 
 
@@ -36,23 +36,23 @@ def test_merge_counts_every_expert_delta_and_marks_the_folder(cfg, capsys):
     assert experts == model_config["num_hidden_layers"] * model_config["num_experts"] * 3 > 0
     assert (f"merge check: {experts} of {experts} expert tensors and {other} of {other} other adapted tensors "
             "carry their LoRA delta") in capsys.readouterr().out
-    marker = json.loads((out / generation.MERGED_MARKER).read_text())
+    marker = json.loads((out / modeling.MERGED_MARKER).read_text())
     assert marker["merge_check"]["expert_tensors"] == {"with_delta": experts, "adapted": experts}
     # a merged folder is used as it is: infer/chat/eval/serve load no adapter on top, merge refuses it
     merged_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dir=str(out)))
-    _, _, adapter = generation.load_for_generation(merged_cfg)
-    assert adapter is None
+    loaded, _ = modeling.load_for_generation(merged_cfg)
+    assert loaded.adapter is None
     with pytest.raises(UserError, match="already hold an adapter"):
         merge.run(merged_cfg)
 
 
 def test_a_dropped_expert_delta_stops_the_merge_before_publishing(cfg, monkeypatch):
-    def load_and_lose_one_expert(cfg, path):
-        model = modeling.load_with_adapter(cfg, path)
-        lost = model.base_model.model.model.layers[1].mlp.experts[0].up_proj  # as a broken merge would
+    def load_and_lose_one_expert(cfg, where, path):
+        loaded = modeling.load_with_adapter(cfg, where, path)
+        lost = loaded.model.base_model.model.model.layers[1].mlp.experts[0].up_proj  # as a broken merge would
         with torch.no_grad():
             lost.lora_B["default"].weight.zero_()
-        return model
+        return loaded
 
     monkeypatch.setattr(merge, "load_with_adapter", load_and_lose_one_expert)
     with pytest.raises(UserError, match=r"1 adapted tensor\(s\) do not carry their LoRA delta.*"

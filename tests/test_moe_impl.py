@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from hunyuan_lora import config, modeling
+from hunyuan_lora import config, modeling, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,7 @@ def test_fast_impl_loads_the_same_checkpoint_and_computes_the_same_logits(patche
     logits = {}
     for impl in ("upstream", "fast"):
         cfg = config.load(REPO / "configs/demo.yaml", [f"model.moe_impl={impl}"], model_dir=str(patched_stand_in))
-        model = modeling.load_base_model(cfg, "cpu", torch.float32).eval()
+        model = modeling.load_base_model(cfg, runtime.placement(cfg)).model.eval()
         assert model.model.layers[0].mlp.moe_impl == impl
         assert (type(model).__module__.startswith("hunyuan_lora.")) is (impl == "fast")
         with torch.no_grad():

@@ -26,6 +26,7 @@ from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
 from hunyuan_lora.hunyuan.random_init import quantize_linears_
 from hunyuan_lora.modeling import load_with_adapter
+from hunyuan_lora.runtime import placement
 from hunyuan_lora.stand_in import stand_in_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,7 +215,7 @@ def test_adapter_from_nf4_fast_loads_on_the_bf16_model(tmp_path, stand_in_dir):
     for impl in ("upstream", "fast"):
         cfg = config.load(REPO / "configs/demo.yaml", [f"model.moe_impl={impl}", "model.device=cpu"],
                           model_dir=str(dequantised_dir), output_dir=str(tmp_path / "run"))
-        loaded = load_with_adapter(cfg, tmp_path / "adapter")
+        loaded = load_with_adapter(cfg, placement(cfg), tmp_path / "adapter").model
         assert type(loaded.get_base_model()).__module__.startswith("hunyuan_lora.") is (impl == "fast")
         with torch.no_grad():
             got = loaded(input_ids=ids).logits

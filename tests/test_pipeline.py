@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from hunyuan_lora import config, infer, merge, modeling
+from hunyuan_lora import config, infer, merge, modeling, runtime
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo's first logged loss (mean over its first 2 steps) from seed 0: it depends only on the
@@ -102,7 +102,8 @@ def test_merged_model_equals_base_plus_adapter(demo):
             "hy.tiktoken", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in merged_dir.iterdir()}
     ids = torch.tensor([[815, 300, 301, 302, 819, 500]])
     with torch.no_grad():
-        with_adapter = modeling.load_with_adapter(cfg, cfg.output_dir / "adapter")(input_ids=ids).logits
+        with_adapter = modeling.load_with_adapter(cfg, runtime.placement(cfg), cfg.output_dir / "adapter")
+        with_adapter = with_adapter.model(input_ids=ids).logits
         merged, info = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=True,
                                                             torch_dtype=torch.float32, output_loading_info=True)
         merged.eval()

@@ -139,29 +139,32 @@ def _capture_from_pretrained(monkeypatch, folder: Path) -> dict:
         return real
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # no CUDA here
     return seen
 
 
 def test_device_map_only_outside_deepspeed(patched_stand_in, tmp_path, monkeypatch):
-    cfg = demo_cfg(patched_stand_in, tmp_path, "model.device_map=auto")
+    cfg = demo_cfg(patched_stand_in, tmp_path, "model.device_map=auto", "model.device=cuda")
     seen = _capture_from_pretrained(monkeypatch, patched_stand_in)
-    modeling.load_base_model(cfg, "cuda", torch.bfloat16)
+    where = runtime.placement(cfg)
+    assert (where.device, where.dtype, where.device_map) == ("cuda", torch.bfloat16, "auto")
+    modeling.load_base_model(cfg, where)
     assert seen["device_map"] == "auto"  # the tutorial's single-process option is kept
 
     seen.clear()
     for k, v in ZERO3_ENV.items():
         monkeypatch.setenv(k, v)
-    model = modeling.load_base_model(cfg, "cuda", torch.bfloat16)
+    model = modeling.load_base_model(cfg, runtime.placement(cfg)).model
     assert "device_map" not in seen and "quantization_config" not in seen  # ZeRO-3 shards instead
     assert all(getattr(m, "_z3_leaf", False) for m in model.modules() if type(m).__name__ == "HunYuanMoE")
 
 
 def test_nf4_loads_with_the_bnb_config_and_a_device_map(patched_stand_in, tmp_path, monkeypatch):
-    cfg = demo_cfg(patched_stand_in, tmp_path, "model.quantization=nf4", "model.device_map=null")
+    cfg = demo_cfg(patched_stand_in, tmp_path, "model.quantization=nf4", "model.device_map=null", "model.device=cuda")
     seen = _capture_from_pretrained(monkeypatch, patched_stand_in)
-    modeling.load_base_model(cfg, "cuda", torch.bfloat16)
+    modeling.load_base_model(cfg, runtime.placement(cfg))
     assert seen["device_map"] == {"": 0}  # 4-bit weights are placed at load (no .to() afterwards)
     assert seen["quantization_config"].bnb_4bit_quant_type == "nf4"
 

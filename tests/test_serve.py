@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_lora import generation, prompt
+from hunyuan_lora import generation, modeling, prompt
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 12
@@ -55,7 +55,8 @@ def client(server):
 @pytest.fixture(scope="module")
 def local(lora_run):
     """The same model in this process, to say what the server must answer."""
-    model, tokenizer, _ = generation.load_for_generation(lora_run)
+    loaded, tokenizer = modeling.load_for_generation(lora_run)
+    model = loaded.model
 
     def answer(messages, thinking=False, max_new_tokens=MAX_NEW):
         return generation.answer(model, tokenizer, messages, thinking=thinking,

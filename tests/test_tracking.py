@@ -144,19 +144,16 @@ def test_sample_panel_has_before_and_after_rows_per_prompt(run):
 @pytest.mark.slow
 def test_before_is_the_base_model_and_after_is_the_saved_adapter(run):
     """Regenerate both columns outside training: the base folder alone, then base + adapter/."""
-    import torch
-
-    from hunyuan_lora import generation, modeling, prompt
+    from hunyuan_lora import generation, modeling, prompt, runtime
 
     (record,) = read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], tracking.SAMPLES_KEY)
     logged_before, logged_after = record["data"][0::2], record["data"][1::2]
     greedy = tracking.SampleGenerations(run, tokenizer=None).cfg
     assert (greedy.infer.do_sample, greedy.infer.max_new_tokens) == (False, 8)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(run.model.dir, trust_remote_code=True)
-    base = modeling.load_base_model(run, "cpu", torch.float32).eval()
-    tuned = modeling.load_with_adapter(run, run.output_dir / "adapter")
+    tokenizer = modeling.load_tokenizer(run.model.dir)
+    where = runtime.placement(run)
+    base = modeling.load_base_model(run, where).model.eval()
+    tuned = modeling.load_with_adapter(run, where, run.output_dir / "adapter").model
     for model, logged in ((base, logged_before), (tuned, logged_after)):
         answers = [prompt.extract_answer(generation.reply(model, tokenizer, prompt.ask(p, greedy), thinking=False,
                                                           sampling=generation.infer_sampling(greedy)))

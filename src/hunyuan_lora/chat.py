@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from .config import Config
-from .generation import Generation, Sampling, load_for_generation
+from .generation import Generation, Sampling
+from .modeling import load_for_generation
 from .prompt import conversation, prompt_ids
 from .records import Record, Turn
 
@@ -30,7 +31,8 @@ HELP = "/think /no_think /base /adapter /reset /exit — Ctrl-C stops an answer"
 def run(cfg: Config) -> Path:
     import readline  # noqa: F401  (line editing and history for input())
 
-    model, tokenizer, adapter = load_for_generation(cfg)
+    loaded, tokenizer = load_for_generation(cfg)
+    model, adapter = loaded.model, loaded.adapter
     sampling = Sampling(max_new_tokens=cfg.chat.max_new_tokens, do_sample=cfg.chat.do_sample)
     thinking, use_adapter = cfg.chat.thinking, adapter is not None
     history: list[Turn] = []

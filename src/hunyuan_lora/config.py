@@ -125,7 +125,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     # adamw_torch (foreach AdamW) is what the tutorial's Trainer used; adamw_torch_fused (one kernel set
     # for all LoRA tensors) measured up to 2x per layer at micro-batch 4 (bench/NOTES.md).
     "optim": "adamw_torch",
-    "bf16": True,  # on a GPU; the CPU runs in float32 (runtime.pick_dtype)
+    "bf16": True,  # on a GPU; the CPU runs in float32 (runtime.placement)
     "dataloader_num_workers": 0,
 }
 # TrainingArguments the project derives from other settings (training.training_arguments): a

@@ -30,7 +30,8 @@ import numpy as np
 from .atomic import staging_dir, write_json, write_text
 from .config import Config
 from .errors import UserError
-from .prompt import IGNORE_INDEX, dataset_provenance, load_tokenizer, training_samples
+from .modeling import load_tokenizer
+from .prompt import IGNORE_INDEX, dataset_provenance, training_samples
 from .records import Record, check_sha256, read_records, summarise
 
 
@@ -91,7 +92,7 @@ def run(cfg: Config) -> Path:
     from datasets import Dataset, DatasetDict
 
     out = cfg.output_dir / "data"
-    tokenizer = load_tokenizer(cfg)  # before a download: `make dataset` needs the model folder's tokenizer
+    tokenizer = load_tokenizer(cfg.model.dir)  # before a download: `make dataset` needs the model folder's tokenizer
     path = fetch_dataset(cfg)
     records, report = read_records(path, drop_duplicates=cfg.data.drop_duplicates)
     print(summarise(report))

@@ -23,7 +23,8 @@ from pathlib import Path
 from .atomic import staging_dir, write_json, write_text
 from .config import Config
 from .errors import UserError
-from .generation import Sampling, answer, load_for_generation
+from .generation import Sampling, answer
+from .modeling import load_for_generation
 from .prompt import dataset_mismatch, extract_answer, is_thinking, prompt_messages
 from .records import Record, read_records
 from .tracking import swanlab_mode
@@ -121,7 +122,8 @@ def run(cfg: Config, eval_file: str | None = None) -> Path:
     if eval_file:
         cfg.eval.input = eval_file
     source, records = eval_records(cfg)
-    model, tokenizer, adapter = load_for_generation(cfg)
+    loaded, tokenizer = load_for_generation(cfg)
+    model, adapter = loaded.model, loaded.adapter
     sides = ["adapter", "base"] if cfg.eval.compare_base and adapter is not None else ["adapter"]
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
     out = cfg.output_dir / "eval"

@@ -1,7 +1,8 @@
-"""Generation shared by infer, chat, eval and serve: the model to talk to, sampling settings, and one
-streaming generator that stops at <|eos|>, a stop string, max_new_tokens or when asked to.
+"""Generation shared by infer, chat, eval and serve: sampling settings, and one streaming generator
+that stops at <|eos|>, a stop string, max_new_tokens or when asked to (modeling.load_for_generation
+loads the model to talk to).
 
-    model, tokenizer, adapter = load_for_generation(cfg)
+    loaded, tokenizer = load_for_generation(cfg); model = loaded.model
     text = answer(model, tokenizer, prompt.ask("你是谁？", cfg), thinking=False, sampling=infer_sampling(cfg))
     gen = Generation(model, tokenizer, prompt_ids(...), Sampling(max_new_tokens=256), stop=["\n\n"])
     for piece in gen:            # text as it is generated (what a stop string needs held back is held)
@@ -16,16 +17,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import Config
-from .errors import UserError
-from .model_folder import check_model_folder
-from .modeling import adapter_dir, load_base_model, load_with_adapter
-from .prompt import load_tokenizer, prompt_ids
-from .runtime import pick_device, pick_dtype
-
-MERGED_MARKER = "merged_from.json"  # written by `make merge` into the folder it writes
+from .prompt import prompt_ids
 
 
 @dataclass
@@ -78,31 +72,6 @@ def warn_if_too_long(model, prompt_tokens: int, max_new_tokens: int) -> None:
     if limit and prompt_tokens + max_new_tokens > limit:
         print(f"WARNING: the prompt is {prompt_tokens:,} tokens and up to {max_new_tokens:,} more may be generated, "
               f"over the model's context of {limit:,} (max_position_embeddings): the answer may degrade", flush=True)
-
-
-def is_merged(model_dir: str | Path) -> bool:
-    return (Path(model_dir) / MERGED_MARKER).is_file()
-
-
-def load_for_generation(cfg: Config, *, require_adapter: bool = True):
-    """(model, tokenizer, adapter): the base model + the run's adapter, or a `make merge` folder as it
-    is (its adapter is already in the weights: applying it again would double it). adapter is the
-    adapter folder, or None for a merged folder; require_adapter=False allows the bare base model."""
-    check_model_folder(Path(cfg.model.dir))  # a missing, partial or damaged folder: in words, before loading
-    adapter = None
-    if not is_merged(cfg.model.dir):
-        try:
-            adapter = adapter_dir(cfg)
-        except UserError:
-            if require_adapter:
-                raise
-    tokenizer = load_tokenizer(cfg)
-    if adapter is not None:
-        model = load_with_adapter(cfg, adapter)
-    else:
-        device = pick_device(cfg)
-        model = load_base_model(cfg, device, pick_dtype(cfg, device)).eval()
-    return model, tokenizer, adapter
 
 
 class Generation:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
-from .generation import answer, infer_sampling, is_merged, load_for_generation
-from .modeling import adapter_dir
+from .generation import answer, infer_sampling
+from .modeling import adapter_dir, is_merged, load_for_generation
 from .prompt import extract_answer, prompt_messages
 from .records import Record, Turn, read_records
 
@@ -114,7 +114,8 @@ def run(cfg: Config, prompt: str | None = None) -> Path:
     asked = [prompt_messages(r, cfg) for r in records]
     keys = [_run_key(cfg, m) for m in asked]
     start = _earlier_answers(out, keys)
-    model, tokenizer, _ = load_for_generation(cfg)
+    loaded, tokenizer = load_for_generation(cfg)
+    model = loaded.model
     sampling = infer_sampling(cfg)
     with open(out, "a", encoding="utf-8") as f:
         for record, messages, key in list(zip(records, asked, keys))[start:]:

@@ -23,9 +23,9 @@ from pathlib import Path
 from .atomic import staging_dir, write_json
 from .config import Config
 from .errors import UserError
-from .generation import MERGED_MARKER, is_merged
 from .model_folder import check_model_folder
-from .modeling import adapter_dir, load_with_adapter
+from .modeling import MERGED_MARKER, adapter_dir, is_merged, load_with_adapter
+from .runtime import placement
 
 # Files copied from the base folder as they are (the weights and their index are written anew).
 CARRIED = ("config.json", "generation_config.json", "tokenizer_config.json", "hy.tiktoken")
@@ -107,7 +107,7 @@ def run(cfg: Config) -> Path:
                         fix="merge into the base model folder (MODEL_DIR=<the downloaded folder>)")
     check_model_folder(base)
     adapter = adapter_dir(cfg)
-    model = load_with_adapter(cfg, adapter)
+    model = load_with_adapter(cfg, placement(cfg), adapter).model
     merged = model.merge_and_unload()
     out = cfg.output_dir / "merged"
     with staging_dir(out) as tmp:

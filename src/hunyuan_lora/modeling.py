@@ -1,8 +1,15 @@
-"""Loading the model: the base model in every placement, and the base model with a trained adapter.
+"""Every model and tokenizer load, for every stage: the base model in its placement, the base model
+with a trained adapter, a `make merge` folder, and the real architecture with random weights.
 
-    model = load_base_model(cfg, device, dtype)                     # the model folder's weights
-    model = load_base_model(cfg, device, dtype, weights="random", num_layers=2)   # shapes only (probe)
-    model = load_with_adapter(cfg, adapter_dir(cfg))                # base + <output_dir>/adapter, eval mode
+    where = runtime.placement(cfg)                                  # decided once, passed down
+    loaded = load_base_model(cfg, where)                            # the model folder's weights (train)
+    loaded = load_with_adapter(cfg, where, adapter_dir(cfg))        # + <output_dir>/adapter, eval mode (merge)
+    loaded, tokenizer = load_for_generation(cfg)                    # adapter or merged folder (infer, chat, ...)
+    loaded = load_random_model(cfg, where, num_layers=2)            # shapes only, no weights read (probe)
+    tokenizer = load_tokenizer(cfg.model.dir)
+
+Each load returns a LoadedModel: the model and the facts of its load (which adapter, what the random
+build made). The base model is built in one place, `_from_pretrained`.
 
 Placements (scale.py says when each applies): device_map over the visible GPUs, one device, ZeRO-3
 under `accelerate launch` (TrainingArguments, built before this call, makes from_pretrained load
@@ -11,63 +18,105 @@ inside deepspeed.zero.Init, which shards every weight 1/N over the processes), N
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from . import scale
 from .config import Config
 from .errors import UserError
-from .runtime import launch, pick_device, pick_dtype
+from .model_folder import TOKENIZER_FILES, check_model_folder
+from .runtime import Placement, placement
+
+MERGED_MARKER = "merged_from.json"  # written by `make merge` into the folder it writes
 
 
-def load_base_model(cfg: Config, device: str, dtype, *, weights: Literal["checkpoint", "random"] = "checkpoint",
-                    num_layers: int | None = None):
-    """The folder's own code (model.moe_impl: upstream) or the project's implementation (fast).
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model and the facts of its load, for the stage to act on or report."""
 
-    weights="random": the architecture of the folder's config.json with random weights, optionally
-    only its first num_layers decoder layers (no weights are read)."""
-    if weights == "random":
-        from .hunyuan.random_init import build_random_model, real_or_folder_config
+    model: Any
+    adapter: Path | None = None  # the LoRA adapter loaded on top of the base weights
+    # load_random_model: what was built (random_init.build_random_model's info + architecture_from)
+    random_init: dict | None = None
 
-        # the folder's config.json when there is a folder, else the real Hunyuan-A13B architecture
-        config, config_source = real_or_folder_config(cfg.model.dir)
-        folder = Path(cfg.model.dir) if (Path(cfg.model.dir) / "config.json").is_file() else None
-        model, info = build_random_model(config, moe_impl=cfg.model.moe_impl, quantization=cfg.model.quantization,
-                                         device=device, dtype=dtype, num_layers=num_layers, model_dir=folder,
-                                         skip=scale.QUANT_SKIP_MODULES, seed=cfg.run.seed)
-        model.random_init = {**info, "config_source": config_source}  # what the probe reports
-        return model
-    if num_layers is not None:
-        raise ValueError("num_layers applies to weights='random' only")
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+def load_tokenizer(folder: str | Path):
+    """The model folder's tokenizer (Tencent's code through auto_map); UserError when it cannot load."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"no tokenizer in {folder} ({', '.join(missing)} missing)", where="model.dir",
+                        fix="run `make download` first (or use CONFIG=configs/demo.yaml for the stand-in demo), "
+                            "or pass MODEL_DIR=<the model folder>")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"the tokenizer in {folder} does not load ({type(e).__name__}: {e})", where="model.dir",
+                        fix="download the folder again (`make download`), or pass MODEL_DIR=<the model folder>") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# the base model
+
+
+def _from_pretrained(cfg: Config, where: Placement):
+    """The model folder's weights in the folder's own code (model.moe_impl: upstream) or the project's
+    implementation (fast), placed as `where` says."""
     from transformers import AutoModelForCausalLM
 
-    run = launch()
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"torch_dtype": where.dtype}
     quantization = scale.bnb_config(cfg)
     if quantization is not None:
         kwargs["quantization_config"] = quantization  # NF4 weights are placed at load; no .to() after
-    if device == "cuda" and not run.deepspeed and (cfg.model.device_map or quantization is not None):
-        import torch
-
-        kwargs["device_map"] = cfg.model.device_map or {"": torch.cuda.current_device()}
+    if where.device_map is not None:
+        kwargs["device_map"] = where.device_map
     if cfg.model.moe_impl == "fast":
         from .hunyuan.configuration_hunyuan import HunYuanConfig
         from .hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
 
         config = HunYuanConfig.from_pretrained(cfg.model.dir)
         config.moe_impl = "fast"  # read by HunYuanMoE; same state-dict keys as the folder's code
-        model = HunYuanMoEV1ForCausalLM.from_pretrained(cfg.model.dir, config=config, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.dir, trust_remote_code=True, **kwargs)
-    if run.zero3:
+        return HunYuanMoEV1ForCausalLM.from_pretrained(cfg.model.dir, config=config, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(cfg.model.dir, trust_remote_code=True, **kwargs)
+
+
+def load_base_model(cfg: Config, where: Placement) -> LoadedModel:
+    """The model folder's weights, placed (or, under ZeRO-3, sharded and left to the DeepSpeed engine)."""
+    model = _from_pretrained(cfg, where)
+    if where.zero3:
         scale.set_moe_leaf_modules(model)  # without it, ranks routing to different experts hang
-        return model  # sharded by zero.Init; the DeepSpeed engine places it
-    model = model if "device_map" in kwargs else model.to(device)
+        return LoadedModel(model)  # sharded by zero.Init; the DeepSpeed engine places it
+    if where.device_map is None:
+        model = model.to(where.device)
     if cfg.model.moe_impl == "fast":
         from .hunyuan.fast_moe import pack_experts
 
         pack_experts(model)  # now, not on the first forward: the per-expert blocks go back to the driver whole
-    return model
+    return LoadedModel(model)
+
+
+def load_random_model(cfg: Config, where: Placement, num_layers: int | None = None) -> LoadedModel:
+    """The architecture of the folder's config.json (else the real Hunyuan-A13B) with random weights,
+    optionally only its first num_layers decoder layers; no weights are read."""
+    from .hunyuan.random_init import build_random_model, real_or_folder_config
+
+    config, architecture_from = real_or_folder_config(cfg.model.dir)
+    folder = Path(cfg.model.dir) if (Path(cfg.model.dir) / "config.json").is_file() else None
+    model, info = build_random_model(config, moe_impl=cfg.model.moe_impl, quantization=cfg.model.quantization,
+                                     device=where.device, dtype=where.dtype, num_layers=num_layers, model_dir=folder,
+                                     skip=scale.QUANT_SKIP_MODULES, seed=cfg.run.seed)
+    return LoadedModel(model, random_init={**info, "architecture_from": architecture_from})
+
+
+# ---------------------------------------------------------------------------------------------
+# with an adapter, or merged
 
 
 def adapter_dir(cfg: Config) -> Path:
@@ -79,14 +128,16 @@ def adapter_dir(cfg: Config) -> Path:
     return path
 
 
-def load_with_adapter(cfg: Config, path: Path):
+def is_merged(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / MERGED_MARKER).is_file()
+
+
+def load_with_adapter(cfg: Config, where: Placement, path: Path) -> LoadedModel:
     """Base model + adapter, in eval mode; fails loudly if any adapter tensor did not land in the model."""
     from peft import PeftModel
     from safetensors import safe_open
 
-    device = pick_device(cfg)
-    model = load_base_model(cfg, device, pick_dtype(cfg, device))
-    model = PeftModel.from_pretrained(model, str(path))
+    model = PeftModel.from_pretrained(load_base_model(cfg, where).model, str(path))
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
         saved = set(f.keys())
     # PEFT's saved keys drop the adapter name: ...lora_A.weight <-> ...lora_A.default.weight
@@ -97,4 +148,23 @@ def load_with_adapter(cfg: Config, path: Path):
                         f"e.g. {sorted(missing)[:2]}", where=str(path),
                         fix="use the adapter trained on this model folder (same architecture and targets)")
     model.eval()
-    return model
+    return LoadedModel(model, adapter=path)
+
+
+def load_for_generation(cfg: Config, *, require_adapter: bool = True) -> tuple[LoadedModel, Any]:
+    """(loaded, tokenizer): the base model + the run's adapter, or a `make merge` folder as it is (its
+    adapter is already in the weights: applying it again would double it; loaded.adapter is None);
+    require_adapter=False allows the bare base model."""
+    check_model_folder(Path(cfg.model.dir))  # a missing, partial or damaged folder: in words, before loading
+    adapter = None
+    if not is_merged(cfg.model.dir):
+        try:
+            adapter = adapter_dir(cfg)
+        except UserError:
+            if require_adapter:
+                raise
+    tokenizer = load_tokenizer(cfg.model.dir)
+    where = placement(cfg)
+    if adapter is not None:
+        return load_with_adapter(cfg, where, adapter), tokenizer
+    return LoadedModel(load_base_model(cfg, where).model.eval()), tokenizer

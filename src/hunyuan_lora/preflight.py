@@ -54,7 +54,7 @@ from .estimate import (
 from .model_folder import check_model_folder, undefined_logger
 from .prompt import dataset_mismatch
 from .records import check_sha256, read_records
-from .runtime import check_combination, is_main_process, launch, mask_git_remote, pick_device, pick_dtype
+from .runtime import Placement, check_combination, is_main_process, mask_git_remote, placement
 from .tracking import check_swanlab
 
 # Temporary siblings the stages write before renaming into place; a killed run leaves them behind.
@@ -72,10 +72,9 @@ class Row:
 
 @dataclass
 class Plan:
-    """What the preflight established; train.run uses device, dtype and resume."""
+    """What the preflight established; train.run uses the placement and resume."""
 
-    device: str | None
-    dtype: Any  # torch.dtype
+    placement: Placement
     resume: ResumePoint | None
     rows: list[Row] = field(default_factory=list)
     params: ParamCount | None = None
@@ -224,22 +223,22 @@ def leftovers(out: Path) -> list[Path]:
     return sorted({p for pattern in LEFTOVER_PATTERNS for p in out.glob(pattern)})
 
 
-def check_memory(cfg: Config, model_config: dict | None, params: ParamCount | None, placement: tuple | None,
+def check_memory(cfg: Config, model_config: dict | None, params: ParamCount | None, where: Placement | None,
                  stats: dict | None) -> tuple[Status, str, MemoryEstimate | None]:
     """The visible GPUs' free memory (or the CPU's RAM) against estimate.estimate_memory."""
     import torch
 
-    if placement is None:
+    if where is None:
         return "skip", "needs the device (launch row)", None
     if params is None or model_config is None:
         return "skip", "needs the parameter count", None
-    device, dtype = placement
+    device, dtype, run = where.device, where.dtype, where.launch
     longest = min(cfg.data.max_length, stats["tokens"]["max"]) if stats else cfg.data.max_length
     batch = cfg.train.per_device_train_batch_size
     tokens = batch * longest
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     gc = cfg.train.gradient_checkpointing
-    run, nf4 = launch(), cfg.model.quantization == "nf4"
+    nf4 = cfg.model.quantization == "nf4"
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0")) if run.zero3 and "LOCAL_RANK" in os.environ else None
         gpus = gpu_memory(local) if local is not None else gpu_memory()
@@ -362,11 +361,10 @@ def check_resume(cfg: Config, steps: int | None) -> tuple[Status, str, ResumePoi
     return ("warn" if notes else "ok"), "; ".join([point.detail] + notes), point
 
 
-def check_launch(cfg: Config) -> tuple[Status, str, tuple]:
-    """Device, dtype and launcher; value (device, dtype)."""
-    device = pick_device(cfg)
-    dtype = pick_dtype(cfg, device)
-    run = launch()
+def check_launch(cfg: Config) -> tuple[Status, str, Placement]:
+    """Device, dtype and launcher; value: the placement (runtime.placement) the run will use."""
+    where = placement(cfg)
+    device, run = where.device, where.launch
     check_combination(cfg, run)
     if cfg.model.quantization == "nf4" and device != "cuda":
         raise UserError("model.quantization is nf4 (QLoRA) but there is no CUDA GPU: bitsandbytes' 4-bit layers run "
@@ -390,7 +388,7 @@ def check_launch(cfg: Config) -> tuple[Status, str, tuple]:
                                           if device == "cuda" and cfg.model.device_map else "")
     if cfg.model.quantization == "nf4":
         how += ", base weights NF4 (router wg and lm_head bf16)"
-    return "ok", how, (device, dtype)
+    return "ok", how, where
 
 
 def leftover_rows(out: Path) -> list[tuple[Status, str]]:
@@ -433,8 +431,8 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
     needed = t.run("output", check_output, cfg, params, steps)
     for status, detail in leftover_rows(cfg.output_dir):
         t.add("leftovers", status, detail)
-    placement = t.run("launch", check_launch, cfg)
-    memory = t.run("memory", check_memory, cfg, model_config, params, placement, stats)
+    where = t.run("launch", check_launch, cfg)
+    memory = t.run("memory", check_memory, cfg, model_config, params, where, stats)
     t.run("swanlab", check_swanlab, cfg)
     masked = mask_git_remote(apply=False)
     if masked:
@@ -444,6 +442,5 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
     if echo and is_main_process():
         print(f"preflight ({stage}, {source}):\n{format_table(t.rows)}", flush=True)
     t.raise_failures()
-    device, dtype = placement
-    return Plan(device=device, dtype=dtype, resume=resume, rows=t.rows, params=params, memory=memory,
+    return Plan(placement=where, resume=resume, rows=t.rows, params=params, memory=memory,
                 disk_bytes=needed, steps=steps)

@@ -40,8 +40,8 @@ from .atomic import staging_dir, write_json, write_text
 from .config import Config
 from .errors import UserError
 from .model_folder import check_config
-from .modeling import load_base_model
-from .runtime import git_commit, launch, package_versions, pick_device, pick_dtype
+from .modeling import load_random_model, load_tokenizer
+from .runtime import Placement, git_commit, package_versions, placement
 from .training import attach_lora, build_trainer, training_arguments
 
 CARD_SIZES_GB = (24, 48, 80, 141)
@@ -82,15 +82,12 @@ def _synthetic(lengths: list[int], answers: list[int] | None, vocab: int, seed: 
 
 def _tokenizer(cfg: Config, scratch: Path):
     """The model folder's tokenizer, else the stand-in's (built into scratch); and which it is."""
-    from transformers import AutoTokenizer
-
     folder = Path(cfg.model.dir)
     if (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=True), f"the model folder's ({folder})"
+        return load_tokenizer(folder), f"the model folder's ({folder})"
     from . import stand_in
 
-    built = stand_in.build(scratch / "stand-in")
-    return AutoTokenizer.from_pretrained(built, trust_remote_code=True), "the stand-in's (no model folder)"
+    return load_tokenizer(stand_in.build(scratch / "stand-in")), "the stand-in's (no model folder)"
 
 
 def probe_samples(cfg: Config, lengths_file: str | None, vocab: int, scratch: Path):
@@ -317,7 +314,8 @@ def add_arguments(parser) -> None:
 
 def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str | None = None,
         profile: bool = False, compare: bool = False) -> Path:
-    if launch().deepspeed:
+    where = placement(cfg)
+    if where.launch.deepspeed:
         raise UserError("make probe runs one process: ZeRO-3 (LAUNCH=zero3) is not probed yet", where="LAUNCH",
                         fix="run `make probe` without LAUNCH (one GPU, or NF4 with configs/huanhuan_qlora.yaml)")
     if steps < 2:
@@ -331,9 +329,9 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
                         "already runs model.moe_impl: upstream", where="PROBE_COMPARE",
                         fix="use it with a fast config (configs/huanhuan_fast.yaml, configs/huanhuan_qlora.yaml)")
     out = cfg.output_dir / "probe"
-    report = measure(cfg, steps, layers, lengths, profile)
+    report = measure(cfg, where, steps, layers, lengths, profile)
     if compare:
-        report["baseline"] = baseline(cfg, steps, layers, lengths)
+        report["baseline"] = baseline(cfg, where, steps, layers, lengths)
         report["speedup_vs_baseline"] = round(report["samples_per_s"] / report["baseline"]["samples_per_s"], 2)
     with staging_dir(out) as tmp:
         write_json(tmp / "probe.json", report)
@@ -343,7 +341,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
     return out
 
 
-def baseline(cfg: Config, steps: int, layers: int | None, lengths: str | None) -> dict:
+def baseline(cfg: Config, where: Placement, steps: int, layers: int | None, lengths: str | None) -> dict:
     """The same probe with model.moe_impl: upstream and no packing (upstream cannot keep packed samples
     apart): the tutorial's MoE path at the same samples per step, quantisation and LoRA, for a ratio."""
     import copy
@@ -354,23 +352,24 @@ def baseline(cfg: Config, steps: int, layers: int | None, lengths: str | None) -
     gc.collect()  # the first probe's model is gone: give its memory back before building the second
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    r = measure(base, steps, layers, lengths, profile=False)
+    r = measure(base, where, steps, layers, lengths, profile=False)
     keys = ("moe_impl", "code", "train", "steady_s_per_step", "warmup_s", "samples_per_s", "tokens_per_s", "peak_gib",
             "memory", "step_s", "loss_per_step")
     return {k: r[k] for k in keys}
 
 
-def measure(cfg: Config, steps: int, layers: int | None, lengths: str | None, profile: bool) -> dict:
+def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengths: str | None,
+            profile: bool) -> dict:
     """One probe: build the random model, train `steps` optimizer steps through the Trainer, report."""
-    device = pick_device(cfg)
-    dtype = pick_dtype(cfg, device)
+    device = where.device
     per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps  # one process
 
     with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
         scratch = Path(scratch)
         t0 = time.perf_counter()
-        model = load_base_model(cfg, device, dtype, weights="random", num_layers=layers)
-        init = dict(model.random_init, init_s=round(time.perf_counter() - t0, 2))
+        loaded = load_random_model(cfg, where, num_layers=layers)
+        model = loaded.model
+        init = dict(loaded.random_init, init_s=round(time.perf_counter() - t0, 2))
         samples, records, tokenizer, lengths_source = probe_samples(cfg, lengths, model.config.vocab_size, scratch)
         rng = random.Random(cfg.run.seed)
         order = list(range(len(samples)))
@@ -381,10 +380,10 @@ def measure(cfg: Config, steps: int, layers: int | None, lengths: str | None, pr
         from datasets import Dataset
 
         train = Dataset.from_list(chosen)
-        model = attach_lora(cfg, model)
+        model = attach_lora(cfg, model, where)
         trainable, total = model.get_nb_trainable_parameters()
         # profile: one more step after the timed ones, profiled (the profiler's overhead stays out of the timings)
-        args = training_arguments(cfg, output_dir=scratch / "trainer", max_steps=steps + profile)
+        args = training_arguments(cfg, where, output_dir=scratch / "trainer", max_steps=steps + profile)
         args.save_strategy = "no"  # a probe keeps nothing but its report
         args.eval_strategy = "no"
         args.logging_steps = 1  # the loss of every step (one host sync per step, at its end)
@@ -448,7 +447,7 @@ def summarize(cfg: Config, steps: list[dict], per_step: int, records: int, rate:
         "config": cfg.source, "run": cfg.run.name, "card": memory[0].get("name", "cpu") if memory else "cpu",
         "gpus": torch.cuda.device_count() if device == "cuda" else 0,
         "device": device, "layers": init["layers"], "layers_in_config": init["layers_in_config"],
-        "depth_cut": init["layers"] != init["layers_in_config"], "architecture_from": init["config_source"],
+        "depth_cut": init["layers"] != init["layers_in_config"], "architecture_from": init["architecture_from"],
         "code": init["code"], "moe_impl": cfg.model.moe_impl, "quantization": cfg.model.quantization,
         "lora": {"targets": cfg.lora.targets(), "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                  "trainable": trainable, "total": total},

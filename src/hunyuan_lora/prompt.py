@@ -26,7 +26,6 @@ from pathlib import Path
 
 from .config import Config
 from .errors import UserError
-from .model_folder import TOKENIZER_FILES
 from .records import THINK_CLOSE, THINK_OPEN, Record, Turn
 
 IGNORE_INDEX = -100
@@ -40,23 +39,6 @@ FINGERPRINT_FILES = ("tokenizer_config.json", "hy.tiktoken", "tokenization_hy.py
 # data.* settings (and the seed of the split) that change the tokenized examples.
 TOKEN_SETTINGS = ("system_prompt", "max_length", "answer_tags", "overlong", "eval_ratio", "drop_duplicates",
                   "train_on")
-
-
-def load_tokenizer(cfg: Config):
-    """The model folder's tokenizer (Tencent's code through auto_map); UserError when it cannot load."""
-    from transformers import AutoTokenizer
-
-    folder = Path(cfg.model.dir)
-    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
-    if missing:
-        raise UserError(f"no tokenizer in {folder} ({', '.join(missing)} missing)", where="model.dir",
-                        fix="run `make download` first (or use CONFIG=configs/demo.yaml for the stand-in demo), "
-                            "or pass MODEL_DIR=<the model folder>")
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"the tokenizer in {folder} does not load ({type(e).__name__}: {e})", where="model.dir",
-                        fix="download the folder again (`make download`), or pass MODEL_DIR=<the model folder>") from e
 
 
 def is_thinking(content: str) -> bool:

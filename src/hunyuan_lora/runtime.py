@@ -1,7 +1,7 @@
 """How this process runs: device, dtype, launcher (accelerate / DeepSpeed ZeRO-3), which process
 it is, and the versions and commit the outputs record.
 
-    device = pick_device(cfg); dtype = pick_dtype(cfg, device)
+    where = placement(cfg)    # device, dtype, launcher, device_map: decided once, passed down
     run = launch()            # accelerate launch's environment (or `make check LAUNCH=zero3 NPROC=4`)
     is_main_process()         # rank 0 of `accelerate launch`, or the only process
 
@@ -17,6 +17,7 @@ import subprocess
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import Config
@@ -25,26 +26,6 @@ from .errors import UserError
 # What the manifest and SwanLab's config record as the stack of a run.
 PINNED_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", "modelscope", "swanlab", "tiktoken",
                    "deepspeed", "bitsandbytes"]
-
-
-def pick_device(cfg: Config) -> str:
-    import torch
-
-    if cfg.model.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("model.device is 'cuda' but no CUDA GPU is visible", where="model.device",
-                        fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: auto")
-    if cfg.model.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.model.device
-
-
-def pick_dtype(cfg: Config, device: str):
-    """model.dtype, or (auto) bfloat16 on a GPU with train.bf16, float32 elsewhere."""
-    import torch
-
-    if cfg.model.dtype != "auto":
-        return getattr(torch, cfg.model.dtype)
-    return torch.bfloat16 if device == "cuda" and cfg.train.bf16 else torch.float32
 
 
 def is_main_process() -> bool:
@@ -165,3 +146,44 @@ def check_combination(cfg: Config, run: Launch) -> None:
                         "bnb_4bit_quant_storage and a different loading path)", where="model.quantization",
                         fix="QLoRA runs as one process (`make train CONFIG=configs/huanhuan_qlora.yaml`, no LAUNCH); "
                             "for several GPUs use ZeRO-3 in bf16 (model.quantization: none)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the placement
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model goes and in which dtype: decided once per process (placement(cfg)) and passed
+    to everything that builds TrainingArguments, loads a model or checks memory."""
+
+    device: str  # "cuda" or "cpu" (model.device with auto resolved)
+    dtype: Any  # torch.dtype of the weights that are not quantised, and of the compute
+    launch: Launch
+    device_map: str | dict | None  # from_pretrained's device_map; None: loaded whole, then .to(device) (or ZeRO-3)
+
+    @property
+    def zero3(self) -> bool:
+        return self.launch.zero3
+
+
+def placement(cfg: Config, run: Launch | None = None) -> Placement:
+    """model.device (auto: a GPU when one is visible), model.dtype (auto: bfloat16 on a GPU with
+    train.bf16, float32 elsewhere), the launcher (launch() unless given) and the device_map: the
+    config's over the visible GPUs, the current GPU for NF4 (4-bit weights are placed at load), none
+    under DeepSpeed (ZeRO-3 shards) or on the CPU."""
+    import torch
+
+    if cfg.model.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device is 'cuda' but no CUDA GPU is visible", where="model.device",
+                        fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: auto")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.model.device == "auto" else cfg.model.device
+    if cfg.model.dtype != "auto":
+        dtype = getattr(torch, cfg.model.dtype)
+    else:
+        dtype = torch.bfloat16 if device == "cuda" and cfg.train.bf16 else torch.float32
+    run = launch() if run is None else run
+    device_map = None
+    if device == "cuda" and not run.deepspeed and (cfg.model.device_map or cfg.model.quantization != "none"):
+        device_map = cfg.model.device_map or {"": torch.cuda.current_device()}
+    return Placement(device=device, dtype=dtype, launch=run, device_map=device_map)

@@ -29,7 +29,8 @@ from typing import Literal
 
 from .config import Config
 from .errors import UserError
-from .generation import Generation, Sampling, load_for_generation
+from .generation import Generation, Sampling
+from .modeling import load_for_generation
 from .prompt import conversation, prompt_ids
 from .records import Record, Turn
 
@@ -204,7 +205,8 @@ def run(cfg: Config) -> Path:
             raise UserError(f"cannot listen on {cfg.serve.host}:{cfg.serve.port} ({e.strerror or e})",
                             where="serve.host / serve.port",
                             fix="stop what uses that port, or pick another: SET=serve.port=8001") from e
-    model, tokenizer, adapter = load_for_generation(cfg)
+    loaded, tokenizer = load_for_generation(cfg)
+    model, adapter = loaded.model, loaded.adapter
     app = create_app(cfg, model, tokenizer)
     name = cfg.serve.model_name or cfg.run.name
     weights = f"{cfg.model.dir} + adapter {adapter}" if adapter else f"{cfg.model.dir} (merged)"

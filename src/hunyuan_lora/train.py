@@ -25,20 +25,20 @@ from . import scale, tracking
 from .atomic import staging_dir, write_json
 from .checkpoints import check_optimizer_layout, published_from, set_aside, set_aside_previous_run, whole_run_loss
 from .config import Config
-from .modeling import load_base_model
+from .modeling import load_base_model, load_tokenizer
 from .preflight import preflight
-from .runtime import git_commit, is_main_process, launch, mask_git_remote, package_versions
+from .runtime import Placement, git_commit, is_main_process, mask_git_remote, package_versions
 from .training import attach_lora, build_trainer, make_stop_callback, training_arguments
 
 
 def run(cfg: Config) -> Path:
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
 
     out = cfg.output_dir
     # ---- fail fast: everything cheap before the weights load (`make check`'s table) -------------
     plan = preflight(cfg, stage="train")
-    device, dtype = plan.device, plan.dtype
+    where = plan.placement  # device, dtype, launcher, device_map: decided there, used everywhere below
     if finished(cfg, plan):
         print(f"already complete: {plan.resume.path} is the last step ({plan.steps}) and {out / 'adapter'} is "
               "published; nothing changed (train.resume=never starts over, the earlier run set aside)")
@@ -50,19 +50,19 @@ def run(cfg: Config) -> Path:
     # ---- data and tokenizer --------------------------------------------------------------------
     splits = load_from_disk(str(out / "data"))
     stats = json.loads((out / "data" / "stats.json").read_text(encoding="utf-8"))
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.dir, trust_remote_code=True)
+    tokenizer = load_tokenizer(cfg.model.dir)
 
     # ---- arguments BEFORE the model: under ZeRO-3 they make from_pretrained load sharded --------
-    args = training_arguments(cfg)
+    args = training_arguments(cfg, where)
     main_process = args.process_index == 0  # one process unless `accelerate launch` started several
 
     # ---- model + LoRA, Trainer -----------------------------------------------------------------
-    model = attach_lora(cfg, load_base_model(cfg, device, dtype))
+    model = attach_lora(cfg, load_base_model(cfg, where).model, where)
     if resume:
         check_optimizer_layout(resume, model)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"LoRA {cfg.lora.targets()} r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
-          f"({100 * trainable / total:.3f} %), {device}, {dtype}, quantization {cfg.model.quantization}, "
+          f"({100 * trainable / total:.3f} %), {where.device}, {where.dtype}, quantization {cfg.model.quantization}, "
           f"process {args.process_index + 1} of {args.world_size}")
     stop = make_stop_callback()  # Ctrl-C / SIGTERM: checkpoint, then stop
     mode = tracking.swanlab_mode(cfg) if main_process else "disabled"  # one SwanLab experiment per run
@@ -82,7 +82,7 @@ def run(cfg: Config) -> Path:
                          "continue from it")
 
     # ---- publish: adapter + its manifest and config in one rename, then the top-level copies ----
-    manifest = run_manifest(cfg, stats, device, dtype, args, trainable, total, resume, plan.resume.step, trainer,
+    manifest = run_manifest(cfg, stats, where, args, trainable, total, resume, plan.resume.step, trainer,
                             result, mode)
     manifest["wall_time_s"] = round(time.time() - started, 1)
     adapter = publish_adapter(cfg, model, tokenizer, manifest, main_process)
@@ -118,7 +118,7 @@ def prepare_output(cfg: Config, point) -> str | None:
     return point.path
 
 
-def run_manifest(cfg: Config, stats: dict, device: str, dtype, args, trainable: int, total: int,
+def run_manifest(cfg: Config, stats: dict, where: Placement, args, trainable: int, total: int,
                  resume: str | None, resumed_at: int, trainer, result, mode: str) -> dict:
     """What made this adapter: versions, commit, model revision, data, placement, LoRA, outcome."""
     download_info = Path(cfg.model.dir) / "download.json"
@@ -133,12 +133,13 @@ def run_manifest(cfg: Config, stats: dict, device: str, dtype, args, trainable: 
                            else {"requested": cfg.model.revision, "note": "no download.json in the model folder"}),
         "dataset": {"path": stats["source"], "sha256": stats["sha256"], "examples": stats["examples"]},
         "seed": cfg.run.seed,
-        "device": device,
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device == "cuda" else [],
-        "dtype": str(dtype),
+        "device": where.device,
+        "gpus": ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if where.device == "cuda"
+                 else []),
+        "dtype": str(where.dtype),
         "quantization": cfg.model.quantization,
         "processes": args.world_size,
-        "deepspeed_zero_stage": launch().zero_stage,
+        "deepspeed_zero_stage": where.launch.zero_stage,
         "lora": {"targets": cfg.lora.targets(), "r": cfg.lora.r, "alpha": cfg.lora.alpha,
                  "dropout": cfg.lora.dropout, "trainable_params": trainable, "total_params": total},
         "resumed_from": resume,

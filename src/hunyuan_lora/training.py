@@ -1,7 +1,8 @@
 """The Trainer's pieces, shared by the train stage and the probe: arguments, LoRA, collator, Trainer.
 
-    args = training_arguments(cfg)             # BEFORE the model: under ZeRO-3 it makes from_pretrained shard
-    model = attach_lora(cfg, load_base_model(cfg, device, dtype))
+    where = runtime.placement(cfg)             # or the preflight's plan.placement
+    args = training_arguments(cfg, where)      # BEFORE the model: under ZeRO-3 it makes from_pretrained shard
+    model = attach_lora(cfg, load_base_model(cfg, where).model, where)
     trainer = build_trainer(cfg, model, tokenizer, splits, args, callbacks)
 """
 
@@ -13,20 +14,20 @@ from pathlib import Path
 
 from .atomic import honour_umask
 from .config import Config
-from .runtime import launch, pick_device, pick_dtype
+from .runtime import Placement
 
 
-def training_arguments(cfg: Config, *, output_dir: str | Path | None = None, max_steps: int | None = None):
+def training_arguments(cfg: Config, where: Placement, *, output_dir: str | Path | None = None,
+                       max_steps: int | None = None):
     """TrainingArguments: the train: section's fields as given, plus what the project derives from
-    its other settings (config.DERIVED_TRAINING_ARGS); output_dir / max_steps override
-    run.output_dir / train.max_steps."""
+    its other settings (config.DERIVED_TRAINING_ARGS) and the placement; output_dir / max_steps
+    override run.output_dir / train.max_steps."""
     import torch
     from transformers import TrainingArguments
 
-    device = pick_device(cfg)
     has_eval = cfg.data.eval_ratio > 0  # the dataset has an eval split exactly then (preflight.check_tokenized)
     given = dict(cfg.train.args)
-    given.pop("bf16", None)  # train.bf16 chooses the dtype on a GPU (runtime.pick_dtype); the flag follows it
+    given.pop("bf16", None)  # train.bf16 chooses the dtype on a GPU (runtime.placement); the flag follows it
     if max_steps is not None:
         given["max_steps"] = max_steps
     given.setdefault("per_device_eval_batch_size", cfg.train.per_device_train_batch_size)
@@ -38,13 +39,13 @@ def training_arguments(cfg: Config, *, output_dir: str | Path | None = None, max
     return TrainingArguments(
         **given,
         output_dir=str(output_dir or cfg.output_dir),
-        bf16=pick_dtype(cfg, device) == torch.bfloat16,
-        use_cpu=device == "cpu",
+        bf16=where.dtype == torch.bfloat16,
+        use_cpu=where.device == "cpu",
         seed=cfg.run.seed,
         data_seed=cfg.run.seed,
         # ZeRO-3 releases each layer's gathered weights after use; non-reentrant checkpointing then finds
         # them empty on recompute (CheckpointError, shape [0]), so reentrant there.
-        gradient_checkpointing_kwargs={"use_reentrant": launch().zero3},
+        gradient_checkpointing_kwargs={"use_reentrant": where.zero3},
         label_names=["labels"],
         report_to="none",  # SwanLab comes as our own callback; "all" would add a second one
     )
@@ -57,7 +58,7 @@ def lora_config(cfg: Config):
                       lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout)
 
 
-def attach_lora(cfg: Config, model):
+def attach_lora(cfg: Config, model, where: Placement):
     """The PEFT model: LoRA on lora.targets(), the base frozen (QLoRA: prepared for k-bit training first)."""
     from peft import get_peft_model
 
@@ -73,7 +74,7 @@ def attach_lora(cfg: Config, model):
     model = get_peft_model(model, lora_config(cfg))
     wrapped_router = [n for n, _ in model.named_modules() if n.endswith("mlp.gate.lora_A")]
     assert not wrapped_router, f"LoRA must never wrap the router: {wrapped_router[:3]}"
-    if cfg.model.moe_impl == "fast" and not launch().zero3:
+    if cfg.model.moe_impl == "fast" and not where.zero3:
         from .hunyuan.fast_moe import stack_expert_lora
 
         stack_expert_lora(model)  # one trainable tensor per expert projection, not 2 x 64 (host time per step)
