@@ -73,10 +73,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from hunyuan_lora.hunyuan import grouped_moe  # noqa: E402
+from hunyuan_lora.hunyuan.a13b import real_config  # noqa: E402
 from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig  # noqa: E402
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM  # noqa: E402
 from hunyuan_lora.hunyuan.modeling_hunyuan import HunYuanMoE  # noqa: E402
-from hunyuan_lora.stand_in import real_config  # noqa: E402
 
 TUTORIAL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ACTIVE_PARAMS = 12.75e9  # per token, 32 layers + lm_head (see the reference notes)

@@ -35,8 +35,9 @@ def write_model(out: Path, depth: int, seed: int) -> Path:
 
     from hunyuan_lora import stand_in
     from hunyuan_lora.atomic import staging_dir
+    from hunyuan_lora.hunyuan.a13b import real_config
 
-    cfg = stand_in.real_config()
+    cfg = real_config()
     small = stand_in.stand_in_config()
     special = ("bos_token_id", "eos_token_id", "pad_token_id", "eod_token_id", "sep_token_id")
     cfg.update(num_hidden_layers=depth, moe_topk=cfg["moe_topk"][:depth],

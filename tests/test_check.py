@@ -100,7 +100,7 @@ def test_parameter_counts_from_config_json_equal_peft_on_the_loaded_model(patche
 
 
 def test_parameter_counts_of_the_real_config_are_the_published_ones():
-    from hunyuan_lora.stand_in import real_config
+    from hunyuan_lora.hunyuan.a13b import real_config
 
     counted = estimate.count_parameters(real_config(), config.LORA_PRESETS["tutorial"], 8)
     assert (counted.total, counted.lora) == (REAL_TOTAL, REAL_LORA_TUTORIAL)
@@ -424,9 +424,9 @@ def write_sparse_shard(path: Path, tensors: dict[str, tuple[list[int], torch.dty
 
 @pytest.fixture(scope="module")
 def real_size_folder(patched_stand_in, tmp_path_factory) -> Path:
+    from hunyuan_lora.hunyuan.a13b import real_config
     from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
     from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
-    from hunyuan_lora.stand_in import real_config
 
     folder = tmp_path_factory.mktemp("real") / "Hunyuan-A13B-Instruct"
     folder.mkdir()
@@ -478,7 +478,7 @@ def test_real_size_memory_estimate_against_one_and_two_h200(real_size_folder, tm
 
 
 def test_no_gradient_checkpointing_raises_the_activation_estimate(real_size_folder):
-    from hunyuan_lora.stand_in import real_config
+    from hunyuan_lora.hunyuan.a13b import real_config
 
     params = estimate.count_parameters(real_config(), config.LORA_PRESETS["tutorial"], 8)
     with_gc = estimate.estimate_memory(real_config(), params, 2, 4 * 1024, True, 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hunyuan_lora import config, estimate
-from hunyuan_lora.stand_in import real_config
+from hunyuan_lora.hunyuan.a13b import real_config
 
 
 @pytest.mark.parametrize("examples,batch,accumulation,epochs,steps", [

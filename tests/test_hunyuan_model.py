@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from hunyuan_lora.config import LORA_PRESETS
+from hunyuan_lora.hunyuan.a13b import real_config
 from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
 from hunyuan_lora.hunyuan.modeling_hunyuan import HunYuanMoE, HunYuanRotaryEmbedding
-from hunyuan_lora.stand_in import real_config, stand_in_config
+from hunyuan_lora.stand_in import stand_in_config
 
 REAL_TOTAL_PARAMS = 80_393_183_232
 REAL_LORA_TRAINABLE = 364_642_304

@@ -1,5 +1,7 @@
-"""The package's one structural rule, read from the source with ast (imports inside functions too):
-a stage never imports another stage, and a shared module never imports a stage.
+"""The package's structural rules, read from the source with ast (imports inside functions too):
+a stage never imports another stage, a shared module never imports a stage, the model code under
+hunyuan/ imports nothing of the package above it, and no module is imported by a string name
+(importlib.import_module hides an import from these rules) except the CLI's stage registry.
 
 Stages are what a `make` target runs (each `run(cfg) -> Path`); everything else in the package is a
 shared module below them. stand_in is shared: the demo, the probe and the tests all write its folder.
@@ -63,3 +65,84 @@ def test_every_test_module_belongs_to_one_layer():
     modules = {p.stem for p in (PACKAGE.parents[1] / "tests").glob("test_*.py")}
     assert modules - set(LAYER_OF) == set(), "add the new test module to a layer in tests/conftest.py LAYERS"
     assert sum(len(names) for names in LAYERS.values()) == len(LAYER_OF)  # none in two layers
+
+
+# ---------------------------------------------------------------------------------------------
+# the model code depends on nothing above it; no import by a string name
+
+
+def package_of(path: Path) -> str:
+    """The dotted package a file of src/hunyuan_lora belongs to (hunyuan_lora, hunyuan_lora.hunyuan)."""
+    return ".".join(("hunyuan_lora", *path.parent.relative_to(PACKAGE).parts))
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Every module a file imports, dotted, relative imports resolved against `package`; a constant
+    string given to import_module counts as an import of that module."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1])
+                found |= ({f"{base}.{node.module}"} if node.module else {f"{base}.{a.name}" for a in node.names})
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif (isinstance(node, ast.Call) and _is_import_module(node.func) and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.add(node.args[0].value)
+    return found
+
+
+def _is_import_module(func: ast.expr) -> bool:
+    return ((isinstance(func, ast.Name) and func.id in ("import_module", "__import__"))
+            or (isinstance(func, ast.Attribute) and func.attr == "import_module"))
+
+
+def string_imports(path: Path) -> list[str]:
+    """import_module calls that may name a module of the package: a string naming one ("hunyuan_lora...",
+    ".x"), or a name computed at run time. The CLI's stage registry (cli.py, STAGES[...]) is the exception."""
+    source = path.read_text(encoding="utf-8")
+    found = []
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        if not (isinstance(node, ast.Call) and _is_import_module(node.func) and node.args):
+            continue
+        name = node.args[0]
+        if isinstance(name, ast.Constant) and isinstance(name.value, str) and not name.value.startswith(
+                ("hunyuan_lora", ".")):
+            continue  # a third-party module by name
+        registry = path.name == "cli.py" and any(isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name)
+                                                 and n.value.id == "STAGES" for n in ast.walk(name))
+        if not registry:
+            found.append(f"{path}:{node.lineno}: {ast.get_source_segment(source, node)}")
+    return found
+
+
+def test_the_model_code_imports_nothing_above_it():
+    """hunyuan/ is the model (and is copied into model folders): it must not reach back up into the kit."""
+    outside = {f"{path.name}: {name}" for path in sorted((PACKAGE / "hunyuan").rglob("*.py"))
+               for name in imported_modules(path, package_of(path))
+               if name.startswith("hunyuan_lora") and not name.startswith("hunyuan_lora.hunyuan")}
+    assert not outside, f"hunyuan/ imports the package above it: {sorted(outside)}"
+
+
+def test_no_module_of_the_package_is_imported_by_a_string_name():
+    found = [line for path in sorted(PACKAGE.rglob("*.py")) for line in string_imports(path)]
+    assert not found, ("import_module with a package module's name hides the import from the layout rules; "
+                       f"import it by name: {found}")
+
+
+def test_the_new_rules_catch_a_string_import_and_a_reach_upwards(tmp_path):
+    model_code = tmp_path / "random_init.py"
+    model_code.write_text("import importlib\nfrom ..stand_in import real_config\nfrom . import fast_moe\n"
+                          "def f(name):\n    importlib.import_module('hunyuan_lora.stand_in')\n"
+                          "    importlib.import_module(name)\n    importlib.import_module('bitsandbytes')\n")
+    assert imported_modules(model_code, "hunyuan_lora.hunyuan") == {
+        "importlib", "hunyuan_lora.stand_in", "hunyuan_lora.hunyuan.fast_moe", "bitsandbytes"}
+    assert [line.split(": ", 1)[1] for line in string_imports(model_code)] == [
+        "importlib.import_module('hunyuan_lora.stand_in')", "importlib.import_module(name)"]
+    registry = tmp_path / "cli.py"
+    registry.write_text("import importlib\nmodule = importlib.import_module(f'{__package__}.{STAGES[stage]}')\n")
+    assert string_imports(registry) == []

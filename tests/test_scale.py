@@ -278,7 +278,7 @@ def test_make_check_launch_zero3_without_gpus_says_it_needs_gpus(patched_stand_i
 
 
 def test_real_size_estimates_zero3_divides_by_processes_and_nf4_is_half_a_byte():
-    from hunyuan_lora.stand_in import real_config
+    from hunyuan_lora.hunyuan.a13b import real_config
 
     params = estimate.count_parameters(real_config(), config.LORA_PRESETS["tutorial"], 8)
     routers, embedding, norms = 32 * 4096 * 64, 128167 * 4096, 32 * (2 * 4096 + 2 * 128) + 4096

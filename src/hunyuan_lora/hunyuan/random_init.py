@@ -20,7 +20,6 @@ the project's implementation with the per-expert loop, which `info["code"]` name
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -163,11 +162,12 @@ def build_random_model(config: dict, *, moe_impl: str, quantization: str, device
 
 def real_or_folder_config(model_dir: str | Path | None) -> tuple[dict, str]:
     """(config dict, where from): the model folder's config.json if it has one, else the real
-    Hunyuan-A13B config the project knows (stand_in.real_config)."""
+    Hunyuan-A13B config the project knows (a13b.real_config)."""
     import json
+
+    from .a13b import real_config
 
     if model_dir is not None and (Path(model_dir) / "config.json").is_file():
         path = Path(model_dir) / "config.json"
         return json.loads(path.read_text(encoding="utf-8")), str(path)
-    stand_in = importlib.import_module("hunyuan_lora.stand_in")
-    return stand_in.real_config(), "the real Hunyuan-A13B config.json (stand_in.real_config)"
+    return real_config(), "the real Hunyuan-A13B config.json (hunyuan/a13b.py)"
