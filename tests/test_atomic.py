@@ -98,10 +98,18 @@ def _install_hook(hook: str, out: Path) -> None:
             return write_text(path, text)
 
         atomic.write_text = dying_write_text
-    elif hook == "merged-mid-write":  # weights saved into the temp folder, config/code not copied yet
-        from transformers import PreTrainedModel
+    elif hook == "merged-mid-write":  # the first merged shard in the temp folder, the rest not yet
+        from hunyuan_lora import merge
 
-        PreTrainedModel.save_pretrained = _die_after(PreTrainedModel.save_pretrained, ".merged-")
+        merge_shard = merge.merge_shard
+
+        def dying_merge_shard(src, dst, *a, **k):
+            result = merge_shard(src, dst, *a, **k)
+            if Path(dst).parent.name.startswith(".merged-"):
+                _die()
+            return result
+
+        merge.merge_shard = dying_merge_shard
     elif hook:
         raise ValueError(hook)
 

@@ -145,11 +145,12 @@ def read_provenance(folder: str | Path) -> dict | None:
 # the weights: each shard's header
 
 
-def _safetensors_tensors(path: Path) -> set[str]:
-    """Tensor names in a safetensors file's header; UserError when the file is cut short or corrupt.
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """(bytes before the tensor data, the header) of a safetensors file; UserError when the file is cut
+    short or corrupt.
 
     Reads only the header (kilobytes): an 8-byte little-endian length, then that much JSON whose
-    data_offsets say where the data ends, which must be the file's size.
+    data_offsets (relative to the end of the header) say where the data ends, which must be the file's size.
     """
     size = path.stat().st_size
     bad = None
@@ -164,7 +165,7 @@ def _safetensors_tensors(path: Path) -> set[str]:
                 if 8 + n + end != size:
                     bad = f"it has {size} bytes, its header describes {8 + n + end}"
                 else:
-                    return set(header) - {"__metadata__"}
+                    return 8 + n, header
     except (ValueError, KeyError, TypeError, IndexError) as e:
         bad = f"its header is not valid ({type(e).__name__})"
     raise UserError(f"weights file {path.name} is incomplete or corrupt: {bad}", where=str(path),
@@ -203,7 +204,7 @@ def check_model_folder(folder: Path) -> tuple[str, dict]:
         shards = sorted(set(weight_map.values()))
         missing: list[str] = []
         for shard in shards:
-            names = _safetensors_tensors(folder / shard)
+            names = set(safetensors_header(folder / shard)[1]) - {"__metadata__"}
             missing += [k for k, s in weight_map.items() if s == shard and k not in names]
         if missing:
             raise UserError(f"{len(missing)} tensor(s) named in {INDEX_FILE} are not in their shard, e.g. "
@@ -212,7 +213,7 @@ def check_model_folder(folder: Path) -> tuple[str, dict]:
                                 "again into an empty folder")
     else:
         shards = [SINGLE_WEIGHTS_FILE]
-        _safetensors_tensors(folder / SINGLE_WEIGHTS_FILE)
+        safetensors_header(folder / SINGLE_WEIGHTS_FILE)
     code = sorted(p.name for p in folder.glob("*.py"))
     sized = f", sizes checked against {len(listing)} listed in download.json" if listing else ""
     return f"{folder}: config.json + auto_map code ({', '.join(code)}), tokenizer, {len(shards)} shard(s) " \
