@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from tensor_helpers import moe_forward_backward, randomise_lora, rel
 
 from hunyuan_lora import config
-from hunyuan_lora.hunyuan import fast_moe, grouped_moe
+from hunyuan_lora.hunyuan import fast_linear, fast_moe, grouped_moe
 from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
 from hunyuan_lora.hunyuan.random_init import quantize_linears_
@@ -314,3 +314,54 @@ def test_pack_experts_before_the_first_forward(quantized):
             assert fast_moe._is_packed(tensors), name
             if quantized:
                 assert fast_moe._is_packed([m.weight.quant_state.absmax for m in linears]), name
+
+
+def fully_fast(model):
+    """The fast path everywhere: grouped MoE and the packed dense products (attention, shared expert)."""
+    for m in model.modules():
+        name = type(m).__name__
+        if name == "HunYuanMoE":
+            m.moe_impl = "fast"
+            if m.shared_mlp is not None:
+                m.shared_mlp.fast_linears = True
+        elif name == "HunYuanAttention":
+            m.fast_linears = True
+    return model
+
+
+def decode_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of ids[:, prefill:], one token at a time through a DynamicCache after a prefill."""
+    from transformers.cache_utils import DynamicCache
+
+    cache, out = DynamicCache(), []
+    with torch.no_grad():
+        model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
+        for t in range(prefill, ids.shape[1]):
+            out.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, dim=1)
+
+
+def test_one_token_decode_from_the_routed_experts_codes_matches_peft(monkeypatch):
+    """Batch-1 decode steps: the k routed experts' codes gathered into bitsandbytes' gemv (fast_moe.
+    one_token_experts), dense NF4 products by gemv (PackedNF4.row_product): the logits of PEFT on Linear4bit."""
+    ref, fast = peft_pair(tiny_config(**ALIGNED))
+    fully_fast(fast)
+    calls = {"experts": 0, "dense": 0}
+    one_token, row_product = fast_moe.one_token_experts, fast_linear.PackedNF4.row_product
+
+    def spy_experts(*args):
+        y = one_token(*args)
+        calls["experts"] += y is not None
+        return y
+
+    def spy_dense(self, x):
+        calls["dense"] += 1
+        return row_product(self, x)
+
+    monkeypatch.setattr(fast_moe, "one_token_experts", spy_experts)
+    monkeypatch.setattr(fast_linear.PackedNF4, "row_product", spy_dense)
+    ids = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(3))
+    y_ref, y_fast = decode_logits(ref, ids, 5), decode_logits(fast, ids, 5)
+    assert rel(y_fast, y_ref) < 1e-5
+    layers = fast.config.num_hidden_layers
+    assert calls == {"experts": 4 * layers, "dense": 4 * layers * 4}  # q/k/v, o, shared gate/up, shared down

@@ -64,6 +64,7 @@ adapter batches (`adapter_names`), experts whose ranks / scalings / dropouts dif
 from __future__ import annotations
 
 import operator
+import os
 import warnings
 
 import torch
@@ -169,6 +170,7 @@ class NF4Experts:
         self.shape, self.dtype = (E, out_f, in_f), s0.dtype
         self.device = params[0].device
         self.blocksize, self.quant_type, self.nested = s0.blocksize, s0.quant_type, s0.nested
+        self.table = s0.code.float()  # the 16 values a 4-bit code stands for
         if self.nested:
             s2 = s0.state2
             self.blocks = s0.absmax.numel()  # 64-value blocks per expert
@@ -196,6 +198,13 @@ class NF4Experts:
                 absmax = torch.nn.functional.pad(absmax, (0, whole - self.blocks))
         self.absmax = absmax
         self._scales = None
+        E, out_f, in_f = self.shape
+        # the one-token products gather whole experts (rows) or whole rows of experts (columns): both need
+        # every 64-value block inside one expert's row; gathered as 8-byte words where they align
+        self.one_token = in_f % self.blocksize == 0 and in_f % 2 == 0
+        codes = self.data.view(-1)
+        word = torch.int64 if in_f % 16 == 0 and codes.data_ptr() % 8 == 0 else torch.uint8
+        self._codes = codes.view(word).view(E, out_f, -1)  # (E, out, in / 2 bytes as words)
 
     def scales(self) -> torch.Tensor:
         """(E * blocks,) float32 absmax of every 64-value block, as bitsandbytes computes it per tensor.
@@ -218,6 +227,72 @@ class NF4Experts:
         """(E, out, in) dequantised weights: a fresh tensor that nothing keeps after the product using it,
         so the caching allocator hands the same block to the next projection and layer."""
         return dequantize_4bit(self.data, self.scales(), self.blocksize, self.quant_type, self.shape, self.dtype)
+
+
+    def rows_product(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (1, in) times the weights of `experts` (k,) one above the other: (1, k * out). Only the k experts'
+        codes and scales are gathered (on the device) and multiplied by bitsandbytes' 4-bit matrix-vector
+        kernel; nothing is dequantised to memory."""
+        E, out_f, in_f = self.shape
+        codes = self._codes.index_select(0, experts).view(torch.uint8).view(-1, 1)
+        absmax = self.scales().view(E, -1).index_select(0, experts).view(-1)
+        return _gemv_4bit(x, codes, [len(experts) * out_f, in_f], absmax, self.table, self.blocksize)
+
+    def columns_product(self, z: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """z (1, k * in), expert j's input in slice j, times [W_e1 | ... | W_ek]: (1, out), the sum of the k
+        experts' products, as one matrix-vector product over their gathered rows."""
+        E, out_f, in_f = self.shape
+        codes = self._codes.transpose(0, 1)[:, experts]  # (out, k, in / 2 bytes): row o of every expert side by side
+        absmax = self.scales().view(E, out_f, -1).transpose(0, 1)[:, experts]  # (out, k, in / blocksize)
+        return _gemv_4bit(z, codes.reshape(-1).view(torch.uint8).view(-1, 1), [out_f, len(experts) * in_f],
+                          absmax.reshape(-1), self.table, self.blocksize)
+
+
+def _gemv_4bit(x: torch.Tensor, codes: torch.Tensor, shape: list[int], absmax: torch.Tensor, table: torch.Tensor,
+               blocksize: int) -> torch.Tensor:
+    """bitsandbytes' 4-bit matrix-vector product, x (1, in) @ W^T with W (out, in) given by its codes."""
+    return torch.ops.bitsandbytes.gemv_4bit.default(x, codes, shape, absmax, table.to(x.device), blocksize)
+
+
+def decode_products() -> bool:
+    """The one-token products (gemv over gathered codes) for decode steps; HUNYUAN_DECODE_GEMV=0 dequantises
+    whole weights as for many tokens (for A/B timing and debugging)."""
+    return os.environ.get("HUNYUAN_DECODE_GEMV", "1") != "0"
+
+
+def one_token_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, projs: dict[str, Projection],
+                      act_fn) -> torch.Tensor | None:
+    """The routed experts of ONE token without gradients (a decode step at batch 1), from the 4-bit codes of
+    its k experts only; None where this does not apply (more tokens, gradients, not NF4 experts).
+
+    All k experts see the same x, so gate and up are one matrix-vector product each over the k experts'
+    gathered rows; the routing weights scale each expert's hidden vector before down (linear), which is
+    then one product over the k experts' rows side by side. LoRA as the grouped path computes it (the k
+    experts' A / B gathered, in the activations' dtype). Fixed shapes, no host synchronisation.
+    """
+    if x.shape[0] != 1 or torch.is_grad_enabled() or not decode_products():
+        return None
+    gate, up, down = (projs[name] for name in PROJECTIONS)
+    if not all(isinstance(p.weight, NF4Experts) and p.weight.one_token for p in (gate, up, down)):
+        return None
+    e = experts[0]  # (k,)
+    k = e.shape[0]
+    xc = x.to(gate.dtype)  # (1, H)
+    g = gate.weight.rows_product(xc, e).view(k, -1) + _lora_rows(xc.expand(k, -1), gate.lora, e)  # (k, I)
+    u = up.weight.rows_product(xc, e).view(k, -1) + _lora_rows(xc.expand(k, -1), up.lora, e)
+    z = act_fn(g) * u * weights[0].to(g.dtype)[:, None]  # (k, I): each expert's input to down, weighted
+    y = down.weight.columns_product(z.reshape(1, -1), e) + _lora_rows(z, down.lora, e).sum(0, keepdim=True)
+    return y.to(x.dtype)  # (1, H)
+
+
+def _lora_rows(xs: torch.Tensor, terms: list, experts: torch.Tensor) -> torch.Tensor | float:
+    """Row j of xs (k, in) through expert experts[j]'s LoRA terms: (k, out), or 0 without LoRA."""
+    total = 0.0
+    for t in terms:
+        A = t.A.index_select(0, experts).to(xs.dtype)  # (k, r, in)
+        B = (t.B.index_select(0, experts) * t.scaling).to(xs.dtype)  # (k, out, r)
+        total = total + torch.bmm(B, torch.bmm(A, t.dropout(xs).unsqueeze(-1))).squeeze(-1)
+    return total
 
 
 def dequantize_4bit(data: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: tuple,
@@ -458,4 +533,7 @@ def routed_experts_fast(moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, 
             _warned.add(str(e))
             warnings.warn(f"fast MoE falls back to the per-expert loop: {e}", stacklevel=2)
         return moe.routed_experts(x, weights, experts)
+    y = one_token_experts(x, weights, experts, projs, moe.experts[0].act_fn)
+    if y is not None:
+        return y
     return routed_experts(x, weights, experts, moe.num_experts, projs, moe.experts[0].act_fn)
