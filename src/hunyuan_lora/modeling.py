@@ -99,7 +99,7 @@ def load_base_model(cfg: Config, where: Placement) -> LoadedModel:
         from .hunyuan.fast_moe import pack_experts
 
         pack_experts(model)  # now, not on the first forward: the per-expert blocks go back to the driver whole
-    return LoadedModel(model)
+    return LoadedModel(_decode_setup(cfg, model, where))
 
 
 def load_random_model(cfg: Config, where: Placement, num_layers: int | None = None) -> LoadedModel:
@@ -112,7 +112,14 @@ def load_random_model(cfg: Config, where: Placement, num_layers: int | None = No
     model, info = build_random_model(config, moe_impl=cfg.model.moe_impl, quantization=cfg.model.quantization,
                                      device=where.device, dtype=where.dtype, num_layers=num_layers, model_dir=folder,
                                      skip=scale.QUANT_SKIP_MODULES, seed=cfg.run.seed)
-    return LoadedModel(model, random_init={**info, "architecture_from": architecture_from})
+    return LoadedModel(_decode_setup(cfg, model, where), random_init={**info, "architecture_from": architecture_from})
+
+
+def _decode_setup(cfg: Config, model, where: Placement):
+    """The project's code on CUDA generates through a StaticCache with its decode steps as CUDA graphs."""
+    if cfg.model.moe_impl == "fast" and where.device == "cuda" and hasattr(model, "prefer_static_decode"):
+        model.prefer_static_decode()
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -23,6 +23,7 @@ from .modeling_hunyuan import (
     HunYuanRMSNorm,
     HunYuanRotaryEmbedding,
     attention_mask_4d,
+    static_attention_mask,
 )
 
 logger = logging.get_logger(__name__)
@@ -92,6 +93,37 @@ def padded_lm_logits(
     return F.linear(hidden_states, padded)[..., :vocab]
 
 
+def _decode_graphs():
+    """The package's decode_graphs module; None in a model folder's copy of this file (it decodes eagerly)."""
+    try:
+        from hunyuan_lora.hunyuan import decode_graphs
+    except ImportError:
+        return None
+    return decode_graphs
+
+
+class _GraphsHolder:
+    """The model's DecodeGraphs (made on first use), never saved, pickled or deep-copied (a copy captures its own)."""
+
+    def __init__(self):
+        self._graphs = None
+
+    @property
+    def graphs(self):
+        if self._graphs is None:
+            self._graphs = _decode_graphs().DecodeGraphs()
+        return self._graphs
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def __deepcopy__(self, memo):
+        return _GraphsHolder()
+
+
 class HunYuanPreTrainedModel(PreTrainedModel):
     config_class = HunYuanConfig
     base_model_prefix = "model"
@@ -101,6 +133,7 @@ class HunYuanPreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = ["wg"]  # the router
     _supports_sdpa = True
     _supports_cache_class = True
+    _supports_static_cache = True  # generate(cache_implementation="static"); decode steps then run as CUDA graphs
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -127,6 +160,11 @@ class HunYuanModel(HunYuanPreTrainedModel):
 
     def get_input_embeddings(self):
         return self.embed_tokens
+
+    def _prepare_4d_causal_attention_mask_with_cache_position(self, attention_mask, sequence_length, target_length,
+                                                              cache_position, batch_size, **kwargs):
+        """generate's hook for a StaticCache: the (B, 1, T, cache length) mask, a fixed shape per cache."""
+        return static_attention_mask(attention_mask, cache_position, target_length, batch_size)
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
@@ -165,12 +203,18 @@ class HunYuanModel(HunYuanPreTrainedModel):
             past_key_values = DynamicCache()
         elif use_cache and not isinstance(past_key_values, Cache):
             past_key_values = DynamicCache.from_legacy_cache(past_key_values)
-        past_len = past_key_values.get_seq_length() if use_cache else 0
+        # a cache of fixed length (StaticCache): masks over all its positions, built without host synchronisation
+        fixed_length = past_key_values.get_max_cache_shape() if use_cache else None
+        if fixed_length is None or cache_position is None:  # a StaticCache's length is a device tensor (a sync)
+            past_len = int(past_key_values.get_seq_length()) if use_cache else 0
         if cache_position is None:
             cache_position = torch.arange(past_len, past_len + T, device=inputs_embeds.device)
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0).expand(B, -1)
-        mask = attention_mask_4d(attention_mask, position_ids, T, past_len)
+        if fixed_length is not None:
+            mask = static_attention_mask(attention_mask, cache_position, fixed_length, B)
+        else:
+            mask = attention_mask_4d(attention_mask, position_ids, T, past_len)
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -208,7 +252,35 @@ class HunYuanMoEV1ForCausalLM(HunYuanPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._lm_head_cache = _PaddedWeightCache()
+        self._decode_graphs = _GraphsHolder()
         self.post_init()
+
+    def prefer_static_decode(self) -> None:
+        """generate decodes through a StaticCache, each step a replayed CUDA graph (decode_graphs.py), not
+        transformers' automatic torch.compile of a static-cache forward."""
+        self.generation_config.cache_implementation = "static"
+        self.generation_config.disable_compile = True
+
+    def reset_decode_graphs(self) -> None:
+        """Drop the captured decode steps (needed only after writing weights through `.data`)."""
+        if self._decode_graphs._graphs is not None:
+            self._decode_graphs._graphs.reset()
+
+    def decode_logits(self, input_ids, attention_mask, position_ids, cache_position, past_key_values) -> torch.Tensor:
+        """Logits of one forward through the cache: what a decode graph captures."""
+        hidden_states = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, use_cache=True,
+                                   cache_position=cache_position).last_hidden_state
+        return self.lm_logits(hidden_states)
+
+    def _graphable(self, input_ids, attention_mask, position_ids, past_key_values, cache_position, inputs_embeds,
+                   labels, output_hidden_states) -> bool:
+        """A decode step generate makes with a StaticCache on CUDA, outside training: replay a CUDA graph."""
+        return (isinstance(past_key_values, StaticCache) and input_ids is not None and input_ids.dim() == 2
+                and input_ids.shape[1] == 1 and input_ids.is_cuda and inputs_embeds is None and labels is None
+                and not output_hidden_states and not self.training and not torch.is_grad_enabled()
+                and attention_mask is not None and attention_mask.dim() == 4 and position_ids is not None
+                and cache_position is not None and _decode_graphs() is not None and _decode_graphs().enabled())
 
     def reset_lm_head_cache(self) -> None:
         """Drop the padded lm_head copy (needed only after writing the weight through `.data`)."""
@@ -267,6 +339,12 @@ class HunYuanMoEV1ForCausalLM(HunYuanPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if self._graphable(input_ids, attention_mask, position_ids, past_key_values, cache_position, inputs_embeds,
+                           labels, output_hidden_states):
+            logits = self._decode_graphs.graphs.step(self, past_key_values, input_ids, position_ids, cache_position,
+                                                     attention_mask)
+            # a copy: the graph's output is overwritten by the next step
+            return CausalLMOutputWithPast(logits=logits.clone(), past_key_values=past_key_values)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -121,6 +121,9 @@ class HunYuanAttention(nn.Module):
         if past_key_value is not None:
             k, v = past_key_value.update(k, v, self.layer_idx, {"cache_position": cache_position})
         groups = self.num_heads // self.num_kv_heads
+        if T == 1 and not (self.training and self.attention_dropout):
+            out = decode_attention(q, k, v, attention_mask)  # one query: no copy of the cache per head
+            return self._output(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
         v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(
@@ -129,10 +132,28 @@ class HunYuanAttention(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0,  # the real model trains with it
             is_causal=attention_mask is None and T > 1,
         )
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self._output(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
         if self.fast_linears:
             return _fast("linears_fast")(self, ("o_proj",), out)[0]
         return self.o_proj(out)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query per row: q (B, nh, 1, hd), k / v (B, nkv, S, hd), mask (B, 1, 1, S) bool or None.
+
+    Each key/value head serves its group of query heads as one (groups, hd) x (hd, S) product, so the cache
+    is read once, not copied per query head as repeat_interleave does; softmax in float32.
+    """
+    B, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.reshape(B, nkv, nh // nkv, hd)  # query head h uses key/value head h // groups
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * hd**-0.5  # (B, nkv, groups, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, nh, 1, hd)
 
 
 class HunYuanMLP(nn.Module):
@@ -251,6 +272,22 @@ class HunYuanDecoderLayer(nn.Module):
         )
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states
+
+
+def static_attention_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor, length: int,
+                          batch: int) -> torch.Tensor:
+    """Boolean (B, 1, T, length) mask over a cache of fixed length: query t sees the keys at positions up to
+    cache_position[t] that the 2-D attention_mask (B, <= length) does not mark as padding. Built from
+    tensors only (no host synchronisation), so a CUDA graph can capture it."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
+    keys = torch.arange(length, device=cache_position.device)
+    mask = (keys[None, :] <= cache_position[:, None])[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        real = F.pad(attention_mask.bool(), (0, length - attention_mask.shape[-1]))  # not yet written: masked anyway
+        mask = mask & real[:, None, None, :]
+    mask = mask.expand(batch, 1, -1, -1)
+    return mask | ~mask.any(dim=-1, keepdim=True)  # a left-pad query row: see everything rather than NaN
 
 
 def attention_mask_4d(
