@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -37,6 +38,24 @@ def check_consistent(r: dict, steps: int) -> None:
     assert all(v in ("fits with headroom", "fits", "does not fit") for v in r["verdict"].values())
 
 
+def check_generation(r: dict, cfg, records: int) -> None:
+    """The generation part: its keys, and the samples time and eval ETA derived from what it measured."""
+    gen = r["generation"]
+    b1, bb = gen["batch1"], gen["batched"]
+    assert r["gen_batch_size"] == 64 and gen["new_tokens"] == probe.GEN_NEW_TOKENS
+    assert r["gen_tokens_per_s_batch1"] == b1["per_stream_tokens_per_s"] > 0
+    assert r["gen_tokens_per_s_batched"] == bb["tokens_per_s"] == pytest.approx(64 * bb["per_stream_tokens_per_s"],
+                                                                                 rel=1e-2)
+    assert r["gen_time_to_first_token_s"] == b1["ttft_s"] > 0 and b1["ttft_s"] < b1["total_s"]
+    held_out = math.ceil(cfg.data.eval_ratio * records) if cfg.data.eval_ratio else math.ceil(0.05 * records)
+    assert gen["eval_records"] == held_out and gen["eval_sides"] == 2
+    eta = 2 * math.ceil(held_out / 64) * (bb["ttft_s"] + (cfg.eval.max_new_tokens - 1) / bb["per_stream_tokens_per_s"])
+    assert r["gen_eval_eta_s"] == pytest.approx(eta, rel=1e-2, abs=0.1)
+    prompts = len(cfg.infer.prompts[:8])
+    samples = 2 * prompts * (b1["ttft_s"] + (min(cfg.infer.max_new_tokens, 48) - 1) / b1["per_stream_tokens_per_s"])
+    assert gen["samples_s"] == pytest.approx(samples, rel=1e-2, abs=0.1)
+
+
 def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     """configs/huanhuan_qlora.yaml's switches (fast NF4 experts, 16 packed samples) on the stand-in, one layer."""
     lengths = tmp_path / "lengths.json"
@@ -65,6 +84,10 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     assert len(b["step_s"]) == 4 and len(b["loss_per_step"]) == 4
     assert r["speedup_vs_baseline"] == pytest.approx(r["samples_per_s"] / b["samples_per_s"], rel=1e-2)
     assert f"**{r['speedup_vs_baseline']}x** that baseline" in md
+    check_generation(r, cfg, records=50)
+    assert r["generation"]["prompt_tokens"] == 37 - 9  # the samples without their answers
+    assert f"| batch 1 | **{r['gen_tokens_per_s_batch1']} tokens/s**" in md
+    assert "no held-out split configured: 5% of the records" in md
 
 
 def test_probe_upstream_on_the_raw_dataset(stand_in_dir, tmp_path):

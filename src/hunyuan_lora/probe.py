@@ -42,7 +42,7 @@ from .errors import UserError
 from .model_folder import check_config
 from .modeling import load_random_model, load_tokenizer
 from .runtime import Placement, git_commit, package_versions, placement
-from .training import attach_lora, build_trainer, training_arguments
+from .training import attach_lora, build_trainer, lora_config, training_arguments
 
 CARD_SIZES_GB = (24, 48, 80, 141)
 HEADROOM = 0.10  # "fits with headroom": at least 10 % of the card left over the measured peak
@@ -330,6 +330,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
                         fix="use it with a fast config (configs/huanhuan_fast.yaml, configs/huanhuan_qlora.yaml)")
     out = cfg.output_dir / "probe"
     report = measure(cfg, where, steps, layers, lengths, profile)
+    report.update(measure_generation(cfg, where, layers, report.pop("prompt_tokens"), report["run_records"], profile))
     if compare:
         report["baseline"] = baseline(cfg, where, steps, layers, lengths)
         report["speedup_vs_baseline"] = round(report["samples_per_s"] / report["baseline"]["samples_per_s"], 2)
@@ -405,10 +406,124 @@ def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengt
     report = summarize(cfg, clock.steps[:steps], per_step, records, rate, gemm_what, init, lengths_source, device,
                        trainable, total, train_wall, smi_peak, model, float(result.training_loss))
     report["loss_per_step"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e][:steps]
+    # the prompt a generation starts from: a sample without its answer (the tokens without labels)
+    report["prompt_tokens"] = max(1, round(statistics.median(sum(1 for v in s["labels"] if v == -100)
+                                                             for s in samples)))
     if profiler is not None and profiler.result is not None:
         p = profiler.result
         report["profile"] = dict(p, busy_fraction_of_steady=round(p["busy_ms"] / 1e3 / report["steady_s_per_step"], 3),
                                  kernels_per_layer=round(p["kernels"] / report["layers"], 1))
+    return report
+
+
+GEN_NEW_TOKENS = 48  # tokens generated per measurement (the first comes from the prefill)
+GEN_BATCH_SIZE = 64  # the eval batch size measured when the config names none
+TUTORIAL_EVAL_RATIO = 0.05  # the held-out share the ETA of `make eval` assumes when the config holds none out
+
+
+def eval_batch_size(cfg: Config) -> int:
+    return getattr(cfg.eval, "batch_size", None) or GEN_BATCH_SIZE
+
+
+def _generate_timed(model, batch: int, prompt: int, new: int, seed: int) -> dict:
+    """Greedy generate of `new` tokens for `batch` random prompts of `prompt` tokens: a warm-up of the same
+    length (the static cache and the decode graphs are made there: its time is reported), then the time
+    to first token (max_new_tokens=1) and the whole run; decode rate = the tokens after the first over
+    the time after it."""
+    vocab = model.get_base_model().config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, int(0.9 * vocab), (batch, prompt), generator=g).to(model.device)
+    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "temperature": None, "top_p": None,
+              "top_k": None, "pad_token_id": 0, "eos_token_id": None}
+    times = []
+    with torch.no_grad():
+        for n in (new, 1, new):
+            t0 = StepClock.sync()
+            out = model.generate(input_ids=ids, max_new_tokens=n, **kwargs)
+            times.append(StepClock.sync() - t0)
+    assert out.shape == (batch, prompt + new)
+    warm, first, total = times
+    decode = max(total - first, 1e-9)
+    return {"warmup_s": round(warm, 3), "ttft_s": round(first, 4), "total_s": round(total, 3),
+            "tokens_per_s": round(batch * (new - 1) / decode, 2),
+            "per_stream_tokens_per_s": round((new - 1) / decode, 2)}
+
+
+def _decode_profile(model, prompt: int) -> dict:
+    """torch.profiler over 8 decode steps at batch 1 (after a prefill of `prompt` tokens, timed apart)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 1000, (1, prompt)).to(model.device)
+    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "temperature": None, "top_p": None,
+              "top_k": None, "pad_token_id": 0, "eos_token_id": None}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.no_grad(), profile(activities=acts) as prof:
+        model.generate(input_ids=ids, max_new_tokens=9, **kwargs)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3
+    dequant = sum(e.device_time for e in kernels if "equant" in e.name) / 1e3
+    return {"tokens": 9, "kernels": len(kernels), "kernels_per_token": round(len(kernels) / 9, 1),
+            "busy_ms": round(busy, 2), "dequantize_ms": round(dequant, 2),
+            "dequantize_share": round(dequant / busy, 3) if busy else 0.0}
+
+
+def measure_generation(cfg: Config, where: Placement, layers: int | None, prompt_tokens: int, records: int,
+                       profile: bool) -> dict:
+    """The generation part: the configured model on random weights with the config's LoRA attached (B non-zero),
+    as infer / eval / chat / serve load it, generating greedily at batch 1 and at the eval batch size; from those,
+    the time of the train stage's before/after samples and the ETA of `make eval` on the held-out split."""
+    import gc
+
+    from peft import get_peft_model
+
+    gc.collect()  # the training probe's model is gone: give its memory back first
+    device = where.device
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    model = load_random_model(cfg, where, layers).model
+    model.config.use_cache = model.generation_config.use_cache = True  # built for training, which has no cache
+    model = get_peft_model(model, lora_config(cfg))
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: a trained adapter's B is not
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    model.eval()
+    batch = eval_batch_size(cfg)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    one = _generate_timed(model, 1, prompt_tokens, GEN_NEW_TOKENS, cfg.run.seed)
+    many = _generate_timed(model, batch, prompt_tokens, GEN_NEW_TOKENS, cfg.run.seed)
+    peak = torch.cuda.max_memory_reserved() / GIB if device == "cuda" else None
+    # train's before/after samples: each prompt alone, greedy, up to SAMPLE_MAX_NEW_TOKENS (tracking.py)
+    from .tracking import SAMPLE_MAX_NEW_TOKENS, SAMPLE_MAX_PROMPTS
+
+    prompts = len(list(cfg.infer.prompts)[:SAMPLE_MAX_PROMPTS])
+    sample_tokens = min(cfg.infer.max_new_tokens, SAMPLE_MAX_NEW_TOKENS)
+    samples_s = 2 * prompts * (one["ttft_s"] + (sample_tokens - 1) / one["per_stream_tokens_per_s"])
+    # make eval: every held-out record answered by the adapter (and the base), in batches, each row to max_new_tokens
+    held_out = math.ceil(cfg.data.eval_ratio * records) if cfg.data.eval_ratio > 0 else 0
+    eval_records = held_out or math.ceil(TUTORIAL_EVAL_RATIO * records)
+    sides = 2 if cfg.eval.compare_base else 1
+    per_batch = many["ttft_s"] + (cfg.eval.max_new_tokens - 1) / many["per_stream_tokens_per_s"]
+    eta = sides * math.ceil(eval_records / batch) * per_batch
+    graphs = getattr(getattr(model.get_base_model(), "_decode_graphs", None), "_graphs", None)
+    report = {
+        "gen_tokens_per_s_batch1": one["per_stream_tokens_per_s"], "gen_tokens_per_s_batched": many["tokens_per_s"],
+        "gen_batch_size": batch, "gen_time_to_first_token_s": one["ttft_s"], "gen_eval_eta_s": round(eta, 1),
+        "generation": {"prompt_tokens": prompt_tokens, "new_tokens": GEN_NEW_TOKENS, "batch1": one, "batched": many,
+                       "peak_reserved_gib": round(peak, 2) if peak is not None else None,
+                       "cache": model.generation_config.cache_implementation or "dynamic",
+                       "graphs_captured": graphs.captures if graphs is not None else 0,
+                       "samples_s": round(samples_s, 1), "samples": f"{prompts} prompt(s) x before/after x "
+                                                                    f"{sample_tokens} tokens at batch 1",
+                       "eval_records": eval_records, "eval_sides": sides,
+                       "eval_max_new_tokens": cfg.eval.max_new_tokens,
+                       "eval_records_from": (f"data.eval_ratio {cfg.data.eval_ratio}" if held_out else
+                                             f"no held-out split configured: {TUTORIAL_EVAL_RATIO:.0%} of the "
+                                             "records, as the tutorial")}}
+    if profile:
+        report["generation"]["profile"] = _decode_profile(model, prompt_tokens)
     return report
 
 
@@ -518,6 +633,27 @@ def markdown(r: dict) -> str:
         lines += ["", f"Baseline in the same run (PROBE_COMPARE): moe_impl {b['moe_impl']}, unpacked ({b['code']}): "
                   f"{b['steady_s_per_step']} s per optimizer step, {b['samples_per_s']} samples/s, peak "
                   f"{b['peak_gib']} GiB: the config is **{r['speedup_vs_baseline']}x** that baseline."]
+    gen = r.get("generation")
+    if gen:
+        b1, bb = gen["batch1"], gen["batched"]
+        lines += ["", f"Generation (the config's LoRA attached, B non-zero; greedy, {gen['prompt_tokens']}-token "
+                  f"prompts, {gen['new_tokens']} new tokens, {gen['cache']} cache, "
+                  f"{gen['graphs_captured']} decode graph(s) captured):", "",
+                  "| measure | value |", "| --- | --- |",
+                  f"| batch 1 | **{r['gen_tokens_per_s_batch1']} tokens/s**, first token after "
+                  f"{r['gen_time_to_first_token_s']} s (warm-up {b1['warmup_s']} s) |",
+                  f"| batch {r['gen_batch_size']} (the eval batch size) | **{r['gen_tokens_per_s_batched']} tokens/s** "
+                  f"({bb['per_stream_tokens_per_s']} per stream), first token after {bb['ttft_s']} s |",
+                  f"| peak memory while generating | {gen['peak_reserved_gib']} GiB reserved |",
+                  f"| train's before/after samples | {gen['samples_s']} s ({gen['samples']}) |",
+                  f"| ETA of `make eval` | {r['gen_eval_eta_s'] / 60:.1f} min ({gen['eval_records']} records from "
+                  f"{gen['eval_records_from']} x {gen['eval_sides']} side(s) x up to {gen['eval_max_new_tokens']} "
+                  f"tokens, batches of {r['gen_batch_size']}){' at this depth' if r['depth_cut'] else ''} |"]
+        gp = gen.get("profile")
+        if gp:
+            lines += ["", f"Decode profile (batch 1, {gp['tokens']} tokens): {gp['kernels']} kernels "
+                      f"({gp['kernels_per_token']} per token), {gp['busy_ms']} ms GPU busy, dequantisation "
+                      f"{gp['dequantize_ms']} ms ({100 * gp['dequantize_share']:.0f} %)."]
     p = r.get("profile")
     if p:
         lines += ["", f"Profile of one more step: {p['kernels']} kernels ({p['kernels_per_layer']} per layer), "
