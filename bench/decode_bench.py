@@ -152,13 +152,13 @@ def build(config: str, layers: int):
     from peft import get_peft_model
 
     from hunyuan_lora.config import load as load_config
-    from hunyuan_lora.modeling import load_base_model
-    from hunyuan_lora.runtime import pick_dtype
+    from hunyuan_lora.modeling import load_random_model
+    from hunyuan_lora.runtime import placement
     from hunyuan_lora.training import lora_config
 
     cfg = load_config(config)
     t0 = time.perf_counter()
-    model = load_base_model(cfg, "cuda", pick_dtype(cfg, "cuda"), weights="random", num_layers=layers)
+    model = load_random_model(cfg, placement(cfg), layers).model
     model = get_peft_model(model, lora_config(cfg))
     g = torch.Generator(device="cuda").manual_seed(1)
     with torch.no_grad():
