@@ -79,7 +79,8 @@ def lora_run(stand_in_dir, tmp_path_factory):
 #   infra  make, the container, the browser dashboard, the README itself
 LAYERS = {
     "unit": ["config", "estimate", "layout", "records", "prompt", "patch", "fast_moe", "hunyuan_model",
-             "lm_head_padding", "moe_impl", "nf4_moe", "fast_linear", "bench_cases", "tokenizer_and_stand_in"],
+             "lm_head_padding", "moe_impl", "nf4_moe", "fast_linear", "bench_cases", "tokenizer_and_stand_in",
+             "decode"],
     "stage": ["atomic", "chat", "check", "checkpoints", "data", "download", "evaluate", "infer", "interrupts",
               "merge", "packing", "probe", "resume", "scale", "secrets", "serve", "stage_inputs",
               "swanlab_preflight", "tracking", "train_optim", "umask"],
