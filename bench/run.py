@@ -25,8 +25,9 @@ Per layer = (median step at the deeper depth - at the shallower) / their differe
 apart, default 4 and 8); the rest is the fixed cost
 (embedding, lm_head, loss, optimizer). "At 32 layers" = fixed + 32 x per layer, which is what one
 GPU would take if the 32 layers were there (the real model does not fit one GPU: 160 GB of weights).
-MFU = non-pad tokens/s x 6 x 12.75e9 FLOP / the bf16 GEMM rate measured in the same run (frozen
-base weights + recompute: forward, recompute and input-gradient passes = 6 x active parameters).
+MFU = non-pad tokens/s x 6 x active parameters per token (estimate.active_parameters of the real
+config, 12.74e9: 32 layers + lm_head) / the bf16 GEMM rate measured in the same run (frozen base
+weights + recompute: forward, recompute and input-gradient passes = 6 x active parameters).
 
 Impls:
   upstream-gshard  the tutorial's structure: GShard capacity dispatch (capacity max(k, k*S/E), top-1 slot
@@ -72,6 +73,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from hunyuan_lora.estimate import GIB, active_parameters  # noqa: E402
 from hunyuan_lora.hunyuan import grouped_moe  # noqa: E402
 from hunyuan_lora.hunyuan.a13b import real_config  # noqa: E402
 from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig  # noqa: E402
@@ -79,7 +81,7 @@ from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM  # noqa: E402
 from hunyuan_lora.hunyuan.modeling_hunyuan import HunYuanMoE  # noqa: E402
 
 TUTORIAL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-ACTIVE_PARAMS = 12.75e9  # per token, 32 layers + lm_head (see the reference notes)
+ACTIVE_PARAMS = active_parameters(real_config())  # per token, 32 layers + lm_head
 FIRST_SPECIAL = 127957  # random token ids stay below the special tokens
 
 
@@ -287,7 +289,7 @@ def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
         "lm_head_rows": int(cache.padded.shape[0]) if cache is not None and cache.padded is not None
         else int(model.get_base_model().lm_head.weight.shape[0]),
         "step_ms_all": [round(1e3 * t, 3) for t in times], "first_loss": first_loss,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / GIB,
         "trainable_params": sum(p.numel() for p in params), "warmed_shapes": len(seen),
     }
     if args.profile and impl in args.profile_impls:
@@ -471,7 +473,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                          f"{r['per_layer_ms']:.1f} ms; top: {top}")
     lines += ["", "Per layer = difference of median step times between the two depths; @32 layers = fixed "
               "(embedding, lm_head, loss, optimizer) + 32 x per layer. "
-              "MFU = tokens/s x 6 x 12.75e9 / the GEMM rate above."]
+              f"MFU = tokens/s x 6 x {ACTIVE_PARAMS / 1e9:.2f}e9 active parameters / the GEMM rate above."]
     return "\n".join(lines) + "\n"
 
 

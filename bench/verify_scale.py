@@ -26,8 +26,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ACTIVE_PARAMS = 12.75e9  # per token (bench/run.py's, the reference notes' figure)
 sys.path.insert(0, str(REPO / "src"))
+
+from hunyuan_lora.estimate import active_parameters  # noqa: E402
+from hunyuan_lora.hunyuan.a13b import real_config  # noqa: E402
+
+ACTIVE_PARAMS = active_parameters(real_config())  # per token, 32 layers + lm_head
 
 
 def write_model(out: Path, depth: int, seed: int) -> Path:
@@ -35,7 +39,6 @@ def write_model(out: Path, depth: int, seed: int) -> Path:
 
     from hunyuan_lora import stand_in
     from hunyuan_lora.atomic import staging_dir
-    from hunyuan_lora.hunyuan.a13b import real_config
 
     cfg = real_config()
     small = stand_in.stand_in_config()
@@ -162,7 +165,8 @@ def extrapolation(rows: list[dict], layers: int = 32) -> list[str]:
             f"| case | GPUs | depths | ms per layer per step | GiB per layer per GPU | peak GiB per GPU @{layers} "
             f"| samples/s @{layers} | tokens/s per GPU @{layers} | MFU @{layers} |",
             "|---|---|---|---|---|---|---|---|---|",
-            *out, "", "MFU = tokens/s per GPU x 6 x 12.75e9 / the bf16 GEMM rate measured at the start of the run "
+            *out, "", f"MFU = tokens/s per GPU x 6 x {ACTIVE_PARAMS / 1e9:.2f}e9 active parameters / the bf16 GEMM "
+            "rate measured at the start of the run "
             "(- where the run did not measure it). Tokens/s count the run's own samples (`make train`'s data)."]
 
 

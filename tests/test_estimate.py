@@ -27,6 +27,13 @@ def test_max_steps_overrides_the_count():
     assert estimate.expected_steps(config.load(overrides=["train.max_steps=7"]), 3729) == 7
 
 
+def test_active_parameters_of_the_real_model():
+    """Per token: the embedding-sized lm_head + per layer attention (q/o 32 heads, k/v 8) + the shared
+    expert + 8 of the 64 routed experts (the MFU figures' 6 x this per token)."""
+    layer = 4096 * 128 * (32 * 2 + 8 * 2) + 3 * 4096 * 3072 + 8 * 3 * 4096 * 3072
+    assert estimate.active_parameters(real_config()) == 128_167 * 4096 + 32 * layer == 12_738_785_280
+
+
 def test_memory_estimate_of_the_real_model_one_gpu():
     """bf16, micro-batch 4 x 1024 tokens, gradient checkpointing, the tutorial's 7 targets at r=8."""
     model = real_config()  # hidden 4096, 32 layers, vocab 128167

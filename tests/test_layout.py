@@ -146,3 +146,16 @@ def test_the_new_rules_catch_a_string_import_and_a_reach_upwards(tmp_path):
     registry = tmp_path / "cli.py"
     registry.write_text("import importlib\nmodule = importlib.import_module(f'{__package__}.{STAGES[stage]}')\n")
     assert string_imports(registry) == []
+
+
+def test_the_read_only_preflight_loads_no_training_callbacks():
+    """make check imports the preflight: it must not pull in the Trainer callbacks (or transformers' Trainer
+    machinery) that only a training run uses."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, hunyuan_lora.preflight; "
+             "print(sorted(m for m in sys.modules if m in ('hunyuan_lora.callbacks', 'hunyuan_lora.training', "
+             "'transformers.trainer_callback')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -120,7 +120,7 @@ def test_rounding_the_length_up_keeps_loss_gradients_and_the_throughput_count(se
     padded batches get masked padding, packed rows a masked block of their own (labels -100)."""
     import copy
 
-    from hunyuan_lora.tracking import Throughput
+    from hunyuan_lora.callbacks import BatchCounter
 
     base, features, model, tokenizer = setup
     cfg = copy.deepcopy(base)
@@ -140,14 +140,14 @@ def test_rounding_the_length_up_keeps_loss_gradients_and_the_throughput_count(se
     torch.testing.assert_close(loss_rounded, loss_plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_rounded, grad_plain, rtol=1e-4, atol=1e-7)
 
-    counter = Throughput()  # SwanLab's tokens/s and samples/s count real tokens and samples only
+    counter = BatchCounter()  # SwanLab's and the probe's tokens/s and samples/s count real ones only
     model.train()
     try:
-        counter._count(model, (), rounded)
+        counter.count(model, (), rounded)
     finally:
         model.eval()
-    assert int(counter._tokens) == sum(len(f["input_ids"]) for f in features)
-    assert int(counter._samples) == len(features)
+    assert counter.take() == (len(features), sum(len(f["input_ids"]) for f in features))
+    assert counter.take() == (0, 0)  # taken: the next window starts from zero
 
 
 def test_fast_run_resumes_and_a_checkpoint_of_the_per_expert_layout_is_refused(setup, tmp_path, monkeypatch):

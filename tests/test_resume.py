@@ -244,11 +244,11 @@ def test_no_traceback_in_any_run(runs):
 def test_sigterm_handler_is_safe_inside_a_print():
     """A signal can arrive while the main thread is inside print(); a handler that prints then raises
     "RuntimeError: reentrant call" out of the Trainer's own print and the run dies unsaved."""
-    from hunyuan_lora.training import make_stop_callback
+    from hunyuan_lora.callbacks import SaveOnSignal
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        callback = make_stop_callback()
+        callback = SaveOnSignal()
         handler = signal.getsignal(signal.SIGTERM)
 
         class SignalMidWrite(io.RawIOBase):

@@ -365,7 +365,7 @@ def test_gpu_verification_scripts_parse_and_summarize(tmp_path):
     assert "Extrapolated" not in md  # one depth: nothing to extrapolate from
     # a second depth: step 8/2.0 = 4 s -> 8/1.6 = 5 s, peak 30500 -> 40740 MiB: per layer 500 ms and 5 GiB;
     # @32 layers: 4 + 30 x 0.5 = 19 s (8/19 = 0.42 samples/s, x 95 tokens / 2 GPUs = 20.0), 30500 + 30 x 5120 MiB;
-    # MFU 20 tokens/s x 6 x 12.75e9 / 800e12 = 0.19 %
+    # MFU 20 tokens/s x 6 x 12.74e9 active parameters / 800e12 = 0.19 %
     summarize("zero3-2gpu-d4", 1.6, "0, 40740\n1, 40000\n")
     md = (tmp_path / "t.md").read_text()
     assert "| zero3-2gpu | 2 | 2/4 | 500 | 5.00 | 179.8 | 0.42 | 20.0 | 0.19 % |" in md, md

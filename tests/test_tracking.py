@@ -1,4 +1,5 @@
-"""tracking.py on a real short run: what SwanLab's local store holds, the before/after samples, loss.png.
+"""tracking.py, callbacks.py and loss_plot.py on a real short run: what SwanLab's local store holds, the
+before/after samples, loss.png.
 
 One demo-config run (6 steps, an eval split) through the real entry points, shared by this module and
 tests/test_dashboard.py; the store is read the way swanboard reads it (runs.swanlab + logs/<folder>/*.log).
@@ -19,7 +20,7 @@ import pytest
 import yaml
 from swanlab_store import read_tag
 
-from hunyuan_lora import config, tracking
+from hunyuan_lora import callbacks, config, loss_plot, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, LOGGING_STEPS = 6, 2
@@ -134,7 +135,7 @@ def test_config_is_flat_and_complete(run):
 
 @pytest.mark.slow
 def test_sample_panel_has_before_and_after_rows_per_prompt(run):
-    (record,) = read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], tracking.SAMPLES_KEY)
+    (record,) = read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], callbacks.SAMPLES_KEY)
     assert record["index"] == STEPS  # logged once, at the end
     captions = [m["caption"] for m in record["more"]]
     assert captions == [c for p in run.infer.prompts for c in (f"before: {p}", f"after: {p}")]
@@ -146,9 +147,9 @@ def test_before_is_the_base_model_and_after_is_the_saved_adapter(run):
     """Regenerate both columns outside training: the base folder alone, then base + adapter/."""
     from hunyuan_lora import generation, modeling, prompt, runtime
 
-    (record,) = read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], tracking.SAMPLES_KEY)
+    (record,) = read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], callbacks.SAMPLES_KEY)
     logged_before, logged_after = record["data"][0::2], record["data"][1::2]
-    greedy = tracking.SampleGenerations(run, tokenizer=None).cfg
+    greedy = callbacks.SampleGenerations(run, tokenizer=None).cfg
     assert (greedy.infer.do_sample, greedy.infer.max_new_tokens) == (False, 8)
     tokenizer = modeling.load_tokenizer(run.model.dir)
     where = runtime.placement(run)
@@ -178,23 +179,23 @@ def test_loss_png_is_a_png_of_the_log_history(run, tmp_path):
     assert _png_size(data) == (800, 450)  # figsize 8 x 4.5 in at 100 dpi
     assert len(data) > 10_000  # axes, two curves, legend: not an empty canvas
     # regenerated from log_history.json: the same bytes
-    again = tracking.plot_loss(run.output_dir / "log_history.json", tmp_path / "again.png")
+    again = loss_plot.plot_loss(run.output_dir / "log_history.json", tmp_path / "again.png")
     assert again.read_bytes() == data
     # ... and other values give another image
     changed = _history(run)
     for row in changed:
         if "loss" in row:
             row["loss"] *= 0.5
-    assert tracking.plot_loss(changed, tmp_path / "changed.png").read_bytes() != data
+    assert loss_plot.plot_loss(changed, tmp_path / "changed.png").read_bytes() != data
     without_eval = [row for row in _history(run) if "eval_loss" not in row]
-    assert tracking.plot_loss(without_eval, tmp_path / "train_only.png").read_bytes() != data
+    assert loss_plot.plot_loss(without_eval, tmp_path / "train_only.png").read_bytes() != data
 
 
 @pytest.mark.slow
 def test_the_readmes_loss_png_command_regenerates_it(run, tmp_path):
     """The README's command as written, from the repository root (where `make setup` put .venv)."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    (command,) = re.findall(r"`([^`]*-m hunyuan_lora\.tracking [^`]*)`", readme)
+    (command,) = re.findall(r"`([^`]*-m hunyuan_lora\.loss_plot [^`]*)`", readme)
     history = tmp_path / "run" / "log_history.json"
     history.parent.mkdir()
     shutil.copy(run.output_dir / "log_history.json", history)
@@ -210,7 +211,7 @@ def test_loss_png_before_the_first_log_is_an_empty_plot_not_a_crash(run, tmp_pat
     # A run shorter than logging_steps has only the final summary in its history.
     summary_only = [row for row in _history(run) if "loss" not in row and "eval_loss" not in row]
     assert summary_only and "train_runtime" in summary_only[0]
-    png = tracking.plot_loss(summary_only, tmp_path / "empty.png")
+    png = loss_plot.plot_loss(summary_only, tmp_path / "empty.png")
     assert _png_size(png.read_bytes()) == (800, 450)
 
 
@@ -238,4 +239,5 @@ def test_watch_rejects_a_host_swanboard_cannot_bind(tmp_path, run):
 
 
 def test_disabled_mode_adds_no_callbacks():
-    assert tracking.callbacks(config.load(REPO / "configs/demo.yaml"), "disabled", {}, 1, 2, tokenizer=None) == []
+    assert callbacks.swanlab_callbacks(config.load(REPO / "configs/demo.yaml"), "disabled", {}, 1, 2,
+                                       tokenizer=None) == []

@@ -1,6 +1,7 @@
 """What a run will need, from the config and config.json alone: parameter counts, steps, disk, memory.
 
     params = count_parameters(model_config, cfg.lora.targets(), cfg.lora.r)     # meta device, no weights
+    active = active_parameters(model_config)                                    # per token (MFU)
     steps = expected_steps(cfg, examples)
     mem = estimate_memory(model_config, params, dtype_bytes=2, tokens=4 * 1024, gradient_checkpointing=True, gpus=1)
 
@@ -44,6 +45,25 @@ def human_bytes(n: float) -> str:
     if n >= 1e9:
         return f"{n / 1e9:.1f} GB"
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def active_parameters(model_config: dict) -> int:
+    """Parameters one token passes through: per layer attention + shared expert + top-k routed experts,
+    plus the lm_head (6x this per token = training FLOPs with frozen base weights and recompute)."""
+    c = model_config
+    H, hd = c["hidden_size"], c["attention_head_dim"]
+
+    def at(key: str, i: int, default=None):  # a per-layer list's entry, or the one value for every layer
+        v = c.get(key, default)
+        return v[i] if isinstance(v, list) else v
+
+    total = c["vocab_size"] * H
+    for i in range(c["num_hidden_layers"]):
+        attn = H * c["num_attention_heads"] * hd * 2 + H * c["num_key_value_heads"] * hd * 2
+        shared = 3 * H * c["intermediate_size"] * (at("num_shared_expert", i, 1) if c["use_mixed_mlp_moe"] else 0)
+        routed = at("moe_topk", i) * 3 * H * at("moe_intermediate_size", i) if c["num_experts"] > 1 else 0
+        total += attn + shared + routed
+    return total
 
 
 @dataclass

@@ -37,8 +37,10 @@ from pathlib import Path
 import torch
 
 from .atomic import staging_dir, write_json, write_text
+from .callbacks import BatchCounter
 from .config import Config
 from .errors import UserError
+from .estimate import GIB, active_parameters
 from .model_folder import check_config
 from .modeling import load_random_model, load_tokenizer
 from .runtime import Placement, git_commit, package_versions, placement
@@ -46,7 +48,6 @@ from .training import attach_lora, build_trainer, lora_config, training_argument
 
 CARD_SIZES_GB = (24, 48, 80, 141)
 HEADROOM = 0.10  # "fits with headroom": at least 10 % of the card left over the measured peak
-GIB = 2**30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,9 +127,9 @@ def probe_samples(cfg: Config, lengths_file: str | None, vocab: int, scratch: Pa
 class StepClock:
     """Trainer callback: wall time, samples and real (non-pad) tokens of every optimizer step.
 
-    A forward pre-hook sums what each training micro-batch feeds the model (attention_mask; packed
-    rows count samples by position ids restarting at 0); each step ends with a device sync, so a
-    step's time is what the GPU took, measured from the end of the step before (data loading included).
+    The samples and tokens are callbacks.BatchCounter's, as SwanLab's perf/* count them; each step
+    ends with a device sync, so a step's time is what the GPU took, measured from the end of the
+    step before (data loading included).
     """
 
     def __init__(self):
@@ -138,40 +139,28 @@ class StepClock:
 
         class _Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, model=None, **kwargs):
-                clock.hook = model.register_forward_pre_hook(clock.count, with_kwargs=True)
+                clock.counter.attach(model)
                 clock.last = clock.sync()
 
             def on_step_end(self, args, state, control, **kwargs):
                 now = clock.sync()
-                clock.steps.append({"s": now - clock.last, "samples": int(clock.samples),
-                                    "tokens": int(clock.tokens)})
-                clock.samples, clock.tokens, clock.last = 0, 0, now
+                samples, tokens = clock.counter.take()
+                clock.steps.append({"s": now - clock.last, "samples": samples, "tokens": tokens})
+                clock.last = now
 
             def on_train_end(self, args, state, control, **kwargs):
-                clock.hook.remove()
+                clock.counter.detach()
 
         self.callback = _Callback()
+        self.counter = BatchCounter()
         self.steps: list[dict] = []
-        self.samples, self.tokens, self.last, self.hook = 0, 0, 0.0, None
+        self.last = 0.0
 
     @staticmethod
     def sync() -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter()
-
-    def count(self, module, args, kwargs):
-        if not (module.training and torch.is_grad_enabled()):
-            return
-        mask = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-        positions = kwargs.get("position_ids")
-        self.tokens = self.tokens + real.sum()
-        if positions is not None and real.shape[0] == 1:
-            self.samples = self.samples + ((positions == 0) & real).sum()  # packed: one row of whole samples
-        else:
-            self.samples = self.samples + real.shape[0]
 
 
 class SmiPeak:
@@ -264,23 +253,6 @@ def gemm_rate(device: str) -> tuple[float, str]:
         a @ b
     seconds = StepClock.sync() - t0
     return reps * 2 * n**3 / seconds, f"{str(dtype).replace('torch.', '')} {n}^3"
-
-
-def active_parameters(config) -> int:
-    """Parameters one token passes through: per layer attention + shared expert + top-k routed experts,
-    plus the lm_head (6x this per token = training FLOPs with frozen base weights and recompute)."""
-    H, hd = config.hidden_size, config.attention_head_dim
-    total = config.vocab_size * H
-    def at(key: str, i: int, default=None):  # a per-layer list's entry, or the one value for every layer
-        v = getattr(config, key, default)
-        return v[i] if isinstance(v, list) else v
-
-    for i in range(config.num_hidden_layers):
-        attn = H * config.num_attention_heads * hd * 2 + H * config.num_key_value_heads * hd * 2
-        shared = 3 * H * config.intermediate_size * (at("num_shared_expert", i, 1) if config.use_mixed_mlp_moe else 0)
-        routed = at("moe_topk", i) * 3 * H * at("moe_intermediate_size", i) if config.num_experts > 1 else 0
-        total += attn + shared + routed
-    return total
 
 
 def verdicts(peak_gib: float) -> dict[str, str]:
@@ -496,7 +468,7 @@ def measure_generation(cfg: Config, where: Placement, layers: int | None, prompt
     many = _generate_timed(model, batch, prompt_tokens, GEN_NEW_TOKENS, cfg.run.seed)
     peak = torch.cuda.max_memory_reserved() / GIB if device == "cuda" else None
     # train's before/after samples: each prompt alone, greedy, up to SAMPLE_MAX_NEW_TOKENS (tracking.py)
-    from .tracking import SAMPLE_MAX_NEW_TOKENS, SAMPLE_MAX_PROMPTS
+    from .callbacks import SAMPLE_MAX_NEW_TOKENS, SAMPLE_MAX_PROMPTS
 
     prompts = len(list(cfg.infer.prompts)[:SAMPLE_MAX_PROMPTS])
     sample_tokens = min(cfg.infer.max_new_tokens, SAMPLE_MAX_NEW_TOKENS)
@@ -538,8 +510,7 @@ def summarize(cfg: Config, steps: list[dict], per_step: int, records: int, rate:
     warmup_s = max(0.0, sum(times[:warm]) - warm * steady)
     samples = statistics.fmean(s["samples"] for s in steps[warm:])
     tokens = statistics.fmean(s["tokens"] for s in steps[warm:])
-    config = model.get_base_model().config
-    active = active_parameters(config)
+    active = active_parameters(model.get_base_model().config.to_dict())
     tokens_per_s = tokens / steady
     run_steps = (cfg.train.max_steps if cfg.train.max_steps > 0
                  else math.ceil(cfg.train.num_train_epochs * math.ceil(records / per_step)))

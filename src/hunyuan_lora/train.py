@@ -21,14 +21,17 @@ from pathlib import Path
 
 import torch
 
-from . import scale, tracking
+from . import scale
 from .atomic import staging_dir, write_json
+from .callbacks import SaveOnSignal, swanlab_callbacks
 from .checkpoints import check_optimizer_layout, published_from, set_aside, set_aside_previous_run, whole_run_loss
 from .config import Config
+from .loss_plot import plot_loss
 from .modeling import load_base_model, load_tokenizer
 from .preflight import preflight
 from .runtime import Placement, git_commit, is_main_process, mask_git_remote, package_versions
-from .training import attach_lora, build_trainer, make_stop_callback, training_arguments
+from .tracking import swanlab_mode
+from .training import attach_lora, build_trainer, training_arguments
 
 
 def run(cfg: Config) -> Path:
@@ -64,9 +67,9 @@ def run(cfg: Config) -> Path:
     print(f"LoRA {cfg.lora.targets()} r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.3f} %), {where.device}, {where.dtype}, quantization {cfg.model.quantization}, "
           f"process {args.process_index + 1} of {args.world_size}")
-    stop = make_stop_callback()  # Ctrl-C / SIGTERM: checkpoint, then stop
-    mode = tracking.swanlab_mode(cfg) if main_process else "disabled"  # one SwanLab experiment per run
-    callbacks = [stop, *tracking.callbacks(cfg, mode, stats, trainable, total, tokenizer)]
+    stop = SaveOnSignal()  # Ctrl-C / SIGTERM: checkpoint, then stop
+    mode = swanlab_mode(cfg) if main_process else "disabled"  # one SwanLab experiment per run
+    callbacks = [stop, *swanlab_callbacks(cfg, mode, stats, trainable, total, tokenizer)]
     trainer = build_trainer(cfg, model, tokenizer, splits, args, callbacks)
 
     # ---- train -----------------------------------------------------------------------------------
@@ -75,7 +78,7 @@ def run(cfg: Config) -> Path:
     result = trainer.train(resume_from_checkpoint=resume)
     if main_process:
         write_json(out / "log_history.json", trainer.state.log_history)
-        tracking.plot_loss(trainer.state.log_history, out / "loss.png")
+        plot_loss(trainer.state.log_history, out / "loss.png")
     if stop.received:
         raise SystemExit(f"stopped by {stop.received} at step {trainer.state.global_step}; the checkpoint is "
                          f"{out / f'checkpoint-{trainer.state.global_step}'}: rerun the same `make train` to "

@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
-from .atomic import honour_umask
+from .callbacks import CheckpointModes
 from .config import Config
 from .runtime import Placement
 
@@ -111,47 +109,6 @@ def make_collator(cfg: Config, tokenizer):
     return pack_and_pad
 
 
-def make_stop_callback():
-    """Ctrl-C (SIGINT), `docker stop` and cloud pre-emption (SIGTERM): save a checkpoint after the
-    current step, then stop; `make train` continues from it. A second Ctrl-C stops at once, unsaved."""
-    from transformers import TrainerCallback
-
-    class SaveOnSignal(TrainerCallback):
-        received: str | None = None  # what stopped the run, once a signal arrived
-
-        def __init__(self):
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self._on_signal)
-
-        def _on_signal(self, signum, frame):
-            if self.received and signum == signal.SIGINT:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt  # the user will not wait for the save
-            # Flag first, and no print(): the handler runs inside whatever the main thread is doing,
-            # and a print() landing inside another print() raises "reentrant call" (run lost, no save).
-            self.received = signal.Signals(signum).name
-            os.write(2, f"\n{self.received} received: saving a checkpoint after this step, then stopping "
-                        "(Ctrl-C again stops at once, without saving)\n".encode())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            stop = self.received is not None
-            if args.world_size > 1:
-                # Every rank must stop after the same step (saving under ZeRO-3 is collective), and a
-                # terminal's Ctrl-C reaches the ranks at slightly different moments.
-                import torch
-                import torch.distributed as dist
-
-                flag = torch.tensor([float(stop)], device=args.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
-                self.received = self.received or ("a signal to another process" if stop else None)
-            if stop:
-                control.should_save = True
-                control.should_training_stop = True
-
-    return SaveOnSignal()
-
-
 def trainer_class():
     """HF Trainer with two changes.
 
@@ -213,20 +170,6 @@ def walk_trainable_only(model, optimizer, accelerator) -> None:
     model.train = train
 
 
-def make_umask_callback():
-    """Checkpoints get the user's umask: safetensors writes its files 0600 whatever the umask, so a
-    container running as another uid could not resume from them."""
-    from transformers import TrainerCallback
-
-    class CheckpointModes(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_local_process_zero and checkpoint.is_dir():
-                honour_umask(checkpoint)
-
-    return CheckpointModes()
-
-
 def build_trainer(cfg: Config, model, tokenizer, splits, args, callbacks: list):
     """The Trainer over the tokenized splits (eval when the dataset has one)."""
     return trainer_class()(
@@ -235,5 +178,5 @@ def build_trainer(cfg: Config, model, tokenizer, splits, args, callbacks: list):
         train_dataset=splits["train"],
         eval_dataset=splits["eval"] if "eval" in splits else None,
         data_collator=make_collator(cfg, tokenizer),
-        callbacks=[*callbacks, make_umask_callback()],
+        callbacks=[*callbacks, CheckpointModes()],
     )
