@@ -91,8 +91,12 @@ train: setup  ## LoRA fine-tune with HF Trainer + SwanLab (resume: auto); LAUNCH
 infer: setup  ## answer PROMPT (or infer.prompts / infer.input_jsonl) with base + adapter
 	$(PY) scripts/infer.py
 
-merge: setup  ## merge the adapter into the base weights -> OUTPUT_DIR/merged, then check every delta is in it
+merge: setup  ## merge the adapter into the bf16 base weights shard by shard (no GPU needed) -> OUTPUT_DIR/merged, checked
 	$(PY) scripts/merge.py
+
+.PHONY: clean-cache
+clean-cache: setup  ## delete the NF4 cache of the model folder (model.nf4_cache) and leftovers of killed writes
+	$(PY) scripts/clean_cache.py
 
 .PHONY: chat eval serve
 chat: setup  ## talk to base + adapter (or MODEL_DIR=<merged folder>) in the terminal; /think /base /reset /exit

@@ -82,7 +82,7 @@ LAYERS = {
              "lm_head_padding", "moe_impl", "nf4_moe", "fast_linear", "bench_cases", "tokenizer_and_stand_in",
              "decode"],
     "stage": ["atomic", "chat", "check", "checkpoints", "data", "download", "evaluate", "infer", "interrupts",
-              "merge", "packing", "probe", "resume", "scale", "secrets", "serve", "stage_inputs",
+              "merge", "nf4_load", "packing", "probe", "resume", "scale", "secrets", "serve", "stage_inputs",
               "swanlab_preflight", "tracking", "train_optim", "umask"],
     "e2e": ["pipeline"],
     "infra": ["container", "dashboard", "readme", "user_values"],

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hunyuan_lora"
 STAGES = {"download", "patch", "data", "check", "train", "infer", "merge", "watch", "probe", "chat", "evaluate",
-          "serve"}
+          "serve", "clean_cache"}
 
 
 def project_imports(path: Path) -> set[str]:

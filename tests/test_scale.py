@@ -161,14 +161,6 @@ def test_device_map_only_outside_deepspeed(patched_stand_in, tmp_path, monkeypat
     assert all(getattr(m, "_z3_leaf", False) for m in model.modules() if type(m).__name__ == "HunYuanMoE")
 
 
-def test_nf4_loads_with_the_bnb_config_and_a_device_map(patched_stand_in, tmp_path, monkeypatch):
-    cfg = demo_cfg(patched_stand_in, tmp_path, "model.quantization=nf4", "model.device_map=null", "model.device=cuda")
-    seen = _capture_from_pretrained(monkeypatch, patched_stand_in)
-    modeling.load_base_model(cfg, runtime.placement(cfg))
-    assert seen["device_map"] == {"": 0}  # 4-bit weights are placed at load (no .to() afterwards)
-    assert seen["quantization_config"].bnb_4bit_quant_type == "nf4"
-
-
 def test_training_arguments_are_built_before_the_model_loads(patched_stand_in, run_dir, monkeypatch):
     """Under ZeRO-3, TrainingArguments registers the DeepSpeed config that makes from_pretrained use
     zero.Init; built after the model, every process would first load all 160 GB."""

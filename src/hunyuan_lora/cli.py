@@ -29,6 +29,7 @@ STAGES = {
     "train": "train",
     "infer": "infer",
     "merge": "merge",
+    "clean-cache": "clean_cache",
     "watch": "watch",
     "probe": "probe",
     "chat": "chat",

@@ -69,6 +69,10 @@ class ModelSection:
     # and the lm_head are not quantised (hunyuan_lora/scale.py QUANT_SKIP_MODULES). With moe_impl
     # fast the experts stay NF4 and are dequantised per projection, per pass, into scratch memory.
     quantization: Literal["none", "nf4"] = "none"
+    # Where the first NF4 load writes the quantised, packed model (~45 GB) that later loads read instead of
+    # quantising the 160 GB again (hunyuan_lora/nf4.py): "auto" = <model.dir>.nf4-cache beside the model
+    # folder (same disk), a folder, or "none". `make clean-cache` removes it.
+    nf4_cache: str = "auto"
 
 
 @dataclass

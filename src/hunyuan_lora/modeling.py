@@ -13,7 +13,8 @@ build made). The base model is built in one place, `_from_pretrained`.
 
 Placements (scale.py says when each applies): device_map over the visible GPUs, one device, ZeRO-3
 under `accelerate launch` (TrainingArguments, built before this call, makes from_pretrained load
-inside deepspeed.zero.Init, which shards every weight 1/N over the processes), NF4 (QLoRA).
+inside deepspeed.zero.Init, which shards every weight 1/N over the processes), NF4 (QLoRA): built
+layer by layer by nf4.py, from its cache (model.nf4_cache) when it matches the checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class LoadedModel:
 
     model: Any
     adapter: Path | None = None  # the LoRA adapter loaded on top of the base weights
+    source: str | None = None  # where the weights came from, when it is worth saying (NF4: checkpoint or cache)
     # load_random_model: what was built (random_init.build_random_model's info + architecture_from)
     random_init: dict | None = None
 
@@ -67,28 +69,50 @@ def load_tokenizer(folder: str | Path):
 
 
 def _from_pretrained(cfg: Config, where: Placement):
-    """The model folder's weights in the folder's own code (model.moe_impl: upstream) or the project's
-    implementation (fast), placed as `where` says."""
+    """The model folder's unquantised weights in the folder's own code (model.moe_impl: upstream) or the
+    project's implementation (fast), placed as `where` says."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"torch_dtype": where.dtype}
-    quantization = scale.bnb_config(cfg)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization  # NF4 weights are placed at load; no .to() after
     if where.device_map is not None:
         kwargs["device_map"] = where.device_map
+    if cfg.model.moe_impl == "fast":
+        lm_cls, config = _model_classes(cfg)
+        return lm_cls.from_pretrained(cfg.model.dir, config=config, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(cfg.model.dir, trust_remote_code=True, **kwargs)
+
+
+def _model_classes(cfg: Config):
+    """(causal-LM class, its config): the project's implementation (moe_impl fast) or the folder's code."""
     if cfg.model.moe_impl == "fast":
         from .hunyuan.configuration_hunyuan import HunYuanConfig
         from .hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
 
         config = HunYuanConfig.from_pretrained(cfg.model.dir)
         config.moe_impl = "fast"  # read by HunYuanMoE; same state-dict keys as the folder's code
-        return HunYuanMoEV1ForCausalLM.from_pretrained(cfg.model.dir, config=config, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(cfg.model.dir, trust_remote_code=True, **kwargs)
+        return HunYuanMoEV1ForCausalLM, config
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config = AutoConfig.from_pretrained(cfg.model.dir, trust_remote_code=True)
+    return get_class_from_dynamic_module(config.auto_map["AutoModelForCausalLM"], str(cfg.model.dir)), config
+
+
+def _load_nf4(cfg: Config, where: Placement) -> LoadedModel:
+    """NF4, one device: quantised layer by layer from the checkpoint, or read from the NF4 cache."""
+    from . import nf4
+
+    lm_cls, config = _model_classes(cfg)
+    model, source = nf4.load(cfg.model.dir, lm_cls, config, where.device, where.dtype, scale.bnb_config(cfg),
+                             cache=nf4.cache_dir(cfg.model.nf4_cache, cfg.model.dir))
+    print(f"NF4 model: {source}", flush=True)
+    return LoadedModel(_decode_setup(cfg, model, where), source=source)
 
 
 def load_base_model(cfg: Config, where: Placement) -> LoadedModel:
     """The model folder's weights, placed (or, under ZeRO-3, sharded and left to the DeepSpeed engine)."""
+    if cfg.model.quantization == "nf4":
+        return _load_nf4(cfg, where)  # packed as it loads (QLoRA under DeepSpeed is refused by the preflight)
     model = _from_pretrained(cfg, where)
     if where.zero3:
         scale.set_moe_leaf_modules(model)  # without it, ranks routing to different experts hang
@@ -144,7 +168,8 @@ def load_with_adapter(cfg: Config, where: Placement, path: Path) -> LoadedModel:
     from peft import PeftModel
     from safetensors import safe_open
 
-    model = PeftModel.from_pretrained(load_base_model(cfg, where).model, str(path))
+    base = load_base_model(cfg, where)
+    model = PeftModel.from_pretrained(base.model, str(path))
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
         saved = set(f.keys())
     # PEFT's saved keys drop the adapter name: ...lora_A.weight <-> ...lora_A.default.weight
@@ -155,7 +180,7 @@ def load_with_adapter(cfg: Config, where: Placement, path: Path) -> LoadedModel:
                         f"e.g. {sorted(missing)[:2]}", where=str(path),
                         fix="use the adapter trained on this model folder (same architecture and targets)")
     model.eval()
-    return LoadedModel(model, adapter=path)
+    return LoadedModel(model, adapter=path, source=base.source)
 
 
 def load_for_generation(cfg: Config, *, require_adapter: bool = True) -> tuple[LoadedModel, Any]:
@@ -174,4 +199,5 @@ def load_for_generation(cfg: Config, *, require_adapter: bool = True) -> tuple[L
     where = placement(cfg)
     if adapter is not None:
         return load_with_adapter(cfg, where, adapter), tokenizer
-    return LoadedModel(load_base_model(cfg, where).model.eval()), tokenizer
+    base = load_base_model(cfg, where)
+    return LoadedModel(base.model.eval(), source=base.source), tokenizer

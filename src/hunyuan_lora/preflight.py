@@ -391,6 +391,38 @@ def check_launch(cfg: Config) -> tuple[Status, str, Placement]:
     return "ok", how, where
 
 
+def check_nf4_cache(cfg: Config, params: ParamCount | None, where: Placement | None) -> tuple[Status, str]:
+    """Whether NF4 loads will read the cache (model.nf4_cache), and the disk space it takes or will take."""
+    from . import nf4
+    from .scale import NF4_BYTES_PER_PARAM, bnb_config
+
+    root = nf4.cache_dir(cfg.model.nf4_cache, cfg.model.dir)
+    if root is None:
+        return "ok", "none (model.nf4_cache: none): every NF4 load quantises the checkpoint again"
+    if where is None or not (Path(cfg.model.dir) / "config.json").is_file():
+        return "skip", "needs the model folder and the device (launch row)"
+    state, line = nf4.cache_state(root, nf4.cache_key(Path(cfg.model.dir), where.dtype, bnb_config(cfg)))
+    used, stale = nf4.cache_bytes(root), nf4.leftovers(root)
+    left = (f"; {', '.join(p.name for p in stale)} beside it: left by killed writes, never read "
+            "(`make clean-cache` removes them)") if stale else ""
+    if state == "valid":
+        return "ok", f"will be used: {line}; {human_bytes(used)} on disk (`make clean-cache` removes it){left}"
+    if state != "missing":
+        return "warn", f"{line}: the next NF4 load rebuilds it ({human_bytes(used)} on disk now){left}"
+    if params is None:
+        return "ok", f"{line}: the first NF4 load writes it, later loads read it{left}"
+    need = params.quantizable * NF4_BYTES_PER_PARAM + (params.total - params.quantizable) * 2
+    anchor = root.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    free = shutil.disk_usage(anchor).free
+    if free < need:
+        return "warn", (f"{line}; it needs ~{human_bytes(need)}, {human_bytes(free)} free at {anchor}: every NF4 "
+                        f"load will quantise the checkpoint (set model.nf4_cache to a folder with room){left}")
+    return "ok", (f"{line}: the first NF4 load writes it (~{human_bytes(need)}, {human_bytes(free)} free there), "
+                  f"later loads read it instead of quantising the checkpoint{left}")
+
+
 def leftover_rows(out: Path) -> list[tuple[Status, str]]:
     stale = leftovers(out)
     # X.old without X: killed between "old aside" and "new in place"; X.old is the last complete X.
@@ -432,6 +464,8 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
     for status, detail in leftover_rows(cfg.output_dir):
         t.add("leftovers", status, detail)
     where = t.run("launch", check_launch, cfg)
+    if cfg.model.quantization == "nf4":
+        t.run("nf4 cache", check_nf4_cache, cfg, params, where)
     memory = t.run("memory", check_memory, cfg, model_config, params, where, stats)
     t.run("swanlab", check_swanlab, cfg)
     masked = mask_git_remote(apply=False)
