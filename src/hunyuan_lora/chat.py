@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .config import Config
-from .generation import Generation, Sampling
+from .generation import Completion, Sampling, generate_in_thread
 from .modeling import load_for_generation
 from .prompt import conversation, prompt_ids
 from .records import Record, Turn
@@ -75,21 +75,22 @@ def run(cfg: Config) -> Path:
         turns = (*history, Turn("user", line))
         messages = conversation(Record(system=None, turns=turns, where="chat"), cfg)
         off = model.disable_adapter() if adapter is not None and not use_adapter else contextlib.nullcontext()
-        gen = None
+        completion = Completion(prompt_ids(tokenizer, messages, thinking), sampling)
         with off:  # the whole answer, generated in another thread, with the adapter as chosen
+            worker = generate_in_thread(model, tokenizer, [completion])
             try:
-                gen = Generation(model, tokenizer, prompt_ids(tokenizer, messages, thinking), sampling)
-                for piece in gen:
+                for piece in completion:
                     print(piece, end="", flush=True)
             except KeyboardInterrupt:
-                if gen is not None:
-                    gen.cancel()
-        if gen is None or gen.finish_reason is None:  # interrupted
+                completion.cancel()
+            finally:
+                worker.join()
+        if completion.finish_reason == "cancelled":  # interrupted
             print("\n[stopped: this answer is not kept]", flush=True)
             continue
         print(flush=True)
-        history = [*turns, Turn("assistant", gen.text)]
+        history = [*turns, Turn("assistant", completion.text)]
         with open(transcript, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"user": line, "reply": gen.text, "thinking": thinking,
-                                "adapter": use_adapter, "finish_reason": gen.finish_reason}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"user": line, "reply": completion.text, "thinking": thinking, "adapter": use_adapter,
+                                "finish_reason": completion.finish_reason}, ensure_ascii=False) + "\n")
     return transcript

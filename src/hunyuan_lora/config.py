@@ -246,6 +246,7 @@ class InferSection:
     thinking: bool = False
     max_new_tokens: int = 512
     do_sample: bool | None = None  # None: the model folder's generation_config.json decides
+    batch_size: int = 16  # input_jsonl prompts generated together (sorted by length, left-padded)
     adapter: str | None = None  # default: <output_dir>/adapter (chat, eval and serve use it too)
 
 
@@ -261,6 +262,7 @@ class EvalSection:
     input: str | None = None  # EVAL=file (any dataset format); default <output_dir>/data/eval.jsonl
     limit: int | None = None  # score only the first N records
     max_new_tokens: int = 256
+    batch_size: int = 16  # records answered together (sorted by length, left-padded), per side
     compare_base: bool = True  # also answer with the base model (adapter switched off)
     report_samples: int = 10  # answers shown side by side in report.md
 
@@ -272,6 +274,10 @@ class ServeSection:
     model_name: str | None = None  # the id in /v1/models and responses; default: run.name
     thinking: bool = False  # when a request does not say (enable_thinking, or /think in the message)
     max_new_tokens: int = 512  # when a request gives no max_tokens; also the most one may ask for
+    max_batch_size: int = 8  # requests generated together (those waiting when the model is free)
+    max_queue: int = 64  # requests that may wait for the model; more get 429
+    max_prompt_tokens: int | None = None  # a longer prompt gets 400; default: the model's context
+    max_request_bytes: int | None = None  # a larger body gets 413; default: 16 per max_prompt_tokens + 64 KiB
 
 
 @dataclass
@@ -462,6 +468,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         tokens = getattr(getattr(cfg, section, None), "max_new_tokens", 1)
         if tokens < 1:
             problems.append(f"{section}.max_new_tokens is {tokens}: at least 1")
+    for key in ("infer.batch_size", "eval.batch_size", "serve.max_batch_size", "serve.max_queue",
+                "serve.max_prompt_tokens", "serve.max_request_bytes"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < 1:
+            problems.append(f"{key} is {value}: at least 1")
     if cfg.train.pad_to_multiple_of is not None and cfg.train.pad_to_multiple_of < 1:
         problems.append("train.pad_to_multiple_of must be at least 1, or null")
     if cfg.train.optim not in ("adamw_torch", "adamw_torch_fused"):  # anything else: ask transformers

@@ -8,10 +8,12 @@ history, system prompts, conversations up to their last user turn), thinking off
 infer.thinking, with the model folder's generation_config.json. The answer is the <answer>...</answer>
 content when the model writes one, else the text after </think>, else the whole text.
 
-Writes <output_dir>/infer/answers.jsonl (or infer.output_jsonl), one line per answer as it is
-generated. A run killed part-way is resumed by the next run with the same prompts, adapter and
-settings; any other earlier answers file (another PROMPT, a finished run) is first moved aside to
-answers.<its time>.jsonl, never overwritten.
+Prompts are answered infer.batch_size at a time, longest first (generation.generate_batches). Writes
+<output_dir>/infer/answers.jsonl (or infer.output_jsonl), one line per answer as it finishes, and puts
+the lines in the input's order once all are there. A run killed part-way is resumed by the next run
+with the same prompts, adapter and settings (it answers only what is missing); any other earlier
+answers file (another PROMPT, a finished run) is first moved aside to answers.<its time>.jsonl, never
+overwritten.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from .atomic import write_text
 from .config import Config
 from .errors import UserError
-from .generation import answer, infer_sampling
+from .generation import Completion, generate_batches, infer_sampling
 from .modeling import adapter_dir, is_merged, load_for_generation
-from .prompt import extract_answer, prompt_messages
+from .prompt import extract_answer, prompt_ids, prompt_messages
 from .records import Record, Turn, read_records
 
 
@@ -72,30 +75,43 @@ def _run_key(cfg: Config, messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _earlier_answers(out: Path, keys: list[str]) -> int:
-    """How many answers of this same run an interrupted earlier run left in `out` (resume after them);
-    0 after moving any other earlier file aside, by name. A last line cut off by a kill is dropped."""
+def _earlier_answers(out: Path, keys: list[str]) -> list[int]:
+    """The prompts (indices into keys) an interrupted earlier run of this same run answered in `out`,
+    in any order (resume with the others); [] after moving any other earlier file aside, by name. A last
+    line cut off by a kill is dropped."""
     if not out.exists() or out.stat().st_size == 0:
-        return 0
+        return []
     lines = out.read_bytes().splitlines(keepends=True)
-    done = 0
-    for line, key in zip(lines, keys):
+    unanswered: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        unanswered.setdefault(key, []).append(i)
+    done, ours = [], True
+    for n, line in enumerate(lines):
+        if not line.endswith(b"\n") and n == len(lines) - 1 and done:
+            break  # cut off by a kill
         try:
-            if not line.endswith(b"\n") or json.loads(line)["key"] != key:
-                break
-        except (ValueError, KeyError, TypeError):
+            done.append(unanswered[json.loads(line)["key"]].pop(0))
+        except (ValueError, KeyError, TypeError, IndexError):
+            ours = False
             break
-        done += 1
-    if 0 < done < len(keys) and len(lines) - done <= 1:  # only a line cut off by a kill after them
+    if ours and 0 < len(done) < len(keys):
         with open(out, "r+b") as f:
-            f.truncate(sum(len(line) for line in lines[:done]))
-        print(f"resuming: {done} of {len(keys)} answers already in {out}")
+            f.truncate(sum(len(line) for line in lines[:len(done)]))
+        print(f"resuming: {len(done)} of {len(keys)} answers already in {out}")
         return done
     aside = out.with_name(f"{out.stem}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(out.stat().st_mtime))}"
                           f"{out.suffix}")
     os.replace(out, aside)
     print(f"the earlier answers in {out} were moved to {aside} (kept: this run answers anew)")
-    return 0
+    return []
+
+
+def _put_in_order(out: Path, keys: list[str]) -> None:
+    """Rewrite the answers file (all answers there, in the order they finished) in the input's order."""
+    by_key: dict[str, list[bytes]] = {}
+    for line in out.read_bytes().splitlines(keepends=True):
+        by_key.setdefault(json.loads(line)["key"], []).append(line)
+    write_text(out, b"".join(by_key[key].pop(0) for key in keys).decode("utf-8"))
 
 
 def add_arguments(parser) -> None:
@@ -113,18 +129,22 @@ def run(cfg: Config, prompt: str | None = None) -> Path:
         return out
     asked = [prompt_messages(r, cfg) for r in records]
     keys = [_run_key(cfg, m) for m in asked]
-    start = _earlier_answers(out, keys)
+    done = set(_earlier_answers(out, keys))
     loaded, tokenizer = load_for_generation(cfg)
     model = loaded.model
     sampling = infer_sampling(cfg)
+    todo = {Completion(prompt_ids(tokenizer, asked[i], cfg.infer.thinking), sampling): i
+            for i in range(len(records)) if i not in done}
     with open(out, "a", encoding="utf-8") as f:
-        for record, messages, key in list(zip(records, asked, keys))[start:]:
-            text = answer(model, tokenizer, messages, thinking=cfg.infer.thinking, sampling=sampling)
-            row = {"instruction": messages[-1]["content"], "answer": extract_answer(text), "raw": text,
-                   "reference": record.answer, "where": record.where, "key": key}
+        for completion in generate_batches(model, tokenizer, list(todo), cfg.infer.batch_size):
+            i = todo[completion]
+            text = completion.text
+            row = {"instruction": asked[i][-1]["content"], "answer": extract_answer(text), "raw": text,
+                   "reference": records[i].answer, "where": records[i].where, "key": keys[i]}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())  # an answer written is an answer kept, whatever happens next
             print(f"Q: {row['instruction']}\nA: {row['answer']}\n", flush=True)
+    _put_in_order(out, keys)
     print(f"answers written to {out}")
     return out
