@@ -112,6 +112,9 @@ def test_settings_the_project_derives_are_refused_by_name():
     ("train.dataloader_num_workers=-1", "train.dataloader_num_workers is -1"),
     ("train.save_total_limit=0", "train.save_total_limit is 0: at least 1"),
     ("infer.max_new_tokens=0", "infer.max_new_tokens is 0: at least 1"),
+    ("eval.batch_size=0", "eval.batch_size is 0: at least 1"),
+    ("serve.max_queue=0", "serve.max_queue is 0: at least 1"),
+    ("serve.max_prompt_tokens=-3", "serve.max_prompt_tokens is -3: at least 1"),
     ("lora.target_modules=[q_proj, v_proj]", "lora.target_modules is set but lora.preset is 'tutorial'"),
 ])
 def test_out_of_range_values_fail_at_load_with_the_key(override, fragment):

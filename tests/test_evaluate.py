@@ -10,20 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_lora import data, evaluate, tracking
+from hunyuan_lora import data, evaluate, generation, modeling, prompt, runtime, tracking
 from hunyuan_lora.errors import UserError
+from hunyuan_lora.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def cfg(lora_run, tmp_path):
-    """The run with its adapter, its own output folder, a quarter of the sample data held out."""
+    """The run with its adapter, its own output folder, a quarter of the sample data held out, answered
+    three records at a time (a batch of three, left-padded, and one alone)."""
     return dataclasses.replace(
         lora_run, run=dataclasses.replace(lora_run.run, output_dir=str(tmp_path / "run")),
         infer=dataclasses.replace(lora_run.infer, adapter=str(lora_run.output_dir / "adapter")),
         data=dataclasses.replace(lora_run.data, eval_ratio=0.25),
-        eval=dataclasses.replace(lora_run.eval, max_new_tokens=8, limit=4, report_samples=3))
+        eval=dataclasses.replace(lora_run.eval, max_new_tokens=8, limit=4, report_samples=3, batch_size=3))
 
 
 def test_scores_are_llama_factorys():
@@ -58,6 +60,18 @@ def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg
         assert summary["metrics"][side] == evaluate.mean_scores(rows, side)
         assert all(r[f"{side}_scores"] == evaluate.scores(r[side], r["reference"]) for r in rows)
     assert any(r["adapter"] != r["base"] for r in rows)  # the adapter changes the answers
+    # each side is its model's own greedy answer to the record alone: the base side, the model without
+    # any adapter loaded
+    loaded, tokenizer = modeling.load_for_generation(cfg)
+    plain = modeling.load_base_model(cfg, runtime.placement(cfg)).model.eval()
+    greedy = generation.Sampling(max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
+    records_, _ = read_records(cfg.output_dir / "data/eval.jsonl", drop_duplicates=False)
+    for row, record in zip(rows, records_):
+        messages = prompt.prompt_messages(record, cfg)
+        for side, model in (("adapter", loaded.model), ("base", plain)):
+            text = generation.answer(model, tokenizer, messages, thinking=prompt.is_thinking(record.answer),
+                                     sampling=greedy)
+            assert row[f"{side}_raw"] == text
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "| metric | adapter | base |" in report
     assert f"| rouge-l | {summary['metrics']['adapter']['rouge-l']:.2f}" in report

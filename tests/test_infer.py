@@ -61,6 +61,25 @@ def test_a_killed_batch_resumes_and_another_run_moves_the_answers_aside(cfg, tmp
     assert aside.read_text(encoding="utf-8") == full and [r["instruction"] for r in _rows(out)] == ["四"]
 
 
+def test_batches_resume_from_answers_in_any_order_and_end_in_the_inputs_order(cfg, tmp_path, capsys):
+    questions = ["一", "你喜欢什么花？请详细地说一说", "三", "皇上驾到，甄嬛该怎么回答"]
+    cfg.infer.batch_size = 2  # two batches of two, each left-padded
+    cfg.infer.input_jsonl = _questions(tmp_path, [{"instruction": q} for q in questions])
+    out = infer.run(cfg)
+    full = out.read_text(encoding="utf-8")
+    assert [r["instruction"] for r in _rows(out)] == questions
+    loaded, tokenizer = modeling.load_for_generation(cfg)
+    for row, question in zip(_rows(out), questions):  # each the answer it gets alone
+        assert row["raw"] == generation.answer(loaded.model, tokenizer, prompt.ask(question, cfg), thinking=False,
+                                               sampling=generation.infer_sampling(cfg))
+    lines = full.splitlines(keepends=True)
+    # killed after two answers were written in the order they finished, and while writing a third
+    out.write_text(lines[3] + lines[1] + lines[0][:len(lines[0]) // 2], encoding="utf-8")
+    infer.run(cfg)
+    assert "resuming: 2 of 4 answers already in" in capsys.readouterr().out
+    assert out.read_text(encoding="utf-8") == full
+
+
 @pytest.mark.parametrize("case", ["folder", "under_a_file"])
 def test_an_unusable_output_path_is_refused_before_anything_loads(cfg, tmp_path, case):
     (tmp_path / "f").write_text("x")

@@ -14,7 +14,8 @@ top_p, seed, max_tokens (at most serve.max_new_tokens), stop (a string or up to 
 stream_options.include_usage, and thinking by `enable_thinking` (or vLLM's
 `chat_template_kwargs.enable_thinking`, or /think or /no_think at the start of the last user message,
 as the model's template reads them; default serve.thinking). The reply's content is the text the model
-wrote (its <think> block included when thinking is on). GET /v1/models lists the one model.
+wrote (its <think> block included when thinking is on). GET /v1/models lists the one model; GET /health
+says how many requests are being generated and how many wait.
 
 Requests are generated together: whatever waits when the model is free forms the next batch (up to
 serve.max_batch_size, generation.Scheduler); at most serve.max_queue wait, more get 429. A client that
@@ -149,6 +150,11 @@ def create_app(cfg: Config, model, tokenizer, scheduler: Scheduler):
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                             "owned_by": "hunyuan-lora"}]}
+
+    @app.get("/health")
+    async def health():
+        running, waiting = scheduler.load()
+        return {"status": "ok", "running": running, "waiting": waiting}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
