@@ -246,7 +246,7 @@ class InferSection:
     thinking: bool = False
     max_new_tokens: int = 512
     do_sample: bool | None = None  # None: the model folder's generation_config.json decides
-    batch_size: int = 16  # input_jsonl prompts generated together (sorted by length, left-padded)
+    batch_size: int = 64  # input_jsonl prompts generated together (sorted by length, left-padded)
     adapter: str | None = None  # default: <output_dir>/adapter (chat, eval and serve use it too)
 
 
@@ -262,7 +262,7 @@ class EvalSection:
     input: str | None = None  # EVAL=file (any dataset format); default <output_dir>/data/eval.jsonl
     limit: int | None = None  # score only the first N records
     max_new_tokens: int = 256
-    batch_size: int = 16  # records answered together (sorted by length, left-padded), per side
+    batch_size: int = 64  # records answered together (sorted by length, left-padded), per side
     compare_base: bool = True  # also answer with the base model (adapter switched off)
     report_samples: int = 10  # answers shown side by side in report.md
 
