@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from generation_helpers import greedy_alone
 
 from hunyuan_lora import generation, modeling, prompt
 
@@ -36,19 +37,7 @@ def _run(model, tokenizer, completions):
 def alone(loaded):
     """Each prompt's greedy answer by transformers' own generate, one prompt at a time, unpadded."""
     model, tokenizer, ids = loaded
-    out = []
-
-    def work():
-        for row in ids:
-            with torch.no_grad():
-                full = model.generate(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, len(row)),
-                                      pad_token_id=tokenizer.pad_token_id, **GREEDY.kwargs())
-            out.append(full[0, len(row):].tolist())
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-    return out
+    return [greedy_alone(model, tokenizer, row, NEW) for row in ids]
 
 
 def test_greedy_batched_is_token_identical_to_one_at_a_time(loaded, alone):

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from generation_helpers import greedy_text_alone
 
 from hunyuan_lora import generation, infer, modeling, prompt
 from hunyuan_lora.errors import UserError
@@ -37,8 +38,8 @@ def test_batch_uses_the_training_prompt_with_the_input_field(cfg, tmp_path, caps
     assert [r["reference"] for r in rows] == [None, "臣妾甄嬛。"]
     loaded, tokenizer = modeling.load_for_generation(cfg)
     model = loaded.model
-    direct = generation.reply(model, tokenizer, prompt.ask("翻译\n你好", cfg), thinking=False,
-                              sampling=generation.infer_sampling(cfg))
+    direct = greedy_text_alone(model, tokenizer, prompt.prompt_ids(tokenizer, prompt.ask("翻译\n你好", cfg), False),
+                               cfg.infer.max_new_tokens)
     assert rows[0]["raw"] == direct and rows[0]["answer"] == prompt.extract_answer(direct)
     assert "Q: 翻译\n你好\nA: " in capsys.readouterr().out
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from generation_helpers import greedy_text_alone
 from swanlab_store import read_tag
 
 from hunyuan_lora import callbacks, config, loss_plot, tracking
@@ -145,7 +146,7 @@ def test_sample_panel_has_before_and_after_rows_per_prompt(run):
 @pytest.mark.slow
 def test_before_is_the_base_model_and_after_is_the_saved_adapter(run):
     """Regenerate both columns outside training: the base folder alone, then base + adapter/."""
-    from hunyuan_lora import generation, modeling, prompt, runtime
+    from hunyuan_lora import modeling, prompt, runtime
 
     (record,) = read_tag(run.output_dir / "swanlog", _the_experiment(run)["run_id"], callbacks.SAMPLES_KEY)
     logged_before, logged_after = record["data"][0::2], record["data"][1::2]
@@ -156,10 +157,42 @@ def test_before_is_the_base_model_and_after_is_the_saved_adapter(run):
     base = modeling.load_base_model(run, where).model.eval()
     tuned = modeling.load_with_adapter(run, where, run.output_dir / "adapter").model
     for model, logged in ((base, logged_before), (tuned, logged_after)):
-        answers = [prompt.extract_answer(generation.reply(model, tokenizer, prompt.ask(p, greedy), thinking=False,
-                                                          sampling=generation.infer_sampling(greedy)))
-                   for p in run.infer.prompts]
+        answers = [prompt.extract_answer(greedy_text_alone(
+            model, tokenizer, prompt.prompt_ids(tokenizer, prompt.ask(p, greedy), False), greedy.infer.max_new_tokens))
+            for p in run.infer.prompts]
         assert answers == logged
+
+
+def test_the_samples_are_one_batch_each_prompt_answered_as_alone(lora_run, monkeypatch):
+    """Every prompt in one generate call (left-padded), each answered as it would be alone, and the
+    model back in training mode after."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from hunyuan_lora import modeling, prompt
+
+    prompts = ["你是谁？", "你喜欢什么花？请说说看", "一"]
+    cfg = dataclasses.replace(lora_run, infer=dataclasses.replace(lora_run.infer, prompts=prompts))
+    loaded, tokenizer = modeling.load_for_generation(cfg)
+    model = loaded.model
+    samples = callbacks.SampleGenerations(cfg, tokenizer)
+    batches, generate = [], model.generate
+
+    def counted(**kwargs):
+        batches.append(kwargs["input_ids"].shape[0])
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", counted)
+    model.train()
+    samples.on_train_begin(None, SimpleNamespace(is_world_process_zero=True), None, model=model)
+    assert batches == [len(prompts)] and model.training
+    monkeypatch.undo()
+    model.eval()
+    with model.disable_adapter():
+        alone = [prompt.extract_answer(greedy_text_alone(
+            model, tokenizer, prompt.prompt_ids(tokenizer, prompt.ask(p, samples.cfg), False),
+            samples.cfg.infer.max_new_tokens)) for p in prompts]
+    assert samples.before == alone and any(alone)
 
 
 # ---- loss.png ----------------------------------------------------------------------------------

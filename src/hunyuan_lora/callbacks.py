@@ -289,7 +289,8 @@ class SampleGenerations(TrainerCallback):
 
     The base answers come from the same PEFT model with its adapter switched off
     (`model.disable_adapter()`), so no second copy of the weights is ever loaded. Prompts go
-    through prompt.ask and generation.reply: the same chat template and system prompt as `make infer`.
+    through prompt.ask: the same chat template and system prompt as `make infer`; all of them are
+    answered as one batch (generation.generate, in the training process's own thread).
     """
 
     def __init__(self, cfg: Config, tokenizer):
@@ -303,16 +304,18 @@ class SampleGenerations(TrainerCallback):
         self.after: list[str] = []
 
     def _answers(self, model) -> list[str]:
-        from .generation import infer_sampling, reply
-        from .prompt import ask, extract_answer
+        from .generation import Completion, generate, infer_sampling
+        from .prompt import ask, extract_answer, prompt_ids
 
+        completions = [Completion(prompt_ids(self.tokenizer, ask(p, self.cfg), self.cfg.infer.thinking),
+                                  infer_sampling(self.cfg)) for p in self.prompts]
         was_training = model.training
         model.eval()  # no dropout; the model's forward also skips gradient checkpointing in eval
         try:
-            return [extract_answer(reply(model, self.tokenizer, ask(p, self.cfg), thinking=self.cfg.infer.thinking,
-                                         sampling=infer_sampling(self.cfg))) for p in self.prompts]
+            generate(model, self.tokenizer, completions)
         finally:
             model.train(was_training)
+        return [extract_answer(c.text) for c in completions]
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not (self.prompts and state.is_world_process_zero and model is not None):

@@ -46,18 +46,6 @@ class Sampling:
     top_p: float | None = None  # None: the folder's (top_k is always the folder's)
     seed: int | None = None  # a sampled row with a seed draws from its own generator: same seed, same text
 
-    def kwargs(self) -> dict:
-        out: dict = {"max_new_tokens": self.max_new_tokens}
-        if self.do_sample is False:  # greedy: the folder's sampling settings do not apply
-            return out | {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if self.do_sample:
-            out["do_sample"] = True
-        if self.temperature is not None:
-            out["temperature"] = self.temperature
-        if self.top_p is not None:
-            out["top_p"] = self.top_p
-        return out
-
 
 def infer_sampling(cfg: Config) -> Sampling:
     return Sampling(max_new_tokens=cfg.infer.max_new_tokens, do_sample=cfg.infer.do_sample)
@@ -71,20 +59,6 @@ def answer(model, tokenizer, messages: list[dict], *, thinking: bool, sampling: 
     if completion.error is not None:
         raise completion.error
     return completion.text
-
-
-def reply(model, tokenizer, messages: list[dict], *, thinking: bool, sampling: Sampling) -> str:
-    """As answer(), generated in the calling thread (training callbacks, where generate must run on
-    the process's own thread)."""
-    import torch
-
-    ids = prompt_ids(tokenizer, messages, thinking)
-    warn_if_too_long(model, len(ids), sampling.max_new_tokens)
-    input_ids = torch.tensor([ids], device=model.device)
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             pad_token_id=tokenizer.pad_token_id, **sampling.kwargs())
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
 def warn_if_too_long(model, prompt_tokens: int, max_new_tokens: int) -> None:
