@@ -3,7 +3,6 @@ greedy answers, history, /think /base /adapter /reset /exit, and Ctrl-C stopping
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_lora import generation, modeling, prompt
+from hunyuan_lora import generation, modeling, prompt, runtime
 from hunyuan_lora.records import Record, Turn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +37,13 @@ def _say(child, line: str) -> str:
 
 @pytest.fixture(scope="module")
 def local(lora_run):
+    """The answers chat must print: base + adapter, or (base=True) a model loaded without any adapter."""
     loaded, tokenizer = modeling.load_for_generation(lora_run)
-    model = loaded.model
+    plain = modeling.load_base_model(lora_run, runtime.placement(lora_run)).model.eval()
 
     def answer(messages, thinking=False, base=False):
-        off = model.disable_adapter() if base else contextlib.nullcontext()
-        with off:
-            return generation.answer(model, tokenizer, messages, thinking=thinking,
-                                    sampling=generation.Sampling(max_new_tokens=8, do_sample=False))
+        return generation.answer(plain if base else loaded.model, tokenizer, messages, thinking=thinking,
+                                 sampling=generation.Sampling(max_new_tokens=8, do_sample=False))
     return answer
 
 
@@ -84,6 +82,7 @@ def test_a_conversation_with_history_modes_and_commands(lora_run, tmp_path, loca
     assert replies[1] == local(ask(u1, a1, u2))
     assert replies[2] == local(ask(u1, a1, u2, a2, u3), thinking=True)
     assert replies[3] == local(ask(u1, a1, u2, a2, u3, a3, u1), thinking=True, base=True)
+    assert replies[3] != local(ask(u1, a1, u2, a2, u3, a3, u1), thinking=True)  # /base made a difference
     assert replies[4] == local(ask(("user", "你是谁？")), thinking=True)  # after /reset: no history
 
 
