@@ -7,7 +7,7 @@ own pid: no handler, no cleanup, exactly what `kill -9` does at that moment):
 
     mid-write   the temporary sibling is half written (the first part saved, the rest not)
     swap        between "old artifact renamed aside" and "new one renamed into place"
-    delete-old  while the previous dataset is being deleted before the rename (data.py)
+    delete-old  while the previous dataset, renamed aside, is being deleted (data.py)
 
 Afterwards the previous complete artifact (or none) must be what is in place, and the stage that
 reads it next (train's preflight, infer, a model-folder check of the merged model) accepts the
@@ -67,8 +67,8 @@ def _install_hook(hook: str, out: Path) -> None:
         rmtree = shutil.rmtree
 
         def dying_rmtree(path, *a, **k):
-            if Path(path) == out / "data.old" and (out / "data.old").is_dir():
-                next((out / "data.old" / "train").glob("*.arrow")).unlink()
+            if Path(path).parent == out and Path(path).name.startswith(".data.previous-"):
+                next((Path(path) / "train").glob("*.arrow")).unlink()
                 _die()
             return rmtree(path, *a, **k)
 
@@ -76,7 +76,7 @@ def _install_hook(hook: str, out: Path) -> None:
     elif hook == "adapter-mid-write":  # LoRA weights in the temp folder, tokenizer files not yet
         from peft import PeftModel
 
-        PeftModel.save_pretrained = _die_after(PeftModel.save_pretrained, ".adapter-")
+        PeftModel.save_pretrained = _die_after(PeftModel.save_pretrained, ".adapter.tmp-")
     elif hook in ("adapter-swap", "merged-swap"):  # old one renamed aside, new one not yet in place
         name, replace = hook.split("-")[0], os.replace
 
@@ -93,7 +93,7 @@ def _install_hook(hook: str, out: Path) -> None:
 
         def dying_write_text(path, text):
             if path == out / "manifest.json":
-                path.with_name(path.name + ".tmp").write_text(text[: len(text) // 2], encoding="utf-8")
+                atomic.temp_file(path).write_text(text[: len(text) // 2], encoding="utf-8")
                 _die()
             return write_text(path, text)
 
@@ -105,7 +105,7 @@ def _install_hook(hook: str, out: Path) -> None:
 
         def dying_merge_shard(src, dst, *a, **k):
             result = merge_shard(src, dst, *a, **k)
-            if Path(dst).parent.name.startswith(".merged-"):
+            if Path(dst).parent.name.startswith(".merged.tmp-"):
                 _die()
             return result
 
@@ -255,7 +255,7 @@ def test_dataset_killed_mid_write_leaves_the_previous_one(scenarios):
     assert tree_digest(d["data_mid"] / "data") == tree_digest(d["data_prev"] / "data")
     plan = preflight.preflight(cfg_for(scenarios["model"], d["data_mid"]), stage="check", echo=False)
     assert {r.name: r.status for r in plan.rows}["dataset"] == "ok"
-    assert [p.name[:6] for p in preflight.leftovers(d["data_mid"])] == [".data-"]  # the half-written temp
+    assert [p.name[:10] for p in preflight.leftovers(d["data_mid"])] == [".data.tmp-"]  # the half-written temp
 
 
 def test_dataset_killed_without_a_previous_one_leaves_none(scenarios):
@@ -266,13 +266,15 @@ def test_dataset_killed_without_a_previous_one_leaves_none(scenarios):
 
 
 def test_dataset_killed_while_deleting_the_old_one_leaves_the_new_one_complete(scenarios):
-    """The new dataset is renamed into place before the previous one (moved aside to data.old) is
-    deleted: a kill during that delete leaves the complete new dataset and a leftover data.old."""
+    """The new dataset is renamed into place before the previous one (moved aside to
+    .data.previous-*) is deleted: a kill during that delete leaves the complete new dataset and a
+    leftover that `make check` lists."""
     out = scenarios["dirs"]["data_delete"]
     plan = preflight.preflight(cfg_for(scenarios["model"], out, "data.max_length=128"), stage="check", echo=False)
     assert {r.name: r.status for r in plan.rows}["dataset"] == "ok"
     assert json.loads((out / "data" / "stats.json").read_text())["max_length"] == 128  # the new one
-    assert (out / "data.old").is_dir() and out / "data.old" in preflight.leftovers(out)
+    [aside] = out.glob(".data.previous-*")
+    assert aside.is_dir() and aside in preflight.leftovers(out)
 
 
 # -- adapter and manifest
@@ -290,11 +292,12 @@ def test_adapter_killed_during_the_swap_leaves_none_and_infer_says_so(scenarios)
     d = scenarios["dirs"]
     out = d["adapter_swap"]
     assert not (out / "adapter").exists()
-    assert tree_digest(out / "adapter.old") == tree_digest(d["train_prev"] / "adapter")  # never read
+    [aside] = out.glob(".adapter.previous-*")
+    assert tree_digest(aside) == tree_digest(d["train_prev"] / "adapter")  # never read
     with pytest.raises(UserError, match="no LoRA adapter"):
         modeling.adapter_dir(cfg_for(scenarios["model"], out))
     rows = preflight.preflight(cfg_for(scenarios["model"], out), stage="check", echo=False).rows
-    assert f"`mv {out / 'adapter.old'} {out / 'adapter'}` restores it" in " ".join(r.detail for r in rows)
+    assert f"`mv {aside} {out / 'adapter'}` restores it" in " ".join(r.detail for r in rows)
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "infer.py"), "--config", str(DEMO),
                            "--model-dir", str(scenarios["model"]), "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=300)
@@ -314,7 +317,7 @@ def test_manifest_killed_mid_write_leaves_the_previous_complete_one(scenarios):
     out = d["manifest_mid"]
     assert (out / "manifest.json").read_bytes() == (d["train_prev"] / "manifest.json").read_bytes()
     json.loads((out / "manifest.json").read_text())  # complete JSON
-    half = out / "manifest.json.tmp"
+    [half] = out.glob(".manifest.json.tmp-*")
     with pytest.raises(json.JSONDecodeError):  # the half-written one exists only under its temp name
         json.loads(half.read_text())
     assert half in preflight.leftovers(out)
@@ -342,7 +345,8 @@ def test_merged_killed_during_the_swap_or_without_a_previous_one_leaves_none(sce
         assert not merged.exists(), name
         with pytest.raises(UserError, match="does not exist"):
             model_folder.check_model_folder(merged)
-    assert tree_digest(d["merged_swap"] / "merged.old") == tree_digest(d["merged_prev"] / "merged")
+    [aside] = d["merged_swap"].glob(".merged.previous-*")
+    assert tree_digest(aside) == tree_digest(d["merged_prev"] / "merged")
 
 
 def test_a_merged_folder_cut_short_is_refused(scenarios, tmp_path):

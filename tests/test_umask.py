@@ -97,4 +97,5 @@ def test_a_staged_folder_with_safetensors_and_an_executable_is_published_with_th
             os.chmod(tmp / "sub" / "run.sh", 0o700)
     finally:
         os.umask(old)
-    assert modes(final) == {".": 0o755, "adapter_model.safetensors": 0o644, "sub": 0o755, "sub/run.sh": 0o755}
+    assert modes(final) == {".": 0o755, "adapter_model.safetensors": 0o644, "sub": 0o755, "sub/run.sh": 0o755,
+                            ".hunyuan-lora": 0o644}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import staging_dir, write_json, write_text
+from .atomic import check_replaceable, staging_dir, temp_file, write_json, write_text
 from .config import Config
 from .errors import UserError
 from .modeling import load_tokenizer
@@ -44,7 +44,7 @@ def fetch_dataset(cfg: Config) -> Path:
                             fix="set DATA=/path/to/file.json(l) or data.url in the config")
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"downloading {cfg.data.url} -> {path}")
-        tmp = path.with_name(path.name + ".part")
+        tmp = temp_file(path)
         try:
             with urllib.request.urlopen(cfg.data.url, timeout=60) as r, open(tmp, "wb") as f:
                 shutil.copyfileobj(r, f)
@@ -92,6 +92,7 @@ def run(cfg: Config) -> Path:
     from datasets import Dataset, DatasetDict
 
     out = cfg.output_dir / "data"
+    check_replaceable(out, where="run.output_dir")
     tokenizer = load_tokenizer(cfg.model.dir)  # before a download: `make dataset` needs the model folder's tokenizer
     path = fetch_dataset(cfg)
     records, report = read_records(path, drop_duplicates=cfg.data.drop_duplicates)

@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from .atomic import staging_dir, write_json, write_text
+from .atomic import check_replaceable, staging_dir, write_json, write_text
 from .config import Config
 from .errors import UserError
 from .generation import Completion, Sampling, generate_batches
@@ -139,11 +139,12 @@ def run(cfg: Config, eval_file: str | None = None) -> Path:
     if eval_file:
         cfg.eval.input = eval_file
     source, records = eval_records(cfg)
+    out = cfg.output_dir / "eval"
+    check_replaceable(out, where="run.output_dir")
     loaded, tokenizer = load_for_generation(cfg)
     model, adapter = loaded.model, loaded.adapter
     sides = ["adapter", "base"] if cfg.eval.compare_base and adapter is not None else ["adapter"]
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
-    out = cfg.output_dir / "eval"
     asked = [prompt_messages(r, cfg) for r in records]
     ids = [prompt_ids(tokenizer, m, is_thinking(r.answer)) for m, r in zip(asked, records)]
     order = sorted(range(len(records)), key=lambda i: len(ids[i]), reverse=True)  # a batch pads little

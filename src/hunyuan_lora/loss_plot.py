@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from .atomic import temp_file
+
 
 def plot_loss(log_history: str | Path | list[dict], png_path: str | Path) -> Path:
     """loss.png: train loss (per logging step) and eval loss against step, from trainer.state.log_history.
@@ -46,7 +48,7 @@ def plot_loss(log_history: str | Path | list[dict], png_path: str | Path) -> Pat
     fig.tight_layout()
 
     png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.name + ".tmp")
+    tmp = temp_file(png_path)
     fig.savefig(tmp, format="png")
     os.replace(tmp, png_path)
     return png_path

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import staging_dir, write_json
+from .atomic import check_replaceable, staging_dir, write_json
 from .config import Config
 from .errors import UserError
 from .model_folder import INDEX_FILE, PROVENANCE_FILE, check_model_folder, safetensors_header
@@ -264,6 +264,7 @@ def run(cfg: Config) -> Path:
     adapter = adapter_dir(cfg)
     device = placement(cfg).device
     out = cfg.output_dir / "merged"
+    check_replaceable(out, where="run.output_dir")
     t0 = time.perf_counter()
     with staging_dir(out) as tmp:
         merged = merge_folder(base, adapter, tmp, device)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .atomic import LEFTOVER_GLOBS, PREVIOUS_INFIX, check_replaceable
 from .checkpoints import INCOMPLETE_PREFIX, ResumePoint, incomplete_notes, resume_point
 from .config import Config
 from .errors import UserError
@@ -57,8 +58,9 @@ from .records import check_sha256, read_records
 from .runtime import Placement, check_combination, is_main_process, mask_git_remote, placement
 from .tracking import check_swanlab
 
-# Temporary siblings the stages write before renaming into place; a killed run leaves them behind.
-LEFTOVER_PATTERNS = (".data-*", ".adapter-*", ".merged-*", "*.old", "*.tmp", f"{INCOMPLETE_PREFIX}checkpoint-*")
+# Temporary siblings the stages write before renaming into place (atomic.py's names) and checkpoints
+# set aside as incomplete: what killed runs leave behind.
+LEFTOVER_PATTERNS = (*LEFTOVER_GLOBS, f"{INCOMPLETE_PREFIX}checkpoint-*")
 
 Status = Literal["ok", "FAIL", "warn", "skip", "todo"]
 
@@ -205,6 +207,7 @@ def check_output(cfg: Config, params: ParamCount | None, steps: int | None) -> t
     except OSError as e:
         raise UserError(f"cannot write in {anchor} ({e.strerror})", where="run.output_dir",
                         fix="pass an OUTPUT_DIR on a writable disk, or fix the folder's permissions") from e
+    check_replaceable(out / "adapter", where="run.output_dir")  # train publishes it there
     free = shutil.disk_usage(anchor).free
     if needed is not None and free < needed:
         raise UserError(f"{human_bytes(free)} free at {anchor.resolve()}, "
@@ -425,12 +428,13 @@ def check_nf4_cache(cfg: Config, params: ParamCount | None, where: Placement | N
 
 def leftover_rows(out: Path) -> list[tuple[Status, str]]:
     stale = leftovers(out)
-    # X.old without X: killed between "old aside" and "new in place"; X.old is the last complete X.
-    orphans = [p for p in stale if p.suffix == ".old" and not p.with_suffix("").exists()]
+    # .X.previous-* without X: killed between "old aside" and "new in place"; it is the last complete X.
+    previous = {p: out / p.name[1:].rsplit(PREVIOUS_INFIX, 1)[0] for p in stale if PREVIOUS_INFIX in p.name}
+    orphans = [p for p, final in previous.items() if not final.exists()]
     rows = []
     if orphans:
-        rows.append(("warn", "; ".join(f"{p} is the previous complete {p.stem} (a run was killed while replacing "
-                                       f"it): `mv {p} {p.with_suffix('')}` restores it" for p in orphans)))
+        rows.append(("warn", "; ".join(f"{p} is the previous complete {previous[p].name} (a run was killed while "
+                                       f"replacing it): `mv {p} {previous[p]}` restores it" for p in orphans)))
     if set(stale) - set(orphans):
         rows.append(("warn", f"{', '.join(p.name for p in stale if p not in orphans)} in {out}: temporary files of a "
                              "killed run, never read; safe to delete"))

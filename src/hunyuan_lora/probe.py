@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import staging_dir, write_json, write_text
+from .atomic import check_replaceable, staging_dir, write_json, write_text
 from .callbacks import BatchCounter
 from .config import Config
 from .errors import UserError
@@ -301,6 +301,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
                         "already runs model.moe_impl: upstream", where="PROBE_COMPARE",
                         fix="use it with a fast config (configs/huanhuan_fast.yaml, configs/huanhuan_qlora.yaml)")
     out = cfg.output_dir / "probe"
+    check_replaceable(out, where="run.output_dir")
     report = measure(cfg, where, steps, layers, lengths, profile)
     report.update(measure_generation(cfg, where, layers, report.pop("prompt_tokens"), report["run_records"], profile))
     if compare:

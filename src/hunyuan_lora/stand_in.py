@@ -228,7 +228,7 @@ def build(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the stand-in folder to out_dir (replacing an earlier stand-in) and return its path."""
     out = Path(out_dir)
     refuse_foreign(out)
-    with staging_dir(out) as tmp:  # readers never see a half-written folder
+    with staging_dir(out, marker=MARKER) as tmp:  # readers never see a half-written folder
         _write_folder(tmp, seed)
         (tmp / MARKER).write_text(json.dumps({"written_by": "hunyuan_lora.stand_in", "seed": seed}) + "\n")
     return out
