@@ -116,6 +116,7 @@ def test_settings_the_project_derives_are_refused_by_name():
     ("serve.max_queue=0", "serve.max_queue is 0: at least 1"),
     ("serve.max_prompt_tokens=-3", "serve.max_prompt_tokens is -3: at least 1"),
     ("lora.target_modules=[q_proj, v_proj]", "lora.target_modules is set but lora.preset is 'tutorial'"),
+    ("train.learning_rate=1e39", "train.learning_rate is 1e+39: more than a float32 holds"),
 ])
 def test_out_of_range_values_fail_at_load_with_the_key(override, fragment):
     with pytest.raises(UserError) as e:
@@ -134,3 +135,26 @@ def test_optimizer_suggestions_are_installed_optimizers():
     assert "needs a package this environment does not install" in str(e.value)
     suggested = str(e.value).split("did you mean '")[1].split("'")[0]
     assert suggested in config.installed_optimizers() and "adamw_torch_4bit" not in config.installed_optimizers()
+
+
+@pytest.mark.parametrize("override", [
+    "train.learning_rate=.inf", "train.learning_rate=-.inf", "train.learning_rate=.nan", "train.learning_rate=1e999",
+    "train.learning_rate=inf", "train.max_grad_norm=.nan", "train.weight_decay=1e999", "lora.dropout=.nan",
+    "model.download_size_gb=.inf",
+])
+def test_non_finite_numbers_are_refused_anywhere(override):
+    """Not only .nan: inf, a float too large (1e999 reads as inf) and non-finite values inside a mapping."""
+    with pytest.raises(UserError) as e:
+        config.load(REPO / "configs/demo.yaml", [override])
+    key = override.split("=")[0]
+    assert f"'{key}' is " in str(e.value) and "must be finite" in str(e.value), str(e.value)
+
+
+def test_non_finite_numbers_in_the_yaml_file_are_refused(tmp_path):
+    path = tmp_path / "inf.yaml"
+    path.write_text("train:\n  learning_rate: .inf\n  warmup_ratio: 1e999\n  lr_scheduler_kwargs: {min_lr: .nan}\n"
+                    "data:\n  eval_ratio: .nan\n")
+    with pytest.raises(UserError) as e:
+        config.load(path)
+    for key in ("train.learning_rate", "train.warmup_ratio", "train.lr_scheduler_kwargs", "data.eval_ratio"):
+        assert f"'{key}' is " in str(e.value), str(e.value)

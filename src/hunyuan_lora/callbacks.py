@@ -39,7 +39,7 @@ from .atomic import honour_umask
 from .config import Config
 from .estimate import GIB
 from .runtime import git_commit, package_versions
-from .tracking import CRASHED, close_stale_experiments, mark_local_experiments, record_experiment, resumed_from
+from .tracking import close_stale_experiments, finish_crashed, record_experiment, resumed_from
 
 # The before/after generations run on the training process's model: greedy, short and few, so
 # they add seconds on CPU and well under a minute to an A13B run.
@@ -134,17 +134,10 @@ def _swanlab_callback(cfg: Config, mode: str, config: dict):
 
         def on_train_end(self, args, state, control, **kwargs):
             super().on_train_end(args, state, control, **kwargs)
-            run = self._swanlab.get_run()
-            if state.is_world_process_zero and state.global_step < state.max_steps and run is not None:
+            if state.is_world_process_zero and state.global_step < state.max_steps:
                 # stopped with a checkpoint (Ctrl-C, SIGTERM): "finished" would claim a complete run
-                from swanlab.data.run import SwanLabRunState
-
-                run_id = run.public.run_id
-                self._swanlab.finish(SwanLabRunState.CRASHED,
-                                     error=f"stopped at step {state.global_step} of {state.max_steps} with a "
-                                           "checkpoint; `make train` continues it in a new experiment")
-                # swanlab 0.5.7 records the error, but its local store marks every finish() finished
-                mark_local_experiments(out, {run_id}, CRASHED)
+                finish_crashed(out, f"stopped at step {state.global_step} of {state.max_steps} with a checkpoint; "
+                                    "`make train` continues it in a new experiment")
 
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):
             # As the stock on_log, except that only the train log of a step carries train/epoch and

@@ -5,6 +5,7 @@
     set_aside_previous_run(out)        # train.run, resume: never: the earlier run's outputs out of the way
     whole_run_loss(log_history, ...)   # the run's train_loss, also when it was resumed
     check_optimizer_layout(ckpt, model)  # train.run, once the model is built: its optimizer state fits
+    require_finite_adapter(folder)     # train before publishing an adapter, merge before using one
 
 resume: auto continues from the newest COMPLETE checkpoint of run.output_dir; never starts at
 step 0; a path continues from that checkpoint. A checkpoint trained with other LoRA settings or
@@ -179,6 +180,42 @@ def set_aside(incomplete: list[Path]) -> list[str]:
         os.replace(ckpt, dest)
         lines.append(f"{ckpt.name} is incomplete ({problem}; killed while saving?): set aside as {dest.name}")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# an adapter's values
+
+
+def nonfinite_tensors(weights: Path) -> dict[str, int]:
+    """Tensor name -> how many of its values are inf or nan, for the tensors of one safetensors file
+    that have any (read one tensor at a time)."""
+    import torch
+    from safetensors import safe_open
+
+    found = {}
+    with safe_open(str(weights), "pt") as f:
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            if tensor.is_floating_point():
+                bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+                if bad:
+                    found[name] = bad
+    return found
+
+
+def require_finite_adapter(folder: Path, what: str | None = None) -> None:
+    """UserError when the adapter in `folder` holds an inf or nan: what a diverged run saves, and what
+    makes every answer of the model garbage (NUL characters). `what` names it in the message."""
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a sharded or DeepSpeed-only folder: the loaders name what is missing
+    bad = nonfinite_tensors(weights)
+    if bad:
+        names = sorted(bad, key=bad.get, reverse=True)
+        raise UserError(f"{what or weights} holds non-finite values (inf or nan) in {len(bad)} tensor(s), e.g. "
+                        f"{names[0]} ({bad[names[0]]:,} values): the training that made it diverged", where=str(folder),
+                        fix="train again with a lower train.learning_rate and train.resume=never; `make train` stops "
+                            "at the step where the loss or gradient norm stops being finite and names it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import math
 import os
 import re
 import types
@@ -39,6 +40,8 @@ LORA_PRESETS: dict[str, list[str]] = {
         "shared_mlp.gate_proj", "shared_mlp.up_proj", "shared_mlp.down_proj",
     ],
 }
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 TUTORIAL_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 
@@ -378,6 +381,17 @@ def _coerce(value: Any, hint: Any, keep_ints: bool) -> Any:
     return value
 
 
+def _not_finite(value: Any) -> bool:
+    """A float inf / nan, also inside a list or mapping (YAML's .inf, .nan, 1e999 read as a float)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_not_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_not_finite(v) for v in value)
+    return False
+
+
 def _key_hint(sec_name: str, section: Any, key: str, where: str, problems: list[str]) -> Any:
     """The type a section's key takes, or None (after naming the problem) when there is no such key."""
     hints = _section_types(type(section))
@@ -417,6 +431,10 @@ def _apply(cfg: Config, data: dict, where: str, problems: list[str]) -> None:
             if hint is None:
                 continue
             value = _coerce(value, hint, keep_ints=sec_name == "train" and key.endswith("_steps"))
+            if _not_finite(value):
+                problems.append(f"{where}: '{sec_name}.{key}' is {value!r}: every number in the config must be "
+                                "finite (no .inf, .nan, or a number too large for a float such as 1e999)")
+                continue
             choices = _enum_choices(hint)
             if choices and isinstance(value, str) and value not in choices and key != "optim":
                 problems.append(f"{where}: '{sec_name}.{key}' is {value!r}, not one of TrainingArguments' choices"
@@ -455,6 +473,9 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"lora.dropout is {cfg.lora.dropout}: it must be in [0, 1)")
     if not cfg.train.learning_rate > 0:
         problems.append(f"train.learning_rate is {cfg.train.learning_rate}: it must be positive")
+    elif cfg.train.learning_rate > FLOAT32_MAX:  # the optimizer's update would fail converting it
+        problems.append(f"train.learning_rate is {cfg.train.learning_rate:g}: more than a float32 holds "
+                        f"({FLOAT32_MAX:.1e}); LoRA learning rates are around 1e-4")
     if not 0.0 <= cfg.train.warmup_ratio <= 1.0:
         problems.append(f"train.warmup_ratio is {cfg.train.warmup_ratio}: it must be in [0, 1] (a fraction of the "
                         "steps)")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import check_replaceable, staging_dir, write_json
+from .checkpoints import require_finite_adapter
 from .config import Config
 from .errors import UserError
 from .model_folder import INDEX_FILE, PROVENANCE_FILE, check_model_folder, safetensors_header
@@ -262,6 +263,7 @@ def run(cfg: Config) -> Path:
                         fix="merge into the base model folder (MODEL_DIR=<the downloaded folder>)")
     check_model_folder(base)
     adapter = adapter_dir(cfg)
+    require_finite_adapter(adapter)  # a diverged adapter merged would make every answer garbage
     device = placement(cfg).device
     out = cfg.output_dir / "merged"
     check_replaceable(out, where="run.output_dir")

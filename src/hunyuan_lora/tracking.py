@@ -104,6 +104,21 @@ def check_cloud_login() -> str:
     return f"cloud: {host} accepted the key ({source}) of user {user}"
 
 
+def finish_crashed(out: Path, reason: str) -> None:
+    """Close this process's SwanLab experiment as crashed, with the reason in its error log (none open:
+    nothing to do). Left open, swanlab's exit handler would mark it finished."""
+    import swanlab
+    from swanlab.data.run import SwanLabRunState
+
+    run = swanlab.get_run()
+    if run is None:
+        return
+    run_id = run.public.run_id
+    swanlab.finish(SwanLabRunState.CRASHED, error=reason)
+    # swanlab 0.5.7 records the error, but its local store marks every finish() finished
+    mark_local_experiments(out, {run_id}, CRASHED)
+
+
 # ---------------------------------------------------------------------------------------------
 # the experiments of one output folder: a resumed run names the earlier one, killed ones are closed
 

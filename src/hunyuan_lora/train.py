@@ -24,14 +24,21 @@ import torch
 from . import scale
 from .atomic import staging_dir, write_json
 from .callbacks import SaveOnSignal, swanlab_callbacks
-from .checkpoints import check_optimizer_layout, published_from, set_aside, set_aside_previous_run, whole_run_loss
+from .checkpoints import (
+    check_optimizer_layout,
+    published_from,
+    require_finite_adapter,
+    set_aside,
+    set_aside_previous_run,
+    whole_run_loss,
+)
 from .config import Config
 from .loss_plot import plot_loss
 from .modeling import load_base_model, load_tokenizer
 from .preflight import preflight
 from .runtime import Placement, git_commit, is_main_process, mask_git_remote, package_versions
-from .tracking import swanlab_mode
-from .training import attach_lora, build_trainer, training_arguments
+from .tracking import finish_crashed, swanlab_mode
+from .training import TrainingDiverged, attach_lora, build_trainer, training_arguments
 
 
 def run(cfg: Config) -> Path:
@@ -75,7 +82,14 @@ def run(cfg: Config) -> Path:
     # ---- train -----------------------------------------------------------------------------------
     if resume:
         print(f"resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except TrainingDiverged as e:
+        if main_process:  # the log up to the step before, and the experiment closed with the reason
+            write_json(out / "log_history.json", trainer.state.log_history)
+            plot_loss(trainer.state.log_history, out / "loss.png")
+            finish_crashed(out, e.what)
+        raise
     if main_process:
         write_json(out / "log_history.json", trainer.state.log_history)
         plot_loss(trainer.state.log_history, out / "loss.png")
@@ -164,6 +178,7 @@ def publish_adapter(cfg: Config, model, tokenizer, manifest: dict, main_process:
         if main_process:
             with staging_dir(adapter) as tmp:
                 model.save_pretrained(str(tmp))
+                require_finite_adapter(tmp, what="the adapter this run trained")  # else nothing is published
                 tokenizer.save_pretrained(str(tmp))
                 # inside the adapter too: a kill before the top-level copies below (or an adapter
                 # folder copied elsewhere alone) still says which run, config and data made it

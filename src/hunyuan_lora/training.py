@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .callbacks import CheckpointModes
 from .config import Config
+from .errors import UserError
 from .runtime import Placement
 
 
@@ -110,7 +112,7 @@ def make_collator(cfg: Config, tokenizer):
 
 
 def trainer_class():
-    """HF Trainer with two changes.
+    """HF Trainer with three changes.
 
     * No empty parameter group under DeepSpeed. Trainer splits the trainable tensors into weight-decay
       and no-decay groups; under LoRA every one decays, so the no-decay group is empty. DeepSpeed drops
@@ -119,11 +121,30 @@ def trainer_class():
       Only under DeepSpeed, whose checkpoints never held the empty group: elsewhere the optimizer
       state of existing checkpoints must still load.
     * Its per-step bookkeeping walks the trainable tensors, not the whole model (`walk_trainable_only`).
+    * A non-finite loss or gradient norm stops training at that step, before anything of it is logged or
+      saved: TrainingDiverged (a UserError) says where and why. The stock Trainer logs a NaN loss as the
+      mean of the earlier ones (logging_nan_inf_filter) and carries on.
     """
+    import torch
     from transformers import Trainer
 
     class LoraTrainer(Trainer):
         flos_per_token: int | None = None
+        nonfinite_loss: float | None = None  # the first non-finite micro-step loss of the run
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # one host sync, as the Trainer's own NaN filter makes on the same value right after
+            if self.nonfinite_loss is None and not torch.isfinite(loss).all():
+                self.nonfinite_loss = loss.float().sum().item()
+            return loss
+
+        def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+            # called once per optimizer step, after it and before its log, evaluation and checkpoint
+            found = detect_divergence(self.nonfinite_loss, grad_norm, self.args)
+            if found:
+                raise diverged(self.state.global_step, self.state.max_steps, found, self.args)
+            super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
         def create_optimizer(self):
             optimizer = super().create_optimizer()
@@ -142,6 +163,49 @@ def trainer_class():
             return self.flos_per_token * self.model.estimate_tokens(inputs)
 
     return LoraTrainer
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient norm: training stopped at that step, nothing of it kept."""
+
+
+def detect_divergence(nonfinite_loss: float | None, grad_norm, args) -> str | None:
+    """What went non-finite at this step, agreed by every process (they must all stop at the same step:
+    a checkpoint under ZeRO-3 is collective); None when all is finite."""
+    import torch
+
+    found = f"the loss is {nonfinite_loss}" if nonfinite_loss is not None else None
+    if found is None and grad_norm is not None and not args.fp16:  # fp16's loss scaler skips inf steps itself
+        norm = float(grad_norm)  # a tensor (accelerate) or a float (DeepSpeed)
+        if not math.isfinite(norm):
+            found = f"the gradient norm is {norm}"
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(found is not None)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and found is None:
+            found = "the loss or gradient norm of another process is not finite"
+    return found
+
+
+def diverged(step: int, max_steps: int, what: str, args) -> TrainingDiverged:
+    """The error for a run that diverged at `step`: the likely cause, the last checkpoint saved before it."""
+    from .checkpoints import checkpoints, nonfinite_tensors
+
+    lr = args.learning_rate
+    weights = "adapter_model.safetensors"
+    good = [p for p in checkpoints(Path(args.output_dir)) if int(p.name.split("-")[1]) < step
+            and not ((p / weights).is_file() and nonfinite_tensors(p / weights))]
+    last = (f"the last checkpoint with finite weights before it is {good[0]} (its adapter loads with "
+            f"SET=infer.adapter={good[0]})" if good else "no checkpoint with finite weights was saved before it")
+    return TrainingDiverged(
+        f"training diverged at step {step} of {max_steps}: {what}. It stopped there: nothing of that step was "
+        f"logged or saved, no adapter was published (an earlier one stays as it was), and {last}",
+        fix=f"the likely cause is the learning rate: train.learning_rate={lr:g} is too high for this run (try "
+            f"{lr / 10:g} or lower); otherwise the data (look for empty, garbled or extremely long answers in "
+            "`make dataset`'s stats.json). Then start over with train.resume=never (a resume would restore the "
+            "learning rate saved in the checkpoint)")
 
 
 def walk_trainable_only(model, optimizer, accelerator) -> None:
