@@ -158,3 +158,27 @@ def test_non_finite_numbers_in_the_yaml_file_are_refused(tmp_path):
         config.load(path)
     for key in ("train.learning_rate", "train.warmup_ratio", "train.lr_scheduler_kwargs", "data.eval_ratio"):
         assert f"'{key}' is " in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["train.num_train_epochs=0"], "train.num_train_epochs is 0.0 with train.max_steps -1: that is 0 training steps"),
+    (["train.num_train_epochs=-1"], "that is 0 training steps"),
+    (["train.max_steps=0"], "train.max_steps is 0: at least 1"),
+    (["train.max_steps=-5"], "train.max_steps is -5: at least 1"),
+])
+def test_zero_training_steps_are_refused(overrides, fragment):
+    with pytest.raises(UserError) as e:
+        config.load(REPO / "configs/demo.yaml", overrides)
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_a_positive_max_steps_overrides_zero_epochs():
+    cfg = config.load(REPO / "configs/demo.yaml", ["train.num_train_epochs=0", "train.max_steps=3"])
+    assert cfg.train.max_steps == 3
+
+
+@pytest.mark.parametrize("override", ["serve.port=70000", "serve.port=0", "serve.port=-1", "swanlab.port=65536"])
+def test_ports_are_range_checked(override):
+    with pytest.raises(UserError) as e:
+        config.load(REPO / "configs/demo.yaml", [override])
+    assert f"{override.split('=')[0]} is {override.split('=')[1]}: a TCP port is 1-65535" in str(e.value)

@@ -471,6 +471,17 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"lora.alpha is {cfg.lora.alpha}: it must be positive (the update is scaled by alpha / r)")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         problems.append(f"lora.dropout is {cfg.lora.dropout}: it must be in [0, 1)")
+    if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
+        problems.append(f"train.max_steps is {cfg.train.max_steps}: at least 1, or -1 to train "
+                        "train.num_train_epochs (the Trainer would read 0 as -1)")
+    elif cfg.train.max_steps == -1 and not cfg.train.num_train_epochs > 0:
+        problems.append(f"train.num_train_epochs is {cfg.train.num_train_epochs} with train.max_steps -1: that is 0 "
+                        "training steps; set a positive num_train_epochs (1 is the tutorial's), or max_steps")
+    for key in ("serve.port", "swanlab.port"):
+        section, name = key.split(".")
+        port = getattr(getattr(cfg, section), name)
+        if not 1 <= port <= 65535:
+            problems.append(f"{key} is {port}: a TCP port is 1-65535")
     if not cfg.train.learning_rate > 0:
         problems.append(f"train.learning_rate is {cfg.train.learning_rate}: it must be positive")
     elif cfg.train.learning_rate > FLOAT32_MAX:  # the optimizer's update would fail converting it
