@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -224,7 +223,45 @@ def merge_child(base: str, adapter: str, out: str) -> None:
     t0 = time.perf_counter()
     merge.run(cfg)
     print(json.dumps({"merge_s": round(time.perf_counter() - t0, 1), "gpu": torch.cuda.is_available(),
-                      "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+                      "peak_rss_gib": round(peak_rss_kib() / 2**20, 2)}))
+
+
+def peak_rss_kib() -> int:
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that across exec, so a
+    child started by a large parent reports the parent's peak (41 GiB here in the first run: the bench's)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1])
+
+
+def run_merge(base: Path, adapter: Path, out: Path, layers: int) -> dict:
+    """merge.run in a process that sees no GPU; its row."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, __file__, "--merge-child", str(base), str(adapter), str(out)],
+                          capture_output=True, text=True, env=env)
+    print(proc.stdout[-2000:], proc.stderr[-2000:], flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode:
+        raise RuntimeError(f"the merge failed: {proc.stderr[-500:]}")
+    return {"what": "merge", "layers": layers, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def merge_only(layers: int, work: Path, out: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    base, adapter = work / f"d{layers}", work / "adapter"
+    write_checkpoint(base, cut(real_config(), layers), "cpu", SHARD_BYTES)
+    random_adapter(adapter, base, config.load(QLORA))
+    how = drop_page_cache(files_under(base))
+    row = run_merge(base, adapter, work / "merge-run", layers)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    (out / f"load-cpu-{stamp}.json").write_text(json.dumps([row], indent=1) + "\n")
+    notes = {"card": "cpu", "cores": os.cpu_count(), "torch": torch.__version__, "page_cache": how,
+             "checkpoint_bytes": sum(p.stat().st_size for p in base.glob("*.safetensors")),
+             "code_commit": runtime.git_commit()}
+    (out / f"load-cpu-{stamp}.notes.json").write_text(json.dumps(notes, indent=1) + "\n")
+    shutil.rmtree(work)
+    print(row)
 
 
 def extrapolate(a: dict, b: dict, layers: int, key: str) -> float:
@@ -238,9 +275,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench/results"))
     ap.add_argument("--tiny", action="store_true", help="the same steps on a tiny model, on the CPU")
     ap.add_argument("--merge-child", nargs=3, metavar=("BASE", "ADAPTER", "OUT"))
+    ap.add_argument("--merge-only", type=int, metavar="LAYERS",
+                    help="only step 4, on this machine's CPU: a real-layout checkpoint of LAYERS layers, merged")
     args = ap.parse_args()
     if args.merge_child:
         return merge_child(*args.merge_child)
+    if args.merge_only:
+        return merge_only(args.merge_only, Path(args.work), Path(args.out))
     device = "cpu" if args.tiny else "cuda"
     work, out = Path(args.work), Path(args.out)
     shutil.rmtree(work, ignore_errors=True)
@@ -331,15 +372,11 @@ def main() -> None:
         notes["merge_output"] = str(target) + (" (tmpfs: the 64 GB disk cannot hold two 8-layer folders)"
                                                if target == shm else "")
         drop_page_cache(files_under(d8))
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.run([sys.executable, __file__, "--merge-child", str(base), str(adapter),
-                               str(target / "merge-run")], capture_output=True, text=True, env=env)
-        print(proc.stdout[-2000:], proc.stderr[-2000:], flush=True)
-        shutil.rmtree(target / "merge-run", ignore_errors=True)
-        if proc.returncode == 0:
-            rows.append({"what": "merge", "layers": layers, **json.loads(proc.stdout.strip().splitlines()[-1])})
+        try:
+            rows.append(run_merge(base, adapter, target / "merge-run", layers))
             break
-        notes[f"merge_{layers}"] = f"failed: {proc.stderr[-500:]}"
+        except RuntimeError as e:
+            notes[f"merge_{layers}"] = str(e)
     save()
     print(json.dumps(rows, indent=1))
 

@@ -56,6 +56,27 @@ def check_generation(r: dict, cfg, records: int) -> None:
     assert gen["samples_s"] == pytest.approx(samples, rel=1e-2, abs=0.1)
 
 
+def check_load(r: dict) -> None:
+    """The load part: each stage's wait is its load (bytes over the measured read rate) plus what the probe
+    measured after it."""
+    ld = r["load"]
+    rate = ld["read_bytes_per_s"]
+    assert rate > 0 and ld["from_checkpoint_s"] == pytest.approx(ld["checkpoint_bytes"] / rate, abs=0.05)
+    train, evaluate = ld["stages"]["train"], ld["stages"]["eval"]
+    assert train["then_s"] == pytest.approx(r["eta_s"] + r["generation"]["samples_s"], abs=0.05)
+    assert train["from_checkpoint_s"] == pytest.approx(ld["from_checkpoint_s"] + train["then_s"], abs=0.1)
+    assert evaluate["from_checkpoint_s"] == pytest.approx(ld["from_checkpoint_s"] + r["gen_eval_eta_s"], abs=0.1)
+    assert ld["merge_s"] == pytest.approx(2 * ld["checkpoint_bytes"] / rate, abs=0.05)
+    if r["quantization"] == "nf4":
+        assert ld["cache_bytes"] < ld["checkpoint_bytes"]  # 4 bits + scales against 16 (the embedding stays bf16)
+        assert ld["from_cache_s"] == pytest.approx(ld["cache_bytes"] / rate, abs=0.05)
+        assert train["from_cache_s"] == pytest.approx(ld["from_cache_s"] + train["then_s"], abs=0.1)
+    else:
+        assert ld["cache_bytes"] is None and train["from_cache_s"] is None
+    md = probe.markdown(r)
+    assert "| stage | load from the checkpoint | load from the NF4 cache |" in md and "| merge (no GPU) |" in md
+
+
 def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     """configs/huanhuan_qlora.yaml's switches (fast NF4 experts, 16 packed samples) on the stand-in, one layer."""
     lengths = tmp_path / "lengths.json"
@@ -88,6 +109,7 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     assert r["generation"]["prompt_tokens"] == 37 - 9  # the samples without their answers
     assert f"| batch 1 | **{r['gen_tokens_per_s_batch1']} tokens/s**" in md
     assert "no held-out split configured: 5% of the records" in md
+    check_load(r)
 
 
 def test_probe_upstream_on_the_raw_dataset(stand_in_dir, tmp_path):
@@ -102,6 +124,7 @@ def test_probe_upstream_on_the_raw_dataset(stand_in_dir, tmp_path):
     per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
     assert r["samples_per_step_measured"] == per_step
     check_consistent(r, 3)
+    check_load(r)
 
 
 def test_probe_refuses_what_it_cannot_measure(stand_in_dir, tmp_path):

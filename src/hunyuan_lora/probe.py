@@ -304,6 +304,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
     check_replaceable(out, where="run.output_dir")
     report = measure(cfg, where, steps, layers, lengths, profile)
     report.update(measure_generation(cfg, where, layers, report.pop("prompt_tokens"), report["run_records"], profile))
+    report.update(load_times(cfg, report, *read_rate(cfg)))
     if compare:
         report["baseline"] = baseline(cfg, where, steps, layers, lengths)
         report["speedup_vs_baseline"] = round(report["samples_per_s"] / report["baseline"]["samples_per_s"], 2)
@@ -561,6 +562,93 @@ def summarize(cfg: Config, steps: list[dict], per_step: int, records: int, rate:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# the load: what each stage waits for before its first step or answer
+
+READ_SAMPLE = 256 * 2**20  # bytes read (written first when there is no shard to read) to time the disk
+
+
+def read_rate(cfg: Config) -> tuple[float, str]:
+    """Bytes per second read from the disk of the model folder, past the page cache: the largest shard if
+    the folder has one of READ_SAMPLE bytes or more, else a file written (and fsynced) beside where the
+    folder goes; its cached pages dropped first (posix_fadvise DONTNEED; on tmpfs that reads memory)."""
+    folder = Path(cfg.model.dir)
+    shards = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_size) if folder.is_dir() else []
+    written = None
+    if shards and shards[-1].stat().st_size >= READ_SAMPLE:
+        path, what = shards[-1], f"{READ_SAMPLE >> 20} MiB of {shards[-1]}"
+    else:
+        anchor = folder
+        while not anchor.is_dir():
+            anchor = anchor.parent
+        fd, name = tempfile.mkstemp(prefix=".read-rate-", dir=anchor)
+        written = path = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            chunk = os.urandom(16 * 2**20)
+            for _ in range(READ_SAMPLE // len(chunk)):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        what = f"a {READ_SAMPLE >> 20} MiB file written in {anchor}"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0, left = time.perf_counter(), READ_SAMPLE
+            while left > 0:
+                got = len(os.read(fd, min(left, 16 * 2**20)))
+                if not got:
+                    break
+                left -= got
+            seconds = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+    finally:
+        if written is not None:
+            written.unlink()
+    return (READ_SAMPLE - left) / max(seconds, 1e-6), what
+
+
+def load_times(cfg: Config, r: dict, rate: float, rate_how: str) -> dict:
+    """Each stage's load from the checkpoint (bf16 shards read; NF4 quantised on the way, the GPU keeping up
+    with the disk) and from the NF4 cache, as bytes over the disk's read rate, and the whole wait per stage:
+    the load, then what the probe measured for it (the epoch and before/after samples, the eval's generation)."""
+    from .estimate import count_parameters
+    from .hunyuan.random_init import real_or_folder_config
+    from .model_folder import INDEX_FILE
+    from .scale import NF4_BYTES_PER_PARAM
+
+    model_config, _ = real_or_folder_config(cfg.model.dir)
+    params = count_parameters(model_config, cfg.lora.targets(), cfg.lora.r)
+    folder = Path(cfg.model.dir)
+    if (folder / INDEX_FILE).is_file():
+        shards = set(json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"].values())
+        checkpoint, checkpoint_from = sum((folder / s).stat().st_size for s in shards), "the model folder's shards"
+    else:
+        checkpoint, checkpoint_from = params.total * 2, "the parameter count x 2 bytes (bf16)"
+    nf4 = cfg.model.quantization == "nf4"
+    cache = params.quantizable * NF4_BYTES_PER_PARAM + (params.total - params.quantizable) * 2 if nf4 else None
+    from_checkpoint = checkpoint / rate
+    from_cache = cache / rate if nf4 else None
+    gen = r.get("generation") or {}
+    after = {"train": r["eta_s"] + gen.get("samples_s", 0.0), "eval": r.get("gen_eval_eta_s"),
+             "infer, chat, serve": 0.0}
+    stages = {stage: {"then_s": None if then is None else round(then, 1),
+                      "from_checkpoint_s": round(from_checkpoint + (then or 0.0), 1),
+                      "from_cache_s": None if from_cache is None else round(from_cache + (then or 0.0), 1)}
+              for stage, then in after.items()}
+    return {"load": {"read_bytes_per_s": round(rate), "read_measured_on": rate_how,
+                     "checkpoint_bytes": int(checkpoint), "checkpoint_bytes_from": checkpoint_from,
+                     "cache_bytes": None if cache is None else int(cache),
+                     "from_checkpoint_s": round(from_checkpoint, 1),
+                     "from_cache_s": None if from_cache is None else round(from_cache, 1),
+                     "merge_s": round(2 * checkpoint / rate, 1), "stages": stages}}
+
+
+def _min(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def markdown(r: dict) -> str:
     cut = f" (cut from {r['layers_in_config']}: PROBE_LAYERS)" if r["depth_cut"] else ""
     mem = "; ".join(
@@ -592,7 +680,7 @@ def markdown(r: dict) -> str:
         f"6 x {r['active_params_per_token'] / 1e9:.2f} B active parameters per token) |",
         f"| ETA of the configured run | {eta / 60:.1f} min "
         f"({r['run_steps']} steps x {r['mean_s_per_step_after_warmup']} s "
-        f"+ warm-up; weights loading not included){' at this depth' if r['depth_cut'] else ''} |",
+        f"+ warm-up; the load: below){' at this depth' if r['depth_cut'] else ''} |",
         f"| peak memory | {mem} |",
         "| verdict (from the measured peak " + f"{r['peak_gib']} GiB" + ") | "
         + ", ".join(f"{k}: {v}" for k, v in r["verdict"].items()) + " |",
@@ -626,6 +714,25 @@ def markdown(r: dict) -> str:
             lines += ["", f"Decode profile (batch 1, {gp['tokens']} tokens): {gp['kernels']} kernels "
                       f"({gp['kernels_per_token']} per token), {gp['busy_ms']} ms GPU busy, dequantisation "
                       f"{gp['dequantize_ms']} ms ({100 * gp['dequantize_share']:.0f} %)."]
+    ld = r.get("load")
+    if ld:
+        cache = ld["cache_bytes"] is not None
+        rate = ld["read_bytes_per_s"] / 1e9
+        lines += ["", f"Loading, the whole wait per stage (full depth; disk read {rate:.2f} GB/s "
+                  f"measured on {ld['read_measured_on']}; checkpoint {ld['checkpoint_bytes'] / 1e9:.0f} GB from "
+                  f"{ld['checkpoint_bytes_from']}"
+                  + (f", NF4 cache {ld['cache_bytes'] / 1e9:.0f} GB" if cache else "") + "):", "",
+                  "| stage | load from the checkpoint | load from the NF4 cache | then "
+                  "| whole wait (checkpoint / cache) |",
+                  "| --- | --- | --- | --- | --- |"]
+        then = {"train": "the epoch + before/after samples", "eval": "generation, base and adapter",
+                "infer, chat, serve": "per answer (generation above)"}
+        for stage, st in ld["stages"].items():
+            lines.append(f"| {stage} | {_min(ld['from_checkpoint_s'])} | {_min(ld['from_cache_s'])} | "
+                         f"{then[stage]}: {_min(st['then_s'])} | {_min(st['from_checkpoint_s'])} / "
+                         f"{_min(st['from_cache_s'])} |")
+        lines.append(f"| merge (no GPU) | reads and writes the bf16 checkpoint: {_min(ld['merge_s'])} | - | - | "
+                     f"{_min(ld['merge_s'])} |")
     p = r.get("profile")
     if p:
         lines += ["", f"Profile of one more step: {p['kernels']} kernels ({p['kernels_per_layer']} per layer), "
