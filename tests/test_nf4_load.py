@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hunyuan_lora import clean_cache, config, modeling, nf4, preflight, runtime, scale
+from hunyuan_lora.estimate import human_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[5, 17, 42, 99, 3, 7, 8, 300]])
@@ -192,11 +193,16 @@ def test_a_cache_write_killed_midway_leaves_nothing_used_and_clean_cache_removes
     assert status == "ok" and f"no NF4 cache at {root} yet: the first NF4 load writes it" in detail
     assert f"{leftover.name} beside it: left by killed writes, never read" in detail
 
+    # the next load writes a whole cache and drops the leftover (never read, its disk is the new cache's)
     assert modeling.load_base_model(cfg, where).source.endswith(f"NF4 cache written to {root}")
+    assert not nf4.leftovers(root)
     status, detail = preflight.check_nf4_cache(cfg, params, where)
     assert status == "ok" and detail.startswith(f"will be used: NF4 cache at {root}")
-    size = nf4.cache_bytes(root)
-    assert size > sum(p.stat().st_size for p in root.iterdir()) > 0  # the leftover counts too
+    assert f"; {human_bytes(nf4.cache_bytes(root))} on disk (`make clean-cache` removes it)" in detail
+    another = root.with_name(f".{root.name}-killed")  # what a later killed rebuild would leave
+    another.mkdir()
+    (another / nf4.layer_file(0)).write_bytes(b"x" * 1000)
+    assert nf4.cache_bytes(root) == sum(p.stat().st_size for p in root.iterdir()) + 1000
     capsys.readouterr()
     assert clean_cache.run(cfg) == root
     assert "removed the NF4 cache" in capsys.readouterr().out

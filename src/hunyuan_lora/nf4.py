@@ -524,6 +524,7 @@ def load(model_dir: str | Path, lm_cls, config, device, dtype: torch.dtype, quan
     if cache is not None and state != "other depth":
         if state in ("stale", "damaged"):
             print(f"{why}: rebuilding it from the checkpoint", flush=True)
+        remove(cache)  # a stale cache and killed writes' leftovers are never read again: their disk is the new one's
         need, free = nf4_bytes(model, recipe.skip), shutil.disk_usage(_existing(cache.parent)).free
         if free < need * 1.05:
             print(f"not writing the NF4 cache at {cache}: it needs ~{need / 1e9:.0f} GB, the disk has {free / 1e9:.0f} "
