@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hunyuan_lora import clean_cache, config, modeling, nf4, preflight, runtime, scale
+from hunyuan_lora.errors import UserError
 from hunyuan_lora.estimate import human_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,3 +216,19 @@ def test_where_the_cache_goes(setting, expected, tmp_path):
     model_dir = tmp_path / "Hunyuan-A13B-Instruct"
     want = None if expected is None else Path(expected.format(dir=model_dir))
     assert nf4.cache_dir(setting, model_dir) == want
+
+
+def test_a_cache_setting_naming_a_folder_of_other_files_is_refused_and_left_alone(model_copy, tmp_path, capsys):
+    """model.nf4_cache=/data (meant as "put it in there"): the kit would delete and rewrite that folder."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    cfg = nf4_cfg(model_copy, f"model.nf4_cache={data}")
+    with pytest.raises(UserError, match=r"model.nf4_cache: model.nf4_cache is .*data, which holds what no NF4 cache "
+                                        r"write made \(notes.txt\)"):
+        modeling.load_base_model(cfg, runtime.placement(cfg))
+    with pytest.raises(UserError, match="notes.txt"):
+        clean_cache.run(cfg)
+    assert [p.name for p in data.iterdir()] == ["notes.txt"]
+    assert nf4.foreign_files(data) == ["notes.txt"]
+

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .atomic import honour_umask, publish_dir, write_json
+from .errors import UserError
 from .model_folder import INDEX_FILE, SINGLE_WEIGHTS_FILE, safetensors_header
 
 PACKING_VERSION = 1  # raise when the cache's layout or what is packed in it changes
@@ -117,12 +118,38 @@ def _differences(old: dict, new: dict) -> str:
     return "; ".join(out) or "its key differs"
 
 
+# the files a cache write makes (cache.json through atomic.write_json's temporary name first)
+CACHE_NAME = re.compile(rf"^(\.?{re.escape(CACHE_INFO)}(\.tmp-\w+)?|{re.escape(OUTER_FILE)}"
+                        rf"|layer-\d{{3}}\.safetensors)$")
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """What in `folder` no cache write made (a folder holding any is never deleted or replaced)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return [folder.name]
+    return sorted(p.name for p in folder.iterdir() if not (p.is_file() and CACHE_NAME.match(p.name)))
+
+
+def refuse_foreign(root: Path) -> None:
+    """UserError when model.nf4_cache names a file or a folder holding anything but an NF4 cache."""
+    if root.exists() or root.is_symlink():
+        foreign = foreign_files(root)
+        if foreign:
+            raise UserError(f"model.nf4_cache is {root}, which holds what no NF4 cache write made "
+                            f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); the kit deletes and "
+                            "rewrites that folder, so it leaves it alone", where="model.nf4_cache",
+                            fix="name a folder of its own, e.g. <that folder>/hunyuan-nf4-cache, or keep the default "
+                                "(auto: beside the model folder)")
+
+
 def cache_state(root: Path | None, key: dict | None) -> tuple[str, str]:
-    """("none" | "missing" | "stale" | "damaged" | "valid", one line saying so). Reads file headers only."""
+    """("none" | "missing" | "stale" | "damaged" | "valid", one line saying so). Reads file headers only;
+    UserError when the folder is not a cache (refuse_foreign)."""
     if root is None:
         return "none", "model.nf4_cache is none: every NF4 load quantises the checkpoint"
     if not root.exists():
         return "missing", f"no NF4 cache at {root} yet"
+    refuse_foreign(root)
     try:
         info = json.loads((root / CACHE_INFO).read_text(encoding="utf-8"))
         sizes = dict(info["sizes"])
@@ -164,11 +191,13 @@ def cache_bytes(root: Path | None) -> int:
 
 
 def remove(root: Path) -> int:
-    """Delete the cache and its leftovers; returns the bytes freed."""
-    freed = cache_bytes(root)
-    for folder in [root, *leftovers(root)]:
-        if folder.is_dir():
-            shutil.rmtree(folder)
+    """Delete the cache and its leftovers (never a folder holding anything else: refuse_foreign); returns the
+    bytes freed."""
+    refuse_foreign(root)
+    folders = [f for f in [root, *leftovers(root)] if f.is_dir() and not foreign_files(f)]
+    freed = sum(p.stat().st_size for f in folders for p in f.iterdir())
+    for folder in folders:
+        shutil.rmtree(folder)
     return freed
 
 
