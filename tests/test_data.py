@@ -88,7 +88,7 @@ def test_stats_describe_the_saved_set(stand_in_dir, tmp_path):
     lengths = sorted(len(x) for x in ds["input_ids"])
     assert stats["tokens"]["min"] <= lengths[0] and stats["tokens"]["max"] >= lengths[-1]
     assert stats["sha256"] == hashlib.sha256(Path(cfg.data.path).read_bytes()).hexdigest()
-    assert not any(p.name.startswith(".data-") for p in out.parent.iterdir())  # no temp folder left
+    assert not any(p.name.startswith(".data.tmp-") for p in out.parent.iterdir())  # no temp folder left
 
 
 def test_pinned_sha256_mismatch_is_refused_and_the_file_kept(stand_in_dir, tmp_path):

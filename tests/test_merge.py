@@ -126,7 +126,7 @@ def test_a_dropped_expert_delta_stops_the_merge_before_publishing(cfg, monkeypat
                                         r"layers\.1\.mlp\.experts\.0\.up_proj\.weight"):
         merge.run(cfg)
     assert not (cfg.output_dir / "merged").exists()
-    assert not [p for p in cfg.output_dir.iterdir() if p.name.startswith(".merged-")]
+    assert not [p for p in cfg.output_dir.iterdir() if p.name.startswith(".merged.tmp-")]
 
 
 def test_an_adapter_of_another_model_is_refused_before_anything_is_written(cfg, tmp_path):

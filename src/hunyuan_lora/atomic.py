@@ -60,6 +60,36 @@ def write_json(path: Path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def aside_path(path: Path, stamp: str) -> Path:
+    """`<stem>.<stamp><suffix>` beside `path` (`.1`, `.2`, ... added while that name is taken): where an
+    earlier output is kept when a new one takes its place."""
+    candidate, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate, n = path.with_name(f"{path.stem}.{stamp}.{n}{path.suffix}"), n + 1
+    return candidate
+
+
+def check_writable(folder: Path, where: str | None = "run.output_dir") -> Path:
+    """Refuse (UserError) a folder the kit cannot write in: it is a file, or it (or the nearest existing
+    folder above it, where it would be created) is read-only. Returns that nearest existing folder.
+    Writes a probe file and removes it: os.access misses read-only mounts and root on NFS."""
+    anchor = folder
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        what = f"{folder} is a file, not a folder" if anchor == folder else \
+            f"{anchor} is a file, so the folder {folder} cannot be created"
+        raise UserError(what, where=where, fix="pass another OUTPUT_DIR, or move that file away")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".write-test{TEMP_INFIX}", dir=anchor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write in {anchor} ({e.strerror})", where=where,
+                        fix="pass an OUTPUT_DIR on a writable disk, or fix the folder's permissions") from e
+    return anchor
+
+
 def check_replaceable(final: Path, marker: str = MARKER, where: str | None = None) -> None:
     """Refuse (UserError) when publishing a folder at `final` would destroy something the kit did not
     write: a file, a link, or a non-empty folder without `marker`. Changes nothing."""

@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+from .atomic import check_writable
 from .config import Config
 from .generation import Completion, Sampling, generate_in_thread
 from .modeling import load_for_generation
@@ -31,12 +32,13 @@ HELP = "/think /no_think /base /adapter /reset /exit — Ctrl-C stops an answer"
 def run(cfg: Config) -> Path:
     import readline  # noqa: F401  (line editing and history for input())
 
+    transcript = cfg.output_dir / "chat" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    check_writable(transcript.parent)  # before the weights load, not at the first answer
     loaded, tokenizer = load_for_generation(cfg)
     model, adapter = loaded.model, loaded.adapter
     sampling = Sampling(max_new_tokens=cfg.chat.max_new_tokens, do_sample=cfg.chat.do_sample)
     thinking, use_adapter = cfg.chat.thinking, adapter is not None
     history: list[Turn] = []
-    transcript = cfg.output_dir / "chat" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     transcript.parent.mkdir(parents=True, exist_ok=True)
     weights = f"{cfg.model.dir} + adapter {adapter}" if adapter else f"{cfg.model.dir} (merged: adapter inside)"
     print(f"chatting with {weights}; thinking {'on' if thinking else 'off'}\n{HELP}", flush=True)

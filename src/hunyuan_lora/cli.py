@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from contextlib import nullcontext
 
-from . import config
+from . import config, lock
 from .errors import exit_on_user_error
+from .runtime import is_main_process
 
 # command -> module (the Makefile target's name, when it differs from the module's)
 STAGES = {
@@ -61,4 +63,8 @@ def main(stage: str | None = None, argv: list[str] | None = None):
     module = importlib.import_module(f"{__package__}.{STAGES[stage]}")
     args = parser_for(stage, module).parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in SHARED_OPTIONS}
-    return module.run(config.from_args(args), **options)
+    cfg = config.from_args(args)
+    # one run at a time writes an output folder (under accelerate, its main process holds the lock)
+    held = lock.hold(cfg.output_dir, stage) if stage in lock.WRITERS and is_main_process() else nullcontext()
+    with held:
+        return module.run(cfg, **options)

@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from .atomic import check_replaceable, staging_dir, write_json, write_text
+from .atomic import aside_path, check_replaceable, staging_dir, write_json, write_text
 from .config import Config
 from .errors import UserError
 from .generation import Completion, Sampling, generate_batches
@@ -127,6 +127,16 @@ def _answer(model, tokenizer, side: str, completions: dict, rows: dict[int, dict
             row[f"{side}_scores"] = scores(row[side], reference)
 
 
+def keep_earlier(out: Path) -> Path | None:
+    """Move an earlier eval/ aside to eval.<its time>/, as infer keeps earlier answers; None if there is none."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    made = out / "eval.json" if (out / "eval.json").is_file() else out
+    aside = aside_path(out, time.strftime("%Y%m%d-%H%M%S", time.localtime(made.stat().st_mtime)))
+    os.replace(out, aside)
+    return aside
+
+
 def add_arguments(parser) -> None:
     # make eval EVAL=... arrives as HL_EVAL, exactly as typed
     parser.add_argument("--eval", dest="eval_file", default=os.environ.get("HL_EVAL") or None,
@@ -170,6 +180,9 @@ def run(cfg: Config, eval_file: str | None = None) -> Path:
         table = report_markdown(summary, rows, cfg.eval.report_samples)
         write_json(tmp / "eval.json", summary)
         write_text(tmp / "report.md", table)
+        kept = keep_earlier(out)  # last, so that a failed eval leaves the earlier one where it was
+    if kept:
+        print(f"the earlier eval in {out} was moved to {kept} (kept: this run scored anew)")
     _log_to_swanlab(cfg, summary, rows, table)
     for side in sides:
         print(f"{side:>8}: " + "  ".join(f"{k} {v:.2f}" for k, v in summary["metrics"][side].items()))

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .atomic import write_text
+from .atomic import aside_path, write_text
 from .config import Config
 from .errors import UserError
 from .generation import Completion, generate_batches, infer_sampling
@@ -99,8 +99,7 @@ def _earlier_answers(out: Path, keys: list[str]) -> list[int]:
             f.truncate(sum(len(line) for line in lines[:len(done)]))
         print(f"resuming: {len(done)} of {len(keys)} answers already in {out}")
         return done
-    aside = out.with_name(f"{out.stem}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(out.stat().st_mtime))}"
-                          f"{out.suffix}")
+    aside = aside_path(out, time.strftime("%Y%m%d-%H%M%S", time.localtime(out.stat().st_mtime)))
     os.replace(out, aside)
     print(f"the earlier answers in {out} were moved to {aside} (kept: this run answers anew)")
     return []

@@ -32,13 +32,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .atomic import LEFTOVER_GLOBS, PREVIOUS_INFIX, check_replaceable
+from .atomic import LEFTOVER_GLOBS, PREVIOUS_INFIX, check_replaceable, check_writable
 from .checkpoints import INCOMPLETE_PREFIX, ResumePoint, incomplete_notes, resume_point
 from .config import Config
 from .errors import UserError
@@ -194,19 +193,7 @@ def check_output(cfg: Config, params: ParamCount | None, steps: int | None) -> t
         needed, n = disk_needed(cfg, per_ckpt, params.lora * 4, steps)
         basis = (f"{n} checkpoint(s) x {human_bytes(per_ckpt)} + adapter"
                  + ("" if steps is not None else "; steps unknown until the dataset is read"))
-    anchor = out
-    while not anchor.exists() and anchor != anchor.parent:
-        anchor = anchor.parent
-    if not anchor.is_dir():
-        raise UserError(f"{anchor} is a file, so the output folder {out} cannot be created", where="run.output_dir",
-                        fix="pass another OUTPUT_DIR")
-    try:  # os.access is not enough: read-only mounts, root on NFS, ...
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=anchor)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"cannot write in {anchor} ({e.strerror})", where="run.output_dir",
-                        fix="pass an OUTPUT_DIR on a writable disk, or fix the folder's permissions") from e
+    anchor = check_writable(out)
     check_replaceable(out / "adapter", where="run.output_dir")  # train publishes it there
     free = shutil.disk_usage(anchor).free
     if needed is not None and free < needed:
