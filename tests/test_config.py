@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,33 @@ def test_ports_are_range_checked(override):
     with pytest.raises(UserError) as e:
         config.load(REPO / "configs/demo.yaml", [override])
     assert f"{override.split('=')[0]} is {override.split('=')[1]}: a TCP port is 1-65535" in str(e.value)
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("gbk", "not UTF-8 text (bytes"), ("binary", "not UTF-8 text (bytes"), ("folder", "is a folder, not a YAML file"),
+    ("fifo", "is not a regular file"), ("device", "is not a regular file"), ("empty", "is empty (or only comments)"),
+    ("comments", "is empty (or only comments)"), ("nested", "nested too deeply"),
+])
+def test_a_config_that_is_not_a_utf8_yaml_file_is_refused_in_words(tmp_path, kind, fragment):
+    """GBK and binary gave a UnicodeDecodeError traceback; a folder, a FIFO and /dev/zero "does not
+    exist" (a FIFO read would block, /dev/zero never end); an empty config meant every default."""
+    path = tmp_path / f"{kind}.yaml"
+    if kind == "gbk":
+        path.write_bytes("run:\n  name: 甄嬛\n".encode("gbk"))
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "nested":
+        path.write_text("a: " + "[" * 100_000)
+    else:
+        path.write_text("" if kind == "empty" else "# nothing yet\n\n")
+    with pytest.raises(UserError) as e:
+        config.load(path)
+    assert fragment in str(e.value) and str(path) in str(e.value), str(e.value)
+    if kind == "gbk":
+        assert f"{path}:2" in str(e.value) and "iconv -f GB18030" in str(e.value)

@@ -96,9 +96,24 @@ def test_eval_file_in_another_format(cfg, tmp_path):
 
 
 def test_no_split_and_a_stale_split_are_refused(cfg):
-    with pytest.raises(UserError, match="no held-out records.*data.eval_ratio"):
+    """Before `make dataset` the fix is to run it (it said "set data.eval_ratio"); after one without a
+    held-out split, to set data.eval_ratio; after a changed setting, to rerun it."""
+    with pytest.raises(UserError, match=r"no tokenized dataset in .*Fix: run `make dataset` first"):
         evaluate.run(cfg)
+    no_split = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_ratio=0.0))
+    data.run(no_split)
+    with pytest.raises(UserError, match=r"no held-out records.*Fix: set data.eval_ratio"):
+        evaluate.run(no_split)
     data.run(cfg)
     stale = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=64))
     with pytest.raises(UserError, match="stale: data.max_length was 256 .* rerun `make dataset`"):
         evaluate.run(stale)
+
+
+def test_a_missing_eval_file_names_eval(cfg, tmp_path):
+    """EVAL=<missing> named data.path and DATA= in its fix."""
+    for path in (tmp_path / "missing.jsonl", tmp_path):
+        with pytest.raises(UserError) as e:
+            evaluate.run(cfg, eval_file=str(path))
+        assert str(e.value).startswith(f"EVAL (eval.input): the evaluation file {path} ")
+        assert "data.path" not in str(e.value) and "DATA=" not in str(e.value)

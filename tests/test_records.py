@@ -3,6 +3,7 @@ JSON/JSONL equivalence, duplicates, and a seeded fuzz run over truncations and b
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import subprocess
@@ -32,6 +33,10 @@ def jsonl(*lines: str) -> bytes:
 # (file name, bytes, fragments the message must contain). The file name is always checked as well.
 CORPUS: list[tuple[str, bytes | None, list[str]]] = [
     # --- file level
+    ("gzip.json", gzip.compress(array(OK)), ["gzip-compressed", "1F 8B", "gunzip -c"]),
+    ("zip.json", b"PK\x03\x04" + bytes(40), ["zip-compressed", "unzip"]),
+    ("nested.json", b"[" * 100_000, ["nested deeper than Python's JSON reader can follow"]),
+    ("nested_record.jsonl", b'{"instruction": ' + b"[" * 100_000 + b"\n", ["nested deeper"]),
     ("missing.json", None, ["does not exist", "make dataset"]),
     ("empty.json", b"", ["empty (0 bytes)"]),
     ("blank.json", b"  \n\t\n", ["only whitespace"]),
@@ -205,7 +210,16 @@ def test_directory_is_not_a_file(tmp_path):
         read_records(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["missing.json", "gbk.json", "many.json", "mixed.jsonl", "surrogate.json"])
+def test_a_compressed_file_is_named_as_such_not_as_another_encoding(tmp_path):
+    """A gzip file named .json was taken for GBK text: the fix suggested iconv."""
+    path = _write(tmp_path, "data.json", gzip.compress(array(OK)))
+    with pytest.raises(UserError) as info:
+        read_records(path)
+    assert "iconv" not in str(info.value) and "GB18030" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["missing.json", "gbk.json", "many.json", "mixed.jsonl", "surrogate.json",
+                                  "nested.json", "gzip.json"])
 def test_script_wrapper_exits_2_without_traceback(tmp_path, name):
     _, content, fragments = next(c for c in CORPUS if c[0] == name)
     path = _write(tmp_path, name, content)

@@ -569,6 +569,44 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section.strip(), key.strip(), value
 
 
+def read_yaml(p: Path) -> dict:
+    """The config file's mapping; UserError for what is not a non-empty UTF-8 YAML file."""
+    fix = "pass CONFIG=configs/<run>.yaml (see configs/)"
+    if not p.exists():
+        raise UserError(f"config file {p} does not exist", fix=fix)
+    if p.is_dir():
+        raise UserError(f"config file {p} is a folder, not a YAML file", fix=fix)
+    if not p.is_file():  # a FIFO would block the read, a device such as /dev/zero never end
+        raise UserError(f"config file {p} is not a regular file (a pipe, a device, a socket)", fix=fix)
+    try:
+        data = p.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as e:
+        raise UserError(f"config file {p} cannot be read ({e.strerror})", fix="check its permissions") from e
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"not UTF-8 text (bytes {data[e.start:e.start + 4].hex(' ').upper()} at byte offset "
+                        f"{e.start:,}: {e.reason})", where=f"{p}:{line}",
+                        fix=f"a config is UTF-8 YAML: convert it, e.g. iconv -f GB18030 -t UTF-8 {p} > {p}.utf8 "
+                            "(GBK / GB18030 is the usual other encoding of Chinese text); a binary file is not "
+                            "a config") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise UserError(f"not valid YAML ({getattr(e, 'problem', e)})", where=where,
+                        fix="check indentation and quoting on that line") from e
+    except RecursionError as e:
+        raise UserError("nested too deeply to be a config", where=str(p), fix=fix) from e
+    if raw is None:  # empty, or comments only: every default would be a real-model run, unasked
+        raise UserError(f"config file {p} is empty (or only comments): every setting would take its default, "
+                        "the tutorial's run on the real model", where=str(p),
+                        fix="write the settings of your run into it, or pass the tutorial's own config: "
+                            "CONFIG=configs/huanhuan.yaml (the stand-in: CONFIG=configs/demo.yaml)")
+    return raw
+
+
 def load(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -581,16 +619,7 @@ def load(
     problems: list[str] = []
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} does not exist", fix="pass CONFIG=configs/<run>.yaml (see configs/)")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise UserError(f"not valid YAML ({getattr(e, 'problem', e)})", where=where,
-                            fix="check indentation and quoting on that line") from e
-        _apply(cfg, raw, str(p), problems)
+        _apply(cfg, read_yaml(p), str(p), problems)
         cfg.source = str(p)
     for text in overrides or []:
         section, key, value = parse_override(text)

@@ -38,8 +38,19 @@ def eval_records(cfg: Config) -> tuple[Path, list[Record]]:
     """EVAL's file, or the held-out split `make dataset` wrote (refused when stale)."""
     if cfg.eval.input:
         path = Path(cfg.eval.input)
+        if not path.is_file():
+            what = "does not exist" if not path.exists() else "is not a file"
+            raise UserError(f"the evaluation file {path} {what}", where="EVAL (eval.input)",
+                            fix="give a file in any dataset format (make eval EVAL=my_test.jsonl), or no EVAL to "
+                                "score the records `make dataset` held out (data.eval_ratio)")
     else:
         path = cfg.output_dir / "data" / "eval.jsonl"
+        if not (path.parent / "stats.json").is_file():
+            raise UserError(f"no tokenized dataset in {path.parent}, so no held-out records to score",
+                            where="run.output_dir",
+                            fix="run `make dataset` first, with records held out for make eval (e.g. "
+                                "SET=data.eval_ratio=0.1, then `make train`), or give a file: make eval "
+                                "EVAL=my_test.jsonl")
         no_split = UserError(f"no held-out records in {path}", where="data.eval_ratio",
                              fix="set data.eval_ratio (e.g. SET=data.eval_ratio=0.1) and run `make dataset` again, "
                                  "or give a file: make eval EVAL=my_test.jsonl")

@@ -181,13 +181,18 @@ def read_records(path: str | Path, *, drop_duplicates: bool = True,
     # ---- structure: JSON array or JSONL -----------------------------------------------------
     problems: list[_Problem] = []
     first = text.lstrip(_JSON_WS)[:1]
-    if first == "[":
-        fmt, values = "JSON array", _walk_array(text, problems)
-    elif first == "{":
-        _check_jsonl_shape(text, path)
-        fmt, values = "JSONL", _parse_lines(text, problems)
-    else:
-        raise _not_records(text, path)
+    try:
+        if first == "[":
+            fmt, values = "JSON array", _walk_array(text, problems)
+        elif first == "{":
+            _check_jsonl_shape(text, path)
+            fmt, values = "JSONL", _parse_lines(text, problems)
+        else:
+            raise _not_records(text, path)
+    except RecursionError as e:  # Python's JSON reader recurses once per level of [ or {
+        raise UserError("the JSON is nested deeper than Python's JSON reader can follow (thousands of levels of "
+                        "[ or {); a record is an object of strings and lists of turns", where=str(path),
+                        fix="check how the file was made: a dataset record is never nested this deeply") from e
 
     # ---- records ----------------------------------------------------------------------------
     schema = next((_schema_of(v) for v, _ in values if isinstance(v, dict)), ALPACA)
@@ -281,8 +286,22 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
+# what a compressed file starts with, and the command that unpacks it
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -c {path} > {stem}.json"),
+               b"PK\x03\x04": ("zip", "unzip {path}"),
+               b"BZh": ("bzip2", "bunzip2 -c {path} > {stem}.json"),
+               b"\xfd7zXZ\x00": ("xz", "unxz -c {path} > {stem}.json"),
+               b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d {path} -o {stem}.json")}
+
+
 def _decode(raw: bytes, path: Path) -> tuple[str, list[str]]:
     """UTF-8 without BOM; returns the text and the warnings (CRLF)."""
+    for magic, (kind, command) in _COMPRESSED.items():
+        if raw.startswith(magic):
+            raise UserError(f"the file is {kind}-compressed (it starts with the bytes {magic.hex(' ').upper()}), "
+                            "not JSON text", where=str(path),
+                            fix="unpack it and use the unpacked file: "
+                                + command.format(path=path, stem=path.with_suffix("")))
     if raw.startswith(codecs.BOM_UTF8):
         raise UserError(
             "the file starts with a UTF-8 byte-order mark (bytes EF BB BF), which JSON does not allow",
