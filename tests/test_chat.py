@@ -103,3 +103,27 @@ def test_ctrl_c_stops_the_answer_and_the_session_goes_on(lora_run, tmp_path):
     assert child.exitstatus == 0
     transcripts = list((tmp_path / "run/chat").glob("*.jsonl"))
     assert all(not t.read_text(encoding="utf-8").strip() for t in transcripts)  # the stopped answer: not kept
+
+
+def test_unknown_commands_are_refused_and_ctrl_c_at_the_prompt_leaves_make_chat_alone(lora_run, tmp_path):
+    """Through `make chat`, as a user runs it. `/bogus` and `/` were sent to the model as prompts; and a
+    Ctrl-C at the prompt reached make too, which waited for the chat and then exited 130 (Interrupt)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HL_")}
+    child = pexpect.spawn("make", ["--no-print-directory", "chat", "CONFIG=configs/demo.yaml",
+                                   f"MODEL_DIR={lora_run.model.dir}", f"OUTPUT_DIR={tmp_path / 'run'}",
+                                   f"SET=infer.adapter={lora_run.output_dir / 'adapter'} chat.max_new_tokens=8"],
+                          env=env, cwd=str(REPO), encoding="utf-8", timeout=180, dimensions=(50, 400))
+    child.expect(">>> ")
+    for line in ("/bogus", "/", "/bogus with words"):
+        printed = _say(child, line)
+        assert f"unknown command {line.split()[0]!r}; the commands are /think /no_think /base /adapter /reset " \
+               "/exit" in printed, printed
+    child.sendintr()  # at the prompt
+    child.expect(r"/exit or Ctrl-D leaves")
+    child.expect(">>> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert "Interrupt" not in child.before
+    assert all(not t.read_text(encoding="utf-8").strip() for t in (tmp_path / "run/chat").glob("*.jsonl"))

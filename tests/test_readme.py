@@ -38,3 +38,12 @@ def test_the_quick_start_says_what_the_demos_answers_look_like():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     quick_start = " ".join(readme.split("## Quick start", 1)[1].split("##", 1)[0].split())
     assert "Expect nonsense answers" in quick_start and "short fragments of the training data" in quick_start
+
+
+def test_the_readme_says_make_test_installs_chromium_with_apt_as_root():
+    """`make test` runs apt-get as root (scripts/install_test_deps.sh): a user must know before running it."""
+    installer = (REPO / "scripts" / "install_test_deps.sh").read_text()
+    assert "apt-get install" in installer and "chromium" in installer
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `make test` |"))
+    assert "as root with apt-get" in row and "`chromium`" in row

@@ -44,6 +44,7 @@ def demo_run(tmp_path_factory, model_dir: Path) -> config.Config:
         proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        (out.parent / f"tracking-run.{Path(script).stem}.log").write_text(proc.stdout + proc.stderr)
     return cfg
 
 
@@ -274,3 +275,14 @@ def test_watch_rejects_a_host_swanboard_cannot_bind(tmp_path, run):
 def test_disabled_mode_adds_no_callbacks():
     assert callbacks.swanlab_callbacks(config.load(REPO / "configs/demo.yaml"), "disabled", {}, 1, 2,
                                        tokenizer=None) == []
+
+
+def test_stages_print_no_accelerator_detection_and_no_ansi_codes_into_a_pipe(run):
+    """Each stage printed DeepSpeed's "Setting accelerator" lines, and SwanLab coloured its lines with
+    ANSI codes even into a pipe or a file."""
+    for stage in ("dataset", "train"):
+        text = (run.output_dir.parent / f"tracking-run.{stage}.log").read_text()
+        assert "Setting accelerator" not in text and "Setting ds_accelerator" not in text, stage
+    swanlab_lines = [line for line in text.splitlines() if "swanlab" in line.lower()]
+    assert any(line.startswith("swanlab: ") for line in swanlab_lines), text[-3000:]
+    assert not [line for line in swanlab_lines if "\x1b[" in line]

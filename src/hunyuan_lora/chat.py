@@ -8,6 +8,7 @@ template renders them). Commands:
     /think  /no_think   switch thinking mode for the next answers (chat.thinking is the start)
     /base   /adapter    answer with the adapter switched off / on (not for a merged folder)
     /reset              forget the conversation        /exit (or Ctrl-D)   leave
+Any other line starting with / is refused as an unknown command (a space before it sends it).
 Ctrl-C while an answer is streaming stops that answer (it is not kept); the session goes on.
 Every exchange is appended to <output_dir>/chat/<start time>.jsonl.
 """
@@ -16,7 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .atomic import check_writable
@@ -26,10 +31,43 @@ from .modeling import load_for_generation
 from .prompt import conversation, prompt_ids
 from .records import Record, Turn
 
-HELP = "/think /no_think /base /adapter /reset /exit — Ctrl-C stops an answer"
+COMMANDS = ("/think", "/no_think", "/base", "/adapter", "/reset", "/exit")
+HELP = " ".join(COMMANDS) + " — Ctrl-C stops an answer"
+
+
+@contextlib.contextmanager
+def own_terminal() -> Iterator[None]:
+    """Make this process the terminal's foreground process group while the chat runs.
+
+    The terminal sends Ctrl-C's SIGINT to its foreground group. Under `make chat` that group holds make
+    too, which then waits for the chat and exits 130 ("Interrupt") however the chat went on; in a group
+    of its own the chat alone gets Ctrl-C. A process that already leads its group (a shell's job, a
+    pseudo-terminal's session) or has no terminal stays as it is."""
+    try:
+        fd = sys.stdin.fileno()
+        foreground = os.tcgetpgrp(fd)
+    except (OSError, ValueError):
+        yield
+        return
+    if os.getpgrp() != foreground or os.getpgrp() == os.getpid():
+        yield
+        return
+    os.setpgid(0, 0)
+    ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # taking the terminal from a background group
+    try:
+        os.tcsetpgrp(fd, os.getpgrp())
+        yield
+    finally:
+        os.tcsetpgrp(fd, foreground)
+        signal.signal(signal.SIGTTOU, ttou)
 
 
 def run(cfg: Config) -> Path:
+    with own_terminal():
+        return talk(cfg)
+
+
+def talk(cfg: Config) -> Path:
     import readline  # noqa: F401  (line editing and history for input())
 
     transcript = cfg.output_dir / "chat" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
@@ -72,6 +110,10 @@ def run(cfg: Config) -> Path:
             else:
                 use_adapter = command == "/adapter"
                 print("answering with " + ("base model + adapter" if use_adapter else "the base model (adapter off)"))
+            continue
+        if line.startswith("/") and line.split()[0] not in COMMANDS:
+            print(f"unknown command {line.split()[0]!r}; the commands are {' '.join(COMMANDS)} (a line that starts "
+                  "with a space is sent as it is)")
             continue
 
         turns = (*history, Turn("user", line))
