@@ -1,24 +1,26 @@
 # hunyuan-lora: the pinned training image. `make docker-build` builds it, `make docker-train` runs
 # `make train` in it; `docker run IMAGE <target>` runs any stage (ENTRYPOINT is make).
 #
-# BASE_IMAGE: nvidia/cuda:12.8.1-base-ubuntu22.04, and why exactly that one:
-# * CUDA 12.8 matches torch==2.8.0 from PyPI (the cu128 build). That wheel brings its own CUDA
-#   user-space libraries (cuBLAS, cuDNN, NCCL, ... as hash-pinned nvidia-* wheels in
-#   requirements.lock), so the image needs no toolkit or cuDNN from the base: the `-base-` flavour
-#   is enough. `-cudnn-runtime-` would add ~3 GB of a second cuBLAS/cuDNN that nothing loads.
+# BASE_IMAGE: nvidia/cuda:13.0.2-base-ubuntu22.04, and why exactly that one:
+# * CUDA 13.0 matches torch==2.11.0 from PyPI (the cu130 build, cuda-toolkit 13.0.2 in the lock).
+#   That wheel brings its own CUDA user-space libraries (cuBLAS, cuDNN, NCCL, ... as hash-pinned
+#   nvidia-* wheels in requirements.lock), so the image needs no toolkit or cuDNN from the base: the
+#   `-base-` flavour is enough. `-cudnn-runtime-` would add ~3 GB of a second cuBLAS/cuDNN that
+#   nothing loads.
 # * It is still a CUDA image rather than plain Ubuntu because it sets what the NVIDIA container
 #   toolkit reads: NVIDIA_VISIBLE_DEVICES/NVIDIA_DRIVER_CAPABILITIES (GPUs are mounted in) and
-#   NVIDIA_REQUIRE_CUDA=cuda>=12.8 (on a host driver older than 570 the container fails to start
-#   with a clear "unsatisfied condition: cuda>=12.8" instead of torch failing later), and it ships
-#   cuda-compat-12-8 (forward-compatible libcuda that datacenter GPUs can use on an older driver).
-#   The driver itself (libcuda.so) always comes from the host at run time.
+#   NVIDIA_REQUIRE_CUDA=cuda>=13.0: the image's driver check. On a host driver older than 580 the
+#   container fails to start with "unsatisfied condition: cuda>=13.0, please update your driver"
+#   instead of torch quietly finding no GPU; `make check` inside says the same in its driver row.
+#   It ships cuda-compat-13-0 (forward-compatible libcuda that datacenter GPUs can use on an older
+#   driver). The driver itself (libcuda.so) always comes from the host at run time.
 # * Ubuntu 22.04, not 24.04: requirements.lock is compiled for CPython 3.11 (cp311 wheels).
 #   22.04 has python3.11 + python3.11-venv in its archive (universe); 24.04 has only 3.12 and
 #   would need the deadsnakes PPA (a second, unpinned package source plus a key fetch).
 # * Debian bookworm's python3 is 3.11 too, so the same `apt-get install python3.11 python3.11-venv`
 #   works on a Debian base: `make buildah-build` builds this file unchanged on a local debootstrap
 #   bookworm base (no registry needed) to prove every RUN step executes.
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu22.04
 FROM ${BASE_IMAGE}
 
 # Labels. The values come from scripts/image_build_args.sh (make docker-build, buildah-build and

@@ -132,8 +132,9 @@ demo: setup  ## stand-in -> patch -> dataset -> train -> infer, CPU, offline (th
 	HL_MODEL_DIR="$$HL_STAND_IN_DIR" HL_PROMPT= $(PY) scripts/infer.py
 
 # --- container ---
-# The image (Dockerfile): NVIDIA container toolkit + driver >= 570 on the host. The volumes hold
-# what must outlive a container: weights (/models), data (/data), runs and SwanLab logs (/outputs).
+# The image (Dockerfile): NVIDIA container toolkit + driver >= 580 on the host (torch 2.11.0 is the
+# CUDA 13.0 build). The volumes hold what must outlive a container: weights (/models), data (/data),
+# runs and SwanLab logs (/outputs).
 # SWANLAB_API_KEY is passed through by name from your environment, never written anywhere.
 IMAGE_OWNER ?= $(or $(shell git remote get-url origin 2>/dev/null | sed -nE 's#.*github\.com[:/]([^/]+)/.*#\1#p' | tr A-Z a-z),hunyuan-lora)
 IMAGE ?= ghcr.io/$(IMAGE_OWNER)/hunyuan-lora

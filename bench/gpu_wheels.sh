@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fill .whl/ (git-ignored) with the wheels bench/verify_multi_gpu.sh installs on the GPU machine, which
-# has torch but no network: the versions of requirements.lock, for CPython $PYVER on x86_64 Linux.
+# has torch (2.11.0+cu130: the lock's torch, whose wheel is far over what a device run carries) but no
+# network: the versions of requirements.lock, for CPython $PYVER on x86_64 Linux.
 #   bash bench/gpu_wheels.sh            # then run(..., carry=[".whl"], command="bash bench/verify_multi_gpu.sh")
 # Must stay under the 64 MiB a device run carries: bitsandbytes' wheel (57 MiB, every CUDA version) is
 # repacked with only the library for the device's CUDA (BNB_CUDA, torch.version.cuda without the dot).

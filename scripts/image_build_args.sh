@@ -18,7 +18,7 @@ mapfile -t names < <(sed -E 's/#.*//; s/[[:space:]]//g; /^$/d; s/[][<>=!~;].*//'
   tr 'A-Z_.' 'a-z--' | sort -u)
 pins=()
 for n in "${names[@]}"; do
-  # Lock lines look like "torch==2.8.0 \"; match the name PEP 503-normalised.
+  # Lock lines look like "torch==2.11.0 \"; match the name PEP 503-normalised.
   v=$(awk -v want="$n" '
     /^[A-Za-z0-9]/ && /==/ { split($1, a, "=="); k = tolower(a[1]); gsub(/[_.]/, "-", k);
                             if (k == want) { print a[2]; exit } }' requirements.lock)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hunyuan_lora import checkpoints, config, data, estimate, patch, preflight, train, training
+from hunyuan_lora import checkpoints, config, data, estimate, patch, preflight, runtime, train, training
 from hunyuan_lora.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,10 +79,12 @@ def rows(cfg, stage="check") -> dict[str, preflight.Row]:
 def test_passing_preflight_prints_the_table_and_returns_the_plan(patched_stand_in, tokenized, capsys):
     plan = preflight.preflight(demo_cfg(patched_stand_in, tokenized), stage="train")
     table = capsys.readouterr().out
-    for name in ("config", "model folder", "patch", "parameters", "dataset", "resume", "output", "memory"):
+    for name in ("config", "model folder", "patch", "parameters", "dataset", "resume", "output", "driver", "memory"):
         assert f"  {name} " in table
     assert "FAIL" not in table
-    assert {r.status for r in plan.rows} == {"ok"}
+    # the driver row is skipped on a machine without an NVIDIA driver (test_the_driver_is_read_from_nvml)
+    driver = Path("/proc/driver/nvidia/version").is_file()
+    assert {r.status for r in plan.rows if r.name != "driver" or driver} == {"ok"}
     assert (plan.placement.device, plan.placement.dtype, plan.resume.path) == ("cpu", torch.float32, None)
     assert "55,552 trainable" in table and "40 examples" in table
 
@@ -383,6 +385,51 @@ def fake_gpus(monkeypatch, gpus: list[tuple[str, int, int]], bf16: bool = True) 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     monkeypatch.setattr(preflight, "gpu_memory", lambda: gpus)
+
+
+# ---------------------------------------------------------------------------------------------
+# the NVIDIA driver against the CUDA torch is built for (the GPU is faked: CI has none)
+
+
+def fake_driver(monkeypatch, version: str, cuda: tuple[int, int], *, gpu: bool) -> None:
+    monkeypatch.setattr(preflight, "nvidia_driver", lambda: runtime.Driver(version, cuda))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # the pinned torch 2.11.0's build
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)  # what torch says under an old driver
+
+
+def test_a_driver_older_than_torchs_cuda_fails_naming_the_driver_to_install(patched_stand_in, tokenized,
+                                                                           monkeypatch):
+    fake_driver(monkeypatch, "570.86.15", (12, 8), gpu=False)
+    error = failure(demo_cfg(patched_stand_in, tokenized))
+    assert "the NVIDIA driver 570.86.15 runs CUDA up to 12.8" in error.what and "built for CUDA 13.0" in error.what
+    assert "install an NVIDIA driver >= 580.65.06" in error.paragraph()
+
+
+@pytest.mark.parametrize("version,cuda,gpu,detail", [
+    ("580.95.05", (13, 0), False, "580.95.05 runs CUDA 13.0; torch"),
+    ("535.230.02", (12, 2), True, "through CUDA forward compatibility"),  # datacenter compat libraries
+])
+def test_a_driver_that_runs_torchs_cuda_passes(patched_stand_in, tokenized, monkeypatch, version, cuda, gpu, detail):
+    fake_driver(monkeypatch, version, cuda, gpu=gpu)
+    row = rows(demo_cfg(patched_stand_in, tokenized))["driver"]
+    assert row.status == "ok" and detail in row.detail
+
+
+def test_the_driver_is_read_from_nvml():
+    """The real NVML: None exactly on a machine whose kernel has no NVIDIA driver loaded."""
+    proc = Path("/proc/driver/nvidia/version")
+    driver = runtime.nvidia_driver()
+    if not proc.is_file():
+        assert driver is None
+    else:
+        assert driver.version in proc.read_text() and driver.cuda >= (12, 0)
+
+
+def test_the_driver_needed_by_the_locked_torch_is_known():
+    """The message names the driver the lock's torch needs: its CUDA (cuda-toolkit) is in MIN_DRIVER."""
+    lock = (REPO / "requirements.lock").read_text()
+    toolkit = next(line.split("==")[1].split()[0] for line in lock.splitlines() if line.startswith("cuda-toolkit=="))
+    assert ".".join(toolkit.split(".")[:2]) in runtime.MIN_DRIVER
 
 
 def test_cuda_requested_without_a_gpu_fails(patched_stand_in, run_dir, monkeypatch):

@@ -47,3 +47,21 @@ def test_the_readme_says_make_test_installs_chromium_with_apt_as_root():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     row = next(line for line in readme.splitlines() if line.startswith("| `make test` |"))
     assert "as root with apt-get" in row and "`chromium`" in row
+
+
+def test_the_speed_figures_ran_on_the_pinned_torch():
+    """What we measure is what we pin: every measured table in Speed and Which GPUs names the lock's
+    torch, and every probe result in bench/results ran on it."""
+    import json
+
+    lock = (REPO / "requirements.lock").read_text(encoding="utf-8")
+    (torch,) = re.findall(r"^torch==(\S+)", lock, flags=re.M)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    measured = [" ".join(p.split()) for section in ("## Speed", "## Which GPUs")
+                for p in re.split(r"\n\s*\n", readme.split(section, 1)[1].split("\n## ", 1)[0])
+                if re.search(r"\bMeasured\b", p)]
+    assert len(measured) >= 4 and all(f"torch {torch}" in p for p in measured), [
+        p[:160] for p in measured if f"torch {torch}" not in p]
+    ran_on = {json.loads(f.read_text())["versions"]["torch"].split("+")[0]
+              for f in (REPO / "bench" / "results").rglob("probe-*.json")}
+    assert ran_on == {torch}, ran_on

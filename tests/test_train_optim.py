@@ -1,7 +1,7 @@
 """train.optim: the config value reaches TrainingArguments(optim=...) and the optimizer Trainer builds.
 
 transformers 4.51.3 accepts adamw_torch_fused on the CPU (its only checks are torch >= 2.0 and no
-fp16 on torch 2.0.0) and torch 2.8 has a fused CPU AdamW, so the fused run below really steps.
+fp16 on torch 2.0.0) and torch (2.4 and later) has a fused CPU AdamW, so the fused run below really steps.
 """
 
 from __future__ import annotations

@@ -18,8 +18,10 @@ Each row of the table is one check; a failed row is a UserError (what, where, fi
                   before `make dataset`: the raw file read with records.read_records
     resume        the checkpoint training continues from: the newest *complete* one
     output        output_dir writable, free space for the checkpoints (estimate printed)
-    memory        visible GPUs (or CPU RAM) against an estimate for these settings (printed)
+    driver        the NVIDIA driver runs the CUDA torch is built for (torch 2.11.0: CUDA 13.0, driver >= 580);
+                  an older one leaves torch without a GPU, silently on the CPU
     launch        device, dtype, how the process was launched (one process, ZeRO-3), QLoRA's needs
+    memory        visible GPUs (or CPU RAM) against an estimate for these settings (printed)
     swanlab       cloud mode: an API key, well formed, that the cloud accepts (tracking.check_swanlab)
     secrets       a credential in the git remote URL (SwanLab records that URL): `make train` masks it
 
@@ -54,7 +56,15 @@ from .estimate import (
 from .model_folder import check_model_folder, undefined_logger
 from .prompt import dataset_mismatch
 from .records import check_sha256, read_records
-from .runtime import Placement, check_combination, is_main_process, mask_git_remote, placement
+from .runtime import (
+    MIN_DRIVER,
+    Placement,
+    check_combination,
+    is_main_process,
+    mask_git_remote,
+    nvidia_driver,
+    placement,
+)
 from .tracking import check_swanlab
 
 # Temporary siblings the stages write before renaming into place (atomic.py's names) and checkpoints
@@ -351,6 +361,31 @@ def check_resume(cfg: Config, steps: int | None) -> tuple[Status, str, ResumePoi
     return ("warn" if notes else "ok"), "; ".join([point.detail] + notes), point
 
 
+def check_driver() -> tuple[Status, str]:
+    """The NVIDIA driver against the CUDA torch is built for (torch.version.cuda)."""
+    import torch
+
+    driver = nvidia_driver()
+    if driver is None:
+        return "skip", "no NVIDIA driver on this machine"
+    need = torch.version.cuda
+    if need is None:
+        return "skip", f"driver {driver.version}; torch {torch.__version__} is a CPU build"
+    runs = f"{driver.cuda[0]}.{driver.cuda[1]}"
+    if driver.cuda >= tuple(int(n) for n in need.split(".")[:2]):
+        return "ok", f"{driver.version} runs CUDA {runs}; torch {torch.__version__} needs CUDA {need}"
+    if torch.cuda.is_available():  # the datacenter forward-compatibility libraries make up the difference
+        return "ok", (f"{driver.version} runs CUDA {runs}, torch {torch.__version__} needs {need}: the GPU works "
+                      "through CUDA forward compatibility")
+    minimum = MIN_DRIVER.get(need)
+    raise UserError(f"the NVIDIA driver {driver.version} runs CUDA up to {runs}, but torch {torch.__version__} is "
+                    f"built for CUDA {need}: torch sees no GPU and would run on the CPU",
+                    where="the NVIDIA driver (`nvidia-smi` shows its version and CUDA Version)",
+                    fix=f"install an NVIDIA driver {'>= ' + minimum if minimum else f'for CUDA {need}'} (the README's "
+                        "'What the machine needs'; on a rented GPU pick an image with that driver), then run "
+                        "`make check` again")
+
+
 def check_launch(cfg: Config) -> tuple[Status, str, Placement]:
     """Device, dtype and launcher; value: the placement (runtime.placement) the run will use."""
     where = placement(cfg)
@@ -454,6 +489,7 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
     needed = t.run("output", check_output, cfg, params, steps)
     for status, detail in leftover_rows(cfg.output_dir):
         t.add("leftovers", status, detail)
+    t.run("driver", check_driver)
     where = t.run("launch", check_launch, cfg)
     if cfg.model.quantization == "nf4":
         t.run("nf4 cache", check_nf4_cache, cfg, params, where)

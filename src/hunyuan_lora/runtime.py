@@ -28,6 +28,35 @@ PINNED_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", "m
                    "deepspeed", "bitsandbytes"]
 
 
+# The oldest Linux driver of each CUDA release torch may be built for (NVIDIA's CUDA Toolkit release
+# notes, "CUDA Toolkit and Corresponding Driver Versions"): what the message names as the fix.
+MIN_DRIVER = {"12.8": "570.26", "12.9": "575.51.03", "13.0": "580.65.06"}
+
+
+@dataclass(frozen=True)
+class Driver:
+    """The machine's NVIDIA driver, as NVML reports it."""
+
+    version: str  # e.g. 580.95.05
+    cuda: tuple[int, int]  # the newest CUDA it runs, e.g. (13, 0)
+
+
+def nvidia_driver() -> Driver | None:
+    """The NVIDIA driver of this machine (NVML), None on a machine without one."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no libnvidia-ml / no driver loaded: a CPU machine
+        return None
+    try:
+        version = pynvml.nvmlSystemGetDriverVersion()
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()  # 13000 for CUDA 13.0
+    finally:
+        pynvml.nvmlShutdown()
+    return Driver(version.decode() if isinstance(version, bytes) else version, (cuda // 1000, cuda % 1000 // 10))
+
+
 def is_main_process() -> bool:
     """The process that prints, writes the outputs and talks to SwanLab (accelerate sets RANK)."""
     return os.environ.get("RANK", "0") == "0"

@@ -59,7 +59,8 @@ class Projection:
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch._grouped_mm: CUDA, bf16, compute capability 9.0 (torch 2.8 accepts only sm90).
+    """torch._grouped_mm: CUDA, bf16, compute capability 9.0 (Hopper, where it was measured; other cards
+    multiply group by group, gmm's loop).
 
     HUNYUAN_FAST_MOE_GROUPED=0 forces the loop (for A/B timing and debugging).
     """
