@@ -495,12 +495,19 @@ def real_size_folder(patched_stand_in, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def roomy_disk(monkeypatch):
+    """The real model's checkpoints need ~20 GB of disk; these tests are about memory, not the host's disk."""
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**13, 0, 10**13))
+
+
 def real_cfg(folder: Path, out: Path, *overrides: str) -> config.Config:
     data_path = str(HUANHUAN_DATA) if HUANHUAN_DATA.is_file() else None
     return config.load(HUANHUAN_CONFIG, list(overrides), model_dir=str(folder), output_dir=str(out), data=data_path)
 
 
-def test_real_size_folder_on_the_cpu_fails_on_memory_with_the_estimate(real_size_folder, tmp_path, monkeypatch):
+def test_real_size_folder_on_the_cpu_fails_on_memory_with_the_estimate(real_size_folder, roomy_disk, tmp_path,
+                                                                       monkeypatch):
     monkeypatch.setattr(preflight, "available_ram", lambda: 64 * 10**9)
     assert sum(p.stat().st_size for p in real_size_folder.glob("*.safetensors")) > 160e9  # apparent size
     error = failure(real_cfg(real_size_folder, tmp_path / "out", "model.device=cpu"), stage="check")
@@ -508,7 +515,8 @@ def test_real_size_folder_on_the_cpu_fails_on_memory_with_the_estimate(real_size
     assert "weights 321.6 GB" in error.what and "train this model on GPUs" in error.fix
 
 
-def test_real_size_memory_estimate_against_one_and_two_h200(real_size_folder, tmp_path, monkeypatch, capsys):
+def test_real_size_memory_estimate_against_one_and_two_h200(real_size_folder, roomy_disk, tmp_path, monkeypatch,
+                                                            capsys):
     cfg = real_cfg(real_size_folder, tmp_path / "out")
     fake_gpus(monkeypatch, [("NVIDIA H200", H200, H200)])
     error = failure(cfg, stage="check")
@@ -536,7 +544,7 @@ def test_no_gradient_checkpointing_raises_the_activation_estimate(real_size_fold
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_real_gpus_are_read_and_compared(real_size_folder, patched_stand_in, tokenized, tmp_path, capsys):
+def test_real_gpus_are_read_and_compared(real_size_folder, roomy_disk, patched_stand_in, tokenized, tmp_path, capsys):
     gpus = preflight.gpu_memory()
     assert gpus and all(0 < free <= total for _, free, total in gpus)
     plan = preflight.preflight(demo_cfg(patched_stand_in, tokenized, "model.device=cuda"), stage="check")

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_check import H200, REAL_TOTAL, demo_cfg, failure, fake_gpus, real_cfg, real_size_folder, run_dir, tokenized  # noqa: F401 (fixtures)
+from test_check import (  # noqa: F401 (fixtures)
+    H200,
+    REAL_TOTAL,
+    demo_cfg,
+    failure,
+    fake_gpus,
+    real_cfg,
+    real_size_folder,
+    roomy_disk,
+    run_dir,
+    tokenized,
+)
 
 from hunyuan_lora import checkpoints, config, estimate, modeling, preflight, runtime, scale, train
 from hunyuan_lora.errors import UserError
@@ -289,7 +300,7 @@ def test_real_size_estimates_zero3_divides_by_processes_and_nf4_is_half_a_byte()
     assert "per GPU, ZeRO-3 over 4 processes" in four.describe()
 
 
-def test_make_check_zero3_fits_where_one_process_does_not(real_size_folder, tmp_path, monkeypatch, capsys):
+def test_make_check_zero3_fits_where_one_process_does_not(real_size_folder, roomy_disk, tmp_path, monkeypatch, capsys):
     cfg = real_cfg(real_size_folder, tmp_path / "out")
     fake_gpus(monkeypatch, [("NVIDIA H200", H200, H200)] * 2)
     monkeypatch.setenv("HL_ACCELERATE_CONFIG", str(ZERO3))
@@ -303,7 +314,7 @@ def test_make_check_zero3_fits_where_one_process_does_not(real_size_folder, tmp_
     assert "1 GPU(s) with 141.0 GB free" in failure(cfg, stage="check").what
 
 
-def test_make_check_qlora_fits_one_80gb_gpu(real_size_folder, tmp_path, monkeypatch, capsys):
+def test_make_check_qlora_fits_one_80gb_gpu(real_size_folder, roomy_disk, tmp_path, monkeypatch, capsys):
     cfg = config.load(QLORA, model_dir=str(real_size_folder), output_dir=str(tmp_path / "out"),
                       data=str(REPO / "src" / "hunyuan_lora" / "assets" / "zhenhuan_sample.json"))
     fake_gpus(monkeypatch, [("NVIDIA A100-SXM4-80GB", 80 * 10**9, 80 * 10**9)])
