@@ -233,9 +233,9 @@ def peak_rss_kib() -> int:
         return int(next(line for line in f if line.startswith("VmHWM")).split()[1])
 
 
-def run_merge(base: Path, adapter: Path, out: Path, layers: int) -> dict:
-    """merge.run in a process that sees no GPU; its row."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+def run_merge(base: Path, adapter: Path, out: Path, layers: int, gpu: bool = False) -> dict:
+    """merge.run in a process of its own (seeing the GPU or not); its row."""
+    env = {**os.environ} if gpu else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, __file__, "--merge-child", str(base), str(adapter), str(out)],
                           capture_output=True, text=True, env=env)
     print(proc.stdout[-2000:], proc.stderr[-2000:], flush=True)
@@ -246,22 +246,27 @@ def run_merge(base: Path, adapter: Path, out: Path, layers: int) -> dict:
 
 
 def merge_only(layers: int, work: Path, out: Path) -> None:
+    """Step 4 alone: without a GPU, and with one when this machine has it (merge.run uses it when present)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    gpu = torch.cuda.is_available()
     base, adapter = work / f"d{layers}", work / "adapter"
-    write_checkpoint(base, cut(real_config(), layers), "cpu", SHARD_BYTES)
+    write_checkpoint(base, cut(real_config(), layers), "cuda" if gpu else "cpu", SHARD_BYTES)
     random_adapter(adapter, base, config.load(QLORA))
-    how = drop_page_cache(files_under(base))
-    row = run_merge(base, adapter, work / "merge-run", layers)
+    rows, how = [], None
+    for visible in (False, True) if gpu else (False,):
+        how = drop_page_cache(files_under(base))
+        rows.append(run_merge(base, adapter, work / "merge-run", layers, gpu=visible))
+        print(rows[-1], flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name(0).replace(" ", "-") if gpu else "cpu"
     stamp = time.strftime("%Y-%m-%d")
-    (out / f"load-cpu-{stamp}.json").write_text(json.dumps([row], indent=1) + "\n")
-    notes = {"card": "cpu", "cores": os.cpu_count(), "torch": torch.__version__, "page_cache": how,
+    (out / f"load-{card}-{stamp}-merge.json").write_text(json.dumps(rows, indent=1) + "\n")
+    notes = {"card": card, "cores": os.cpu_count(), "torch": torch.__version__, "page_cache": how,
              "checkpoint_bytes": sum(p.stat().st_size for p in base.glob("*.safetensors")),
              "code_commit": runtime.git_commit()}
-    (out / f"load-cpu-{stamp}.notes.json").write_text(json.dumps(notes, indent=1) + "\n")
+    (out / f"load-{card}-{stamp}-merge.notes.json").write_text(json.dumps(notes, indent=1) + "\n")
     shutil.rmtree(work)
-    print(row)
 
 
 def extrapolate(a: dict, b: dict, layers: int, key: str) -> float:
@@ -276,7 +281,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the same steps on a tiny model, on the CPU")
     ap.add_argument("--merge-child", nargs=3, metavar=("BASE", "ADAPTER", "OUT"))
     ap.add_argument("--merge-only", type=int, metavar="LAYERS",
-                    help="only step 4, on this machine's CPU: a real-layout checkpoint of LAYERS layers, merged")
+                    help="only step 4: a real-layout checkpoint of LAYERS layers, merged without and with a GPU")
     args = ap.parse_args()
     if args.merge_child:
         return merge_child(*args.merge_child)
