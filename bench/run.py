@@ -14,7 +14,8 @@ What one measurement is: a model of `depth` decoder layers at the real width (hi
 experts top-8 + shared expert, attention 32/8 heads) with the real embedding and tied 128,167-token
 lm_head, random weights built directly on the GPU in bf16 (router float32), PEFT LoRA (r, alpha,
 dropout as the tutorial: 8 / 32 / 0.1) on `--targets`, gradient checkpointing, `torch.autocast(bf16)`
-as `Trainer(bf16=True)` does, AdamW on the LoRA parameters. One step = forward + loss + backward +
+as `Trainer(bf16=True)` does, AdamW on the LoRA parameters.
+
 One timed unit = one OPTIMIZER step: `accum` micro-steps (forward + loss + backward, gradient
 accumulation as the tutorial's 4) then AdamW (foreach, Trainer's default) + zero_grad, timed with
 host clocks around device synchronisations. Median of `--steps` optimizer steps after `--warmup`,
@@ -38,9 +39,9 @@ Impls:
   fast       config.moe_impl = "fast" (hunyuan_lora/hunyuan/fast_moe.py), and the model's own lm_head
              padding (hunyuan.py `lm_logits`: training, CUDA, frozen tied weight -> logits from a cached
              copy padded to 128,192 rows, sliced to 128,167; the odd vocabulary otherwise sends cuBLAS
-             to slow align-1 kernels). Results up to v4 called this "fast-padlm" (a bench-only patch).
-  fast-plainlm  fast with the model's padding switched off (pad_lm_head=False): the v1-v4 "fast",
-             kept to measure what the padding is worth in the same run
+             to slow align-1 kernels)
+  fast-plainlm  fast with the model's padding switched off (pad_lm_head=False), to measure what the
+             padding is worth in the same run
   upstream-gshard and the tutorial never pad (Tencent's hunyuan.py has no padding); upstream pads as fast.
   upstream-gshard measured 1.9x slower than Tencent's own code (issue 13): quote ratios against Tencent's
   0.81 samples/s @32 layers or a `make probe` run instead.
