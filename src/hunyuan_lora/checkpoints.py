@@ -35,6 +35,13 @@ INCOMPLETE_PREFIX = "incomplete-"  # not "checkpoint-*": the Trainer neither res
 PUBLISHED = ("adapter", "resolved.yaml", "manifest.json")
 RUN_LOG = ("log_history.json", "loss.png")
 PREVIOUS_RUNS = "previous-runs"  # <output_dir>/previous-runs/<time>/: earlier runs a fresh one set aside
+# How a run's trainable LoRA tensors are laid out in its checkpoints' optimizer state; a checkpoint
+# resumes only into a run of its own layout (the Trainer fails loading another). The upstream path
+# and ZeRO-3 train layout 1; the fast path trains layout 2.
+LORA_LAYOUTS = {
+    1: "PEFT's own, one A and one B tensor per expert of each expert projection (2 x 64 a projection)",
+    2: "one stacked A and one stacked B tensor per expert projection (fast_moe.stack_expert_lora)",
+}
 
 
 @dataclass
@@ -94,11 +101,22 @@ def settings_mismatch(checkpoint: Path, cfg: Config) -> list[str]:
     return problems
 
 
+def lora_layouts(model) -> dict[int, int]:
+    """The LORA_LAYOUTS versions whose tensor count this model's trainable parameters tell, and that count;
+    the model's own layout first."""
+    from .hunyuan.fast_moe import STACKED_PREFIX
+
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    stacked = [p for name, p in trained if name.rpartition(".")[2].startswith(STACKED_PREFIX)]
+    if not stacked:
+        return {1: len(trained)}
+    return {2: len(trained), 1: len(trained) - len(stacked) + sum(len(p) for p in stacked)}
+
+
 def check_optimizer_layout(checkpoint: str | Path, model) -> None:
     """UserError when the checkpoint's optimizer state holds another number of tensors than the model
-    trains: the Trainer would fail on loading it. The fast path trains each expert projection's LoRA as one
-    stacked tensor (fast_moe.stack_expert_lora, since 2026-12-01); its checkpoints written before hold
-    2 x 64 per projection. A DeepSpeed checkpoint (optimizer sharded in global_step*/) is not checked."""
+    trains (another LORA_LAYOUTS version): the Trainer would fail on loading it. A DeepSpeed checkpoint
+    (optimizer sharded in global_step*/) is not checked."""
     path = Path(checkpoint) / "optimizer.pt"
     if not path.is_file():
         return
@@ -106,15 +124,18 @@ def check_optimizer_layout(checkpoint: str | Path, model) -> None:
 
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     saved = sum(len(group["params"]) for group in state.get("param_groups", []))
-    trains = sum(p.requires_grad for p in model.parameters())
+    counts = lora_layouts(model)
+    layout, trains = next(iter(counts.items()))
     if saved != trains:
+        written = next((v for v, n in counts.items() if n == saved), None)
+        how = (f"LoRA layout {written} ({LORA_LAYOUTS[written]})" if written else
+               "another layout of the LoRA tensors")
         raise UserError(
             f"checkpoint {checkpoint} holds optimizer state for {saved} tensors, this run trains {trains}: it was "
-            "written with another layout of the LoRA tensors (before 2026-12-01 the fast MoE path trained "
-            "2 x 64 tensors per expert projection, now one stacked tensor each)", where="train.resume",
-            fix="continue it with the version of the kit that wrote it, or set train.resume=never to start over "
-                "(the earlier run is set aside, not deleted); its adapter (infer.adapter=<checkpoint>) loads "
-                "either way")
+            f"written with {how}, this run trains layout {layout} ({LORA_LAYOUTS[layout]})", where="train.resume",
+            fix="continue it with the version of the kit (or the model.moe_impl) that wrote it, or set "
+                "train.resume=never to start over (the earlier run is set aside, not deleted); its adapter "
+                "(infer.adapter=<checkpoint>) loads either way")
 
 
 def resume_point(cfg: Config) -> ResumePoint:

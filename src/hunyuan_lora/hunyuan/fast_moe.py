@@ -422,9 +422,12 @@ def _plan(moe: nn.Module) -> dict:
     return plan
 
 
+STACKED_PREFIX = "stacked_"  # the name of every (E, ...) LoRA parameter stack_expert_lora registers
+
+
 def _stack_name(projection: str, kind: str, adapter: str) -> str:
     # no "lora_" in the name: PEFT saves the per-expert views below, never these
-    return f"stacked_{projection}_{kind[-1]}_{adapter}"
+    return f"{STACKED_PREFIX}{projection}_{kind[-1]}_{adapter}"
 
 
 def _stacked_lora(moe: nn.Module, projection: str, kind: str, adapter: str,
