@@ -18,7 +18,7 @@ $(foreach v,$(USER_VARS),$(if $(filter undefined,$(origin $(v))),$(if $(filter e
 $(foreach v,$(USER_VARS),$(if $(filter command line environment,$(origin $(v))),$(eval override $(v) := $$(value $(v)))))
 CONFIG ?= configs/huanhuan.yaml
 STAND_IN_DIR ?= artifacts/stand-in
-# Every stage reads HL_CONFIG / HL_MODEL_DIR / HL_DATA / HL_OUTPUT_DIR / HL_SET (config.add_cli_args).
+# Every stage reads HL_CONFIG / HL_MODEL_DIR / HL_DATA / HL_OUTPUT_DIR / HL_SET (cli.add_cli_args).
 $(foreach v,$(USER_VARS),$(eval export HL_$(v) = $$($(v))))
 
 # Multi-GPU: LAUNCH=<configs/accelerate/ name> runs train under `accelerate launch` with NPROC processes

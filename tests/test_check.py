@@ -432,6 +432,19 @@ def test_the_driver_needed_by_the_locked_torch_is_known():
     assert ".".join(toolkit.split(".")[:2]) in runtime.MIN_DRIVER
 
 
+def test_an_optimizer_this_environment_lacks_fails_naming_those_installed(patched_stand_in, run_dir):
+    cfg = demo_cfg(patched_stand_in, run_dir, "train.optim=adamw_torch_4bit")  # torchao: not in the lock
+    e = failure(cfg, stage="check")
+    installed = preflight.installed_optimizers()
+    assert "adamw_torch_4bit" not in installed and {"adamw_torch", "adamw_torch_fused", "adafactor"} <= set(installed)
+    assert e.where == "train.optim"
+    assert e.what == ("train.optim 'adamw_torch_4bit' needs a package this environment does not install; the "
+                      f"optimizers installed: {', '.join(installed)}")
+    suggested = e.fix.split("(the nearest: ")[1].split(")")[0]
+    assert suggested in installed and "adamw_torch_fused" in e.fix
+    assert rows(demo_cfg(patched_stand_in, run_dir, "train.optim=adafactor"))["optimizer"].status == "ok"
+
+
 def test_cuda_requested_without_a_gpu_fails(patched_stand_in, run_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     error = failure(demo_cfg(patched_stand_in, run_dir, "model.device=cuda"))

@@ -132,6 +132,10 @@ def test_probe_refuses_what_it_cannot_measure(stand_in_dir, tmp_path):
                       output_dir=str(tmp_path / "run"))
     with pytest.raises(UserError, match="at least 2 optimizer steps"):
         probe.run(cfg, steps=1)
+    cfg.train.optim = "adamw_torch_4bit"  # torchao: not in the lock
+    with pytest.raises(UserError, match="train.optim: train.optim 'adamw_torch_4bit' needs a package"):
+        probe.run(cfg, steps=2)
+    cfg.train.optim = "adamw_torch"
     bad = tmp_path / "bad.json"
     bad.write_text('{"tokens": []}')
     with pytest.raises(UserError, match="no list of token counts"):

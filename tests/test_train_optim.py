@@ -22,7 +22,8 @@ def test_default_is_the_tutorial_optimizer_and_typos_are_rejected():
     assert config.load(REPO / "configs/huanhuan.yaml").train.optim == "adamw_torch"
     assert config.load(overrides=["train.optim=adamw_torch_fused"]).train.optim == "adamw_torch_fused"
     assert config.load(overrides=["train.optim=adafactor"]).train.optim == "adafactor"
-    with pytest.raises(UserError, match=r"'adamw_torch_fuse' is not a Trainer optimizer.*adamw_torch_fused"):
+    with pytest.raises(UserError, match=r"'train.optim' is 'adamw_torch_fuse', not one of TrainingArguments' "
+                                        r"choices \(did you mean 'adamw_torch_fused'\?\)"):
         config.load(overrides=["train.optim=adamw_torch_fuse"])
 
 

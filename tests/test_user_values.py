@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hunyuan_lora import config, stand_in
+from hunyuan_lora import cli, config, stand_in
 from hunyuan_lora.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,8 +96,8 @@ def test_config_reads_the_environment_make_sets(monkeypatch, tmp_path):
     monkeypatch.setenv("HL_OUTPUT_DIR", "outputs/my runs")
     monkeypatch.setenv("HL_SET", 'data.system_prompt="你是 甄嬛" infer.prompts=[a, b] train.learning_rate=2e-4')
     parser = argparse.ArgumentParser()
-    config.add_cli_args(parser)
-    cfg = config.from_args(parser.parse_args(["--set", "train.learning_rate=3e-4"]))
+    cli.add_cli_args(parser)
+    cfg = cli.from_args(parser.parse_args(["--set", "train.learning_rate=3e-4"]))
     assert cfg.source.endswith("configs/demo.yaml") and str(cfg.output_dir) == "outputs/my runs"
     assert cfg.data.system_prompt == "你是 甄嬛" and cfg.infer.prompts == ["a", "b"]
     assert cfg.train.learning_rate == 3e-4  # --set on the command line comes after SET
@@ -112,7 +112,7 @@ def test_config_reads_the_environment_make_sets(monkeypatch, tmp_path):
     ("train.learning_rate=2e-4", [("train", "learning_rate", 2e-4)]),
 ])
 def test_set_is_split_at_keys_not_at_spaces(text, expected):
-    assert [config.parse_override(o) for o in config.split_overrides(text)] == expected
+    assert [config.parse_override(o) for o in cli.split_overrides(text)] == expected
 
 
 # ---------------------------------------------------------------------------------------------

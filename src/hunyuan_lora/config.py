@@ -18,8 +18,6 @@ from __future__ import annotations
 import difflib
 import enum
 import math
-import os
-import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -207,27 +205,6 @@ def training_argument_defaults() -> dict[str, Any]:
     from transformers import TrainingArguments
 
     return {f.name: f.default for f in fields(TrainingArguments) if f.init and f.default is not MISSING}
-
-
-@lru_cache(maxsize=1)
-def installed_optimizers() -> tuple[str, ...]:
-    """The Trainer's optimizer names whose implementation this environment has (the rest need a
-    package the lock does not install: torchao, galore_torch, apex, ...)."""
-    import tempfile
-
-    from transformers import Trainer, TrainingArguments
-    from transformers.training_args import OptimizerNames
-
-    args = TrainingArguments(output_dir=tempfile.gettempdir(), use_cpu=True, report_to="none")
-    names = []
-    for name in OptimizerNames:
-        args.optim = name
-        try:
-            Trainer.get_optimizer_cls_and_kwargs(args)
-        except (ImportError, ValueError):  # "You need to install ..." / "Trainer failed to import ..."
-            continue
-        names.append(name.value)
-    return tuple(names)
 
 
 @dataclass
@@ -436,7 +413,7 @@ def _apply(cfg: Config, data: dict, where: str, problems: list[str]) -> None:
                                 "finite (no .inf, .nan, or a number too large for a float such as 1e999)")
                 continue
             choices = _enum_choices(hint)
-            if choices and isinstance(value, str) and value not in choices and key != "optim":
+            if choices and isinstance(value, str) and value not in choices:
                 problems.append(f"{where}: '{sec_name}.{key}' is {value!r}, not one of TrainingArguments' choices"
                                 f"{_nearest(value, choices)}")
                 continue
@@ -508,38 +485,11 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{key} is {value}: at least 1")
     if cfg.train.pad_to_multiple_of is not None and cfg.train.pad_to_multiple_of < 1:
         problems.append("train.pad_to_multiple_of must be at least 1, or null")
-    if cfg.train.optim not in ("adamw_torch", "adamw_torch_fused"):  # anything else: ask transformers
-        installed = installed_optimizers()
-        if cfg.train.optim not in installed:
-            from transformers.training_args import OptimizerNames
-
-            known = cfg.train.optim in {o.value for o in OptimizerNames}
-            problems.append(f"train.optim '{cfg.train.optim}' " + ("needs a package this environment does not install"
-                            if known else "is not a Trainer optimizer") + _nearest(cfg.train.optim, list(installed)))
     if cfg.train.packing and cfg.model.moe_impl != "fast":
         problems.append("train.packing needs model.moe_impl: fast (the project's attention keeps each packed "
                         "sample to itself, from position ids that restart per sample; with upstream the model "
                         "folder's own hunyuan.py runs, which is not known to, and the samples of one row would "
                         "attend to each other)")
-
-
-_KEY_START = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_][\w.]*=")
-
-
-def split_overrides(text: str) -> list[str]:
-    """Make's SET="a.b=1 c.d=x y": a new override starts at whitespace followed by `section.key=`,
-    outside quotes, so values keep their spaces, quotes and brackets (`infer.prompts=[a, b]`)."""
-    parts, start, quote = [], 0, None
-    for i, ch in enumerate(text):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "\"'" and (i == 0 or text[i - 1] in "= [,"):
-            quote = ch
-        elif ch.isspace() and _KEY_START.match(text, i + 1):
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -638,22 +588,3 @@ def load(
             fix="correct the keys named above (every valid key and its default is in src/hunyuan_lora/config.py)",
         )
     return cfg
-
-
-def add_cli_args(parser) -> None:
-    """The arguments every stage script shares. Make passes CONFIG, MODEL_DIR, DATA, OUTPUT_DIR and
-    SET through the environment (HL_CONFIG ...), so what a user typed arrives unchanged; an option
-    given on the command line wins over its variable, --set comes after SET."""
-    env = {k: os.environ.get(f"HL_{k}") or None for k in ("CONFIG", "MODEL_DIR", "DATA", "OUTPUT_DIR")}
-    parser.add_argument("--config", default=env["CONFIG"], help="YAML run config (configs/*.yaml)")
-    parser.add_argument("--model-dir", default=env["MODEL_DIR"], help="override model.dir")
-    parser.add_argument("--data", default=env["DATA"], help="override data.path")
-    parser.add_argument("--output-dir", default=env["OUTPUT_DIR"], help="override run.output_dir")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any config key (repeatable)")
-
-
-def from_args(args) -> Config:
-    overrides = split_overrides(os.environ.get("HL_SET", "")) + args.overrides
-    return load(args.config, overrides, model_dir=args.model_dir or None,
-                data=args.data or None, output_dir=args.output_dir or None)

@@ -8,6 +8,7 @@ Each row of the table is one check; a failed row is a UserError (what, where, fi
 `make check` lists every problem.
 
     config        config.load has validated every key and type (unknown keys name the nearest)
+    optimizer     train.optim is one this environment can build (some need a package the lock does not install)
     model folder  model_folder.verify: config.json + auto_map code, tokenizer files, every shard of the
                   index (and each size, when the folder has a download.json); plus each shard's
                   safetensors header: complete file, every indexed tensor present
@@ -30,12 +31,14 @@ The estimates behind the output and memory rows are estimate.py's (the formulas 
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -361,6 +364,43 @@ def check_resume(cfg: Config, steps: int | None) -> tuple[Status, str, ResumePoi
     return ("warn" if notes else "ok"), "; ".join([point.detail] + notes), point
 
 
+@lru_cache(maxsize=1)
+def installed_optimizers() -> tuple[str, ...]:
+    """The Trainer's optimizer names whose implementation this environment has (the rest need a
+    package the lock does not install: torchao, galore_torch, apex, ...)."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    args = TrainingArguments(output_dir=tempfile.gettempdir(), use_cpu=True, report_to="none")
+    names = []
+    for name in OptimizerNames:
+        args.optim = name
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(args)
+        except (ImportError, ValueError):  # "You need to install ..." / "Trainer failed to import ..."
+            continue
+        names.append(name.value)
+    return tuple(names)
+
+
+def check_optimizer(cfg: Config) -> tuple[Status, str]:
+    """train.optim (config.load has checked it is a Trainer optimizer name) against those installed."""
+    optim = cfg.train.optim
+    if optim in ("adamw_torch", "adamw_torch_fused"):  # torch's own: no need to ask transformers
+        return "ok", optim
+    installed = installed_optimizers()
+    if optim in installed:
+        return "ok", optim
+    nearest = difflib.get_close_matches(optim, installed, n=1, cutoff=0.5)
+    raise UserError(f"train.optim '{optim}' needs a package this environment does not install; the optimizers "
+                    f"installed: {', '.join(installed)}", where="train.optim",
+                    fix=f"set train.optim to an installed one{f' (the nearest: {nearest[0]})' if nearest else ''}: "
+                        "adamw_torch is the tutorial's, adamw_torch_fused the faster one (bench/NOTES.md); or "
+                        "install the package it needs into the kit's environment")
+
+
 def check_driver() -> tuple[Status, str]:
     """The NVIDIA driver against the CUDA torch is built for (torch.version.cuda)."""
     import torch
@@ -479,6 +519,7 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
     t = _Table()
     source = cfg.source or "(defaults)"
     t.add("config", "ok", f"{source}: every key and type valid")
+    t.run("optimizer", check_optimizer, cfg)
     model_config = read_model_config(Path(cfg.model.dir))
     t.run("model folder", lambda folder: ("ok", check_model_folder(folder)[0]), Path(cfg.model.dir))
     t.run("patch", check_patch, cfg, model_config)

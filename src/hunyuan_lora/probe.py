@@ -43,6 +43,7 @@ from .errors import UserError
 from .estimate import GIB, active_parameters
 from .model_folder import check_config
 from .modeling import load_random_model, load_tokenizer
+from .preflight import check_optimizer
 from .runtime import Placement, git_commit, package_versions, placement
 from .training import attach_lora, build_trainer, lora_config, training_arguments
 
@@ -290,6 +291,7 @@ def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str
     if where.launch.deepspeed:
         raise UserError("make probe runs one process: ZeRO-3 (LAUNCH=zero3) is not probed yet", where="LAUNCH",
                         fix="run `make probe` without LAUNCH (one GPU, or NF4 with configs/huanhuan_qlora.yaml)")
+    check_optimizer(cfg)  # the preflight's optimizer row: the probe trains with it
     if steps < 2:
         raise UserError(f"PROBE_STEPS={steps}: at least 2 optimizer steps are needed (warm-up and steady state)",
                         where="PROBE_STEPS", fix="PROBE_STEPS=20")
