@@ -143,6 +143,26 @@ def test_probe_refuses_what_it_cannot_measure(stand_in_dir, tmp_path):
     assert not (tmp_path / "run" / "probe").exists()  # nothing written for a refused probe
 
 
+def test_summarize_derives_the_report_from_what_was_measured():
+    """Known step times: the first quarter is warm-up, the steady step the median of the rest, MFU
+    6 x active parameters x real tokens/s over the GEMM rate, the ETA the configured run's steps."""
+    cfg = config.load(REPO / "configs/demo.yaml", ["train.max_steps=-1", "train.num_train_epochs=2"])
+    times = [5.0, 4.0, 2.0, 2.0, 3.0, 2.0, 2.0, 2.0]
+    steps = [{"s": t, "samples": 16, "tokens": 1600 if i < 2 else 1000} for i, t in enumerate(times)]
+    r = probe.summarize(cfg, probe.Measurement(
+        steps=steps, per_step=16, records=100, gemm_rate=1e14, gemm_what="a 4096 GEMM", lengths_source="a file",
+        init={"layers": 2, "layers_in_config": 4, "architecture_from": "the stand-in", "code": "the project's",
+              "init_s": 1.5},
+        device="cpu", trainable=1000, total=10**6, train_wall_s=25.0, smi_peak={}, active_params=10**9, loss=2.5))
+    check_consistent(r, len(times))
+    assert (r["warmup_steps"], r["steady_s_per_step"], r["warmup_s"]) == (2, 2.0, 5.0)  # 5 + 4 - 2 x 2
+    assert (r["samples_per_s"], r["tokens_per_s"], r["real_tokens_per_step"]) == (8.0, 500.0, 1000.0)
+    assert r["mfu"] == 0.03 and r["gemm_tflops"] == 100.0  # 500 x 6 x 1e9 / 1e14
+    assert r["run_steps"] == 14 and r["eta_s"] == round(5.0 + 14 * 13 / 6, 1)  # 2 epochs x ceil(100 / 16)
+    assert (r["layers"], r["depth_cut"], r["init_s"], r["lengths_from"]) == (2, True, 1.5, "a file")
+    assert r["lora"]["trainable"] == 1000 and r["final_loss"] == 2.5 and r["card"] == "cpu" and r["gpus"] == 0
+
+
 def test_verdicts_follow_the_measured_peak():
     v = probe.verdicts(70.0)
     assert v == {"24GB": "does not fit", "48GB": "does not fit", "80GB": "fits with headroom",

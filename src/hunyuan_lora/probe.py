@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -379,8 +380,12 @@ def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengt
         train_wall = time.perf_counter() - t_train
         smi_peak = smi.stop() if smi else {}
 
-    report = summarize(cfg, clock.steps[:steps], per_step, records, rate, gemm_what, init, lengths_source, device,
-                       trainable, total, train_wall, smi_peak, model, float(result.training_loss))
+    report = summarize(cfg, Measurement(
+        steps=clock.steps[:steps], per_step=per_step, records=records, gemm_rate=rate, gemm_what=gemm_what,
+        init=init, lengths_source=lengths_source, device=device, trainable=trainable, total=total,
+        train_wall_s=train_wall, smi_peak=smi_peak,
+        active_params=active_parameters(model.get_base_model().config.to_dict()),
+        loss=float(result.training_loss)))
     report["loss_per_step"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e][:steps]
     # the prompt a generation starts from: a sample without its answer (the tokens without labels)
     report["prompt_tokens"] = max(1, round(statistics.median(sum(1 for v in s["labels"] if v == -100)
@@ -503,62 +508,80 @@ def measure_generation(cfg: Config, where: Placement, layers: int | None, prompt
     return report
 
 
-def summarize(cfg: Config, steps: list[dict], per_step: int, records: int, rate: float, gemm_what: str, init: dict,
-              lengths_source: str, device: str, trainable: int, total: int, train_wall: float, smi_peak: dict,
-              model, loss: float) -> dict:
-    times = [s["s"] for s in steps]
+@dataclass
+class Measurement:
+    """What one probe's training run measured; summarize turns it into the report."""
+
+    steps: list[dict]  # StepClock.steps of the timed steps: seconds, samples, real tokens
+    per_step: int  # samples per optimizer step as configured (one process)
+    records: int  # training records of the configured run (its step count, the ETA)
+    gemm_rate: float  # bf16 GEMM FLOP/s measured in the same run (gemm_rate)
+    gemm_what: str  # how it was measured
+    init: dict  # load_random_model's facts (layers, code, architecture_from) and init_s
+    lengths_source: str  # where the sample lengths came from
+    device: str  # "cuda" or "cpu"
+    trainable: int  # LoRA parameters trained
+    total: int  # all parameters of the (cut) model
+    train_wall_s: float  # the whole trainer.train() call
+    smi_peak: dict[int, float]  # GPU index -> nvidia-smi's peak MiB (SmiPeak); empty on the CPU
+    active_params: int  # parameters per token (estimate.active_parameters of the model's config)
+    loss: float  # the Trainer's training_loss
+
+
+def summarize(cfg: Config, m: Measurement) -> dict:
+    times = [s["s"] for s in m.steps]
     warm = max(1, len(times) // 4)  # the first quarter: plan building for new shapes, allocator growth
     steady_times = times[warm:]
     steady = statistics.median(steady_times)
     mean_after = statistics.fmean(steady_times)
     warmup_s = max(0.0, sum(times[:warm]) - warm * steady)
-    samples = statistics.fmean(s["samples"] for s in steps[warm:])
-    tokens = statistics.fmean(s["tokens"] for s in steps[warm:])
-    active = active_parameters(model.get_base_model().config.to_dict())
+    samples = statistics.fmean(s["samples"] for s in m.steps[warm:])
+    tokens = statistics.fmean(s["tokens"] for s in m.steps[warm:])
     tokens_per_s = tokens / steady
     run_steps = (cfg.train.max_steps if cfg.train.max_steps > 0
-                 else math.ceil(cfg.train.num_train_epochs * math.ceil(records / per_step)))
+                 else math.ceil(cfg.train.num_train_epochs * math.ceil(m.records / m.per_step)))
     memory = []
-    if device == "cuda":
+    if m.device == "cuda":
         for i in range(torch.cuda.device_count()):
             memory.append({"gpu": i, "name": torch.cuda.get_device_name(i),
                            "allocated_gib": round(torch.cuda.max_memory_allocated(i) / GIB, 2),
                            "reserved_gib": round(torch.cuda.max_memory_reserved(i) / GIB, 2),
-                           "nvidia_smi_gib": round(smi_peak[i] / 1024, 2) if i in smi_peak else None,
+                           "nvidia_smi_gib": round(m.smi_peak[i] / 1024, 2) if i in m.smi_peak else None,
                            "card_gib": round(torch.cuda.get_device_properties(i).total_memory / GIB, 1)})
     else:
         import resource
 
         memory.append({"cpu_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
-    peak = max((m.get("nvidia_smi_gib") or m.get("reserved_gib") or m.get("cpu_peak_rss_gib") or 0) for m in memory)
+    peak = max((row.get("nvidia_smi_gib") or row.get("reserved_gib") or row.get("cpu_peak_rss_gib") or 0)
+               for row in memory)
     import transformers
 
     return {
         "config": cfg.source, "run": cfg.run.name, "card": memory[0].get("name", "cpu") if memory else "cpu",
-        "gpus": torch.cuda.device_count() if device == "cuda" else 0,
-        "device": device, "layers": init["layers"], "layers_in_config": init["layers_in_config"],
-        "depth_cut": init["layers"] != init["layers_in_config"], "architecture_from": init["architecture_from"],
-        "code": init["code"], "moe_impl": cfg.model.moe_impl, "quantization": cfg.model.quantization,
+        "gpus": torch.cuda.device_count() if m.device == "cuda" else 0,
+        "device": m.device, "layers": m.init["layers"], "layers_in_config": m.init["layers_in_config"],
+        "depth_cut": m.init["layers"] != m.init["layers_in_config"], "architecture_from": m.init["architecture_from"],
+        "code": m.init["code"], "moe_impl": cfg.model.moe_impl, "quantization": cfg.model.quantization,
         "lora": {"targets": cfg.lora.targets(), "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                 "trainable": trainable, "total": total},
+                 "trainable": m.trainable, "total": m.total},
         "train": {"per_device_train_batch_size": cfg.train.per_device_train_batch_size,
                   "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "packing": cfg.train.packing,
                   "pad_to_multiple_of": cfg.train.pad_to_multiple_of, "optim": cfg.train.optim,
                   "gradient_checkpointing": cfg.train.gradient_checkpointing},
-        "lengths_from": lengths_source,
-        "samples_per_optimizer_step": per_step, "steps": len(times), "warmup_steps": warm,
+        "lengths_from": m.lengths_source,
+        "samples_per_optimizer_step": m.per_step, "steps": len(times), "warmup_steps": warm,
         "step_s": [round(t, 4) for t in times],
         "steady_s_per_step": round(steady, 4), "mean_s_per_step_after_warmup": round(mean_after, 4),
-        "warmup_s": round(warmup_s, 3), "first_step_s": round(times[0], 3), "train_wall_s": round(train_wall, 3),
-        "init_s": init["init_s"],
+        "warmup_s": round(warmup_s, 3), "first_step_s": round(times[0], 3), "train_wall_s": round(m.train_wall_s, 3),
+        "init_s": m.init["init_s"],
         "samples_per_s": round(samples / steady, 3), "tokens_per_s": round(tokens_per_s, 1),
         "real_tokens_per_step": round(tokens, 1), "samples_per_step_measured": round(samples, 2),
-        "active_params_per_token": active, "gemm_tflops": round(rate / 1e12, 1), "gemm": gemm_what,
-        "mfu": round(tokens_per_s * 6 * active / rate, 4),
-        "run_steps": run_steps, "run_records": records,
+        "active_params_per_token": m.active_params, "gemm_tflops": round(m.gemm_rate / 1e12, 1), "gemm": m.gemm_what,
+        "mfu": round(tokens_per_s * 6 * m.active_params / m.gemm_rate, 4),
+        "run_steps": run_steps, "run_records": m.records,
         "eta_s": round(warmup_s + run_steps * mean_after, 1),
         "memory": memory, "peak_gib": peak, "verdict": verdicts(peak),
-        "final_loss": round(loss, 4),
+        "final_loss": round(m.loss, 4),
         "code_commit": git_commit(), "versions": package_versions(), "transformers": transformers.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
