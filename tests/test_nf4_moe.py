@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import weakref
 from pathlib import Path
 
 import bitsandbytes.functional as bnbf
@@ -170,6 +171,41 @@ def test_model_with_padding_and_checkpointing_matches_peft():
     assert rel(out["fast"].logits, out["ref"].logits) < 1e-5
     g_ref, g_fast = lora_grads(ref), lora_grads(fast)
     assert g_ref.keys() == g_fast.keys()
+    for name in g_ref:
+        assert rel(g_fast[name], g_ref[name]) < 1e-5 or g_ref[name].norm() == g_fast[name].norm() == 0, name
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_decode_each_projection_twice(monkeypatch, reentrant):
+    """Under gradient checkpointing the recompute's dequantised expert weights serve the layer's backward:
+    forward and recompute decode each projection, the backward none (it decoded a third time before), and
+    loss and LoRA gradients equal PEFT's on Linear4bit."""
+    config = tiny_config(**ALIGNED)
+    ref, fast = peft_pair(config, dropout=0.0)
+    calls = []  # a weak reference to each decoded weight
+    real = fast_moe.NF4Experts.materialize
+
+    def materialize(self):
+        w = real(self)
+        calls.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(fast_moe.NF4Experts, "materialize", materialize)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for name, model in (("ref", ref), ("fast", fast)):
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.config.use_cache = False
+        loss = model(input_ids=ids, labels=ids).loss
+        # the first forward keeps none of them (the checkpoint drops what it saves)
+        assert all(w() is None for w in calls)
+        loss.backward()
+        losses[name] = loss.detach()
+    layers = config.num_hidden_layers
+    assert len(calls) == 2 * 3 * layers
+    assert rel(losses["fast"], losses["ref"]) < 1e-5
+    g_ref, g_fast = lora_grads(ref), lora_grads(fast)
     for name in g_ref:
         assert rel(g_fast[name], g_ref[name]) < 1e-5 or g_ref[name].norm() == g_fast[name].norm() == 0, name
 

@@ -39,7 +39,9 @@ dequantize_4bit` call per projection per pass writes all E experts' bf16 weights
 hands the same block to the next projection and layer, so one such block is all the scratch
 there is. The double-quantised scales (one offset per expert) are
 dequantised with bitsandbytes' `dequantize_blockwise` over all experts, then each expert's offset
-added, the arithmetic bitsandbytes does per tensor. Nothing dequantised is kept for backward.
+added, the arithmetic bitsandbytes does per tensor. Nothing dequantised is kept for backward, except
+under gradient checkpointing: there the recompute's weights serve the layer's backward
+(grouped_moe._SourcedProduct), two decodes per projection and step instead of three.
 
 Works with gradient checkpointing (the packing check is idempotent; dropout masks are replayed
 by checkpoint's RNG restore) and bf16.
@@ -539,4 +541,7 @@ def routed_experts_fast(moe: nn.Module, x: torch.Tensor, weights: torch.Tensor, 
     y = one_token_experts(x, weights, experts, projs, moe.experts[0].act_fn)
     if y is not None:
         return y
-    return routed_experts(x, weights, experts, moe.num_experts, projs, moe.experts[0].act_fn)
+    # transformers' gradient_checkpointing_enable sets the flag on every module that has it; the decoder
+    # layers run under the checkpoint exactly when the model trains with it on (HunYuanModel.forward)
+    keep = moe.training and getattr(moe, "gradient_checkpointing", False)
+    return routed_experts(x, weights, experts, moe.num_experts, projs, moe.experts[0].act_fn, keep)

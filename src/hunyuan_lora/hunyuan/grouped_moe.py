@@ -17,7 +17,8 @@ I expert width, r LoRA rank.
 
 A base weight is either a tensor (E, out, in) or a `WeightSource`: something that writes the
 (E, out, in) weight on demand (NF4 experts: bitsandbytes' dequantisation). A source's weight is
-never saved for backward: the backward pass asks for it again.
+saved for backward only under gradient checkpointing (`keep_weights`); otherwise the backward pass
+asks for it again.
 """
 
 from __future__ import annotations
@@ -90,38 +91,49 @@ def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] 
 
 
 class _SourcedProduct(torch.autograd.Function):
-    """xs @ W[e]^T per group for a frozen W that a WeightSource writes; W is not saved for backward.
+    """xs @ W[e]^T per group for a frozen W that a WeightSource writes.
 
-    Backward materialises W again (the input gradient grad @ W[e]): with gradient checkpointing
-    that is the third materialisation per step (forward, recompute, backward), and no layer's
-    weight outlives its product: one weight-sized block of memory serves every layer in turn.
+    keep=False: W is not saved; backward materialises it again (the input gradient grad @ W[e]), and
+    no layer's weight outlives its product: one weight-sized block of memory serves every layer in turn.
+    keep=True, for a layer under gradient checkpointing: W is saved for backward. The checkpoint drops
+    what the first forward saves and keeps what the recompute saves until this product's backward, which
+    comes right after it, so W is written twice per step (forward, recompute) instead of three times, for
+    the layer's three projections' W held from its recompute to its backward (4.5 GiB on the real model).
     """
 
     @staticmethod
-    def forward(ctx, xs: torch.Tensor, source: WeightSource, offs: torch.Tensor, counts: list[int] | None):
+    def forward(ctx, xs: torch.Tensor, source: WeightSource, offs: torch.Tensor, counts: list[int] | None,
+                keep: bool):
         ctx.source, ctx.counts = source, counts
-        ctx.save_for_backward(offs)
-        return gmm(xs, source.materialize().transpose(1, 2), offs, counts)  # W^T: a column-major view
+        w = source.materialize()
+        if keep:
+            ctx.save_for_backward(offs, w)  # through the checkpoint's hooks, which decide what is kept
+        else:
+            ctx.save_for_backward(offs)
+        return gmm(xs, w.transpose(1, 2), offs, counts)  # W^T: a column-major view
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        (offs,) = ctx.saved_tensors
-        w = ctx.source.materialize()  # (E, out, in)
-        return gmm(grad.to(w.dtype).contiguous(), w, offs, ctx.counts), None, None, None
+            return None, None, None, None, None
+        offs, *kept = ctx.saved_tensors
+        w = kept[0] if kept else ctx.source.materialize()  # (E, out, in)
+        return gmm(grad.to(w.dtype).contiguous(), w, offs, ctx.counts), None, None, None, None
 
 
-def _base_product(xs: torch.Tensor, weight, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+def _base_product(xs: torch.Tensor, weight, offs: torch.Tensor, counts: list[int] | None,
+                  keep_weights: bool) -> torch.Tensor:
     if isinstance(weight, torch.Tensor):
         return gmm(xs, weight.transpose(1, 2), offs, counts)  # (M, out); W^T is a column-major view
-    return _SourcedProduct.apply(xs, weight, offs, counts)
+    keep = keep_weights and torch.is_grad_enabled() and xs.requires_grad
+    return _SourcedProduct.apply(xs, weight, offs, counts, keep)
 
 
-def project(xs: torch.Tensor, proj: Projection, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+def project(xs: torch.Tensor, proj: Projection, offs: torch.Tensor, counts: list[int] | None,
+            keep_weights: bool = False) -> torch.Tensor:
     """Per pair: xs @ W[e]^T + sum over adapters of scaling * B[e] A[e] dropout(xs); (M, in) -> (M, out)."""
-    y = _base_product(xs, proj.weight, offs, counts)
+    y = _base_product(xs, proj.weight, offs, counts, keep_weights)
     if not proj.lora:
         return y
     result_dtype = y.dtype
@@ -162,11 +174,13 @@ class _Rows(torch.autograd.Function):
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
-                   projs: dict[str, Projection], act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                   projs: dict[str, Projection], act_fn: Callable[[torch.Tensor], torch.Tensor],
+                   keep_weights: bool = False) -> torch.Tensor:
     """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]), dropless: x (N, H), weights (N, k), experts (N, k).
 
     projs: "gate_proj", "up_proj", "down_proj". The products run in the base weights' dtype (the
     dtype NF4 weights dequantise to, bf16 under Trainer(bf16=True)); the result has x's dtype.
+    keep_weights: the caller runs under gradient checkpointing (see _SourcedProduct).
     """
     N, k = experts.shape
     compute_dtype = projs["gate_proj"].dtype
@@ -182,10 +196,10 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     inverse = torch.empty_like(order)  # inverse[p] = sorted position of pair p
     inverse[order] = torch.arange(order.numel(), device=order.device)
     xs = _Rows.apply(xc, order // k, inverse, k)  # (M, H) each pair's token, sorted by expert
-    gate = project(xs, projs["gate_proj"], offs, counts)  # (M, I)
-    up = project(xs, projs["up_proj"], offs, counts)  # (M, I)
+    gate = project(xs, projs["gate_proj"], offs, counts, keep_weights)  # (M, I)
+    up = project(xs, projs["up_proj"], offs, counts, keep_weights)  # (M, I)
     h = act_fn(gate) * up  # (M, I)
-    y = project(h, projs["down_proj"], offs, counts)  # (M, H), sorted order
+    y = project(h, projs["down_proj"], offs, counts, keep_weights)  # (M, H), sorted order
 
     y = _Rows.apply(y, inverse, order, 1).view(N, k, -1)  # (N, k, H) back in (token, slot) order
     # out[n] = sum_j w[n, j] * y[n, j]: a (1, k) @ (k, H) product per token, no atomics

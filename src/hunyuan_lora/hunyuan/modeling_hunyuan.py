@@ -221,6 +221,9 @@ class HunYuanMoE(nn.Module):
         # "upstream": routed_experts below, each expert module called in turn as the model folder's
         # code does; "fast": grouped products over the same parameters (the package's fast_moe.py)
         self.moe_impl = getattr(config, "moe_impl", "upstream")
+        # set by transformers' gradient_checkpointing_enable/disable: under it "fast" keeps the recompute's
+        # dequantised expert weights for the layer's backward
+        self.gradient_checkpointing = False
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"config.moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
 
