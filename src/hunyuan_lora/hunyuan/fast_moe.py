@@ -231,6 +231,33 @@ class NF4Experts:
         return dequantize_4bit(self.data, self.scales(), self.blocksize, self.quant_type, self.shape, self.dtype)
 
 
+    def reads_codes(self, xs: torch.Tensor) -> bool:
+        """The grouped products read the 4-bit codes (nf4_products.py) instead of a dequantised weight: chosen
+        with HUNYUAN_NF4_PRODUCTS=triton, for NF4 in 64-value blocks, activations in bf16 on CUDA (or any float
+        dtype on the CPU under Triton's interpreter, which is how the tests run it)."""
+        in_f = self.shape[2]
+        if not (nf4_products_selected() and self.quant_type == "nf4" and self.blocksize == 64 and in_f % 64 == 0):
+            return False
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return xs.device.type == "cpu"
+        return xs.is_cuda and xs.dtype == torch.bfloat16
+
+    def _operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes (E, out, in / 2) uint8, scales (E, out, in / 64) float32, table (16,): bitsandbytes' own bytes."""
+        E, out_f, in_f = self.shape
+        codes = self._codes.view(torch.uint8).view(E, out_f, in_f // 2)
+        return codes, self.scales().view(E, out_f, -1), self.table.to(codes.device)
+
+    def product(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        from . import nf4_products
+
+        return nf4_products.grouped_product(xs.contiguous(), *self._operands(), offs)
+
+    def input_grad(self, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        from . import nf4_products
+
+        return nf4_products.grouped_input_grad(grad.to(self.dtype).contiguous(), *self._operands(), offs)
+
     def rows_product(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x (1, in) times the weights of `experts` (k,) one above the other: (1, k * out). Only the k experts'
         codes and scales are gathered (on the device) and multiplied by bitsandbytes' 4-bit matrix-vector
@@ -254,6 +281,13 @@ def _gemv_4bit(x: torch.Tensor, codes: torch.Tensor, shape: list[int], absmax: t
                blocksize: int) -> torch.Tensor:
     """bitsandbytes' 4-bit matrix-vector product, x (1, in) @ W^T with W (out, in) given by its codes."""
     return torch.ops.bitsandbytes.gemv_4bit.default(x, codes, shape, absmax, table.to(x.device), blocksize)
+
+
+def nf4_products_selected() -> bool:
+    """HUNYUAN_NF4_PRODUCTS=triton: the routed experts' grouped NF4 products read the 4-bit codes in a Triton
+    kernel (nf4_products.py) rather than dequantising every expert first; the default "dequantize" until it is
+    measured faster on a GPU (bench/nf4_products_bench.py)."""
+    return os.environ.get("HUNYUAN_NF4_PRODUCTS", "dequantize") == "triton"
 
 
 def decode_products() -> bool:

@@ -33,12 +33,21 @@ from torch import nn
 
 
 class WeightSource(Protocol):
-    """A frozen (E, out, in) weight materialised on demand."""
+    """A frozen (E, out, in) weight materialised on demand, or multiplied without materialising it."""
 
     shape: tuple[int, int, int]
     dtype: torch.dtype
 
     def materialize(self) -> torch.Tensor: ...
+
+    def reads_codes(self, xs: torch.Tensor) -> bool:
+        """True when `product` and `input_grad` apply to these activations (no weight is materialised)."""
+
+    def product(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """xs (M, in) sorted by expert, offs (E,) end rows: xs[m] @ W[e(m)]^T, (M, out)."""
+
+    def input_grad(self, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """grad (M, out) sorted by expert: grad[m] @ W[e(m)], (M, in)."""
 
 
 @dataclass
@@ -105,6 +114,10 @@ class _SourcedProduct(torch.autograd.Function):
     def forward(ctx, xs: torch.Tensor, source: WeightSource, offs: torch.Tensor, counts: list[int] | None,
                 keep: bool):
         ctx.source, ctx.counts = source, counts
+        ctx.reads_codes = source.reads_codes(xs)
+        if ctx.reads_codes:  # nothing materialised, nothing to keep
+            ctx.save_for_backward(offs)
+            return source.product(xs, offs)
         w = source.materialize()
         if keep:
             ctx.save_for_backward(offs, w)  # through the checkpoint's hooks, which decide what is kept
@@ -118,6 +131,8 @@ class _SourcedProduct(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         offs, *kept = ctx.saved_tensors
+        if ctx.reads_codes:
+            return ctx.source.input_grad(grad.contiguous(), offs), None, None, None, None
         w = kept[0] if kept else ctx.source.materialize()  # (E, out, in)
         return gmm(grad.to(w.dtype).contiguous(), w, offs, ctx.counts), None, None, None, None
 

@@ -1,0 +1,186 @@
+"""Grouped expert products straight from bitsandbytes' packed NF4 codes (Triton), without writing the
+(E, out, in) dequantised weights to memory.
+
+The layout is read as bitsandbytes stores it (nothing is repacked, so adapters and the NF4 cache do not
+change): codes (E, out, in / 2) uint8, byte j of a row holding weight 2j in its high nibble and 2j + 1 in
+its low one; scales (E, out, in / 64) float32, one per 64-value block (NF4Experts.scales: double-quantised
+scales decoded once); table (16,) float32, the value of each code. A weight tile is decoded in registers
+as bitsandbytes decodes it (table value times block scale in float32, rounded to the activations' dtype)
+and multiplied with float32 accumulation, so a product equals dequantise-then-matmul up to the order of
+the float32 sums. Even and odd input columns are multiplied separately (x[:, 0::2] with the high
+nibbles, x[:, 1::2] with the low ones), so no decoded tile is interleaved.
+
+  forward         y[m] = x[m] @ W[e(m)]^T     (M, in) -> (M, out)
+  input gradient  g[m] @ W[e(m)]              (M, out) -> (M, in)
+
+Rows come sorted by expert, offs (E,) int32 holding each expert's end row (grouped_moe's convention). The
+work is cut into tiles of BLOCK_M rows of one expert; the tile table has a fixed length, ceil(M / BLOCK_M)
++ E (enough for any routing), and is built on the device without a host synchronisation, so a CUDA graph
+can capture the products. Unused tiles return at once.
+
+Selected by HUNYUAN_NF4_PRODUCTS=triton (fast_moe.NF4Experts.reads_codes); the default dequantises. Not
+measured on a GPU yet: bench/nf4_products_bench.py is the comparison to run before making it the default.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_K = 64  # bitsandbytes' block size: one scale per row per step
+
+
+def interpreted() -> bool:
+    """Triton's interpreter (TRITON_INTERPRET=1): the kernels run on CPU tensors, which is how the tests check them."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, offs_ptr,
+             K: tl.constexpr, N: tl.constexpr, stride_x, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tile = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + tile)
+    if e >= 0:
+        row0 = tl.load(tile_row_ptr + tile)
+        end = tl.load(offs_ptr + e)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < end
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        half = tl.arange(0, BLOCK_K // 2)
+        codes = codes_ptr + e.to(tl.int64) * stride_ce + rn.to(tl.int64)[:, None] * stride_cn + half[None, :]
+        scales = scales_ptr + e.to(tl.int64) * stride_se + rn.to(tl.int64) * stride_sn
+        xs = x_ptr + rm.to(tl.int64)[:, None] * stride_x + 2 * half[None, :]
+        dtype = x_ptr.dtype.element_ty
+        # tl.full, not tl.zeros: tl.zeros is itself a jitted helper, which the interpreter cannot call when
+        # triton was imported before TRITON_INTERPRET was set (as in the tests)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k in range(0, K, BLOCK_K):
+            b = tl.load(codes + k // 2, mask=n_ok[:, None], other=0).to(tl.int32)  # (BLOCK_N, BLOCK_K / 2)
+            s = tl.load(scales + k // BLOCK_K, mask=n_ok, other=0.0)[:, None]
+            w_hi = (tl.load(table_ptr + (b >> 4)) * s).to(dtype)  # weights k, k + 2, ...
+            w_lo = (tl.load(table_ptr + (b & 15)) * s).to(dtype)  # weights k + 1, k + 3, ...
+            x_even = tl.load(xs + k, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K / 2)
+            x_odd = tl.load(xs + k + 1, mask=m_ok[:, None], other=0.0)
+            acc += tl.dot(x_even, tl.trans(w_hi))
+            acc += tl.dot(x_odd, tl.trans(w_lo))
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_out + rn[None, :]
+        tl.store(out, acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _input_grad(g_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, offs_ptr,
+                K: tl.constexpr, N: tl.constexpr, stride_g, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (tile, block b of the input columns): out[rows, 64b : 64b + 64] = sum over n of g[rows, n] W[e, n, ...]
+    tile = tl.program_id(0)
+    e = tl.load(tile_expert_ptr + tile)
+    if e >= 0:
+        row0 = tl.load(tile_row_ptr + tile)
+        end = tl.load(offs_ptr + e)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < end
+        kb = tl.program_id(1)
+        half = tl.arange(0, BLOCK_K // 2)
+        rn0 = tl.arange(0, BLOCK_N)
+        codes = codes_ptr + e.to(tl.int64) * stride_ce + kb * (BLOCK_K // 2) + half[None, :]
+        scales = scales_ptr + e.to(tl.int64) * stride_se + kb
+        gs = g_ptr + rm.to(tl.int64)[:, None] * stride_g
+        dtype = g_ptr.dtype.element_ty
+        acc_even = tl.full((BLOCK_M, BLOCK_K // 2), 0.0, tl.float32)
+        acc_odd = tl.full((BLOCK_M, BLOCK_K // 2), 0.0, tl.float32)
+        for n in range(0, N, BLOCK_N):
+            rn = n + rn0
+            n_ok = rn < N
+            b = tl.load(codes + rn.to(tl.int64)[:, None] * stride_cn, mask=n_ok[:, None], other=0).to(tl.int32)
+            s = tl.load(scales + rn.to(tl.int64) * stride_sn, mask=n_ok, other=0.0)[:, None]
+            w_hi = (tl.load(table_ptr + (b >> 4)) * s).to(dtype)  # (BLOCK_N, BLOCK_K / 2): even input columns
+            w_lo = (tl.load(table_ptr + (b & 15)) * s).to(dtype)
+            g = tl.load(gs + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
+            acc_even += tl.dot(g, w_hi)
+            acc_odd += tl.dot(g, w_lo)
+        out = out_ptr + rm.to(tl.int64)[:, None] * stride_out + kb * BLOCK_K + 2 * half[None, :]
+        tl.store(out, acc_even.to(dtype), mask=m_ok[:, None])
+        tl.store(out + 1, acc_odd.to(dtype), mask=m_ok[:, None])
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """The jitted kernels, made on first use: Triton reads TRITON_INTERPRET when a kernel is made."""
+    return triton.jit(_forward), triton.jit(_input_grad)
+
+
+def tiles(offs: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert, first row) of every tile of at most block_m rows of one expert's group, in a table of the fixed
+    length ceil(rows / block_m) + E; expert -1 past the last tile. On the device, no host synchronisation."""
+    E = offs.numel()
+    ends = offs.long()
+    counts = ends.diff(prepend=ends.new_zeros(1))
+    per = (counts + block_m - 1) // block_m  # tiles of each expert
+    last = per.cumsum(0)  # end tile of each expert
+    j = torch.arange(triton.cdiv(rows, block_m) + E, device=offs.device)
+    e = torch.searchsorted(last, j, right=True)  # the expert whose tiles include j (E: none)
+    ec = e.clamp(max=E - 1)
+    row0 = ends[ec] - counts[ec] + (j - (last[ec] - per[ec])) * block_m
+    return torch.where(e < E, ec, -1).to(torch.int32), row0.to(torch.int32)
+
+
+def _block_m(rows: int, experts: int) -> int:
+    """Rows per tile: tensor-core products take 16 at least; more rows share one decoded weight tile."""
+    return 16 if rows <= 16 * experts else 32 if rows <= 32 * experts else 64
+
+
+def _check(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor) -> None:
+    E, out_f, half = codes.shape
+    if codes.dtype != torch.uint8 or scales.shape != (E, out_f, 2 * half // BLOCK_K) or offs.shape != (E,):
+        raise ValueError(f"codes {tuple(codes.shape)} {codes.dtype}, scales {tuple(scales.shape)}, offs "
+                         f"{tuple(offs.shape)}: expected (E, out, in / 2) uint8, (E, out, in / {BLOCK_K}), (E,)")
+    if a.stride(-1) != 1 or codes.stride(-1) != 1 or scales.stride(-1) != 1:
+        raise ValueError("the activations, codes and scales must be contiguous along their last dimension")
+
+
+def grouped_product(xs: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
+                    offs: torch.Tensor, block_m: int | None = None, block_n: int = 64, num_warps: int = 4,
+                    num_stages: int = 3) -> torch.Tensor:
+    """xs (M, in) sorted by expert times each row's expert's W^T: (M, out), in xs's dtype."""
+    _check(xs, codes, scales, offs)
+    E, out_f, half = codes.shape
+    M, in_f = xs.shape
+    if in_f != 2 * half or in_f % BLOCK_K:
+        raise ValueError(f"xs has {in_f} columns, the codes {2 * half}: both must match, a multiple of {BLOCK_K}")
+    block_m = block_m or _block_m(M, E)
+    out = torch.empty(M, out_f, dtype=xs.dtype, device=xs.device)
+    if M == 0:
+        return out
+    tile_expert, tile_row = tiles(offs, M, block_m)
+    forward, _ = _kernels(interpreted())
+    forward[(tile_expert.numel(), triton.cdiv(out_f, block_n))](
+        xs, codes, scales, table, out, tile_expert, tile_row, offs, in_f, out_f, xs.stride(0),
+        codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def grouped_input_grad(grad: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
+                       offs: torch.Tensor, block_m: int | None = None, block_n: int = 64, num_warps: int = 4,
+                       num_stages: int = 3) -> torch.Tensor:
+    """grad (M, out) sorted by expert times each row's expert's W: (M, in), in grad's dtype."""
+    _check(grad, codes, scales, offs)
+    E, out_f, half = codes.shape
+    M = grad.shape[0]
+    if grad.shape[1] != out_f or (2 * half) % BLOCK_K:
+        raise ValueError(f"grad has {grad.shape[1]} columns, the codes {out_f} rows")
+    block_m = block_m or _block_m(M, E)
+    out = torch.empty(M, 2 * half, dtype=grad.dtype, device=grad.device)
+    if M == 0:
+        return out
+    tile_expert, tile_row = tiles(offs, M, block_m)
+    _, input_grad = _kernels(interpreted())
+    input_grad[(tile_expert.numel(), 2 * half // BLOCK_K)](
+        grad, codes, scales, table, out, tile_expert, tile_row, offs, 2 * half, out_f, grad.stride(0),
+        codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
+    return out

@@ -1,0 +1,126 @@
+"""Grouped products straight from the NF4 codes (hunyuan/nf4_products.py) against dequantise-then-matmul.
+
+    .venv/bin/python -m pytest tests/test_nf4_products.py    # CPU: Triton's interpreter, float32
+    GPU_TESTS=1: the CUDA tests below run the compiled kernels in bf16 (and under a CUDA graph)
+
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) in float32, where the decoded weight
+is exactly bitsandbytes' float32 dequantisation and only the order of the sums differs: 1e-5. (The
+interpreter's bf16 conversion is not round-to-nearest, so bf16 is checked on CUDA only.)
+"""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from tensor_helpers import moe_forward_backward, rel
+from test_nf4_moe import ALIGNED, lora_grads, peft_pair, tiny_config
+
+from hunyuan_lora.hunyuan import fast_moe, nf4_products
+
+
+def quantised_experts(E: int, out_f: int, in_f: int, device: str = "cpu", seed: int = 0):
+    """(codes (E, out, in/2), scales (E, out, in/64), table, W (E, out, in) float32 = bitsandbytes' dequantisation)."""
+    g = torch.Generator().manual_seed(seed)
+    ws = torch.randn(E, out_f, in_f, generator=g).to(device)
+    qs = [bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False) for w in ws]
+    codes = torch.stack([q.view(out_f, in_f // 2) for q, _ in qs])
+    scales = torch.stack([s.absmax.view(out_f, in_f // 64) for _, s in qs])
+    W = torch.stack([bnbf.dequantize_4bit(q, s) for q, s in qs])
+    return codes, scales, qs[0][1].code.float(), W
+
+
+def per_group(a: torch.Tensor, counts: list[int], fn) -> torch.Tensor:
+    pieces, start = [], 0
+    for e, n in enumerate(counts):
+        pieces.append(fn(a[start:start + n], e))
+        start += n
+    return torch.cat(pieces)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_tile_table_covers_every_row_once():
+    counts = [5, 0, 40, 16, 0, 1]
+    offs = torch.tensor(counts).cumsum(0).int()
+    expert, row0 = nf4_products.tiles(offs, sum(counts), 16)
+    assert len(expert) == -(-sum(counts) // 16) + len(counts)
+    covered = []
+    for e, r in zip(expert.tolist(), row0.tolist()):
+        if e >= 0:
+            covered += [(e, row) for row in range(r, min(r + 16, offs[e].item()))]
+    want = [(e, row) for e, n in enumerate(counts) for row in range(offs[e].item() - n, offs[e].item())]
+    assert covered == want
+    assert expert.tolist()[:6] == [0, 2, 2, 2, 3, 5] and set(expert.tolist()[6:]) == {-1}
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 19, 3], [0, 0, 33, 0], [1, 1, 1, 1]])
+def test_products_equal_dequantise_then_matmul(interpreter, counts):
+    codes, scales, table, W = quantised_experts(len(counts), 48, 128)
+    offs = torch.tensor(counts).cumsum(0).int()
+    x = torch.randn(sum(counts), 128)
+    y = nf4_products.grouped_product(x, codes, scales, table, offs)
+    assert rel(y, per_group(x, counts, lambda a, e: a @ W[e].T)) < 1e-5
+    g = torch.randn(sum(counts), 48)
+    gx = nf4_products.grouped_input_grad(g, codes, scales, table, offs)
+    assert rel(gx, per_group(g, counts, lambda a, e: a @ W[e])) < 1e-5
+
+
+def test_fast_nf4_moe_reading_codes_matches_peft(interpreter, monkeypatch):
+    """The whole MoE layer with HUNYUAN_NF4_PRODUCTS=triton: output, input gradient and every LoRA gradient
+    equal PEFT's on Linear4bit, and no expert weight is ever dequantised."""
+    monkeypatch.setenv("HUNYUAN_NF4_PRODUCTS", "triton")
+    config = tiny_config(**ALIGNED)
+    ref, fast = peft_pair(config)
+    monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: pytest.fail("dequantised"))
+    moe_ref = ref.base_model.model.model.layers[0].mlp
+    moe_fast = fast.base_model.model.model.layers[0].mlp
+    y_ref, y_fast, x_ref, x_fast = moe_forward_backward(moe_ref, moe_fast, 24, config.hidden_size)
+    assert rel(y_fast, y_ref) < 1e-5
+    assert rel(x_fast.grad, x_ref.grad) < 1e-5
+    g_ref, g_fast = lora_grads(moe_ref), lora_grads(moe_fast)
+    for name in g_ref:
+        assert rel(g_fast[name], g_ref[name]) < 1e-5 or g_ref[name].norm() == g_fast[name].norm() == 0, name
+
+
+def test_default_still_dequantises(interpreter, monkeypatch):
+    monkeypatch.delenv("HUNYUAN_NF4_PRODUCTS", raising=False)
+    config = tiny_config(**ALIGNED)
+    _, fast = peft_pair(config)
+    moe = fast.base_model.model.model.layers[0].mlp
+    calls = []
+    real = fast_moe.NF4Experts.materialize
+    monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: calls.append(1) or real(self))
+    moe(torch.randn(1, 8, config.hidden_size))
+    assert len(calls) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [64, 512, 4096])
+def test_cuda_bf16_products_and_graph_capture(rows):
+    """The compiled kernels in bf16 at a model-like width against bitsandbytes' bf16 dequantisation + matmul,
+    eagerly and replayed from a CUDA graph (static tile table, no host synchronisation)."""
+    E, out_f, in_f = 16, 384, 512
+    codes, scales, table, W = quantised_experts(E, out_f, in_f, device="cuda")
+    Wb = W.to(torch.bfloat16).float()
+    experts = torch.randint(0, E, (rows,), device="cuda")
+    counts = torch.bincount(experts, minlength=E)
+    offs = counts.cumsum(0).int()
+    x = torch.randn(rows, in_f, device="cuda").to(torch.bfloat16)
+    g = torch.randn(rows, out_f, device="cuda").to(torch.bfloat16)
+    want_y = per_group(x.float(), counts.tolist(), lambda a, e: a @ Wb[e].T)
+    want_g = per_group(g.float(), counts.tolist(), lambda a, e: a @ Wb[e])
+    y = nf4_products.grouped_product(x, codes, scales, table, offs)
+    gx = nf4_products.grouped_input_grad(g, codes, scales, table, offs)
+    assert rel(y.float(), want_y) < 1e-2 and rel(gx.float(), want_g) < 1e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = nf4_products.grouped_product(x, codes, scales, table, offs)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    want_y = per_group(x.float(), counts.tolist(), lambda a, e: a @ Wb[e].T)
+    assert rel(y_graph.float(), want_y) < 1e-2
