@@ -79,8 +79,8 @@ def lora_run(stand_in_dir, tmp_path_factory):
 #   infra  make, the container, the browser dashboard, the README itself
 LAYERS = {
     "unit": ["config", "estimate", "layout", "records", "prompt", "patch", "fast_moe", "hunyuan_model",
-             "lm_head_padding", "moe_impl", "nf4_moe", "fast_linear", "bench_cases", "tokenizer_and_stand_in",
-             "decode"],
+             "lm_head_padding", "moe_impl", "nf4_moe", "nf4_products", "fast_linear", "bench_cases",
+             "tokenizer_and_stand_in", "decode"],
     "stage": ["atomic", "chat", "check", "checkpoints", "data", "divergence", "download", "evaluate", "generation",
               "infer", "interrupts", "merge", "nf4_load", "output_folders", "packing", "probe", "resume", "scale",
               "secrets", "serve", "stage_inputs", "swanlab_preflight", "tracking", "train_optim", "umask"],
