@@ -1,8 +1,9 @@
 """Decode speed on the GPU (issue 23): the 4-bit products at the model's shapes, and generate on the
 real-width random model with the adapter attached, before and after the decode path.
 
-    python bench/decode_bench.py kernels [--out FILE]        # products: dequantise+multiply, Triton, bitsandbytes
-    python bench/decode_bench.py model --config configs/huanhuan_qlora.yaml --layers 32 [--out FILE]
+    .venv/bin/python bench/decode_bench.py kernels [--out FILE]   # products: dequantise+multiply, Triton, bitsandbytes
+    .venv/bin/python bench/decode_bench.py model --config configs/huanhuan_qlora.yaml --layers 32 [--out FILE]
+    run(carry=[".whl", ".bench_data"], command="bash bench/decode_gpu.sh")   # the device machine
 
 `kernels` times each product as GPU time (20 calls captured in one CUDA graph, replayed); run it once per
 bitsandbytes version (PYTHONPATH) for the same-run comparison. `model` builds the configured model on random
@@ -16,13 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 H, INTER, E, TOPK = 4096, 3072, 64, 8
 

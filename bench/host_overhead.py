@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from hunyuan_lora import config as config_mod  # noqa: E402
-from hunyuan_lora.hunyuan.random_init import build_random_model, real_or_folder_config  # noqa: E402
-from hunyuan_lora.runtime import placement  # noqa: E402
-from hunyuan_lora.scale import QUANT_SKIP_MODULES  # noqa: E402
-from hunyuan_lora.training import attach_lora  # noqa: E402
+from hunyuan_lora import config as config_mod
+from hunyuan_lora.hunyuan.random_init import build_random_model, real_or_folder_config
+from hunyuan_lora.runtime import placement
+from hunyuan_lora.scale import QUANT_SKIP_MODULES
+from hunyuan_lora.training import attach_lora
 
 TINY = dict(hidden_size=128, intermediate_size=128, attention_head_dim=16, vocab_size=1024,
             pad_token_id=1023, eos_token_id=1022, eod_token_id=1021, sep_token_id=1020, bos_token_id=1)

@@ -33,14 +33,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from hunyuan_lora import config, merge, modeling, nf4, runtime, scale, stand_in
+from hunyuan_lora.hunyuan.a13b import real_config
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-import torch  # noqa: E402
-
-from hunyuan_lora import config, merge, modeling, nf4, runtime, scale, stand_in  # noqa: E402
-from hunyuan_lora.hunyuan.a13b import real_config  # noqa: E402
-
 QLORA = REPO / "configs/huanhuan_qlora.yaml"
 GIB = 2**30
 SHARD_BYTES = 5 * 10**9

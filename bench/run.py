@@ -4,9 +4,9 @@ The published speed and memory figures come from `make probe` (the Trainer path,
 bench is for kernel work on the MoE layer.
 
     # once, on a machine that has the data (writes token-length estimates, not the data itself):
-    python bench/run.py --write-lengths ../shared/data/huanhuan.json .bench_data/lengths.json
+    .venv/bin/python bench/run.py --write-lengths ../shared/data/huanhuan.json .bench_data/lengths.json
     # on a GPU (real width, random weights, depths 4 and 8, every impl, every case):
-    python bench/run.py --real-config --depths 4 8 --impls upstream-gshard upstream fast fast-plainlm \
+    .venv/bin/python bench/run.py --real-config --depths 4 8 --impls upstream-gshard upstream fast fast-plainlm \
         --cases mb4x4 mb16x1 cat16x1 pack4096x1 pack16384x1 --profile --lengths .bench_data/lengths.json \
         --out-dir bench/results
 
@@ -64,23 +64,20 @@ import json
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from hunyuan_lora.estimate import GIB, active_parameters
+from hunyuan_lora.hunyuan import grouped_moe
+from hunyuan_lora.hunyuan.a13b import real_config
+from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
+from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
+from hunyuan_lora.hunyuan.modeling_hunyuan import HunYuanMoE
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from hunyuan_lora.estimate import GIB, active_parameters  # noqa: E402
-from hunyuan_lora.hunyuan import grouped_moe  # noqa: E402
-from hunyuan_lora.hunyuan.a13b import real_config  # noqa: E402
-from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig  # noqa: E402
-from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM  # noqa: E402
-from hunyuan_lora.hunyuan.modeling_hunyuan import HunYuanMoE  # noqa: E402
-
 TUTORIAL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ACTIVE_PARAMS = active_parameters(real_config())  # per token, 32 layers + lm_head
 FIRST_SPECIAL = 127957  # random token ids stay below the special tokens

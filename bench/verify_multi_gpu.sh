@@ -42,7 +42,7 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
 # the card's bf16 GEMM rate, measured now (bench/run.py's gemm_rate): the MFU denominator of the table
 # (the last line only, and checked: anything an import prints on stdout would otherwise reach summarize's
 # --gemm-tflops and fail its argument parsing)
-GEMM_TFLOPS=$(CUDA_VISIBLE_DEVICES=0 $PY -c "import sys, torch; sys.path.insert(0, 'bench'); import run; \
+GEMM_TFLOPS=$(PYTHONPATH="$PWD/bench:$PYTHONPATH" CUDA_VISIBLE_DEVICES=0 $PY -c "import torch, run; \
 print(round(run.gemm_rate(torch.device('cuda')) / 1e12))" | tail -n 1) || exit 2
 GEMM_ARGS=()
 if [[ $GEMM_TFLOPS =~ ^[0-9]+(\.[0-9]+)?$ ]]; then GEMM_ARGS=(--gemm-tflops "$GEMM_TFLOPS"); else GEMM_TFLOPS="-"; fi

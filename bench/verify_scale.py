@@ -1,7 +1,7 @@
 """Helpers of bench/verify_multi_gpu.sh (the GPU check of ZeRO-3 and QLoRA through the real entry points).
 
-    python bench/verify_scale.py write-model DIR --depth 2        # real width, reduced depth, random bf16
-    python bench/verify_scale.py summarize --case zero3-2gpu --run-dir RUN --mem-log MEM.csv --processes 2 \
+    .venv/bin/python bench/verify_scale.py write-model DIR --depth 2   # real width, reduced depth, random bf16
+    .venv/bin/python bench/verify_scale.py summarize --case zero3-2gpu --run-dir RUN --mem-log MEM.csv --processes 2 \
         --out-dir bench/results --tag TAG
 
 write-model: the stand-in folder's code and tokenizer with Hunyuan-A13B's real config.json cut to
@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
+from hunyuan_lora.estimate import active_parameters
+from hunyuan_lora.hunyuan.a13b import real_config
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-
-from hunyuan_lora.estimate import active_parameters  # noqa: E402
-from hunyuan_lora.hunyuan.a13b import real_config  # noqa: E402
-
 ACTIVE_PARAMS = active_parameters(real_config())  # per token, 32 layers + lm_head
 
 

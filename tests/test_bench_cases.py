@@ -3,16 +3,25 @@ its name says, and the cases of one comparison hold the same samples per optimiz
 
 from __future__ import annotations
 
+import importlib.util
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import run as bench  # noqa: E402
+
+
+def load_script(path: Path):
+    """A bench script as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_script(REPO / "bench" / "run.py")
 
 PAD = 127961
 

@@ -159,3 +159,12 @@ def test_the_read_only_preflight_loads_no_training_callbacks():
              "'transformers.trainer_callback')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_bench_scripts_take_the_package_from_the_environment():
+    """bench/ imports hunyuan_lora as installed (.venv's editable install, or PYTHONPATH=src as bench/*_gpu.sh
+    set it on the device machine): no bench script edits sys.path to find it."""
+    bench = PACKAGE.parents[1] / "bench"
+    scripts = sorted([*bench.glob("*.py"), *bench.glob("*.sh")])
+    assert len(scripts) >= 8
+    assert [p.name for p in scripts if "sys.path" in p.read_text(encoding="utf-8")] == []
