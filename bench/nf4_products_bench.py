@@ -2,7 +2,7 @@
 the candidates that read the packed codes (issues 23 and 25), GPU time per call, same run, with each result
 checked against today's.
 
-    python bench/nf4_products_bench.py [--out FILE]
+    .venv/bin/python bench/nf4_products_bench.py [--out FILE]
 
 Candidates, per projection (gate/up: 64 experts x 3072 x 4096; down: 64 x 4096 x 3072) and per row count M
 (pairs = tokens x 8: 8 = one decode token, 512 = a decode step at batch 64, 8192 / 32768 = a training
@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
 import torch
+from decode_bench import INTER, TOPK, E, H, gpu_ms  # bench/: the folder of the script run
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from decode_bench import INTER, TOPK, E, H, gpu_ms  # noqa: E402  (bench/ is the script's folder)
-
-from hunyuan_lora.hunyuan import nf4_products  # noqa: E402
+from hunyuan_lora.hunyuan import nf4_products
 
 ROWS = (8, 128, 512, 8192, 32768)
 TRAINING_ROWS = (8192, 32768)
