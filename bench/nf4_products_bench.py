@@ -10,7 +10,8 @@ micro-batch of 16 / 64 samples):
   dequantise     bitsandbytes' dequantize_4bit of all 64 experts + torch._grouped_mm (today's path)
   routed-only    the routed experts' codes gathered, only they dequantised, + _grouped_mm (M <= 512; the
                  experts used are counted on the host first, outside the timing)
-  triton         hunyuan/nf4_products.py (HUNYUAN_NF4_PRODUCTS=triton), a few tile shapes, the best reported
+  triton         hunyuan/nf4_products.py (HUNYUAN_NF4_PRODUCTS=triton), the code table in registers and in
+                 memory, a few tile shapes each, the best reported (the defaults: registers, block_n 64, 4 warps)
   gnf4           grouped-nf4-gemm's capturable M-tile kernel and its input-gradient kernel, when importable
                  (pip download --no-deps grouped-nf4-gemm==0.51.0 into .whl/ here; not in the lock)
 and the input gradient (training's backward) at the training row counts. Plus the same-run bf16 GEMM rate.
@@ -118,18 +119,20 @@ def main(out: Path | None) -> dict:
                     gpu_ms(partial(routed_only, codes3, scales3, used, shape, xs, offs_used)), rel(y, want),
                     experts_used=int(used.numel()))
             best = None
-            for bn, warps, stages in TILES:
-                fn = partial(nf4_products.grouped_product, xs, codes3, scales3, table, offs, block_n=bn,
-                             num_warps=warps, num_stages=stages)
-                try:
-                    err, ms = rel(fn(), want), gpu_ms(fn)
-                except Exception as e:  # a tile shape that does not compile here (shared memory)
-                    print(f"  triton {bn}/{warps}/{stages}: {type(e).__name__} {str(e)[:100]}", flush=True)
-                    continue
-                row(f"triton codes (block_n {bn}, warps {warps}, stages {stages})", proj, M, ms, err)
-                best = ms if best is None else min(best, ms)
+            for registers in (True, False):
+                for bn, warps, stages in TILES:
+                    fn = partial(nf4_products.grouped_product, xs, codes3, scales3, table, offs, block_n=bn,
+                                 num_warps=warps, num_stages=stages, table_in_registers=registers)
+                    what = f"triton codes (table in {'registers' if registers else 'memory'}, {bn}/{warps}/{stages})"
+                    try:
+                        err, ms = rel(fn(), want), gpu_ms(fn)
+                    except Exception as e:  # a tile shape that does not compile here (shared memory)
+                        print(f"  {what}: {type(e).__name__} {str(e)[:100]}", flush=True)
+                        continue
+                    row(what, proj, M, ms, err)
+                    best = ms if best is None else min(best, ms)
             if best is not None:
-                row("triton codes, best tile", proj, M, best)
+                row("triton codes, best variant", proj, M, best)
             if gnf4 is not None:
                 block_m = 16 if M <= 16 * E else 64
                 t_row0, t_rows, t_group, _, _ = gnf4.build_group_tiles_device(
@@ -146,14 +149,16 @@ def main(out: Path | None) -> dict:
                 want_g = today_input_grad(codes, absmax, shape, grad, offs)
                 row("input grad: dequantise all + grouped_mm", proj, M,
                     gpu_ms(partial(today_input_grad, codes, absmax, shape, grad, offs)))
-                for bn, warps, stages in TILES[:3]:
-                    fn = partial(nf4_products.grouped_input_grad, grad, codes3, scales3, table, offs, block_n=bn,
-                                 num_warps=warps, num_stages=stages)
-                    try:
-                        row(f"input grad: triton codes ({bn}, {warps}, {stages})", proj, M, gpu_ms(fn),
-                            rel(fn(), want_g))
-                    except Exception as e:
-                        print(f"  triton input grad {bn}/{warps}/{stages}: {type(e).__name__} {str(e)[:100]}")
+                for registers in (True, False):
+                    for bn, warps, stages in TILES[:3]:
+                        fn = partial(nf4_products.grouped_input_grad, grad, codes3, scales3, table, offs, block_n=bn,
+                                     num_warps=warps, num_stages=stages, table_in_registers=registers)
+                        what = (f"input grad: triton codes (table in {'registers' if registers else 'memory'}, "
+                                f"{bn}/{warps}/{stages})")
+                        try:
+                            row(what, proj, M, gpu_ms(fn), rel(fn(), want_g))
+                        except Exception as e:
+                            print(f"  {what}: {type(e).__name__} {str(e)[:100]}", flush=True)
                 if gnf4 is not None:
                     sizes = counts.tolist()
                     try:

@@ -57,15 +57,16 @@ def test_tile_table_covers_every_row_once():
     assert expert.tolist()[:6] == [0, 2, 2, 2, 3, 5] and set(expert.tolist()[6:]) == {-1}
 
 
+@pytest.mark.parametrize("registers", [True, False])
 @pytest.mark.parametrize("counts", [[5, 0, 19, 3], [0, 0, 33, 0], [1, 1, 1, 1]])
-def test_products_equal_dequantise_then_matmul(interpreter, counts):
+def test_products_equal_dequantise_then_matmul(interpreter, counts, registers):
     codes, scales, table, W = quantised_experts(len(counts), 48, 128)
     offs = torch.tensor(counts).cumsum(0).int()
     x = torch.randn(sum(counts), 128)
-    y = nf4_products.grouped_product(x, codes, scales, table, offs)
+    y = nf4_products.grouped_product(x, codes, scales, table, offs, table_in_registers=registers)
     assert rel(y, per_group(x, counts, lambda a, e: a @ W[e].T)) < 1e-5
     g = torch.randn(sum(counts), 48)
-    gx = nf4_products.grouped_input_grad(g, codes, scales, table, offs)
+    gx = nf4_products.grouped_input_grad(g, codes, scales, table, offs, table_in_registers=registers)
     assert rel(gx, per_group(g, counts, lambda a, e: a @ W[e])) < 1e-5
 
 
@@ -114,9 +115,10 @@ def test_cuda_bf16_products_and_graph_capture(rows):
     g = torch.randn(rows, out_f, device="cuda").to(torch.bfloat16)
     want_y = per_group(x.float(), counts.tolist(), lambda a, e: a @ Wb[e].T)
     want_g = per_group(g.float(), counts.tolist(), lambda a, e: a @ Wb[e])
-    y = nf4_products.grouped_product(x, codes, scales, table, offs)
-    gx = nf4_products.grouped_input_grad(g, codes, scales, table, offs)
-    assert rel(y.float(), want_y) < 1e-2 and rel(gx.float(), want_g) < 1e-2
+    for registers in (True, False):
+        y = nf4_products.grouped_product(x, codes, scales, table, offs, table_in_registers=registers)
+        gx = nf4_products.grouped_input_grad(g, codes, scales, table, offs, table_in_registers=registers)
+        assert rel(y.float(), want_y) < 1e-2 and rel(gx.float(), want_g) < 1e-2
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y_graph = nf4_products.grouped_product(x, codes, scales, table, offs)

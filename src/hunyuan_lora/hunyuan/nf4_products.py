@@ -8,7 +8,9 @@ scales decoded once); table (16,) float32, the value of each code. A weight tile
 as bitsandbytes decodes it (table value times block scale in float32, rounded to the activations' dtype)
 and multiplied with float32 accumulation, so a product equals dequantise-then-matmul up to the order of
 the float32 sums. Even and odd input columns are multiplied separately (x[:, 0::2] with the high
-nibbles, x[:, 1::2] with the low ones), so no decoded tile is interleaved.
+nibbles, x[:, 1::2] with the low ones), so no decoded tile is interleaved. The 16 code values are looked up
+in registers (tl.gather; grouped-nf4-gemm measured that faster than a per-element load of the table) or,
+table_in_registers=False, from memory: bench/nf4_products_bench.py times both.
 
   forward         y[m] = x[m] @ W[e(m)]^T     (M, in) -> (M, out)
   input gradient  g[m] @ W[e(m)]              (M, out) -> (M, in)
@@ -41,7 +43,7 @@ def interpreted() -> bool:
 
 def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, offs_ptr,
              K: tl.constexpr, N: tl.constexpr, stride_x, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr):
     tile = tl.program_id(0)
     e = tl.load(tile_expert_ptr + tile)
     if e >= 0:
@@ -49,6 +51,7 @@ def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, 
         end = tl.load(offs_ptr + e)
         rm = row0 + tl.arange(0, BLOCK_M)
         m_ok = rm < end
+        table = tl.broadcast_to(tl.load(table_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         half = tl.arange(0, BLOCK_K // 2)
@@ -62,8 +65,14 @@ def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, 
         for k in range(0, K, BLOCK_K):
             b = tl.load(codes + k // 2, mask=n_ok[:, None], other=0).to(tl.int32)  # (BLOCK_N, BLOCK_K / 2)
             s = tl.load(scales + k // BLOCK_K, mask=n_ok, other=0.0)[:, None]
-            w_hi = (tl.load(table_ptr + (b >> 4)) * s).to(dtype)  # weights k, k + 2, ...
-            w_lo = (tl.load(table_ptr + (b & 15)) * s).to(dtype)  # weights k + 1, k + 3, ...
+            if TABLE_IN_REGISTERS:
+                w_hi = tl.gather(table, b >> 4, 1)  # weights k, k + 2, ...
+                w_lo = tl.gather(table, b & 15, 1)  # weights k + 1, k + 3, ...
+            else:
+                w_hi = tl.load(table_ptr + (b >> 4))
+                w_lo = tl.load(table_ptr + (b & 15))
+            w_hi = (w_hi * s).to(dtype)
+            w_lo = (w_lo * s).to(dtype)
             x_even = tl.load(xs + k, mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K / 2)
             x_odd = tl.load(xs + k + 1, mask=m_ok[:, None], other=0.0)
             acc += tl.dot(x_even, tl.trans(w_hi))
@@ -74,7 +83,7 @@ def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, 
 
 def _input_grad(g_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, offs_ptr,
                 K: tl.constexpr, N: tl.constexpr, stride_g, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr):
     # program (tile, block b of the input columns): out[rows, 64b : 64b + 64] = sum over n of g[rows, n] W[e, n, ...]
     tile = tl.program_id(0)
     e = tl.load(tile_expert_ptr + tile)
@@ -84,6 +93,7 @@ def _input_grad(g_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_pt
         rm = row0 + tl.arange(0, BLOCK_M)
         m_ok = rm < end
         kb = tl.program_id(1)
+        table = tl.broadcast_to(tl.load(table_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
         half = tl.arange(0, BLOCK_K // 2)
         rn0 = tl.arange(0, BLOCK_N)
         codes = codes_ptr + e.to(tl.int64) * stride_ce + kb * (BLOCK_K // 2) + half[None, :]
@@ -97,8 +107,14 @@ def _input_grad(g_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_pt
             n_ok = rn < N
             b = tl.load(codes + rn.to(tl.int64)[:, None] * stride_cn, mask=n_ok[:, None], other=0).to(tl.int32)
             s = tl.load(scales + rn.to(tl.int64) * stride_sn, mask=n_ok, other=0.0)[:, None]
-            w_hi = (tl.load(table_ptr + (b >> 4)) * s).to(dtype)  # (BLOCK_N, BLOCK_K / 2): even input columns
-            w_lo = (tl.load(table_ptr + (b & 15)) * s).to(dtype)
+            if TABLE_IN_REGISTERS:
+                w_hi = tl.gather(table, b >> 4, 1)  # (BLOCK_N, BLOCK_K / 2): even input columns
+                w_lo = tl.gather(table, b & 15, 1)
+            else:
+                w_hi = tl.load(table_ptr + (b >> 4))
+                w_lo = tl.load(table_ptr + (b & 15))
+            w_hi = (w_hi * s).to(dtype)
+            w_lo = (w_lo * s).to(dtype)
             g = tl.load(gs + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
             acc_even += tl.dot(g, w_hi)
             acc_odd += tl.dot(g, w_lo)
@@ -144,7 +160,7 @@ def _check(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offs: tor
 
 def grouped_product(xs: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
                     offs: torch.Tensor, block_m: int | None = None, block_n: int = 64, num_warps: int = 4,
-                    num_stages: int = 3) -> torch.Tensor:
+                    num_stages: int = 3, table_in_registers: bool = True) -> torch.Tensor:
     """xs (M, in) sorted by expert times each row's expert's W^T: (M, out), in xs's dtype."""
     _check(xs, codes, scales, offs)
     E, out_f, half = codes.shape
@@ -160,13 +176,14 @@ def grouped_product(xs: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     forward[(tile_expert.numel(), triton.cdiv(out_f, block_n))](
         xs, codes, scales, table, out, tile_expert, tile_row, offs, in_f, out_f, xs.stride(0),
         codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, TABLE_IN_REGISTERS=table_in_registers,
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 def grouped_input_grad(grad: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
                        offs: torch.Tensor, block_m: int | None = None, block_n: int = 64, num_warps: int = 4,
-                       num_stages: int = 3) -> torch.Tensor:
+                       num_stages: int = 3, table_in_registers: bool = True) -> torch.Tensor:
     """grad (M, out) sorted by expert times each row's expert's W: (M, in), in grad's dtype."""
     _check(grad, codes, scales, offs)
     E, out_f, half = codes.shape
@@ -182,5 +199,6 @@ def grouped_input_grad(grad: torch.Tensor, codes: torch.Tensor, scales: torch.Te
     input_grad[(tile_expert.numel(), 2 * half // BLOCK_K)](
         grad, codes, scales, table, out, tile_expert, tile_row, offs, 2 * half, out_f, grad.stride(0),
         codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, TABLE_IN_REGISTERS=table_in_registers,
+        num_warps=num_warps, num_stages=num_stages)
     return out
