@@ -294,9 +294,10 @@ class Scheduler:
             self._changed.notify()
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting) completions now."""
+        """(running, waiting) completions now: a finished one has been answered, though its batch may still be
+        ending (generate returns after its last step)."""
         with self._changed:
-            return len(self._running), sum(not c.cancelled for c in self._waiting)
+            return sum(not c.finished for c in self._running), sum(not c.cancelled for c in self._waiting)
 
     def stop(self, timeout: float | None = None) -> None:
         """Cancel everything running or waiting and end the worker (waits up to timeout for it)."""
