@@ -10,7 +10,7 @@ micro-batch of 16 / 64 samples):
   dequantise     bitsandbytes' dequantize_4bit of all 64 experts + torch._grouped_mm (today's path)
   routed-only    the routed experts' codes gathered, only they dequantised, + _grouped_mm (M <= 512; the
                  experts used are counted on the host first, outside the timing)
-  triton         hunyuan/nf4_products.py (HUNYUAN_NF4_PRODUCTS=triton), the code table in registers and in
+  triton         hunyuan/nf4_products.py (model.nf4_products: triton), the code table in registers and in
                  memory, a few tile shapes each, the best reported (the defaults: registers, block_n 64, 4 warps)
   gnf4           grouped-nf4-gemm's capturable M-tile kernel and its input-gradient kernel, when importable
                  (pip download --no-deps grouped-nf4-gemm==0.51.0 into .whl/ here; not in the lock)
@@ -19,9 +19,8 @@ and the input gradient (training's backward) at the training row counts. Plus th
 On the device machine, one call (wheels and lengths as bench/probe_gpu.sh's header says):
     run(carry=[".whl", ".bench_data"], command="git log -1 --oneline; GPU_TESTS=1 bash bench/probe_gpu.sh;
         PYTHONPATH=/tmp/site:src python3 bench/nf4_products_bench.py --out $OUT/nf4-products.json;
-        PROBES='qlora-gen-d32:configs/huanhuan_qlora.yaml:3:32' bash bench/probe_gpu.sh;
-        HUNYUAN_NF4_PRODUCTS=triton PROBES='qlora-gen-d32-nf4triton:configs/huanhuan_qlora.yaml:3:32'
-        bash bench/probe_gpu.sh")
+        PROBES='qlora-gen-d32:configs/huanhuan_qlora.yaml:3:32
+        qlora-gen-d32-nf4triton:configs/huanhuan_qlora.yaml:3:32::model.nf4_products=triton' bash bench/probe_gpu.sh")
 """
 
 from __future__ import annotations

@@ -10,13 +10,21 @@ interpreter's bf16 conversion is not round-to-nearest, so bf16 is checked on CUD
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from tensor_helpers import moe_forward_backward, rel
 from test_nf4_moe import ALIGNED, lora_grads, peft_pair, tiny_config
 
+from hunyuan_lora import config
+from hunyuan_lora.errors import UserError
 from hunyuan_lora.hunyuan import fast_moe, nf4_products
+from hunyuan_lora.modeling import load_random_model
+from hunyuan_lora.runtime import placement
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def quantised_experts(E: int, out_f: int, in_f: int, device: str = "cpu", seed: int = 0):
@@ -71,11 +79,11 @@ def test_products_equal_dequantise_then_matmul(interpreter, counts, registers):
 
 
 def test_fast_nf4_moe_reading_codes_matches_peft(interpreter, monkeypatch):
-    """The whole MoE layer with HUNYUAN_NF4_PRODUCTS=triton: output, input gradient and every LoRA gradient
-    equal PEFT's on Linear4bit, and no expert weight is ever dequantised."""
-    monkeypatch.setenv("HUNYUAN_NF4_PRODUCTS", "triton")
+    """The whole MoE layer with nf4_products "triton": output, input gradient and every LoRA gradient equal
+    PEFT's on Linear4bit, and no expert weight is ever dequantised."""
     config = tiny_config(**ALIGNED)
     ref, fast = peft_pair(config)
+    assert fast_moe.set_nf4_products(fast, "triton") == config.num_hidden_layers
     monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: pytest.fail("dequantised"))
     moe_ref = ref.base_model.model.model.layers[0].mlp
     moe_fast = fast.base_model.model.model.layers[0].mlp
@@ -88,7 +96,6 @@ def test_fast_nf4_moe_reading_codes_matches_peft(interpreter, monkeypatch):
 
 
 def test_default_still_dequantises(interpreter, monkeypatch):
-    monkeypatch.delenv("HUNYUAN_NF4_PRODUCTS", raising=False)
     config = tiny_config(**ALIGNED)
     _, fast = peft_pair(config)
     moe = fast.base_model.model.model.layers[0].mlp
@@ -97,6 +104,33 @@ def test_default_still_dequantises(interpreter, monkeypatch):
     monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: calls.append(1) or real(self))
     moe(torch.randn(1, 8, config.hidden_size))
     assert len(calls) == 3
+    fast_moe.set_nf4_products(fast, "triton")  # switched on after the first forward: re-planned
+    moe(torch.randn(1, 8, config.hidden_size))
+    assert len(calls) == 3
+    fast_moe.set_nf4_products(fast, "dequantize")
+    moe(torch.randn(1, 8, config.hidden_size))
+    assert len(calls) == 6
+
+
+def test_config_switch_reaches_the_model(interpreter, monkeypatch, stand_in_dir, tmp_path):
+    """model.nf4_products: triton in the QLoRA config: the loaded model's experts multiply from the codes where
+    the shapes allow (the stand-in's gate/up, 64 inputs; its down has 48, not whole 64-value blocks)."""
+    cfg = config.load(REPO / "configs/huanhuan_qlora.yaml", ["model.device=cpu", "model.device_map=null",
+                                                             "model.nf4_products=triton"],
+                      model_dir=str(stand_in_dir), output_dir=str(tmp_path / "run"))
+    model = load_random_model(cfg, placement(cfg), 1).model
+    decoded = []
+    real = fast_moe.NF4Experts.materialize
+    monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: decoded.append(self.shape) or real(self))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 100, (1, 6)))
+    assert decoded == [(8, 64, 48)]  # down only
+
+
+def test_config_refuses_nf4_products_without_nf4(stand_in_dir, tmp_path):
+    with pytest.raises(UserError, match="model.nf4_products: triton needs model.quantization: nf4"):
+        config.load(REPO / "configs/huanhuan_fast.yaml", ["model.nf4_products=triton"], model_dir=str(stand_in_dir),
+                    output_dir=str(tmp_path / "run"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

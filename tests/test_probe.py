@@ -88,7 +88,7 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     r = json.loads((out / "probe.json").read_text())
     assert FIELDS <= set(r)
     assert (r["layers"], r["layers_in_config"], r["depth_cut"]) == (1, 2, True)
-    assert (r["moe_impl"], r["quantization"], r["device"]) == ("fast", "nf4", "cpu")
+    assert (r["moe_impl"], r["quantization"], r["nf4_products"], r["device"]) == ("fast", "nf4", "dequantize", "cpu")
     assert "grouped experts" in r["code"] and str(stand_in_dir) in r["architecture_from"]
     assert r["lengths_from"].startswith(f"token lengths from {lengths}")
     # 16 samples of 37 tokens per step, packed into one row (padding to 64 is not counted)

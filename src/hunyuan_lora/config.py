@@ -70,6 +70,10 @@ class ModelSection:
     # and the lm_head are not quantised (hunyuan_lora/scale.py QUANT_SKIP_MODULES). With moe_impl
     # fast the experts stay NF4 and are dequantised per projection, per pass, into scratch memory.
     quantization: Literal["none", "nf4"] = "none"
+    # How the routed experts' NF4 products run (quantization nf4, moe_impl fast): "dequantize" writes all 64
+    # experts of a projection in bf16 and multiplies; "triton" multiplies straight from the 4-bit codes
+    # (hunyuan_lora/hunyuan/nf4_products.py), not yet measured on a GPU (bench/nf4_products_bench.py).
+    nf4_products: Literal["dequantize", "triton"] = "dequantize"
     # Where the first NF4 load writes the quantised, packed model (~45 GB) that later loads read instead of
     # quantising the 160 GB again (hunyuan_lora/nf4.py): "auto" = <model.dir>.nf4-cache beside the model
     # folder (same disk), a folder, or "none". `make clean-cache` removes it.
@@ -485,6 +489,10 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{key} is {value}: at least 1")
     if cfg.train.pad_to_multiple_of is not None and cfg.train.pad_to_multiple_of < 1:
         problems.append("train.pad_to_multiple_of must be at least 1, or null")
+    if cfg.model.nf4_products != "dequantize" and (cfg.model.quantization != "nf4" or cfg.model.moe_impl != "fast"):
+        problems.append(f"model.nf4_products: {cfg.model.nf4_products} needs model.quantization: nf4 and "
+                        "model.moe_impl: fast (it is how the project's grouped experts multiply by 4-bit weights); "
+                        "remove it, or set both")
     if cfg.train.packing and cfg.model.moe_impl != "fast":
         problems.append("train.packing needs model.moe_impl: fast (the project's attention keeps each packed "
                         "sample to itself, from position ids that restart per sample; with upstream the model "

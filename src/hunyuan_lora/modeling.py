@@ -106,7 +106,7 @@ def _load_nf4(cfg: Config, where: Placement) -> LoadedModel:
     model, source = nf4.load(cfg.model.dir, lm_cls, config, where.device, where.dtype, scale.bnb_config(cfg),
                              cache=nf4.cache_dir(cfg.model.nf4_cache, cfg.model.dir))
     print(f"NF4 model: {source}", flush=True)
-    return LoadedModel(_decode_setup(cfg, model, where), source=source)
+    return LoadedModel(_runtime_setup(cfg, model, where), source=source)
 
 
 def load_base_model(cfg: Config, where: Placement) -> LoadedModel:
@@ -123,7 +123,7 @@ def load_base_model(cfg: Config, where: Placement) -> LoadedModel:
         from .hunyuan.fast_moe import pack_experts
 
         pack_experts(model)  # now, not on the first forward: the per-expert blocks go back to the driver whole
-    return LoadedModel(_decode_setup(cfg, model, where))
+    return LoadedModel(_runtime_setup(cfg, model, where))
 
 
 def load_random_model(cfg: Config, where: Placement, num_layers: int | None = None) -> LoadedModel:
@@ -136,11 +136,16 @@ def load_random_model(cfg: Config, where: Placement, num_layers: int | None = No
     model, info = build_random_model(config, moe_impl=cfg.model.moe_impl, quantization=cfg.model.quantization,
                                      device=where.device, dtype=where.dtype, num_layers=num_layers, model_dir=folder,
                                      skip=scale.QUANT_SKIP_MODULES, seed=cfg.run.seed)
-    return LoadedModel(_decode_setup(cfg, model, where), random_init={**info, "architecture_from": architecture_from})
+    return LoadedModel(_runtime_setup(cfg, model, where), random_init={**info, "architecture_from": architecture_from})
 
 
-def _decode_setup(cfg: Config, model, where: Placement):
-    """The project's code on CUDA generates through a StaticCache with its decode steps as CUDA graphs."""
+def _runtime_setup(cfg: Config, model, where: Placement):
+    """The project's code: its NF4 experts multiply as model.nf4_products says; on CUDA it generates through a
+    StaticCache with its decode steps as CUDA graphs."""
+    if cfg.model.moe_impl == "fast":
+        from .hunyuan.fast_moe import set_nf4_products
+
+        set_nf4_products(model, cfg.model.nf4_products)
     if cfg.model.moe_impl == "fast" and where.device == "cuda" and hasattr(model, "prefer_static_decode"):
         model.prefer_static_decode()
     return model

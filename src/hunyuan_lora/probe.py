@@ -562,6 +562,7 @@ def summarize(cfg: Config, m: Measurement) -> dict:
         "device": m.device, "layers": m.init["layers"], "layers_in_config": m.init["layers_in_config"],
         "depth_cut": m.init["layers"] != m.init["layers_in_config"], "architecture_from": m.init["architecture_from"],
         "code": m.init["code"], "moe_impl": cfg.model.moe_impl, "quantization": cfg.model.quantization,
+        "nf4_products": cfg.model.nf4_products,
         "lora": {"targets": cfg.lora.targets(), "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                  "trainable": m.trainable, "total": m.total},
         "train": {"per_device_train_batch_size": cfg.train.per_device_train_batch_size,

@@ -157,7 +157,7 @@ class NF4Experts:
     `dequantize_4bit` call.
     """
 
-    def __init__(self, linears: list[nn.Module]):
+    def __init__(self, linears: list[nn.Module], read_codes: bool = False):
         params = [m.weight for m in linears]
         states = [p.quant_state for p in params]
         s0 = states[0]
@@ -168,6 +168,7 @@ class NF4Experts:
                     or s.quant_type != s0.quant_type or s.nested != s0.nested or p.shape != params[0].shape):
                 raise Unsupported("experts differ in 4-bit shape, dtype or quantisation state")
         self.params, self.states = params, states
+        self.read_codes = read_codes  # model.nf4_products: triton (set_nf4_products)
         E, (out_f, in_f) = len(params), tuple(s0.shape)
         self.shape, self.dtype = (E, out_f, in_f), s0.dtype
         self.device = params[0].device
@@ -233,10 +234,10 @@ class NF4Experts:
 
     def reads_codes(self, xs: torch.Tensor) -> bool:
         """The grouped products read the 4-bit codes (nf4_products.py) instead of a dequantised weight: chosen
-        with HUNYUAN_NF4_PRODUCTS=triton, for NF4 in 64-value blocks, activations in bf16 on CUDA (or any float
+        with model.nf4_products: triton, for NF4 in 64-value blocks, activations in bf16 on CUDA (or any float
         dtype on the CPU under Triton's interpreter, which is how the tests run it)."""
         in_f = self.shape[2]
-        if not (nf4_products_selected() and self.quant_type == "nf4" and self.blocksize == 64 and in_f % 64 == 0):
+        if not (self.read_codes and self.quant_type == "nf4" and self.blocksize == 64 and in_f % 64 == 0):
             return False
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             return xs.device.type == "cpu"
@@ -281,13 +282,6 @@ def _gemv_4bit(x: torch.Tensor, codes: torch.Tensor, shape: list[int], absmax: t
                blocksize: int) -> torch.Tensor:
     """bitsandbytes' 4-bit matrix-vector product, x (1, in) @ W^T with W (out, in) given by its codes."""
     return torch.ops.bitsandbytes.gemv_4bit.default(x, codes, shape, absmax, table.to(x.device), blocksize)
-
-
-def nf4_products_selected() -> bool:
-    """HUNYUAN_NF4_PRODUCTS=triton: the routed experts' grouped NF4 products read the 4-bit codes in a Triton
-    kernel (nf4_products.py) rather than dequantising every expert first; the default "dequantize" until it is
-    measured faster on a GPU (bench/nf4_products_bench.py)."""
-    return os.environ.get("HUNYUAN_NF4_PRODUCTS", "dequantize") == "triton"
 
 
 def decode_products() -> bool:
@@ -453,7 +447,8 @@ def _plan(moe: nn.Module) -> dict:
                 _pack(params)
         lora = [(A, B, scaling, drop, _stacked_lora(moe, name, "lora_A", adapter, A),
                  _stacked_lora(moe, name, "lora_B", adapter, B)) for adapter, A, B, scaling, drop in _lora_plan(ms)]
-        plan[name] = (NF4Experts(linears) if n4 else linears, lora)
+        read_codes = moe.__dict__.get("nf4_products", "dequantize") == "triton"
+        plan[name] = (NF4Experts(linears, read_codes) if n4 else linears, lora)
     moe.__dict__["_fast_moe_plan"] = (_snapshot(moe), plan)
     return plan
 
@@ -534,6 +529,20 @@ def stack_expert_lora(model: nn.Module) -> int:
                             m.register_buffer("weight", stacked[i])  # a view: grads reach the stacked leaf
                     n += 1
         moe.__dict__.pop("_fast_moe_plan", None)
+    return n
+
+
+def set_nf4_products(model: nn.Module, mode: str) -> int:
+    """model.nf4_products for every fast HunYuanMoE of `model`: "triton" multiplies its NF4 experts straight from
+    the 4-bit codes, "dequantize" (the default) dequantises them first. Returns how many blocks were set."""
+    if mode not in ("dequantize", "triton"):
+        raise ValueError(f"nf4_products must be 'dequantize' or 'triton', got {mode!r}")
+    n = 0
+    for moe in model.modules():
+        if type(moe).__name__ == "HunYuanMoE" and getattr(moe, "moe_impl", None) == "fast":
+            moe.__dict__["nf4_products"] = mode
+            moe.__dict__.pop("_fast_moe_plan", None)  # the next forward re-plans (packing is kept)
+            n += 1
     return n
 
 

@@ -20,8 +20,8 @@ work is cut into tiles of BLOCK_M rows of one expert; the tile table has a fixed
 + E (enough for any routing), and is built on the device without a host synchronisation, so a CUDA graph
 can capture the products. Unused tiles return at once.
 
-Selected by HUNYUAN_NF4_PRODUCTS=triton (fast_moe.NF4Experts.reads_codes); the default dequantises. Not
-measured on a GPU yet: bench/nf4_products_bench.py is the comparison to run before making it the default.
+Selected by model.nf4_products: triton (fast_moe.set_nf4_products, NF4Experts.reads_codes); the default
+dequantises. Not measured on a GPU yet: bench/nf4_products_bench.py is the comparison to run first.
 """
 
 from __future__ import annotations
