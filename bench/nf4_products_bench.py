@@ -16,11 +16,8 @@ micro-batch of 16 / 64 samples):
                  (pip download --no-deps grouped-nf4-gemm==0.51.0 into .whl/ here; not in the lock)
 and the input gradient (training's backward) at the training row counts. Plus the same-run bf16 GEMM rate.
 
-On the device machine, one call (wheels and lengths as bench/probe_gpu.sh's header says):
-    run(carry=[".whl", ".bench_data"], command="git log -1 --oneline; GPU_TESTS=1 bash bench/probe_gpu.sh;
-        PYTHONPATH=/tmp/site:src python3 bench/nf4_products_bench.py --out $OUT/nf4-products.json;
-        PROBES='qlora-gen-d32:configs/huanhuan_qlora.yaml:3:32
-        qlora-gen-d32-nf4triton:configs/huanhuan_qlora.yaml:3:32::model.nf4_products=triton' bash bench/probe_gpu.sh")
+On the device machine: bench/nf4_products_gpu.sh's first call ("kernels") runs it, after the CUDA tests and
+the 8-step loss comparison; its second ("probes") runs make probe at 32 layers with and without the switch.
 """
 
 from __future__ import annotations
