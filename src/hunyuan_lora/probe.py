@@ -683,11 +683,12 @@ def markdown(r: dict) -> str:
         else f"CPU peak RSS {m['cpu_peak_rss_gib']} GiB" for m in r["memory"])
     lora, train = r["lora"], r["train"]
     eta = r["eta_s"]
+    products = f" (NF4 products: {r.get('nf4_products', 'dequantize')})" if r["quantization"] == "nf4" else ""
     lines = [
         f"# Probe: {r['run']} on {r['card']} ({r['date']})",
         "",
         f"Config {r['config']}: {r['layers']} layers{cut}, architecture from {r['architecture_from']}, "
-        f"code: {r['code']}; moe_impl {r['moe_impl']}, quantization {r['quantization']}; "
+        f"code: {r['code']}; moe_impl {r['moe_impl']}, quantization {r['quantization']}{products}; "
         f"LoRA r={lora['r']} on {len(lora['targets'])} target names ({lora['trainable']:,} trainable); "
         f"{r['samples_per_optimizer_step']} samples per optimizer step (micro-batch "
         f"{train['per_device_train_batch_size']} x {train['gradient_accumulation_steps']}, packing {train['packing']}, "
