@@ -16,9 +16,9 @@ table_in_registers=False, from memory: bench/nf4_products_bench.py times both.
   input gradient  g[m] @ W[e(m)]              (M, out) -> (M, in)
 
 Rows come sorted by expert, offs (E,) int32 holding each expert's end row (grouped_moe's convention). The
-work is cut into tiles of BLOCK_M rows of one expert; the tile table has a fixed length, ceil(M / BLOCK_M)
-+ E (enough for any routing), and is built on the device without a host synchronisation, so a CUDA graph
-can capture the products. Unused tiles return at once.
+work is cut into tiles of BLOCK_M rows of one expert; each program finds its tile from offs itself (E
+scalar steps), over a grid fixed by M alone (ceil(M / BLOCK_M) + E tiles, enough for any routing): one
+launch per product, no host synchronisation, so a CUDA graph can capture it. Unused tiles return at once.
 
 Selected by model.nf4_products: triton (fast_moe.set_nf4_products, NF4Experts.reads_codes); the default
 dequantises. Not measured on a GPU yet: bench/nf4_products_bench.py is the comparison to run first.
@@ -41,14 +41,27 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, offs_ptr,
-             K: tl.constexpr, N: tl.constexpr, stride_x, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
+def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, offs_ptr, E: tl.constexpr, K: tl.constexpr,
+             N: tl.constexpr, stride_x, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr):
     tile = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + tile)
+    # this program's tile: the tile-th of the experts' groups cut into BLOCK_M-row pieces, found by E scalar
+    # steps over offs (no tile table to build: one launch per product)
+    e = -1
+    row0 = 0
+    end = 0
+    start = 0
+    first = 0
+    for i in range(E):
+        stop = tl.load(offs_ptr + i)
+        count = (stop - start + BLOCK_M - 1) // BLOCK_M
+        hit = (tile >= first) & (tile < first + count)
+        e = tl.where(hit, i, e)
+        row0 = tl.where(hit, start + (tile - first) * BLOCK_M, row0)
+        end = tl.where(hit, stop, end)
+        first += count
+        start = stop
     if e >= 0:
-        row0 = tl.load(tile_row_ptr + tile)
-        end = tl.load(offs_ptr + e)
         rm = row0 + tl.arange(0, BLOCK_M)
         m_ok = rm < end
         table = tl.broadcast_to(tl.load(table_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
@@ -81,15 +94,28 @@ def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, 
         tl.store(out, acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _input_grad(g_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, offs_ptr,
-                K: tl.constexpr, N: tl.constexpr, stride_g, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
+def _input_grad(g_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, offs_ptr, E: tl.constexpr, K: tl.constexpr,
+                N: tl.constexpr, stride_g, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr):
     # program (tile, block b of the input columns): out[rows, 64b : 64b + 64] = sum over n of g[rows, n] W[e, n, ...]
     tile = tl.program_id(0)
-    e = tl.load(tile_expert_ptr + tile)
+    # this program's tile: the tile-th of the experts' groups cut into BLOCK_M-row pieces, found by E scalar
+    # steps over offs (no tile table to build: one launch per product)
+    e = -1
+    row0 = 0
+    end = 0
+    start = 0
+    first = 0
+    for i in range(E):
+        stop = tl.load(offs_ptr + i)
+        count = (stop - start + BLOCK_M - 1) // BLOCK_M
+        hit = (tile >= first) & (tile < first + count)
+        e = tl.where(hit, i, e)
+        row0 = tl.where(hit, start + (tile - first) * BLOCK_M, row0)
+        end = tl.where(hit, stop, end)
+        first += count
+        start = stop
     if e >= 0:
-        row0 = tl.load(tile_row_ptr + tile)
-        end = tl.load(offs_ptr + e)
         rm = row0 + tl.arange(0, BLOCK_M)
         m_ok = rm < end
         kb = tl.program_id(1)
@@ -129,19 +155,11 @@ def _kernels(interpret: bool):
     return triton.jit(_forward), triton.jit(_input_grad)
 
 
-def tiles(offs: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(expert, first row) of every tile of at most block_m rows of one expert's group, in a table of the fixed
-    length ceil(rows / block_m) + E; expert -1 past the last tile. On the device, no host synchronisation."""
-    E = offs.numel()
-    ends = offs.long()
-    counts = ends.diff(prepend=ends.new_zeros(1))
-    per = (counts + block_m - 1) // block_m  # tiles of each expert
-    last = per.cumsum(0)  # end tile of each expert
-    j = torch.arange(triton.cdiv(rows, block_m) + E, device=offs.device)
-    e = torch.searchsorted(last, j, right=True)  # the expert whose tiles include j (E: none)
-    ec = e.clamp(max=E - 1)
-    row0 = ends[ec] - counts[ec] + (j - (last[ec] - per[ec])) * block_m
-    return torch.where(e < E, ec, -1).to(torch.int32), row0.to(torch.int32)
+def tiles(rows: int, experts: int, block_m: int) -> int:
+    """Programs along the rows: enough tiles of block_m rows of one expert for any routing of `rows` rows,
+    sum over experts of ceil(rows_e / block_m) <= ceil(rows / block_m) + experts; the ones past the routing's
+    own count find no expert and return."""
+    return triton.cdiv(rows, block_m) + experts
 
 
 def _block_m(rows: int, experts: int) -> int:
@@ -171,10 +189,9 @@ def grouped_product(xs: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     out = torch.empty(M, out_f, dtype=xs.dtype, device=xs.device)
     if M == 0:
         return out
-    tile_expert, tile_row = tiles(offs, M, block_m)
     forward, _ = _kernels(interpreted())
-    forward[(tile_expert.numel(), triton.cdiv(out_f, block_n))](
-        xs, codes, scales, table, out, tile_expert, tile_row, offs, in_f, out_f, xs.stride(0),
+    forward[(tiles(M, E, block_m), triton.cdiv(out_f, block_n))](
+        xs, codes, scales, table, out, offs, E, in_f, out_f, xs.stride(0),
         codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, TABLE_IN_REGISTERS=table_in_registers,
         num_warps=num_warps, num_stages=num_stages)
@@ -194,10 +211,9 @@ def grouped_input_grad(grad: torch.Tensor, codes: torch.Tensor, scales: torch.Te
     out = torch.empty(M, 2 * half, dtype=grad.dtype, device=grad.device)
     if M == 0:
         return out
-    tile_expert, tile_row = tiles(offs, M, block_m)
     _, input_grad = _kernels(interpreted())
-    input_grad[(tile_expert.numel(), 2 * half // BLOCK_K)](
-        grad, codes, scales, table, out, tile_expert, tile_row, offs, 2 * half, out_f, grad.stride(0),
+    input_grad[(tiles(M, E, block_m), 2 * half // BLOCK_K)](
+        grad, codes, scales, table, out, offs, E, 2 * half, out_f, grad.stride(0),
         codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, TABLE_IN_REGISTERS=table_in_registers,
         num_warps=num_warps, num_stages=num_stages)
