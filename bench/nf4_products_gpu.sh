@@ -19,7 +19,7 @@ case "${1:-}" in
   kernels)
     GPU_TESTS=1 PROBES="loss-fast-d2:$LOSS loss-fast-d2-nf4triton:$LOSS,model.nf4_products=triton" \
       bash bench/probe_gpu.sh
-    PYTHONPATH=/tmp/site timeout 300 python3 bench/nf4_products_bench.py \
+    PYTHONPATH=/tmp/site:src timeout 300 python3 bench/nf4_products_bench.py \
       --out "${DEVICE_OUT:-bench/results}/nf4-products-$(date +%F).json"
     ;;
   probes)
