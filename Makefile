@@ -65,6 +65,7 @@ lock: setup  ## recompile requirements.lock from requirements.in (uv, hashes, Py
 # file on one worker, so its module fixtures (a trained demo run, a served model) are made once.
 test: setup  ## run the test suite (installs what it needs first)
 	$(VENV)/bin/ruff check  # the lint rules: pyproject.toml [tool.ruff]
+	$(VENV)/bin/ruff format --check  # `ruff format` applies it
 	bash scripts/install_test_deps.sh
 	env $(foreach v,$(USER_VARS),-u HL_$(v)) $(PY) -m pytest -q -rs -n 2 --dist loadfile  # tests choose their own HL_* values
 

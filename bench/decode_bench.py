@@ -59,8 +59,9 @@ def quantized(shape, device="cuda"):
     import bitsandbytes.functional as bnbf
 
     w = torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02
-    codes, state = bnbf.quantize_4bit(w.reshape(-1, shape[-1]), blocksize=64, quant_type="nf4",
-                                      compress_statistics=False)
+    codes, state = bnbf.quantize_4bit(
+        w.reshape(-1, shape[-1]), blocksize=64, quant_type="nf4", compress_statistics=False
+    )
     return w, codes, state
 
 
@@ -85,9 +86,14 @@ def kernels(out: Path | None) -> dict:
     from functools import partial
 
     import bitsandbytes as bnb
+
     ops = torch.ops.bitsandbytes
-    res = {"bitsandbytes": bnb.__version__, "torch": torch.__version__, "card": torch.cuda.get_device_name(0),
-           "rows": []}
+    res = {
+        "bitsandbytes": bnb.__version__,
+        "torch": torch.__version__,
+        "card": torch.cuda.get_device_name(0),
+        "rows": [],
+    }
 
     def row(what, ms, **kw):
         res["rows"].append({"what": what, "ms": round(ms, 4), **kw})
@@ -106,38 +112,79 @@ def kernels(out: Path | None) -> dict:
             ends = torch.searchsorted(flat[order], torch.arange(E, device="cuda"), right=True).to(torch.int32)
             xs = torch.randn(M, k_in, device="cuda", dtype=torch.bfloat16)
             used = int(flat.unique().numel())
-            row(f"{proj} experts M={M} dequantise all + grouped_mm",
-                gpu_ms(partial(_dequant_grouped, codes, absmax, shape, xs, ends)), tokens=tokens, used=used)
+            row(
+                f"{proj} experts M={M} dequantise all + grouped_mm",
+                gpu_ms(partial(_dequant_grouped, codes, absmax, shape, xs, ends)),
+                tokens=tokens,
+                used=used,
+            )
             if tokens == 1:
-                row(f"{proj} experts 1 token: gather 8 + bnb gemv_4bit",
-                    gpu_ms(partial(_gather_gemv, codes.view(E, -1), absmax.view(E, -1), experts[0], xs[:1], table,
-                                   (TOPK * n_out, k_in))), tokens=1)
-                row(f"{proj} experts 1 token: gather 8 as 8-byte words + bnb gemv_4bit",
-                    gpu_ms(partial(_gather_gemv, codes.view(-1).view(torch.int64).view(E, -1), absmax.view(E, -1),
-                                   experts[0], xs[:1], table, (TOPK * n_out, k_in))), tokens=1)
+                row(
+                    f"{proj} experts 1 token: gather 8 + bnb gemv_4bit",
+                    gpu_ms(
+                        partial(
+                            _gather_gemv,
+                            codes.view(E, -1),
+                            absmax.view(E, -1),
+                            experts[0],
+                            xs[:1],
+                            table,
+                            (TOPK * n_out, k_in),
+                        )
+                    ),
+                    tokens=1,
+                )
+                row(
+                    f"{proj} experts 1 token: gather 8 as 8-byte words + bnb gemv_4bit",
+                    gpu_ms(
+                        partial(
+                            _gather_gemv,
+                            codes.view(-1).view(torch.int64).view(E, -1),
+                            absmax.view(E, -1),
+                            experts[0],
+                            xs[:1],
+                            table,
+                            (TOPK * n_out, k_in),
+                        )
+                    ),
+                    tokens=1,
+                )
         if hasattr(ops, "gemm_4bit") and proj == "gate":
             for tokens in (1, 8, 16, 32, 64):  # every expert for every token: the weights read once, 8x the FLOPs
                 x = torch.randn(tokens, k_in, device="cuda", dtype=torch.bfloat16)
-                row(f"{proj} all 64 experts dense, bnb gemm_4bit M={tokens}",
+                row(
+                    f"{proj} all 64 experts dense, bnb gemm_4bit M={tokens}",
                     gpu_ms(partial(ops.gemm_4bit.default, x, codes, [E * n_out, k_in], absmax, 64, "nf4")),
-                    tokens=tokens)
+                    tokens=tokens,
+                )
         del codes, state, absmax
         torch.cuda.empty_cache()
 
-    for name, (n_out, k_in) in {"qkv": (6144, H), "o": (H, H), "shared gate+up": (2 * INTER, H),
-                                "shared down": (H, INTER)}.items():
+    for name, (n_out, k_in) in {
+        "qkv": (6144, H),
+        "o": (H, H),
+        "shared gate+up": (2 * INTER, H),
+        "shared down": (H, INTER),
+    }.items():
         w, codes, state = quantized((1, n_out, k_in))
         absmax, table = state.absmax.float(), state.code.float()
         for tokens in (1, 8, 64):
             x = torch.randn(tokens, k_in, device="cuda", dtype=torch.bfloat16)
-            row(f"dense {name} M={tokens} dequantise + mm",
-                gpu_ms(partial(_dequant_mm, codes, absmax, (n_out, k_in), x)), tokens=tokens)
+            row(
+                f"dense {name} M={tokens} dequantise + mm",
+                gpu_ms(partial(_dequant_mm, codes, absmax, (n_out, k_in), x)),
+                tokens=tokens,
+            )
             if tokens == 1:
-                row(f"dense {name} M=1 bnb gemv_4bit",
-                    gpu_ms(partial(ops.gemv_4bit.default, x, codes, [n_out, k_in], absmax, table, 64)))
+                row(
+                    f"dense {name} M=1 bnb gemv_4bit",
+                    gpu_ms(partial(ops.gemv_4bit.default, x, codes, [n_out, k_in], absmax, table, 64)),
+                )
             if hasattr(ops, "gemm_4bit"):
-                row(f"dense {name} M={tokens} bnb gemm_4bit",
-                    gpu_ms(partial(ops.gemm_4bit.default, x, codes, [n_out, k_in], absmax, 64, "nf4")))
+                row(
+                    f"dense {name} M={tokens} bnb gemm_4bit",
+                    gpu_ms(partial(ops.gemm_4bit.default, x, codes, [n_out, k_in], absmax, 64, "nf4")),
+                )
     if out:
         out.write_text(json.dumps(res, indent=1))
     return res
@@ -166,8 +213,11 @@ def build(config: str, layers: int):
     model.eval()
     base = model.get_base_model()
     base.config.use_cache = base.generation_config.use_cache = True  # random_init builds for training (no cache)
-    print(f"built {layers} layers in {time.perf_counter() - t0:.1f} s; allocated "
-          f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB", flush=True)
+    print(
+        f"built {layers} layers in {time.perf_counter() - t0:.1f} s; allocated "
+        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB",
+        flush=True,
+    )
     return cfg, model
 
 
@@ -176,8 +226,16 @@ def timed_generate(model, batch: int, prompt: int, new: int, cache: str | None, 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab - 300, (batch, prompt), generator=g).cuda()
     mask = torch.ones_like(ids)
-    kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0, eos_token_id=None,
-              cache_implementation=cache, disable_compile=True)
+    kw = {
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "pad_token_id": 0,
+        "eos_token_id": None,
+        "cache_implementation": cache,
+        "disable_compile": True,
+    }
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():  # warm-up: the cache of this length, the graphs' capture, Triton compilation
@@ -196,10 +254,18 @@ def timed_generate(model, batch: int, prompt: int, new: int, cache: str | None, 
     total = time.perf_counter() - t0
     assert out.shape == (batch, prompt + new)
     decode_s = max(total - first, 1e-9)
-    return {"batch": batch, "prompt": prompt, "new": new, "cache": cache, "warmup_s": round(warm, 3),
-            "ttft_s": round(first, 4),
-            "total_s": round(total, 3), "decode_tokens_per_s": round(batch * (new - 1) / decode_s, 2),
-            "per_stream_tokens_per_s": round((new - 1) / decode_s, 2), "tokens": out[0, prompt:prompt + 8].tolist()}
+    return {
+        "batch": batch,
+        "prompt": prompt,
+        "new": new,
+        "cache": cache,
+        "warmup_s": round(warm, 3),
+        "ttft_s": round(first, 4),
+        "total_s": round(total, 3),
+        "decode_tokens_per_s": round(batch * (new - 1) / decode_s, 2),
+        "per_stream_tokens_per_s": round((new - 1) / decode_s, 2),
+        "tokens": out[0, prompt : prompt + 8].tolist(),
+    }
 
 
 def profile_decode(model, batch: int, cache: str | None, steps: int = 8) -> dict:
@@ -207,8 +273,16 @@ def profile_decode(model, batch: int, cache: str | None, steps: int = 8) -> dict
 
     vocab = model.get_base_model().config.vocab_size
     ids = torch.randint(0, vocab - 300, (batch, 40)).cuda()
-    kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0, eos_token_id=None,
-              cache_implementation=cache, disable_compile=True)
+    kw = {
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "pad_token_id": 0,
+        "eos_token_id": None,
+        "cache_implementation": cache,
+        "disable_compile": True,
+    }
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, **kw)  # warm / capture
         torch.cuda.synchronize()
@@ -232,11 +306,18 @@ def profile_decode(model, batch: int, cache: str | None, steps: int = 8) -> dict
     top = sorted(by.items(), key=lambda kv: -kv[1][0])[:12]
     # per decode token: the prefill's kernels are in there too; subtract by a prefill-only run's share is not
     # possible inside one profile, so the figures are per generate of `steps` tokens after a 40-token prefill
-    return {"batch": batch, "cache": cache, "steps": steps, "kernels": len(kernels),
-            "kernels_per_token": round(len(kernels) / (steps + 1), 1), "busy_ms": round(busy, 2),
-            "wall_ms_decode_est": round(wall * 1e3, 2), "dequantize_ms": round(deq, 2),
-            "dequantize_share": round(deq / busy, 3) if busy else 0,
-            "top": [[n, round(ms, 3), c] for n, (ms, c) in top]}
+    return {
+        "batch": batch,
+        "cache": cache,
+        "steps": steps,
+        "kernels": len(kernels),
+        "kernels_per_token": round(len(kernels) / (steps + 1), 1),
+        "busy_ms": round(busy, 2),
+        "wall_ms_decode_est": round(wall * 1e3, 2),
+        "dequantize_ms": round(deq, 2),
+        "dequantize_share": round(deq / busy, 3) if busy else 0,
+        "top": [[n, round(ms, 3), c] for n, (ms, c) in top],
+    }
 
 
 CASES = {  # name: (environment, cache implementation)
@@ -249,8 +330,14 @@ CASES = {  # name: (environment, cache implementation)
 
 def model_bench(args) -> dict:
     cfg, model = build(args.config, args.layers)
-    res = {"config": args.config, "layers": args.layers, "torch": torch.__version__,
-           "card": torch.cuda.get_device_name(0), "cases": [], "profiles": []}
+    res = {
+        "config": args.config,
+        "layers": args.layers,
+        "torch": torch.__version__,
+        "card": torch.cuda.get_device_name(0),
+        "cases": [],
+        "profiles": [],
+    }
     import bitsandbytes
 
     res["bitsandbytes"] = bitsandbytes.__version__
@@ -267,8 +354,11 @@ def model_bench(args) -> dict:
             try:
                 t0 = time.perf_counter()
                 r = timed_generate(model, b, 40, args.new, cache)
-                r |= {"case": name, "wall_s": round(time.perf_counter() - t0, 2),
-                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                r |= {
+                    "case": name,
+                    "wall_s": round(time.perf_counter() - t0, 2),
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                }
                 graphs = model.get_base_model()._decode_graphs._graphs
                 r["captures"] = graphs.captures if graphs is not None else 0
             except Exception as e:  # report and go on with the next case

@@ -27,8 +27,17 @@ from hunyuan_lora.runtime import placement
 from hunyuan_lora.scale import QUANT_SKIP_MODULES
 from hunyuan_lora.training import attach_lora
 
-TINY = dict(hidden_size=128, intermediate_size=128, attention_head_dim=16, vocab_size=1024,
-            pad_token_id=1023, eos_token_id=1022, eod_token_id=1021, sep_token_id=1020, bos_token_id=1)
+TINY = {
+    "hidden_size": 128,
+    "intermediate_size": 128,
+    "attention_head_dim": 16,
+    "vocab_size": 1024,
+    "pad_token_id": 1023,
+    "eos_token_id": 1022,
+    "eod_token_id": 1021,
+    "sep_token_id": 1020,
+    "bos_token_id": 1,
+}
 
 
 def real_topology(layers: int, tiny: bool = True) -> dict:
@@ -49,8 +58,7 @@ def packed_batch(tokens: int, device: str, seed: int = 0) -> dict:
     lengths = [b - a for a, b in zip([0, *cuts], [*cuts, tokens])]
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     input_ids = torch.randint(2, 1000, (1, tokens), generator=g)
-    return {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device),
-            "labels": input_ids.to(device)}
+    return {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device), "labels": input_ids.to(device)}
 
 
 def build(cfg, layers: int, device: str, quant: str, variant: str = "all", tiny: bool = True):
@@ -59,8 +67,14 @@ def build(cfg, layers: int, device: str, quant: str, variant: str = "all", tiny:
     run_cfg = config_mod.load(cfg)
     run_cfg.model.quantization = quant
     run_cfg.model.moe_impl = "fast"
-    model, _ = build_random_model(real_topology(layers, tiny), moe_impl="fast", quantization=quant, device=device,
-                                  dtype=torch.bfloat16, skip=QUANT_SKIP_MODULES)
+    model, _ = build_random_model(
+        real_topology(layers, tiny),
+        moe_impl="fast",
+        quantization=quant,
+        device=device,
+        dtype=torch.bfloat16,
+        skip=QUANT_SKIP_MODULES,
+    )
     if quant == "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -136,8 +150,10 @@ def time_depth(args, layers: int) -> dict:
         events = prof.key_averages()
         out["ops"] = sum(e.count for e in events if e.key.startswith("aten::"))
         out["gpu_busy_ms"] = sum(e.self_device_time_total for e in events) / 1000
-        out["top"] = [(e.key, round(e.self_cpu_time_total / 1000, 2), e.count)
-                      for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]]
+        out["top"] = [
+            (e.key, round(e.self_cpu_time_total / 1000, 2), e.count)
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
+        ]
     del model, optimizer
     return out
 
@@ -151,24 +167,37 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--real-width", action="store_true", help="the real widths (the GPU's time included)")
     parser.add_argument("--sync-debug", action="store_true", help="warn at every device sync of one step")
-    parser.add_argument("--variant", default="all", choices=["all", "no-dense", "no-stack"],
-                        help="leave one of this session's host-time changes out, for its share")
+    parser.add_argument(
+        "--variant",
+        default="all",
+        choices=["all", "no-dense", "no-stack"],
+        help="leave one of this session's host-time changes out, for its share",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="operator table of one step at the larger depth")
-    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
-                        help="Python functions (cProfile) over 3 steps at the larger depth: the top N by own time")
+    parser.add_argument(
+        "--cprofile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Python functions (cProfile) over 3 steps at the larger depth: the top N by own time",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     lo = time_depth(argparse.Namespace(**{**vars(args), "profile": False, "cprofile": 0}), args.depths[0])
     hi = time_depth(args, args.depths[1])
     per_layer = (hi["median_ms"] - lo["median_ms"]) / (args.depths[1] - args.depths[0])
-    print(f"device {args.device} quant {args.quant} variant {args.variant} tokens {args.tokens}: "
-          f"depth {lo['layers']} {lo['median_ms']:.1f} ms, "
-          f"depth {hi['layers']} {hi['median_ms']:.1f} ms per optimizer step -> {per_layer:.2f} ms per layer; "
-          f"trainable tensors {lo['trainable_tensors']} / {hi['trainable_tensors']}")
+    print(
+        f"device {args.device} quant {args.quant} variant {args.variant} tokens {args.tokens}: "
+        f"depth {lo['layers']} {lo['median_ms']:.1f} ms, "
+        f"depth {hi['layers']} {hi['median_ms']:.1f} ms per optimizer step -> {per_layer:.2f} ms per layer; "
+        f"trainable tensors {lo['trainable_tensors']} / {hi['trainable_tensors']}"
+    )
     if args.profile:
-        print(f"aten ops in one step at depth {hi['layers']}: {hi['ops']} ({hi['ops'] / hi['layers']:.0f} per layer); "
-              f"GPU busy {hi['gpu_busy_ms']:.1f} ms of the profiled step")
+        print(
+            f"aten ops in one step at depth {hi['layers']}: {hi['ops']} ({hi['ops'] / hi['layers']:.0f} per layer); "
+            f"GPU busy {hi['gpu_busy_ms']:.1f} ms of the profiled step"
+        )
         for key, ms, count in hi["top"]:
             print(f"  {ms:8.2f} ms self CPU  {count:6d}x  {key}")
     if args.cprofile:

@@ -58,9 +58,21 @@ def cut(config_json: dict, layers: int) -> dict:
 def tiny_config() -> dict:
     """A small model of the same layout, for a CPU run of these steps."""
     c = cut(real_config(), 8)
-    c.update(hidden_size=64, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
-             attention_head_dim=16, num_experts=8, vocab_size=1024, moe_intermediate_size=[48] * 8,
-             moe_topk=[2] * 8, pad_token_id=1023, eos_token_id=1022, eod_token_id=1021, sep_token_id=1020)
+    c.update(
+        hidden_size=64,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_head_dim=16,
+        num_experts=8,
+        vocab_size=1024,
+        moe_intermediate_size=[48] * 8,
+        moe_topk=[2] * 8,
+        pad_token_id=1023,
+        eos_token_id=1022,
+        eod_token_id=1021,
+        sep_token_id=1020,
+    )
     return c
 
 
@@ -91,8 +103,11 @@ def model_folder(folder: Path, config_json: dict) -> None:
     stand_in.build(template, seed=0)
     folder.mkdir(parents=True, exist_ok=True)
     for p in template.iterdir():
-        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in ("config.json", "stand_in.json",
-                                                                                    "model.safetensors.index.json"):
+        if (
+            p.is_file()
+            and not p.name.endswith(".safetensors")
+            and p.name not in ("config.json", "stand_in.json", "model.safetensors.index.json")
+        ):
             shutil.copy2(p, folder / p.name)
     shutil.rmtree(template)
     (folder / "config.json").write_text(json.dumps(config_json, indent=2))
@@ -121,8 +136,9 @@ def write_checkpoint(folder: Path, config_json: dict, device: str, shard_bytes: 
         total += sum(t.numel() * t.element_size() for t in data.values())
         weight_map |= dict.fromkeys(data, name)
         del data
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     return weight_map
 
 
@@ -137,8 +153,11 @@ def shallower(src: Path, dst: Path, layers: int) -> None:
     config_json = json.loads((src / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps(cut(config_json, layers), indent=2))
     index = json.loads((src / "model.safetensors.index.json").read_text())
-    keep = {k: v for k, v in index["weight_map"].items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    keep = {
+        k: v
+        for k, v in index["weight_map"].items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers
+    }
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": keep}, indent=1))
 
 
@@ -146,8 +165,10 @@ def placeholder_folder(folder: Path, config_json: dict) -> None:
     """The real config and an index of the real keys whose shards are placeholders (a cache load never
     reads them; the cache's key records their sizes and times)."""
     model_folder(folder, config_json)
-    weight_map = {name: f"model-{i % 4 + 1:05d}-of-00004.safetensors"
-                  for i, (name, _, _) in enumerate(keys_and_shapes(config_json))}
+    weight_map = {
+        name: f"model-{i % 4 + 1:05d}-of-00004.safetensors"
+        for i, (name, _, _) in enumerate(keys_and_shapes(config_json))
+    }
     for name in set(weight_map.values()):
         (folder / name).write_bytes(b"placeholder: never read by a cache load\n")
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -192,8 +213,13 @@ def measure_load(cfg) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return {"layers": layers, "load_s": round(seconds, 1), "peak_alloc_gib": None if peak is None else round(peak, 2),
-            "final_alloc_gib": None if final is None else round(final, 2), "source_line": source}
+    return {
+        "layers": layers,
+        "load_s": round(seconds, 1),
+        "peak_alloc_gib": None if peak is None else round(peak, 2),
+        "final_alloc_gib": None if final is None else round(final, 2),
+        "source_line": source,
+    }
 
 
 def random_adapter(folder: Path, base: Path, cfg) -> None:
@@ -220,8 +246,15 @@ def merge_child(base: str, adapter: str, out: str) -> None:
     cfg = config.load(QLORA, [f"infer.adapter={adapter}"], model_dir=base, output_dir=out)
     t0 = time.perf_counter()
     merge.run(cfg)
-    print(json.dumps({"merge_s": round(time.perf_counter() - t0, 1), "gpu": torch.cuda.is_available(),
-                      "peak_rss_gib": round(peak_rss_kib() / 2**20, 2)}))
+    print(
+        json.dumps(
+            {
+                "merge_s": round(time.perf_counter() - t0, 1),
+                "gpu": torch.cuda.is_available(),
+                "peak_rss_gib": round(peak_rss_kib() / 2**20, 2),
+            }
+        )
+    )
 
 
 def peak_rss_kib() -> int:
@@ -234,8 +267,12 @@ def peak_rss_kib() -> int:
 def run_merge(base: Path, adapter: Path, out: Path, layers: int, gpu: bool = False) -> dict:
     """merge.run in a process of its own (seeing the GPU or not); its row."""
     env = {**os.environ} if gpu else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, __file__, "--merge-child", str(base), str(adapter), str(out)],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--merge-child", str(base), str(adapter), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     print(proc.stdout[-2000:], proc.stderr[-2000:], flush=True)
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode:
@@ -260,9 +297,14 @@ def merge_only(layers: int, work: Path, out: Path) -> None:
     card = torch.cuda.get_device_name(0).replace(" ", "-") if gpu else "cpu"
     stamp = time.strftime("%Y-%m-%d")
     (out / f"load-{card}-{stamp}-merge.json").write_text(json.dumps(rows, indent=1) + "\n")
-    notes = {"card": card, "cores": os.cpu_count(), "torch": torch.__version__, "page_cache": how,
-             "checkpoint_bytes": sum(p.stat().st_size for p in base.glob("*.safetensors")),
-             "code_commit": runtime.git_commit()}
+    notes = {
+        "card": card,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "page_cache": how,
+        "checkpoint_bytes": sum(p.stat().st_size for p in base.glob("*.safetensors")),
+        "code_commit": runtime.git_commit(),
+    }
     (out / f"load-{card}-{stamp}-merge.notes.json").write_text(json.dumps(notes, indent=1) + "\n")
     shutil.rmtree(work)
 
@@ -278,8 +320,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench/results"))
     ap.add_argument("--tiny", action="store_true", help="the same steps on a tiny model, on the CPU")
     ap.add_argument("--merge-child", nargs=3, metavar=("BASE", "ADAPTER", "OUT"))
-    ap.add_argument("--merge-only", type=int, metavar="LAYERS",
-                    help="only step 4: a real-layout checkpoint of LAYERS layers, merged without and with a GPU")
+    ap.add_argument(
+        "--merge-only",
+        type=int,
+        metavar="LAYERS",
+        help="only step 4: a real-layout checkpoint of LAYERS layers, merged without and with a GPU",
+    )
     args = ap.parse_args()
     if args.merge_child:
         return merge_child(*args.merge_child)
@@ -298,8 +344,15 @@ def main() -> None:
     from hunyuan_lora.probe import gemm_rate
 
     rate, gemm_what = gemm_rate(device)
-    notes = {"card": card, "date": stamp, "torch": torch.__version__, "gemm_tflops": round(rate / 1e12, 1),
-             "gemm": gemm_what, "config": str(QLORA.relative_to(REPO)), "code_commit": runtime.git_commit()}
+    notes = {
+        "card": card,
+        "date": stamp,
+        "torch": torch.__version__,
+        "gemm_tflops": round(rate / 1e12, 1),
+        "gemm": gemm_what,
+        "config": str(QLORA.relative_to(REPO)),
+        "code_commit": runtime.git_commit(),
+    }
     rows: list[dict] = []
 
     def save() -> None:
@@ -320,8 +373,11 @@ def main() -> None:
     built = time.perf_counter() - t0
     t0 = time.perf_counter()
     assert nf4.write_cache(random_model, cache, nf4.cache_key(d32, where.dtype, scale.bnb_config(cfg32)))
-    notes["cache"] = {"random_build_s": round(built, 1), "write_s": round(time.perf_counter() - t0, 1),
-                      "bytes": nf4.cache_bytes(cache)}
+    notes["cache"] = {
+        "random_build_s": round(built, 1),
+        "write_s": round(time.perf_counter() - t0, 1),
+        "bytes": nf4.cache_bytes(cache),
+    }
     del random_model
     notes["page_cache"] = drop_page_cache(files_under(cache, d32))
     step("load from the cache")
@@ -337,9 +393,11 @@ def main() -> None:
     d8, d4 = work / "d8", work / "d4"
     t0 = time.perf_counter()
     write_checkpoint(d8, cut(real, 8), device, shard_bytes)
-    notes["checkpoint"] = {"write_s": round(time.perf_counter() - t0, 1),
-                           "bytes": sum(p.stat().st_size for p in d8.glob("*.safetensors")),
-                           "shards": len(list(d8.glob("*.safetensors")))}
+    notes["checkpoint"] = {
+        "write_s": round(time.perf_counter() - t0, 1),
+        "bytes": sum(p.stat().st_size for p in d8.glob("*.safetensors")),
+        "shards": len(list(d8.glob("*.safetensors"))),
+    }
     shallower(d8, d4, 4)
 
     # 3. NF4 loads from the checkpoint
@@ -354,10 +412,18 @@ def main() -> None:
         save()
         print(rows[-1], flush=True)
     if measured[4]["peak_alloc_gib"] is not None:
-        rows.append({"layers": 32, "quantization": "nf4", "source": "checkpoint",
-                     **{k: extrapolate(measured[4], measured[8], 32, k) for k in
-                        ("load_s", "peak_alloc_gib", "final_alloc_gib")},
-                     "how": "extrapolated from depths 4 and 8 (linear in layers)"})
+        rows.append(
+            {
+                "layers": 32,
+                "quantization": "nf4",
+                "source": "checkpoint",
+                **{
+                    k: extrapolate(measured[4], measured[8], 32, k)
+                    for k in ("load_s", "peak_alloc_gib", "final_alloc_gib")
+                },
+                "how": "extrapolated from depths 4 and 8 (linear in layers)",
+            }
+        )
         save()
 
     # 4. the merge, no GPU
@@ -372,8 +438,9 @@ def main() -> None:
         if target is None:
             notes[f"merge_{layers}"] = f"not run: {need / 1e9:.0f} GB needed for the merged folder, no disk had it"
             continue
-        notes["merge_output"] = str(target) + (" (tmpfs: the 64 GB disk cannot hold two 8-layer folders)"
-                                               if target == shm else "")
+        notes["merge_output"] = str(target) + (
+            " (tmpfs: the 64 GB disk cannot hold two 8-layer folders)" if target == shm else ""
+        )
         drop_page_cache(files_under(d8))
         try:
             rows.append(run_merge(base, adapter, target / "merge-run", layers))

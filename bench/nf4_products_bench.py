@@ -85,13 +85,27 @@ def main(out: Path | None) -> dict:
         import nf4_grouped as gnf4  # grouped-nf4-gemm's module (the package installs top-level modules)
     except ImportError:
         gnf4 = None
-    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "bitsandbytes": bnb.__version__,
-           "gnf4": gnf4 is not None, "gemm_tflops_bf16_8192": round(gemm_tflops(), 1), "rows": []}
+    res = {
+        "card": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "bitsandbytes": bnb.__version__,
+        "gnf4": gnf4 is not None,
+        "gemm_tflops_bf16_8192": round(gemm_tflops(), 1),
+        "rows": [],
+    }
     print(res, flush=True)
 
     def row(what, proj, M, ms, err=None, **kw):
-        res["rows"].append({"what": what, "projection": proj, "M": M, "ms": round(ms, 4),
-                            "rel_err_vs_today": None if err is None else round(err, 5), **kw})
+        res["rows"].append(
+            {
+                "what": what,
+                "projection": proj,
+                "M": M,
+                "ms": round(ms, 4),
+                "rel_err_vs_today": None if err is None else round(err, 5),
+                **kw,
+            }
+        )
         print(f"{proj:5s} M={M:6d} {what:45s} {ms:9.4f} ms  err {err}", flush=True)
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -111,14 +125,29 @@ def main(out: Path | None) -> dict:
                 used = counts.nonzero().flatten()
                 offs_used = counts[used].cumsum(0).to(torch.int32)
                 y = routed_only(codes3, scales3, used, shape, xs, offs_used)
-                row("routed-only dequantise + grouped_mm", proj, M,
-                    gpu_ms(partial(routed_only, codes3, scales3, used, shape, xs, offs_used)), rel(y, want),
-                    experts_used=int(used.numel()))
+                row(
+                    "routed-only dequantise + grouped_mm",
+                    proj,
+                    M,
+                    gpu_ms(partial(routed_only, codes3, scales3, used, shape, xs, offs_used)),
+                    rel(y, want),
+                    experts_used=int(used.numel()),
+                )
             best = None
             for registers in (True, False):
                 for bn, warps, stages in TILES:
-                    fn = partial(nf4_products.grouped_product, xs, codes3, scales3, table, offs, block_n=bn,
-                                 num_warps=warps, num_stages=stages, table_in_registers=registers)
+                    fn = partial(
+                        nf4_products.grouped_product,
+                        xs,
+                        codes3,
+                        scales3,
+                        table,
+                        offs,
+                        block_n=bn,
+                        num_warps=warps,
+                        num_stages=stages,
+                        table_in_registers=registers,
+                    )
                     what = f"triton codes (table in {'registers' if registers else 'memory'}, {bn}/{warps}/{stages})"
                     try:
                         err, ms = rel(fn(), want), gpu_ms(fn)
@@ -132,10 +161,12 @@ def main(out: Path | None) -> dict:
             if gnf4 is not None:
                 block_m = 16 if M <= 16 * E else 64
                 t_row0, t_rows, t_group, _, _ = gnf4.build_group_tiles_device(
-                    torch.repeat_interleave(torch.arange(E, device="cuda"), counts), E, block_m)
+                    torch.repeat_interleave(torch.arange(E, device="cuda"), counts), E, block_m
+                )
 
-                gnf4_forward = partial(gnf4.gemm_4bit_grouped_captured, xs, codes3, scales3, t_row0, t_rows, t_group,
-                                       block_m)
+                gnf4_forward = partial(
+                    gnf4.gemm_4bit_grouped_captured, xs, codes3, scales3, t_row0, t_rows, t_group, block_m
+                )
                 try:
                     row("grouped-nf4-gemm captured M-tile", proj, M, gpu_ms(gnf4_forward), rel(gnf4_forward(), want))
                 except Exception as e:
@@ -143,14 +174,30 @@ def main(out: Path | None) -> dict:
             if M in TRAINING_ROWS:
                 grad = torch.randn(M, n_out, device="cuda", dtype=torch.bfloat16)
                 want_g = today_input_grad(codes, absmax, shape, grad, offs)
-                row("input grad: dequantise all + grouped_mm", proj, M,
-                    gpu_ms(partial(today_input_grad, codes, absmax, shape, grad, offs)))
+                row(
+                    "input grad: dequantise all + grouped_mm",
+                    proj,
+                    M,
+                    gpu_ms(partial(today_input_grad, codes, absmax, shape, grad, offs)),
+                )
                 for registers in (True, False):
                     for bn, warps, stages in TILES[:3]:
-                        fn = partial(nf4_products.grouped_input_grad, grad, codes3, scales3, table, offs, block_n=bn,
-                                     num_warps=warps, num_stages=stages, table_in_registers=registers)
-                        what = (f"input grad: triton codes (table in {'registers' if registers else 'memory'}, "
-                                f"{bn}/{warps}/{stages})")
+                        fn = partial(
+                            nf4_products.grouped_input_grad,
+                            grad,
+                            codes3,
+                            scales3,
+                            table,
+                            offs,
+                            block_n=bn,
+                            num_warps=warps,
+                            num_stages=stages,
+                            table_in_registers=registers,
+                        )
+                        what = (
+                            f"input grad: triton codes (table in {'registers' if registers else 'memory'}, "
+                            f"{bn}/{warps}/{stages})"
+                        )
                         try:
                             row(what, proj, M, gpu_ms(fn), rel(fn(), want_g))
                         except Exception as e:
@@ -158,8 +205,14 @@ def main(out: Path | None) -> dict:
                 if gnf4 is not None:
                     sizes = counts.tolist()
                     try:
-                        fn = partial(gnf4.dgrad_4bit_grouped, grad, codes3, scales3, [s for s in sizes if s],
-                                     [e for e, s in enumerate(sizes) if s])
+                        fn = partial(
+                            gnf4.dgrad_4bit_grouped,
+                            grad,
+                            codes3,
+                            scales3,
+                            [s for s in sizes if s],
+                            [e for e, s in enumerate(sizes) if s],
+                        )
                         row("input grad: grouped-nf4-gemm dgrad", proj, M, gpu_ms(fn), rel(fn(), want_g))
                     except Exception as e:
                         print(f"  gnf4 dgrad: {type(e).__name__} {str(e)[:160]}", flush=True)

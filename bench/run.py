@@ -103,8 +103,9 @@ def write_lengths(data: Path, out: Path) -> None:
     records = json.loads(data.read_text(encoding="utf-8"))
     lengths = [estimate_tokens(r) for r in records]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"source": data.name, "method": estimate_tokens.__doc__.split("\n")[0],
-                               "lengths": lengths}))
+    out.write_text(
+        json.dumps({"source": data.name, "method": estimate_tokens.__doc__.split("\n")[0], "lengths": lengths})
+    )
     print(f"{len(lengths)} lengths, mean {statistics.mean(lengths):.1f}, max {max(lengths)} -> {out}")
 
 
@@ -153,8 +154,8 @@ def make_batches(case: str, lengths: list[int], n: int, row_len: int, pad_id: in
                     L = min(lengths[next(stream)], T)
                     if at + L > T:
                         break  # this sample starts the next row's search; the rest of the row is padding
-                    mask[r, at:at + L] = 1
-                    pos[r, at:at + L] = torch.arange(L)
+                    mask[r, at : at + L] = 1
+                    pos[r, at : at + L] = torch.arange(L)
                     at += L
                     samples += 1
                 if at < T:
@@ -164,8 +165,17 @@ def make_batches(case: str, lengths: list[int], n: int, row_len: int, pad_id: in
         ids = torch.randint(0, FIRST_SPECIAL, mask.shape, generator=g)
         ids[mask == 0] = pad_id
         labels = ids.masked_fill(mask == 0, -100)
-        batches.append({"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels,
-                        "tokens": int(mask.sum()), "padded": mask.numel(), "samples": samples})
+        batches.append(
+            {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "position_ids": pos,
+                "labels": labels,
+                "tokens": int(mask.sum()),
+                "padded": mask.numel(),
+                "samples": samples,
+            }
+        )
     return batches
 
 
@@ -232,8 +242,13 @@ def build_model(base_cfg: dict, depth: int, impl: str, args) -> torch.nn.Module:
     model.gradient_checkpointing_enable()
     model.train()
     torch.manual_seed(1)
-    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                      target_modules=args.targets.split(","), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=args.targets.split(","),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
@@ -260,8 +275,8 @@ def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach = Trainer's default optim "adamw_torch"; fused = "adamw_torch_fused"
     opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if args.optim == "fused" else {"foreach": True}))
-    units = [batches[i:i + accum] for i in range(0, len(batches), accum)]  # optimizer steps
-    warm, timed = units[: args.warmup], units[args.warmup:]
+    units = [batches[i : i + accum] for i in range(0, len(batches), accum)]  # optimizer steps
+    warm, timed = units[: args.warmup], units[args.warmup :]
     # Each new sequence length costs plan building once (cuDNN attention, cuBLAS heuristics): a
     # training run pays it once per length over thousands of steps, so every length is warmed here.
     seen = set()
@@ -283,12 +298,18 @@ def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
             times.append(time.perf_counter() - t0)
     cache = getattr(model.get_base_model(), "_lm_head_cache", None)
     result = {
-        "impl": impl, "depth": depth, "accum": accum, "step_ms_median": 1e3 * statistics.median(times),
-        "lm_head_rows": int(cache.padded.shape[0]) if cache is not None and cache.padded is not None
+        "impl": impl,
+        "depth": depth,
+        "accum": accum,
+        "step_ms_median": 1e3 * statistics.median(times),
+        "lm_head_rows": int(cache.padded.shape[0])
+        if cache is not None and cache.padded is not None
         else int(model.get_base_model().lm_head.weight.shape[0]),
-        "step_ms_all": [round(1e3 * t, 3) for t in times], "first_loss": first_loss,
+        "step_ms_all": [round(1e3 * t, 3) for t in times],
+        "first_loss": first_loss,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / GIB,
-        "trainable_params": sum(p.numel() for p in params), "warmed_shapes": len(seen),
+        "trainable_params": sum(p.numel() for p in params),
+        "warmed_shapes": len(seen),
     }
     if args.profile and impl in args.profile_impls:
         try:
@@ -297,8 +318,11 @@ def time_config(base_cfg, depth, impl, batches, accum, args) -> dict:
             print(f"profile failed: {e!r}", flush=True)
     if args.sync_debug:
         result["host_syncs"] = host_syncs(model, opt, timed[0], args)
-        print(f"{impl} depth {depth}: {len(result['host_syncs'])} host syncs in one optimizer step; "
-              + "; ".join(result["host_syncs"][:8]), flush=True)
+        print(
+            f"{impl} depth {depth}: {len(result['host_syncs'])} host syncs in one optimizer step; "
+            + "; ".join(result["host_syncs"][:8]),
+            flush=True,
+        )
     del model, opt, params
     gc.collect()
     torch.cuda.empty_cache()
@@ -333,17 +357,27 @@ def profile_step(model, opt, unit, args) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     # device-side events, less the user annotations (e.g. 'Optimizer.step#AdamW.step') that span kernels
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False) and "#" not in e.name
-               and not e.name.startswith("ProfilerStep")]
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and "#" not in e.name
+        and not e.name.startswith("ProfilerStep")
+    ]
     busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
     by_name: dict[str, list] = {}
     for e in kernels:
         entry = by_name.setdefault(e.name[:100], [0.0, 0])
         entry[0] += e.device_time / 1e3  # ms
         entry[1] += 1
-    return {"kernels": len(kernels), "busy_s": busy, "wall_s": wall, "busy_fraction": busy / wall,
-            "kernel_ms_count": by_name}
+    return {
+        "kernels": len(kernels),
+        "busy_s": busy,
+        "wall_s": wall,
+        "busy_fraction": busy / wall,
+        "kernel_ms_count": by_name,
+    }
 
 
 def per_layer_kernels(p1: dict | None, p2: dict | None, layers: int) -> dict | None:
@@ -351,13 +385,19 @@ def per_layer_kernels(p1: dict | None, p2: dict | None, layers: int) -> dict | N
     if not p1 or not p2:
         return None
     names = set(p1["kernel_ms_count"]) | set(p2["kernel_ms_count"])
-    diff = {n: [(p2["kernel_ms_count"].get(n, [0, 0])[0] - p1["kernel_ms_count"].get(n, [0, 0])[0]) / layers,
-                (p2["kernel_ms_count"].get(n, [0, 0])[1] - p1["kernel_ms_count"].get(n, [0, 0])[1]) / layers]
-            for n in names}
+    diff = {
+        n: [
+            (p2["kernel_ms_count"].get(n, [0, 0])[0] - p1["kernel_ms_count"].get(n, [0, 0])[0]) / layers,
+            (p2["kernel_ms_count"].get(n, [0, 0])[1] - p1["kernel_ms_count"].get(n, [0, 0])[1]) / layers,
+        ]
+        for n in names
+    }
     top = sorted(diff.items(), key=lambda kv: -kv[1][0])[:15]
-    return {"kernels": (p2["kernels"] - p1["kernels"]) / layers,
-            "busy_ms": 1e3 * (p2["busy_s"] - p1["busy_s"]) / layers,
-            "top": [(n, round(ms, 3), int(c)) for n, (ms, c) in top]}
+    return {
+        "kernels": (p2["kernels"] - p1["kernels"]) / layers,
+        "busy_ms": 1e3 * (p2["busy_s"] - p1["busy_s"]) / layers,
+        "top": [(n, round(ms, 3), int(c)) for n, (ms, c) in top],
+    }
 
 
 def gemm_rate(device) -> float:
@@ -382,7 +422,7 @@ def gemm_rate(device) -> float:
 
 def summarise(case: str, runs: list[dict], batches: list[dict], accum: int, args, rate: float) -> list[dict]:
     """Per optimizer step (accum micro-steps): tokens, samples, time per layer, extrapolation to 32 layers."""
-    timed = batches[args.warmup * accum:]
+    timed = batches[args.warmup * accum :]
     tokens = accum * statistics.mean(b["tokens"] for b in timed)
     padded = accum * statistics.mean(b["padded"] for b in timed)
     samples = accum * statistics.mean(b["samples"] for b in timed)
@@ -398,19 +438,30 @@ def summarise(case: str, runs: list[dict], batches: list[dict], accum: int, args
         step32 = fixed + 32 * per_layer
         tps = tokens / (step32 / 1e3)
         mem1, mem2 = by_depth[d1]["peak_mem_gib"], by_depth[d2]["peak_mem_gib"]
-        rows.append({
-            "case": case, "impl": impl, "accum": accum, "micro_step_per_layer_ms": per_layer / accum,
-            "tokens_per_step": tokens, "padded_tokens_per_step": padded,
-            "samples_per_step": samples, "per_layer_ms": per_layer, "fixed_ms": fixed, "step32_ms": step32,
-            "tokens_per_s_32": tps, "samples_per_s_32": samples / (step32 / 1e3),
-            "mfu_32": tps * 6 * ACTIVE_PARAMS / rate,
-            "layer_tokens_per_s": tokens / (per_layer / 1e3),
-            "peak_mem_gib": {d: by_depth[d]["peak_mem_gib"] for d in sorted(by_depth)},
-            "mem_per_layer_gib": (mem2 - mem1) / (d2 - d1),
-            "first_loss": {d: by_depth[d]["first_loss"] for d in sorted(by_depth)},
-            "profile": {k: v for k, v in (by_depth[d1].get("profile") or {}).items() if k != "kernel_ms_count"} or None,
-            "layer_profile": per_layer_kernels(by_depth[d1].get("profile"), by_depth[d2].get("profile"), d2 - d1),
-        })
+        rows.append(
+            {
+                "case": case,
+                "impl": impl,
+                "accum": accum,
+                "micro_step_per_layer_ms": per_layer / accum,
+                "tokens_per_step": tokens,
+                "padded_tokens_per_step": padded,
+                "samples_per_step": samples,
+                "per_layer_ms": per_layer,
+                "fixed_ms": fixed,
+                "step32_ms": step32,
+                "tokens_per_s_32": tps,
+                "samples_per_s_32": samples / (step32 / 1e3),
+                "mfu_32": tps * 6 * ACTIVE_PARAMS / rate,
+                "layer_tokens_per_s": tokens / (per_layer / 1e3),
+                "peak_mem_gib": {d: by_depth[d]["peak_mem_gib"] for d in sorted(by_depth)},
+                "mem_per_layer_gib": (mem2 - mem1) / (d2 - d1),
+                "first_loss": {d: by_depth[d]["first_loss"] for d in sorted(by_depth)},
+                "profile": {k: v for k, v in (by_depth[d1].get("profile") or {}).items() if k != "kernel_ms_count"}
+                or None,
+                "layer_profile": per_layer_kernels(by_depth[d1].get("profile"), by_depth[d2].get("profile"), d2 - d1),
+            }
+        )
     base = {r["impl"]: r["per_layer_ms"] for r in rows}
     for r in rows:
         r["speedup_vs_gshard"] = base["upstream-gshard"] / r["per_layer_ms"] if "upstream-gshard" in base else None
@@ -441,7 +492,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     ]
     for r in rows:
         p = r.get("profile") or {}
-        f = lambda v, fmt: (fmt.format(v) if v is not None else "-")  # noqa: E731
+        f = lambda v, fmt: fmt.format(v) if v is not None else "-"  # noqa: E731
         mem = "/".join(f"{v:.1f}" for v in r["peak_mem_gib"].values())
         loss = "/".join(f"{v:.3f}" for v in r["first_loss"].values())
         lines.append(
@@ -449,29 +500,40 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['per_layer_ms']:.2f} | {r['micro_step_per_layer_ms']:.2f} | {r['step32_ms']:.0f} "
             f"| {r['tokens_per_s_32']:.0f} | {r['samples_per_s_32']:.2f} | {100 * r['mfu_32']:.1f}% "
             f"| {f(r['speedup_vs_gshard'], '{:.1f}')} | {f(r['speedup_vs_upstream'], '{:.1f}')} "
-            f"| {mem} | {p.get('kernels', '-')} | {f(p.get('busy_fraction'), '{:.0%}')} | {loss} |")
+            f"| {mem} | {p.get('kernels', '-')} | {f(p.get('busy_fraction'), '{:.0%}')} | {loss} |"
+        )
     # the issue's target: same effective batch (16 samples per optimizer step), best micro-batching per impl
     eff = {(r["case"], r["impl"]): r for r in rows}
     base = eff.get(("mb4x4", "upstream-gshard"))
     if base:
-        lines += ["", "Effective batch 16 (the tutorial's structure: upstream-gshard mb4x4 = "
-                      f"{base['samples_per_s_32']:.2f} samples/s @32 layers):"]
+        lines += [
+            "",
+            "Effective batch 16 (the tutorial's structure: upstream-gshard mb4x4 = "
+            f"{base['samples_per_s_32']:.2f} samples/s @32 layers):",
+        ]
         for (case, impl), r in eff.items():
             if case in ("mb4x4", "mb16x1", "cat16x1") and (case, impl) != ("mb4x4", "upstream-gshard"):
-                lines.append(f"- {impl} {case}: {r['samples_per_s_32']:.2f} samples/s, {r['tokens_per_s_32']:.0f} "
-                             f"tokens/s @32 = **{r['samples_per_s_32'] / base['samples_per_s_32']:.1f}x** "
-                             "the tutorial's structure; "
-                             f"per layer {base['per_layer_ms'] / r['per_layer_ms']:.1f}x")
+                lines.append(
+                    f"- {impl} {case}: {r['samples_per_s_32']:.2f} samples/s, {r['tokens_per_s_32']:.0f} "
+                    f"tokens/s @32 = **{r['samples_per_s_32'] / base['samples_per_s_32']:.1f}x** "
+                    "the tutorial's structure; "
+                    f"per layer {base['per_layer_ms'] / r['per_layer_ms']:.1f}x"
+                )
     lines += ["", "GPU kernels of ONE layer (difference of the two depths' profiles; ms and launches per step):", ""]
     for r in rows:
         lp = r.get("layer_profile")
         if lp:
             top = "; ".join(f"{n[:60]} {ms:.2f} ms x{c}" for n, ms, c in lp["top"][:6])
-            lines.append(f"- {r['case']} / {r['impl']}: {lp['kernels']:.0f} kernels, {lp['busy_ms']:.1f} ms busy of "
-                         f"{r['per_layer_ms']:.1f} ms; top: {top}")
-    lines += ["", "Per layer = difference of median step times between the two depths; @32 layers = fixed "
-              "(embedding, lm_head, loss, optimizer) + 32 x per layer. "
-              f"MFU = tokens/s x 6 x {ACTIVE_PARAMS / 1e9:.2f}e9 active parameters / the GEMM rate above."]
+            lines.append(
+                f"- {r['case']} / {r['impl']}: {lp['kernels']:.0f} kernels, {lp['busy_ms']:.1f} ms busy of "
+                f"{r['per_layer_ms']:.1f} ms; top: {top}"
+            )
+    lines += [
+        "",
+        "Per layer = difference of median step times between the two depths; @32 layers = fixed "
+        "(embedding, lm_head, loss, optimizer) + 32 x per layer. "
+        f"MFU = tokens/s x 6 x {ACTIVE_PARAMS / 1e9:.2f}e9 active parameters / the GEMM rate above.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -480,19 +542,43 @@ def main() -> None:
     ap.add_argument("--write-lengths", nargs=2, metavar=("DATA_JSON", "OUT_JSON"))
     ap.add_argument("--model", help="a model folder: its config.json gives the architecture")
     ap.add_argument("--real-config", action="store_true", help="the real Hunyuan-A13B config (default)")
-    ap.add_argument("--depths", type=int, nargs=2, default=[4, 8],
-                    help="two depths at least 4 apart: the per-layer slope between them (1 and 2 mislead: issue 13)")
-    ap.add_argument("--impls", nargs="+", default=["upstream-gshard", "upstream", "fast"],
-                    choices=["upstream-gshard", "upstream", "fast", "fast-plainlm"])
-    ap.add_argument("--cases", nargs="+", default=["mb4x4", "mb16x1", "cat16x1", "pack4096x1", "pack16384x1"],
-                    help="mb<B>[x<accum>], pack<T>[x<accum>] or cat<S>[x<accum>]; "
-                         "accum = micro-steps per optimizer step")
-    ap.add_argument("--skip", nargs="*", default=["upstream-gshard:pack16384x1", "upstream:mb16x1",
-                                                  "upstream-gshard:pack4096x1", "upstream-gshard:cat16x1",
-                                                  "upstream:cat16x1"],
-                    help="impl:case pairs not to run")
-    ap.add_argument("--optim", choices=["foreach", "fused"], default="foreach",
-                    help="AdamW implementation: foreach (Trainer's adamw_torch) or fused (adamw_torch_fused)")
+    ap.add_argument(
+        "--depths",
+        type=int,
+        nargs=2,
+        default=[4, 8],
+        help="two depths at least 4 apart: the per-layer slope between them (1 and 2 mislead: issue 13)",
+    )
+    ap.add_argument(
+        "--impls",
+        nargs="+",
+        default=["upstream-gshard", "upstream", "fast"],
+        choices=["upstream-gshard", "upstream", "fast", "fast-plainlm"],
+    )
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=["mb4x4", "mb16x1", "cat16x1", "pack4096x1", "pack16384x1"],
+        help="mb<B>[x<accum>], pack<T>[x<accum>] or cat<S>[x<accum>]; accum = micro-steps per optimizer step",
+    )
+    ap.add_argument(
+        "--skip",
+        nargs="*",
+        default=[
+            "upstream-gshard:pack16384x1",
+            "upstream:mb16x1",
+            "upstream-gshard:pack4096x1",
+            "upstream-gshard:cat16x1",
+            "upstream:cat16x1",
+        ],
+        help="impl:case pairs not to run",
+    )
+    ap.add_argument(
+        "--optim",
+        choices=["foreach", "fused"],
+        default="foreach",
+        help="AdamW implementation: foreach (Trainer's adamw_torch) or fused (adamw_torch_fused)",
+    )
     ap.add_argument("--profile-impls", nargs="*", default=["upstream-gshard", "fast", "fast-plainlm"])
     ap.add_argument("--targets", default=TUTORIAL_TARGETS)
     ap.add_argument("--r", type=int, default=8)
@@ -503,8 +589,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps (after every length is warmed)")
     ap.add_argument("--profile", action="store_true", help="profile one step per impl and case at the lower depth")
-    ap.add_argument("--sync-debug", action="store_true",
-                    help="list where one optimizer step syncs the host with the GPU (torch.cuda.set_sync_debug_mode)")
+    ap.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="list where one optimizer step syncs the host with the GPU (torch.cuda.set_sync_debug_mode)",
+    )
     ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
@@ -517,15 +606,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/run.py needs a CUDA GPU (the CPU correctness tests are tests/test_fast_moe.py)")
     if args.depths[1] - args.depths[0] < 4:
-        raise SystemExit("--depths needs two depths at least 4 apart, e.g. 4 8: a slope over depths 1 and 2 "
-                         "measured 49.1 ms per layer where depths 4 and 16 gave 36.5 (issue 13)")
+        raise SystemExit(
+            "--depths needs two depths at least 4 apart, e.g. 4 8: a slope over depths 1 and 2 "
+            "measured 49.1 ms per layer where depths 4 and 16 gave 36.5 (issue 13)"
+        )
     if "gate" in args.targets.split(","):
         raise SystemExit("'gate' must never be a LoRA target (it suffix-matches the router module mlp.gate)")
     lengths = json.loads(Path(args.lengths).read_text())["lengths"]
-    if args.model:
-        base_cfg = json.loads((Path(args.model) / "config.json").read_text())
-    else:
-        base_cfg = real_config()
+    base_cfg = json.loads((Path(args.model) / "config.json").read_text()) if args.model else real_config()
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device)
     grouped = grouped_moe.grouped_mm_available(device, torch.bfloat16)
@@ -537,18 +625,37 @@ def main() -> None:
     import peft
     import transformers
 
-    meta = {"card": card, "date": dt.date.today().isoformat(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(),
-            "grouped_mm": grouped, "gemm_tflops": rate / 1e12, "depths": args.depths, "steps": args.steps,
-            "warmup": args.warmup, "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "targets": args.targets,
-            "row_len": args.row_len, "optim": args.optim, "tag": args.tag, "cases": args.cases, "impls": args.impls,
-            "hidden_size": base_cfg["hidden_size"], "num_experts": base_cfg["num_experts"],
-            "lengths": {"n": len(lengths), "mean": statistics.mean(lengths)}}
+    meta = {
+        "card": card,
+        "date": dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "grouped_mm": grouped,
+        "gemm_tflops": rate / 1e12,
+        "depths": args.depths,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "r": args.r,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "targets": args.targets,
+        "row_len": args.row_len,
+        "optim": args.optim,
+        "tag": args.tag,
+        "cases": args.cases,
+        "impls": args.impls,
+        "hidden_size": base_cfg["hidden_size"],
+        "num_experts": base_cfg["num_experts"],
+        "lengths": {"n": len(lengths), "mean": statistics.mean(lengths)},
+    }
     rows, raw = [], []
     for case in args.cases:
         spec, accum = parse_case(case)
-        batches = make_batches(spec, lengths, (args.warmup + args.steps) * accum, args.row_len,
-                               base_cfg["pad_token_id"])
+        batches = make_batches(
+            spec, lengths, (args.warmup + args.steps) * accum, args.row_len, base_cfg["pad_token_id"]
+        )
         runs = []
         for impl in args.impls:
             if f"{impl}:{case}" in args.skip:
@@ -567,10 +674,13 @@ def main() -> None:
                     continue
                 r["case"] = case
                 runs.append(r)
-                print(f"{case:>10} {impl:>9} depth {depth}: step {r['step_ms_median']:8.1f} ms  "
-                      f"loss {r['first_loss']:.3f}  peak {r['peak_mem_gib']:.1f} GiB  "
-                      f"lm_head rows {r['lm_head_rows']}  "
-                      f"({time.time() - t0:.0f} s)", flush=True)
+                print(
+                    f"{case:>10} {impl:>9} depth {depth}: step {r['step_ms_median']:8.1f} ms  "
+                    f"loss {r['first_loss']:.3f}  peak {r['peak_mem_gib']:.1f} GiB  "
+                    f"lm_head rows {r['lm_head_rows']}  "
+                    f"({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
         raw += runs
         rows += summarise(case, runs, batches, accum, args, rate)
         md = write_results(Path(args.out_dir), meta, rows, raw)  # after every case: a timeout keeps what ran

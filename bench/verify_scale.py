@@ -40,9 +40,13 @@ def write_model(out: Path, depth: int, seed: int) -> Path:
     cfg = real_config()
     small = stand_in.stand_in_config()
     special = ("bos_token_id", "eos_token_id", "pad_token_id", "eod_token_id", "sep_token_id")
-    cfg.update(num_hidden_layers=depth, moe_topk=cfg["moe_topk"][:depth],
-               num_shared_expert=cfg["num_shared_expert"][:depth],
-               moe_intermediate_size=cfg["moe_intermediate_size"][:depth], **{k: small[k] for k in special})
+    cfg.update(
+        num_hidden_layers=depth,
+        moe_topk=cfg["moe_topk"][:depth],
+        num_shared_expert=cfg["num_shared_expert"][:depth],
+        moe_intermediate_size=cfg["moe_intermediate_size"][:depth],
+        **{k: small[k] for k in special},
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     build = stand_in.random_state_dict
 
@@ -55,8 +59,11 @@ def write_model(out: Path, depth: int, seed: int) -> Path:
         with staging_dir(out) as tmp:
             stand_in.copy_model_code(tmp)
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-            (tmp / "generation_config.json").write_text(json.dumps(
-                {"eos_token_id": [cfg["eos_token_id"], cfg["eod_token_id"]], "pad_token_id": cfg["pad_token_id"]}))
+            (tmp / "generation_config.json").write_text(
+                json.dumps(
+                    {"eos_token_id": [cfg["eos_token_id"], cfg["eod_token_id"]], "pad_token_id": cfg["pad_token_id"]}
+                )
+            )
             stand_in.write_tokenizer(tmp)
             stand_in.write_weights(tmp, cfg, seed)
     finally:
@@ -76,29 +83,48 @@ def peak_memory(mem_log: Path) -> dict[str, int]:
     return peaks
 
 
-def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: Path, tag: str, status: str,
-              gemm_tflops: float | None = None) -> dict:
+def summarize(
+    case: str,
+    run_dir: Path,
+    mem_log: Path,
+    processes: int,
+    out_dir: Path,
+    tag: str,
+    status: str,
+    gemm_tflops: float | None = None,
+) -> dict:
     row: dict = {"case": case, "processes": processes, "status": status, "gemm_tflops": gemm_tflops}
     history_path, manifest_path = run_dir / "log_history.json", run_dir / "manifest.json"
     if history_path.is_file():
         losses = [e["loss"] for e in json.loads(history_path.read_text()) if "loss" in e]
-        row.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-                   loss_steps=len(losses), losses=losses)
+        row.update(
+            loss_first=losses[0] if losses else None,
+            loss_last=losses[-1] if losses else None,
+            loss_steps=len(losses),
+            losses=losses,
+        )
     if manifest_path.is_file():
         import yaml
 
         train_cfg = yaml.safe_load((run_dir / "resolved.yaml").read_text())["train"]
-        samples_per_step = (train_cfg["per_device_train_batch_size"] * train_cfg["gradient_accumulation_steps"]
-                            * processes)
+        samples_per_step = (
+            train_cfg["per_device_train_batch_size"] * train_cfg["gradient_accumulation_steps"] * processes
+        )
         m = json.loads(manifest_path.read_text())
         stats = json.loads((run_dir / "data" / "stats.json").read_text())
         sps = m.get("train_samples_per_second")
-        row.update(samples_per_step=samples_per_step, steps=m.get("global_step"),
-                   train_runtime_s=m.get("train_runtime_s"), samples_per_s=sps,
-                   tokens_per_s_est=round(sps * stats["tokens"]["mean"], 1) if sps else None,
-                   quantization=m.get("quantization"), zero_stage=m.get("deepspeed_zero_stage"),
-                   gpus=m.get("gpus"), packages=m.get("packages"),
-                   adapter_bytes=sum(p.stat().st_size for p in (run_dir / "adapter").glob("*.safetensors")))
+        row.update(
+            samples_per_step=samples_per_step,
+            steps=m.get("global_step"),
+            train_runtime_s=m.get("train_runtime_s"),
+            samples_per_s=sps,
+            tokens_per_s_est=round(sps * stats["tokens"]["mean"], 1) if sps else None,
+            quantization=m.get("quantization"),
+            zero_stage=m.get("deepspeed_zero_stage"),
+            gpus=m.get("gpus"),
+            packages=m.get("packages"),
+            adapter_bytes=sum(p.stat().st_size for p in (run_dir / "adapter").glob("*.safetensors")),
+        )
     row["peak_mib_per_gpu"] = peak_memory(mem_log)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"{tag}.json"
@@ -111,15 +137,19 @@ def summarize(case: str, run_dir: Path, mem_log: Path, processes: int, out_dir: 
 
 
 def write_markdown(rows: list[dict], out_dir: Path, tag: str) -> None:
-    lines = [f"# {tag}: ZeRO-3 and QLoRA through `make train`'s code (bench/verify_multi_gpu.sh)", "",
-             "| case | status | processes | steps | loss first → last | samples/s | tokens/s (est.) "
-             "| peak MiB per GPU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {tag}: ZeRO-3 and QLoRA through `make train`'s code (bench/verify_multi_gpu.sh)",
+        "",
+        "| case | status | processes | steps | loss first → last | samples/s | tokens/s (est.) | peak MiB per GPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         loss = f"{r.get('loss_first'):.3f} → {r.get('loss_last'):.3f}" if r.get("loss_first") is not None else ""
-        lines.append(f"| {r['case']} | {r['status']} | {r['processes']} | {r.get('steps', '')} | {loss} | "
-                     f"{r.get('samples_per_s', '')} | {r.get('tokens_per_s_est', '')} | "
-                     f"{', '.join(f'{g}: {v}' for g, v in sorted(r['peak_mib_per_gpu'].items()))} |")
+        lines.append(
+            f"| {r['case']} | {r['status']} | {r['processes']} | {r.get('steps', '')} | {loss} | "
+            f"{r.get('samples_per_s', '')} | {r.get('tokens_per_s_est', '')} | "
+            f"{', '.join(f'{g}: {v}' for g, v in sorted(r['peak_mib_per_gpu'].items()))} |"
+        )
     lines += extrapolation(rows)
     (out_dir / f"{tag}.md").write_text("\n".join(lines) + "\n")
 
@@ -154,17 +184,25 @@ def extrapolation(rows: list[dict], layers: int = 32) -> list[str]:
         tokens_per_gpu = batch / step * tokens / gpus
         rate = r1.get("gemm_tflops")
         mfu = f"{100 * tokens_per_gpu * 6 * ACTIVE_PARAMS / (rate * 1e12):.2f} %" if rate else "-"
-        out.append(f"| {case} | {gpus} | {d1}/{d2} | {1e3 * per_layer_s:.0f} | {per_layer_mib / 1024:.2f} | "
-                   f"{mem / 1024:.1f} | {batch / step:.2f} | {tokens_per_gpu:.1f} | {mfu} |")
+        out.append(
+            f"| {case} | {gpus} | {d1}/{d2} | {1e3 * per_layer_s:.0f} | {per_layer_mib / 1024:.2f} | "
+            f"{mem / 1024:.1f} | {batch / step:.2f} | {tokens_per_gpu:.1f} | {mfu} |"
+        )
     if not out:
         return []
-    return ["", f"Extrapolated to {layers} layers (two depths of the same case; ms and GiB per layer, per GPU):", "",
-            f"| case | GPUs | depths | ms per layer per step | GiB per layer per GPU | peak GiB per GPU @{layers} "
-            f"| samples/s @{layers} | tokens/s per GPU @{layers} | MFU @{layers} |",
-            "|---|---|---|---|---|---|---|---|---|",
-            *out, "", f"MFU = tokens/s per GPU x 6 x {ACTIVE_PARAMS / 1e9:.2f}e9 active parameters / the bf16 GEMM "
-            "rate measured at the start of the run "
-            "(- where the run did not measure it). Tokens/s count the run's own samples (`make train`'s data)."]
+    return [
+        "",
+        f"Extrapolated to {layers} layers (two depths of the same case; ms and GiB per layer, per GPU):",
+        "",
+        f"| case | GPUs | depths | ms per layer per step | GiB per layer per GPU | peak GiB per GPU @{layers} "
+        f"| samples/s @{layers} | tokens/s per GPU @{layers} | MFU @{layers} |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *out,
+        "",
+        f"MFU = tokens/s per GPU x 6 x {ACTIVE_PARAMS / 1e9:.2f}e9 active parameters / the bf16 GEMM "
+        "rate measured at the start of the run "
+        "(- where the run did not measure it). Tokens/s count the run's own samples (`make train`'s data).",
+    ]
 
 
 def main() -> None:
@@ -187,8 +225,9 @@ def main() -> None:
     if args.cmd == "write-model":
         print(write_model(args.out, args.depth, args.seed))
     else:
-        summarize(args.case, args.run_dir, args.mem_log, args.processes, args.out_dir, args.tag, args.status,
-                  args.gemm_tflops)
+        summarize(
+            args.case, args.run_dir, args.mem_log, args.processes, args.out_dir, args.tag, args.status, args.gemm_tflops
+        )
 
 
 if __name__ == "__main__":

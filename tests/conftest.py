@@ -65,8 +65,9 @@ def lora_run(stand_in_dir, tmp_path_factory):
     cfg = config.load(REPO / "configs/demo.yaml", model_dir=str(stand_in_dir), output_dir=str(out))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(stand_in_dir, trust_remote_code=True, torch_dtype=torch.float32)
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.targets(),
-                      init_lora_weights=False)
+    lora = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.targets(), init_lora_weights=False
+    )
     get_peft_model(model, lora).save_pretrained(str(out / "adapter"))
     return cfg
 
@@ -78,12 +79,51 @@ def lora_run(stand_in_dir, tmp_path_factory):
 #   e2e    the README's path end to end (make demo's stages in order)
 #   infra  make, the container, the browser dashboard, the README itself
 LAYERS = {
-    "unit": ["config", "estimate", "layout", "records", "prompt", "patch", "fast_moe", "hunyuan_model",
-             "lm_head_padding", "moe_impl", "nf4_moe", "nf4_products", "fast_linear", "bench_cases",
-             "tokenizer_and_stand_in", "decode"],
-    "stage": ["atomic", "chat", "check", "checkpoints", "data", "divergence", "download", "evaluate", "generation",
-              "infer", "interrupts", "merge", "nf4_load", "output_folders", "packing", "probe", "resume", "scale",
-              "secrets", "serve", "stage_inputs", "swanlab_preflight", "tracking", "train_optim", "umask"],
+    "unit": [
+        "config",
+        "estimate",
+        "layout",
+        "records",
+        "prompt",
+        "patch",
+        "fast_moe",
+        "hunyuan_model",
+        "lm_head_padding",
+        "moe_impl",
+        "nf4_moe",
+        "nf4_products",
+        "fast_linear",
+        "bench_cases",
+        "tokenizer_and_stand_in",
+        "decode",
+    ],
+    "stage": [
+        "atomic",
+        "chat",
+        "check",
+        "checkpoints",
+        "data",
+        "divergence",
+        "download",
+        "evaluate",
+        "generation",
+        "infer",
+        "interrupts",
+        "merge",
+        "nf4_load",
+        "output_folders",
+        "packing",
+        "probe",
+        "resume",
+        "scale",
+        "secrets",
+        "serve",
+        "stage_inputs",
+        "swanlab_preflight",
+        "tracking",
+        "train_optim",
+        "umask",
+    ],
     "e2e": ["pipeline"],
     "infra": ["container", "dashboard", "readme", "user_values"],
 }

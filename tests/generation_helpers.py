@@ -14,11 +14,17 @@ def greedy_alone(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[
 
     def work():
         with torch.no_grad():
-            full = model.generate(input_ids=torch.tensor([ids], device=model.device),
-                                  attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
-                                  pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
-                                  do_sample=False, temperature=None, top_p=None, top_k=None)
-        out.append(full[0, len(ids):].tolist())
+            full = model.generate(
+                input_ids=torch.tensor([ids], device=model.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
+                pad_token_id=tokenizer.pad_token_id,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        out.append(full[0, len(ids) :].tolist())
 
     thread = threading.Thread(target=work)
     thread.start()

@@ -30,6 +30,7 @@ Fault switches (constructor arguments), for tests of the client's error handling
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -113,7 +114,7 @@ class _TLSServer(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the real server; every answer has Content-Length
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):
         self.server.owner._handle(self)
 
     def log_message(self, format, *args):  # silence the per-request stderr line
@@ -187,8 +188,9 @@ class ModelScopeServer:
         return f"127.0.0.1:{self._httpd.server_address[1]}"
 
     def start(self) -> ModelScopeServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="modelscope-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="modelscope-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -247,8 +249,12 @@ class ModelScopeServer:
 
     def _revision_map(self, end_time: str | None) -> dict:
         def detail(name: str) -> dict:
-            return {"Revision": name, "CreatedAt": self.created_at, "Message": f"{name} of {self.model_id}",
-                    "CommitId": self.revisions[name]["commit"]}
+            return {
+                "Revision": name,
+                "CreatedAt": self.created_at,
+                "Message": f"{name} of {self.model_id}",
+                "CommitId": self.revisions[name]["commit"],
+            }
 
         tags = [detail(n) for n, r in self.revisions.items() if r["kind"] == "tag"]
         if end_time:
@@ -261,25 +267,48 @@ class ModelScopeServer:
             parts = path.split("/")
             dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
             entry = {
-                "Name": parts[-1], "Path": path, "Type": "blob", "Size": self.listed_size.get(path, f.size),
-                "Sha256": f.sha256, "Revision": self.revisions[revision]["commit"],
-                "IsLFS": f.size > 1_000_000, "Mode": "33188", "CommittedDate": self.created_at,
-                "CommitMessage": "upload", "CommitterName": "test",
+                "Name": parts[-1],
+                "Path": path,
+                "Type": "blob",
+                "Size": self.listed_size.get(path, f.size),
+                "Sha256": f.sha256,
+                "Revision": self.revisions[revision]["commit"],
+                "IsLFS": f.size > 1_000_000,
+                "Mode": "33188",
+                "CommittedDate": self.created_at,
+                "CommitMessage": "upload",
+                "CommitterName": "test",
             }
             if self.omit_sha256:
                 del entry["Sha256"]
             entries.append(entry)
         for d in sorted(dirs):
-            entries.append({"Name": d.rsplit("/", 1)[-1], "Path": d, "Type": "tree", "Size": 0,
-                            "Revision": self.revisions[revision]["commit"]})
+            entries.append(
+                {
+                    "Name": d.rsplit("/", 1)[-1],
+                    "Path": d,
+                    "Type": "tree",
+                    "Size": 0,
+                    "Revision": self.revisions[revision]["commit"],
+                }
+            )
         # The real server also lists git's own files; modelscope drops them by name.
-        entries.append({"Name": ".gitattributes", "Path": ".gitattributes", "Type": "blob", "Size": 0,
-                        "Sha256": hashlib.sha256(b"").hexdigest(), "Revision": self.revisions[revision]["commit"]})
+        entries.append(
+            {
+                "Name": ".gitattributes",
+                "Path": ".gitattributes",
+                "Type": "blob",
+                "Size": 0,
+                "Sha256": hashlib.sha256(b"").hexdigest(),
+                "Revision": self.revisions[revision]["commit"],
+            }
+        )
         return entries
 
     def _json(self, h: _Handler, req: Request, status: int, data, message: str = "success") -> None:
-        body = json.dumps({"Code": status, "Data": data, "Message": message, "RequestId": str(uuid.uuid4()),
-                           "Success": status == 200}).encode()
+        body = json.dumps(
+            {"Code": status, "Data": data, "Message": message, "RequestId": str(uuid.uuid4()), "Success": status == 200}
+        ).encode()
         req.status = status
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
@@ -337,10 +366,8 @@ class ModelScopeServer:
             req.cut = True
             h.close_connection = True
             h.wfile.flush()
-            try:
+            with contextlib.suppress(OSError):
                 h.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def serve(folder: str | Path, **kwargs) -> ModelScopeServer:

@@ -12,8 +12,10 @@ def read_tag(swanlog: str | Path, run_id: str, tag: str) -> list[dict]:
     swanlog = Path(swanlog)
     con = sqlite3.connect(f"file:{swanlog / 'runs.swanlab'}?mode=ro", uri=True)
     try:
-        row = con.execute("SELECT t.folder FROM tag t JOIN experiment e ON e.id = t.experiment_id "
-                          "WHERE e.run_id = ? AND t.name = ?", (run_id, tag)).fetchone()
+        row = con.execute(
+            "SELECT t.folder FROM tag t JOIN experiment e ON e.id = t.experiment_id WHERE e.run_id = ? AND t.name = ?",
+            (run_id, tag),
+        ).fetchone()
     finally:
         con.close()
     if row is None:

@@ -137,21 +137,20 @@ def helper(plan_path: str, results_path: str) -> None:
             shutil.copytree(step["src"], step["out"], symlinks=True)
             results.append({"out": step["out"], "status": "copied"})
             continue
-        log = open(Path(step["out"]).with_name(Path(step["out"]).name + ".log"), "w")
-        pid = os.fork()
-        if pid == 0:  # child: the writer
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-            try:
-                _run_step(step)
-            except BaseException:
-                import traceback
+        with open(Path(step["out"]).with_name(Path(step["out"]).name + ".log"), "w") as log:
+            pid = os.fork()
+            if pid == 0:  # child: the writer
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                try:
+                    _run_step(step)
+                except BaseException:
+                    import traceback
 
-                traceback.print_exc()
-                os._exit(1)
-            os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        log.close()
+                    traceback.print_exc()
+                    os._exit(1)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
             results.append({"out": step["out"], "status": f"killed {os.WTERMSIG(status)}"})
         else:
@@ -173,8 +172,11 @@ from hunyuan_lora.errors import UserError  # noqa: E402
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cfg_for(model: Path, out: Path, *overrides: str) -> config.Config:
@@ -186,10 +188,24 @@ def scenarios(patched_stand_in, tmp_path_factory):
     root = tmp_path_factory.mktemp("atomic")
     model = root / "stand-in"
     shutil.copytree(patched_stand_in, model)
-    d = {name: root / name / "out" for name in (
-        "data_prev", "data_mid", "data_delete", "data_fresh",
-        "train_prev", "adapter_mid", "adapter_swap", "manifest_mid", "adapter_fresh",
-        "merged_prev", "merged_mid", "merged_swap", "merged_fresh")}
+    d = {
+        name: root / name / "out"
+        for name in (
+            "data_prev",
+            "data_mid",
+            "data_delete",
+            "data_fresh",
+            "train_prev",
+            "adapter_mid",
+            "adapter_swap",
+            "manifest_mid",
+            "adapter_fresh",
+            "merged_prev",
+            "merged_mid",
+            "merged_swap",
+            "merged_fresh",
+        )
+    }
     for path in d.values():
         path.parent.mkdir()
     m = str(model)
@@ -205,14 +221,32 @@ def scenarios(patched_stand_in, tmp_path_factory):
         # adapter + manifest: a complete run (seed 1), then kills over copies of it (seed 0)
         {"stage": "copy", "src": d["data_prev"], "out": d["train_prev"]},
         {"stage": "train", "out": d["train_prev"], "model": m, "overrides": TRAIN_SETTINGS + ["run.seed=1"]},
-        *[s for name, hook in (("adapter_mid", "adapter-mid-write"), ("adapter_swap", "adapter-swap"),
-                               ("manifest_mid", "manifest-mid-write"))
-          for s in ({"stage": "copy", "src": d["train_prev"], "out": d[name]},
-                    {"stage": "train", "out": d[name], "model": m, "hook": hook,
-                     "overrides": TRAIN_SETTINGS + ["run.seed=0"]})],
+        *[
+            s
+            for name, hook in (
+                ("adapter_mid", "adapter-mid-write"),
+                ("adapter_swap", "adapter-swap"),
+                ("manifest_mid", "manifest-mid-write"),
+            )
+            for s in (
+                {"stage": "copy", "src": d["train_prev"], "out": d[name]},
+                {
+                    "stage": "train",
+                    "out": d[name],
+                    "model": m,
+                    "hook": hook,
+                    "overrides": TRAIN_SETTINGS + ["run.seed=0"],
+                },
+            )
+        ],
         {"stage": "copy", "src": d["data_prev"], "out": d["adapter_fresh"]},
-        {"stage": "train", "out": d["adapter_fresh"], "model": m, "hook": "adapter-mid-write",
-         "overrides": TRAIN_SETTINGS},
+        {
+            "stage": "train",
+            "out": d["adapter_fresh"],
+            "model": m,
+            "hook": "adapter-mid-write",
+            "overrides": TRAIN_SETTINGS,
+        },
         # merged model: complete, then kills over a copy of it and over a run without one
         {"stage": "copy", "src": d["train_prev"], "out": d["merged_prev"]},
         {"stage": "merge", "out": d["merged_prev"], "model": m},
@@ -225,9 +259,13 @@ def scenarios(patched_stand_in, tmp_path_factory):
     ]
     plan = [{k: str(v) if isinstance(v, Path) else v for k, v in step.items()} for step in plan]
     (root / "plan.json").write_text(json.dumps(plan, indent=1))
-    proc = subprocess.run([sys.executable, __file__, str(root / "plan.json"), str(root / "results.json")],
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        [sys.executable, __file__, str(root / "plan.json"), str(root / "results.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {Path(r["out"]).parent.name: r["status"] for r in json.loads((root / "results.json").read_text())}
     return {"dirs": d, "results": results, "model": model, "plan": plan}
@@ -274,7 +312,8 @@ def test_dataset_killed_while_deleting_the_old_one_leaves_the_new_one_complete(s
     assert {r.name: r.status for r in plan.rows}["dataset"] == "ok"
     assert json.loads((out / "data" / "stats.json").read_text())["max_length"] == 128  # the new one
     [aside] = out.glob(".data.previous-*")
-    assert aside.is_dir() and aside in preflight.leftovers(out)
+    assert aside.is_dir()
+    assert aside in preflight.leftovers(out)
 
 
 # -- adapter and manifest
@@ -298,11 +337,25 @@ def test_adapter_killed_during_the_swap_leaves_none_and_infer_says_so(scenarios)
         modeling.adapter_dir(cfg_for(scenarios["model"], out))
     rows = preflight.preflight(cfg_for(scenarios["model"], out), stage="check", echo=False).rows
     assert f"`mv {aside} {out / 'adapter'}` restores it" in " ".join(r.detail for r in rows)
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "infer.py"), "--config", str(DEMO),
-                           "--model-dir", str(scenarios["model"]), "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "no LoRA adapter" in proc.stderr and "make train" in " ".join(proc.stderr.split())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "infer.py"),
+            "--config",
+            str(DEMO),
+            "--model-dir",
+            str(scenarios["model"]),
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "no LoRA adapter" in proc.stderr
+    assert "make train" in " ".join(proc.stderr.split())
 
 
 def test_adapter_killed_without_a_previous_one_leaves_none(scenarios):

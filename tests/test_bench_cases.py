@@ -46,7 +46,7 @@ def test_tutorial_batch_16_samples_and_packed_cases_hold_the_same_samples(length
     mb16 = bench.make_batches("mb16", lengths, 2, 1024, PAD)
     cat16 = bench.make_batches("cat16", lengths, 2, 1024, PAD)
     for step in range(2):  # optimizer step = 4 micro-batches of mb4 = 1 of mb16 = 1 of cat16
-        tutorial = [n for b in mb4[4 * step:4 * step + 4] for n in b["attention_mask"].sum(1).tolist()]
+        tutorial = [n for b in mb4[4 * step : 4 * step + 4] for n in b["attention_mask"].sum(1).tolist()]
         assert tutorial == mb16[step]["attention_mask"].sum(1).tolist() == sample_lengths(cat16[step])
         assert cat16[step]["tokens"] == sum(tutorial) == mb16[step]["tokens"]
         assert cat16[step]["samples"] == 16
@@ -54,10 +54,13 @@ def test_tutorial_batch_16_samples_and_packed_cases_hold_the_same_samples(length
 
 def test_cat_is_one_row_without_padding_and_positions_restart_per_sample(lengths):
     (batch,) = bench.make_batches("cat16", lengths, 1, 1024, PAD)
-    assert batch["input_ids"].shape[0] == 1 and batch["tokens"] == batch["padded"] == batch["input_ids"].shape[1]
-    assert (batch["labels"] != -100).all() and (batch["input_ids"] != PAD).all()
+    assert batch["input_ids"].shape[0] == 1
+    assert batch["tokens"] == batch["padded"] == batch["input_ids"].shape[1]
+    assert (batch["labels"] != -100).all()
+    assert (batch["input_ids"] != PAD).all()
     first = sample_lengths(batch)[0]
-    assert batch["position_ids"][0, :first].tolist() == list(range(first)) and batch["position_ids"][0, first] == 0
+    assert batch["position_ids"][0, :first].tolist() == list(range(first))
+    assert batch["position_ids"][0, first] == 0
 
 
 def test_pack_fills_rows_with_whole_samples_and_masks_the_rest(lengths):
@@ -70,7 +73,8 @@ def test_pack_fills_rows_with_whole_samples_and_masks_the_rest(lengths):
 
 
 def test_case_names_parse_and_typos_are_refused():
-    assert bench.parse_case("cat16x1") == ("cat16", 1) and bench.parse_case("mb4x4") == ("mb4", 4)
+    assert bench.parse_case("cat16x1") == ("cat16", 1)
+    assert bench.parse_case("mb4x4") == ("mb4", 4)
     assert bench.parse_case("pack16384") == ("pack16384", 1)
     for bad in ("cat", "mbx4", "batch4", "pack16k"):
         with pytest.raises(SystemExit):

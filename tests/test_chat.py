@@ -18,11 +18,22 @@ pexpect = pytest.importorskip("pexpect")
 
 
 def _spawn(cfg, tmp_path, settings: str):
-    env = {**os.environ, "HL_CONFIG": str(REPO / "configs/demo.yaml"), "HL_MODEL_DIR": cfg.model.dir,
-           "HL_OUTPUT_DIR": str(tmp_path / "run"),
-           "HL_SET": f"infer.adapter={cfg.output_dir / 'adapter'} chat.do_sample=false {settings}"}
-    child = pexpect.spawn(sys.executable, [str(REPO / "scripts/chat.py")], env=env, cwd=str(REPO),
-                          encoding="utf-8", timeout=180, dimensions=(50, 400))
+    env = {
+        **os.environ,
+        "HL_CONFIG": str(REPO / "configs/demo.yaml"),
+        "HL_MODEL_DIR": cfg.model.dir,
+        "HL_OUTPUT_DIR": str(tmp_path / "run"),
+        "HL_SET": f"infer.adapter={cfg.output_dir / 'adapter'} chat.do_sample=false {settings}",
+    }
+    child = pexpect.spawn(
+        sys.executable,
+        [str(REPO / "scripts/chat.py")],
+        env=env,
+        cwd=str(REPO),
+        encoding="utf-8",
+        timeout=180,
+        dimensions=(50, 400),
+    )
     child.expect("thinking off")
     child.expect(">>> ")
     return child
@@ -42,8 +53,14 @@ def local(lora_run):
     plain = modeling.load_base_model(lora_run, runtime.placement(lora_run)).model.eval()
 
     def answer(messages, thinking=False, base=False):
-        return generation.answer(plain if base else loaded.model, tokenizer, messages, thinking=thinking,
-                                 sampling=generation.Sampling(max_new_tokens=8, do_sample=False))
+        return generation.answer(
+            plain if base else loaded.model,
+            tokenizer,
+            messages,
+            thinking=thinking,
+            sampling=generation.Sampling(max_new_tokens=8, do_sample=False),
+        )
+
     return answer
 
 
@@ -66,15 +83,19 @@ def test_a_conversation_with_history_modes_and_commands(lora_run, tmp_path, loca
     (transcript,) = (tmp_path / "run/chat").glob("*.jsonl")
     rows = [json.loads(line) for line in transcript.read_text(encoding="utf-8").splitlines()]
     assert [(r["user"], r["thinking"], r["adapter"]) for r in rows] == [
-        ("你是谁？", False, True), ("你父亲是谁？", False, True), ("你喜欢什么花？", True, True),
-        ("你是谁？", True, False), ("你是谁？", True, True)]
+        ("你是谁？", False, True),
+        ("你父亲是谁？", False, True),
+        ("你喜欢什么花？", True, True),
+        ("你是谁？", True, False),
+        ("你是谁？", True, True),
+    ]
     replies = [r["reply"] for r in rows]
     for printed, reply in zip((first, second, third, fourth, fifth), replies):
         assert reply in printed  # streamed to the terminal as generated
     assert sum(bool(r.strip()) for r in replies) >= 3, replies
+
     def ask(*turns):
-        return prompt.conversation(Record(system=None, turns=tuple(Turn(r, c) for r, c in turns), where="t"),
-                                   lora_run)
+        return prompt.conversation(Record(system=None, turns=tuple(Turn(r, c) for r, c in turns), where="t"), lora_run)
 
     u1, u2, u3 = ("user", "你是谁？"), ("user", "你父亲是谁？"), ("user", "你喜欢什么花？")
     a1, a2, a3 = (("assistant", r) for r in replies[:3])
@@ -109,15 +130,29 @@ def test_unknown_commands_are_refused_and_ctrl_c_at_the_prompt_leaves_make_chat_
     """Through `make chat`, as a user runs it. `/bogus` and `/` were sent to the model as prompts; and a
     Ctrl-C at the prompt reached make too, which waited for the chat and then exited 130 (Interrupt)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HL_")}
-    child = pexpect.spawn("make", ["--no-print-directory", "chat", "CONFIG=configs/demo.yaml",
-                                   f"MODEL_DIR={lora_run.model.dir}", f"OUTPUT_DIR={tmp_path / 'run'}",
-                                   f"SET=infer.adapter={lora_run.output_dir / 'adapter'} chat.max_new_tokens=8"],
-                          env=env, cwd=str(REPO), encoding="utf-8", timeout=180, dimensions=(50, 400))
+    child = pexpect.spawn(
+        "make",
+        [
+            "--no-print-directory",
+            "chat",
+            "CONFIG=configs/demo.yaml",
+            f"MODEL_DIR={lora_run.model.dir}",
+            f"OUTPUT_DIR={tmp_path / 'run'}",
+            f"SET=infer.adapter={lora_run.output_dir / 'adapter'} chat.max_new_tokens=8",
+        ],
+        env=env,
+        cwd=str(REPO),
+        encoding="utf-8",
+        timeout=180,
+        dimensions=(50, 400),
+    )
     child.expect(">>> ")
     for line in ("/bogus", "/", "/bogus with words"):
         printed = _say(child, line)
-        assert f"unknown command {line.split()[0]!r}; the commands are /think /no_think /base /adapter /reset " \
-               "/exit" in printed, printed
+        assert (
+            f"unknown command {line.split()[0]!r}; the commands are /think /no_think /base /adapter /reset "
+            "/exit" in printed
+        ), printed
     child.sendintr()  # at the prompt
     child.expect(r"/exit or Ctrl-D leaves")
     child.expect(">>> ")

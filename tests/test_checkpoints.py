@@ -42,11 +42,13 @@ def manifest(out: Path) -> dict:
 def test_train_loss_after_a_resume_is_the_whole_runs(finished_run, patched_stand_in, tmp_path):
     """As after a kill -9 between the checkpoints: only checkpoint-3 survives, the rerun trains 4-6."""
     out = tmp_path / "out"
-    shutil.copytree(finished_run, out, ignore=shutil.ignore_patterns("checkpoint-6", *checkpoints.PUBLISHED,
-                                                                     *checkpoints.RUN_LOG))
+    shutil.copytree(
+        finished_run, out, ignore=shutil.ignore_patterns("checkpoint-6", *checkpoints.PUBLISHED, *checkpoints.RUN_LOG)
+    )
     train.run(cfg_for(patched_stand_in, out))
     resumed, reference = manifest(out), manifest(finished_run)
-    assert resumed["resumed_from"] == str(out / "checkpoint-3") and resumed["global_step"] == 6
+    assert resumed["resumed_from"] == str(out / "checkpoint-3")
+    assert resumed["global_step"] == 6
     # the Trainer's own number here is steps 4-6's loss divided by 6 steps: about half
     assert resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-3)
 
@@ -69,10 +71,12 @@ def test_a_fresh_run_sets_the_earlier_one_aside(finished_run, patched_stand_in, 
     assert "set aside in" in capsys.readouterr().out
     (aside,) = (out / checkpoints.PREVIOUS_RUNS).iterdir()
     assert sorted(p.name for p in aside.iterdir()) == sorted(
-        ["checkpoint-3", "checkpoint-6", "checkpoint-9", *checkpoints.RUN_LOG])
+        ["checkpoint-3", "checkpoint-6", "checkpoint-9", *checkpoints.RUN_LOG]
+    )
     assert json.loads((aside / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6  # whole
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]  # only the new run's
-    assert manifest(out)["global_step"] == 3 and manifest(out)["resumed_from"] is None
+    assert manifest(out)["global_step"] == 3
+    assert manifest(out)["resumed_from"] is None
     assert manifest(out / "adapter") == manifest(out)  # the new run's adapter replaced the earlier one
 
 
@@ -84,7 +88,8 @@ def test_a_killed_fresh_run_is_not_taken_for_the_finished_earlier_one(finished_r
     # the fresh run, killed after its last save: a checkpoint written now, after the earlier adapter
     shutil.copytree(finished_run / "checkpoint-6", out / "checkpoint-6", copy_function=shutil.copy)
     point = checkpoints.resume_point(cfg_for(patched_stand_in, out))
-    assert point.step == 6 and not checkpoints.published_from(out, point)
+    assert point.step == 6
+    assert not checkpoints.published_from(out, point)
     assert checkpoints.published_from(finished_run, checkpoints.resume_point(cfg_for(patched_stand_in, finished_run)))
 
 

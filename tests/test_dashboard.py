@@ -20,15 +20,24 @@ from test_tracking import REPO, demo_run
 from hunyuan_lora import tracking
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
-                       reason=f"needs Debian's browser ({CHROMIUM}, {CHROMEDRIVER}): "
-                              "apt-get install -y chromium chromium-driver"),
+    pytest.mark.skipif(
+        not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+        reason=f"needs Debian's browser ({CHROMIUM}, {CHROMEDRIVER}): apt-get install -y chromium chromium-driver",
+    ),
 ]
 
 # Non-transparent pixels of the canvas under the chart titled arguments[0]; -1 while no such chart
@@ -76,9 +85,24 @@ def dashboard(tmp_path_factory, patched_stand_in):
     log = tmp_path_factory.mktemp("watch") / "watch.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "scripts/watch.py", "--config", "configs/demo.yaml", "--model-dir", str(patched_stand_in),
-             "--output-dir", str(cfg.output_dir), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "scripts/watch.py",
+                "--config",
+                "configs/demo.yaml",
+                "--model-dir",
+                str(patched_stand_in),
+                "--output-dir",
+                str(cfg.output_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -132,12 +156,18 @@ def test_experiment_page_draws_the_loss_chart(dashboard, browser, tmp_path):
     (exp,) = tracking.local_experiments(cfg.output_dir / "swanlog")
     browser.get(f"{url}/experiment/{exp['id']}")
 
-    pixels = _wait_for(lambda: max(browser.execute_script(CHART_PIXELS_JS, "train/loss"), 0), 60 * WAIT_FACTOR,
-                       "the train/loss chart to be drawn")
+    pixels = _wait_for(
+        lambda: max(browser.execute_script(CHART_PIXELS_JS, "train/loss"), 0),
+        60 * WAIT_FACTOR,
+        "the train/loss chart to be drawn",
+    )
     assert pixels > 500  # axes, labels and the curve, not a blank canvas
     for title in ("eval/loss", "perf/tokens_per_second"):
-        _wait_for(lambda title=title: browser.execute_script(CHART_PIXELS_JS, title) > 0, 30 * WAIT_FACTOR,
-                  f"the {title} chart")
+        _wait_for(
+            lambda title=title: browser.execute_script(CHART_PIXELS_JS, title) > 0,
+            30 * WAIT_FACTOR,
+            f"the {title} chart",
+        )
     # the before/after table: its rows load when the panel is on screen
     samples = browser.find_element(By.XPATH, "//p[normalize-space()='samples/generations']")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", samples)
@@ -148,14 +178,17 @@ def test_experiment_page_draws_the_loss_chart(dashboard, browser, tmp_path):
         return text if f"after: {prompt}" in text else ""
 
     body = _wait_for(page_text_once_the_rows_are_in, 30 * WAIT_FACTOR, "the sample generations table")
-    assert cfg.run.name in body and f"before: {prompt}" in body
+    assert cfg.run.name in body
+    assert f"before: {prompt}" in body
 
-    title = browser.find_element(By.XPATH, "//section[contains(@class, 'chart-container')]"
-                                           "//p[normalize-space()='train/loss']")
+    title = browser.find_element(
+        By.XPATH, "//section[contains(@class, 'chart-container')]//p[normalize-space()='train/loss']"
+    )
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", title)
     shot = tmp_path / "dashboard.png"
     assert browser.save_screenshot(str(shot))
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 20_000
     keep = os.environ.get("DASHBOARD_SCREENSHOT")  # to look at it: DASHBOARD_SCREENSHOT=/tmp/d.png pytest ...
     if keep:
         shutil.copy(shot, keep)

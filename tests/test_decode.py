@@ -50,15 +50,32 @@ def test_decode_logits_equal_the_full_forward_at_every_position(moe_impl, cache_
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # (B, T, V)
         T, prefill = ids.shape[1], 5
-        cache = (StaticCache(base.config, max_batch_size=2, max_cache_len=T + 3, device="cpu", dtype=torch.float32)
-                 if cache_kind == "static" else DynamicCache())
-        steps = [model(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill],
-                       position_ids=positions[:, :prefill], past_key_values=cache,
-                       cache_position=torch.arange(prefill), use_cache=True).logits]
+        cache = (
+            StaticCache(base.config, max_batch_size=2, max_cache_len=T + 3, device="cpu", dtype=torch.float32)
+            if cache_kind == "static"
+            else DynamicCache()
+        )
+        steps = [
+            model(
+                input_ids=ids[:, :prefill],
+                attention_mask=mask[:, :prefill],
+                position_ids=positions[:, :prefill],
+                past_key_values=cache,
+                cache_position=torch.arange(prefill),
+                use_cache=True,
+            ).logits
+        ]
         for t in range(prefill, T):
-            steps.append(model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1],
-                               position_ids=positions[:, t:t + 1], past_key_values=cache,
-                               cache_position=torch.tensor([t]), use_cache=True).logits)
+            steps.append(
+                model(
+                    input_ids=ids[:, t : t + 1],
+                    attention_mask=mask[:, : t + 1],
+                    position_ids=positions[:, t : t + 1],
+                    past_key_values=cache,
+                    cache_position=torch.tensor([t]),
+                    use_cache=True,
+                ).logits
+            )
     decoded = torch.cat(steps, dim=1)
     real = mask.bool()  # a left-pad position's logits are not defined by anything
     assert decoded.shape == full.shape
@@ -72,13 +89,22 @@ def test_greedy_tokens_batched_with_left_padding_equal_one_prompt_at_a_time(cach
     model = lora_model("fast")
     base = model.get_base_model()
     rows = prompts(base.config.vocab_size, [3, 11, 7, 1])
-    kwargs = {"max_new_tokens": 9, "do_sample": False, "pad_token_id": base.config.pad_token_id,
-              "eos_token_id": None, "cache_implementation": cache_implementation}
+    kwargs = {
+        "max_new_tokens": 9,
+        "do_sample": False,
+        "pad_token_id": base.config.pad_token_id,
+        "eos_token_id": None,
+        "cache_implementation": cache_implementation,
+    }
     with torch.no_grad():
-        alone = [model.generate(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
-                                **kwargs)[0, len(r):].tolist() for r in rows]
+        alone = [
+            model.generate(
+                input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long), **kwargs
+            )[0, len(r) :].tolist()
+            for r in rows
+        ]
         ids, mask = left_padded(rows, base.config.pad_token_id)
-        batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:].tolist()
+        batched = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :].tolist()
     assert all(len(a) == 9 for a in alone)
     assert batched == alone
     if cache_implementation == "static":
@@ -90,9 +116,22 @@ def cuda_nf4_model(dtype):
     from hunyuan_lora.hunyuan.random_init import quantize_linears_
 
     torch.manual_seed(0)
-    config = HunYuanConfig(**(stand_in_config() | dict(
-        hidden_size=256, intermediate_size=128, moe_intermediate_size=[128] * 2, num_experts=16, moe_topk=[4] * 2,
-        num_attention_heads=4, num_key_value_heads=2, attention_head_dim=64, attention_dropout=0.0)))
+    config = HunYuanConfig(
+        **(
+            stand_in_config()
+            | {
+                "hidden_size": 256,
+                "intermediate_size": 128,
+                "moe_intermediate_size": [128] * 2,
+                "num_experts": 16,
+                "moe_topk": [4] * 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "attention_head_dim": 64,
+                "attention_dropout": 0.0,
+            }
+        )
+    )
     config.moe_impl = "fast"
     base = HunYuanMoEV1ForCausalLM(config).to("cuda", dtype)
     for layer in base.model.layers:
@@ -105,7 +144,9 @@ def cuda_nf4_model(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype,lengths,tolerance", [(torch.float32, [12], 1e-4), (torch.bfloat16, [12, 7], 5e-2)])
+@pytest.mark.parametrize(
+    ("dtype", "lengths", "tolerance"), [(torch.float32, [12], 1e-4), (torch.bfloat16, [12, 7], 5e-2)]
+)
 def test_cuda_decode_graphs_give_the_full_forward_logits(dtype, lengths, tolerance):
     """generate with the StaticCache: decode steps replayed as CUDA graphs (batch 1: the one-token NF4 path;
     batch 2, left padding: the grouped path) against one full-sequence forward over the same tokens."""
@@ -114,14 +155,23 @@ def test_cuda_decode_graphs_give_the_full_forward_logits(dtype, lengths, toleran
     ids, mask = left_padded(prompts(base.config.vocab_size, lengths), base.config.pad_token_id)
     ids, mask = ids.cuda(), mask.cuda()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
-                             pad_token_id=base.config.pad_token_id, cache_implementation="static",
-                             disable_compile=True, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=base.config.pad_token_id,
+            cache_implementation="static",
+            disable_compile=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         seq = out.sequences
-        full_mask = torch.cat([mask, torch.ones_like(seq[:, ids.shape[1]:])], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(seq[:, ids.shape[1] :])], dim=1)
         positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
         full = model(input_ids=seq, attention_mask=full_mask, position_ids=positions).logits.float()
     decoded = torch.stack(out.logits, dim=1).float()  # (B, 6, V): the prefill's last position, then 5 decode steps
-    expected = full[:, ids.shape[1] - 1:-1]
+    expected = full[:, ids.shape[1] - 1 : -1]
     assert base._decode_graphs.graphs.captures >= 1  # the decode steps ran as graphs
     assert rel(decoded, expected) < tolerance

@@ -40,8 +40,16 @@ def ms_env(tmp_path, monkeypatch) -> dict[str, str]:
 
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope-cache"))
     monkeypatch.setattr(ModelScopeConfig, "path_credential", str(tmp_path / "modelscope-credentials"))
-    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
-                "MODELSCOPE_SDK_DEBUG", "MODELSCOPE_DOMAIN"):
+    for var in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "MODELSCOPE_SDK_DEBUG",
+        "MODELSCOPE_DOMAIN",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     return os.environ
@@ -72,23 +80,34 @@ def fake_model(tmp_path) -> Path:
     d.mkdir()
     rng = random.Random(0)
     files = {
-        "config.json": json.dumps({"model_type": "hunyuan", "auto_map": {
-            "AutoConfig": "configuration_hunyuan.HunYuanConfig",
-            "AutoModel": "hunyuan.HunYuanModel",
-            "AutoModelForCausalLM": "hunyuan.HunYuanMoEV1ForCausalLM"}}).encode(),
+        "config.json": json.dumps(
+            {
+                "model_type": "hunyuan",
+                "auto_map": {
+                    "AutoConfig": "configuration_hunyuan.HunYuanConfig",
+                    "AutoModel": "hunyuan.HunYuanModel",
+                    "AutoModelForCausalLM": "hunyuan.HunYuanMoEV1ForCausalLM",
+                },
+            }
+        ).encode(),
         "configuration_hunyuan.py": b"class HunYuanConfig: pass\n",
         "hunyuan.py": b"from .configuration_hunyuan import HunYuanConfig\n"
-                      b"from .modeling_hunyuan import HunYuanDecoderLayer\n",
+        b"from .modeling_hunyuan import HunYuanDecoderLayer\n",
         "modeling_hunyuan.py": b"class HunYuanDecoderLayer: pass\n",
         "tokenization_hy.py": b"VOCAB_FILES_NAMES = {'vocab_file': 'hy.tiktoken'}\n",
-        "tokenizer_config.json": json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_hy.HYTokenizer", None]}}
-                                            ).encode(),
+        "tokenizer_config.json": json.dumps(
+            {"auto_map": {"AutoTokenizer": ["tokenization_hy.HYTokenizer", None]}}
+        ).encode(),
         "hy.tiktoken": b"IQ== 0\nIg== 1\n",
         "generation_config.json": b'{"eos_token_id": [127960, 127967]}',
         SHARD1: rng.randbytes(SHARD1_SIZE),
         SHARD2: rng.randbytes(3000),
-        "model.safetensors.index.json": json.dumps({"metadata": {"total_size": SHARD1_SIZE + 3000}, "weight_map": {
-            "model.embed_tokens.weight": SHARD1, "model.norm.weight": SHARD2}}).encode(),
+        "model.safetensors.index.json": json.dumps(
+            {
+                "metadata": {"total_size": SHARD1_SIZE + 3000},
+                "weight_map": {"model.embed_tokens.weight": SHARD1, "model.norm.weight": SHARD2},
+            }
+        ).encode(),
     }
     for name, data in files.items():
         (d / name).write_bytes(data)
@@ -103,8 +122,11 @@ def make_cfg(tmp_path: Path, **model) -> config.Config:
 
 def model_files(folder: Path) -> dict[str, bytes]:
     """The model's own files in a folder (not modelscope's .msc/.mv/.mdl, not download.json)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.startswith(".") and p.name != model_folder.PROVENANCE_FILE}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".") and p.name != model_folder.PROVENANCE_FILE
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +141,8 @@ def test_download_stand_in_is_byte_identical_and_recorded(stand_in_dir, modelsco
 
     assert folder == tmp_path / "cache" / MODEL_ID
     source = model_files(stand_in_dir)
-    assert SHARD1 in source and "hy.tiktoken" in source  # the stand-in has the real file names
+    assert SHARD1 in source
+    assert "hy.tiktoken" in source
     assert model_files(folder) == source
     assert sorted(r.file for r in srv.file_requests()) == sorted(source)  # each file fetched once
     assert all(r.query["Revision"] == "v1.0.0" for r in srv.file_requests())
@@ -130,8 +153,10 @@ def test_download_stand_in_is_byte_identical_and_recorded(stand_in_dir, modelsco
     assert record["commit"] == srv.commit("v1.0.0") != srv.commit("master")
     assert record["endpoint"] == f"https://{srv.domain}"
     assert record["modelscope_version"] == "1.25.0"
-    assert record["files"] == [{"path": p, "size": len(b), "sha256": hashlib.sha256(b).hexdigest(),
-                                "commit": srv.commit("v1.0.0")} for p, b in sorted(source.items())]
+    assert record["files"] == [
+        {"path": p, "size": len(b), "sha256": hashlib.sha256(b).hexdigest(), "commit": srv.commit("v1.0.0")}
+        for p, b in sorted(source.items())
+    ]
     assert record["total_bytes"] == sum(len(b) for b in source.values())
     assert "MODEL_DIR" not in capsys.readouterr().out  # model.dir already is the download folder
     assert srv.errors == []
@@ -158,8 +183,10 @@ def test_config_without_auto_map_asks_for_another_revision(fake_model, modelscop
     with pytest.raises(UserError) as e:
         download.run(make_cfg(tmp_path))
     assert e.value.where == "model.revision"
-    assert "auto_map" in e.value.what and "4.51.3" in e.value.what
-    assert "model.revision" in e.value.fix and "tags: v1.0.0" in e.value.fix
+    assert "auto_map" in e.value.what
+    assert "4.51.3" in e.value.what
+    assert "model.revision" in e.value.fix
+    assert "tags: v1.0.0" in e.value.fix
     assert [r.file for r in srv.file_requests()] == ["config.json"]  # stopped before the weights
     assert not (tmp_path / "cache" / MODEL_ID / "download.json").exists()
 
@@ -175,7 +202,8 @@ def test_verify_rejects_a_downloaded_config_without_auto_map(stand_in_dir, tmp_p
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError) as e:
         model_folder.verify(folder, None)
-    assert e.value.where == "model.revision" and "auto_map" in e.value.what
+    assert e.value.where == "model.revision"
+    assert "auto_map" in e.value.what
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +219,8 @@ def test_not_enough_disk_from_the_server_listing(fake_model, modelscope_server, 
     with pytest.raises(UserError) as e:
         download.run(make_cfg(tmp_path))
     assert e.value.where == "model.cache_dir"
-    assert "free" in e.value.what and "1000000000.0 GB needed" in e.value.what
+    assert "free" in e.value.what
+    assert "1000000000.0 GB needed" in e.value.what
     assert "/root/autodl-tmp" in e.value.fix
     assert srv.file_requests() == []
     assert no_files_under(tmp_path / "cache")
@@ -201,7 +230,8 @@ def test_not_enough_disk_falls_back_to_download_size_gb(fake_model, modelscope_s
     srv = modelscope_server(fake_model, broken_file_list=True)  # no sizes to sum
     with pytest.raises(UserError) as e:
         download.run(make_cfg(tmp_path, download_size_gb=1e9))
-    assert e.value.where == "model.cache_dir" and "download_size_gb" in e.value.what
+    assert e.value.where == "model.cache_dir"
+    assert "download_size_gb" in e.value.what
     assert "unexpected shape" in capsys.readouterr().out
     assert srv.file_requests() == []
     assert no_files_under(tmp_path / "cache")
@@ -213,8 +243,12 @@ def test_disk_need_counts_only_what_is_missing(tmp_path):
     (folder / "done.bin").write_bytes(b"x" * 100)  # complete
     (folder / "stale.bin").write_bytes(b"x" * 7)  # wrong size: fetched again in full
     (temp / "partial.bin").write_bytes(b"x" * 40)  # resumed from byte 40
-    files = {"done.bin": {"Size": 100}, "stale.bin": {"Size": 50}, "partial.bin": {"Size": 90},
-             "new.bin": {"Size": 1000}}
+    files = {
+        "done.bin": {"Size": 100},
+        "stale.bin": {"Size": 50},
+        "partial.bin": {"Size": 90},
+        "new.bin": {"Size": 1000},
+    }
     assert download.bytes_missing(folder, temp, files) == 50 + 50 + 1000
 
 
@@ -230,11 +264,14 @@ def test_cut_transfer_is_resumed_and_ends_complete(fake_model, modelscope_server
 
     assert model_files(folder) == model_files(fake_model)
     first, second = srv.file_requests(SHARD1)  # exactly two transfers of the cut file
-    assert first.cut and first.body_bytes == cut
+    assert first.cut
+    assert first.body_bytes == cut
     # modelscope keeps the bytes it wrote (whole 1 MiB chunks) and asks for the rest with Range.
     start = int(re.fullmatch(r"bytes=(\d+)-(\d+)", second.range)[1])
-    assert second.range == f"bytes={start}-{SHARD1_SIZE - 1}" and 0 <= start <= cut
-    assert second.status == 206 and second.body_bytes == SHARD1_SIZE - start
+    assert second.range == f"bytes={start}-{SHARD1_SIZE - 1}"
+    assert 0 <= start <= cut
+    assert second.status == 206
+    assert second.body_bytes == SHARD1_SIZE - start
     others = [r.file for r in srv.file_requests() if r.file != SHARD1]
     assert sorted(others) == sorted(set(model_files(fake_model)) - {SHARD1})  # nothing else refetched
     assert json.loads((folder / "download.json").read_text())["revision_resolved"] == "master"
@@ -274,8 +311,9 @@ def test_shard_named_in_index_but_missing(fake_model, modelscope_server, tmp_pat
     with pytest.raises(UserError) as e:
         download.run(make_cfg(tmp_path))
     assert e.value.where == "model.dir"
-    assert f"{SHARD2} (named in model.safetensors.index.json) is missing and the server does not list it" \
-        in e.value.what
+    assert (
+        f"{SHARD2} (named in model.safetensors.index.json) is missing and the server does not list it" in e.value.what
+    )
     assert SHARD1 not in e.value.what
     assert SHARD2 not in {r.file for r in srv.file_requests()}
 
@@ -289,7 +327,8 @@ def test_verify_follows_relative_imports_of_the_auto_map_code(stand_in_dir, tmp_
     (folder / "hy.tiktoken").unlink()
     with pytest.raises(UserError) as e:
         model_folder.verify(folder, None)
-    assert "modeling_hunyuan.py" in e.value.what and "hy.tiktoken" in e.value.what
+    assert "modeling_hunyuan.py" in e.value.what
+    assert "hy.tiktoken" in e.value.what
     reported = set(re.findall(r"([\w.-]+) (?:\(|is missing)", e.value.what))
     assert reported == {"modeling_hunyuan.py", "hy.tiktoken"}  # and nothing that is present
 
@@ -302,13 +341,26 @@ def test_script_reports_a_bad_revision_in_one_paragraph(fake_model, modelscope_s
     modelscope_server(fake_model)
     env = {**os.environ, "HOME": str(tmp_path / "home")}  # the child's ~/.modelscope stays in tmp_path
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "download.py"),
-         "--set", f"model.cache_dir={tmp_path / 'cache'}", "--set", "model.revision=no-such-tag"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "download.py"),
+            "--set",
+            f"model.cache_dir={tmp_path / 'cache'}",
+            "--set",
+            "model.revision=no-such-tag",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    paragraph = proc.stderr[proc.stderr.index("error: "):].strip()
-    assert proc.stderr.count("error: ") == 1 and "\n\n" not in paragraph
-    assert "model.revision" in paragraph and "no-such-tag" in paragraph and "v1.0.0" in paragraph
+    paragraph = proc.stderr[proc.stderr.index("error: ") :].strip()
+    assert proc.stderr.count("error: ") == 1
+    assert "\n\n" not in paragraph
+    assert "model.revision" in paragraph
+    assert "no-such-tag" in paragraph
+    assert "v1.0.0" in paragraph
     assert no_files_under(tmp_path / "cache")

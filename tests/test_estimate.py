@@ -9,17 +9,24 @@ from hunyuan_lora import config, estimate
 from hunyuan_lora.hunyuan.a13b import real_config
 
 
-@pytest.mark.parametrize("examples,batch,accumulation,epochs,steps", [
-    (3729, 4, 4, 1, 233),  # the tutorial: ceil(3729 / 4) = 933 batches, // 4 = 233
-    (41, 4, 1, 1, 11),  # the last, short batch is a step of its own: ceil, not floor (10)
-    (41, 4, 2, 1, 5),  # 11 batches // 2: the Trainer drops the incomplete accumulation
-    (41, 4, 1, 1.5, 17),  # ceil(1.5 x 11): a fraction of an epoch rounds up
-    (3, 4, 4, 1, 1),  # fewer batches than one accumulation: still one step
-])
+@pytest.mark.parametrize(
+    ("examples", "batch", "accumulation", "epochs", "steps"),
+    [
+        (3729, 4, 4, 1, 233),  # the tutorial: ceil(3729 / 4) = 933 batches, // 4 = 233
+        (41, 4, 1, 1, 11),  # the last, short batch is a step of its own: ceil, not floor (10)
+        (41, 4, 2, 1, 5),  # 11 batches // 2: the Trainer drops the incomplete accumulation
+        (41, 4, 1, 1.5, 17),  # ceil(1.5 x 11): a fraction of an epoch rounds up
+        (3, 4, 4, 1, 1),  # fewer batches than one accumulation: still one step
+    ],
+)
 def test_expected_steps_is_the_trainers_count(examples, batch, accumulation, epochs, steps):
-    cfg = config.load(overrides=[f"train.per_device_train_batch_size={batch}",
-                                 f"train.gradient_accumulation_steps={accumulation}",
-                                 f"train.num_train_epochs={epochs}"])
+    cfg = config.load(
+        overrides=[
+            f"train.per_device_train_batch_size={batch}",
+            f"train.gradient_accumulation_steps={accumulation}",
+            f"train.num_train_epochs={epochs}",
+        ]
+    )
     assert estimate.expected_steps(cfg, examples) == steps
 
 

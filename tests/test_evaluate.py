@@ -22,25 +22,34 @@ def cfg(lora_run, tmp_path):
     """The run with its adapter, its own output folder, a quarter of the sample data held out, answered
     three records at a time (a batch of three, left-padded, and one alone)."""
     return dataclasses.replace(
-        lora_run, run=dataclasses.replace(lora_run.run, output_dir=str(tmp_path / "run")),
+        lora_run,
+        run=dataclasses.replace(lora_run.run, output_dir=str(tmp_path / "run")),
         infer=dataclasses.replace(lora_run.infer, adapter=str(lora_run.output_dir / "adapter")),
         data=dataclasses.replace(lora_run.data, eval_ratio=0.25),
-        eval=dataclasses.replace(lora_run.eval, max_new_tokens=8, limit=4, report_samples=3, batch_size=3))
+        eval=dataclasses.replace(lora_run.eval, max_new_tokens=8, limit=4, report_samples=3, batch_size=3),
+    )
 
 
 def test_scores_are_llama_factorys():
     same = evaluate.scores("臣妾甄嬛", "臣妾甄嬛")
     assert same["rouge-1"] == same["rouge-l"] == same["exact_match"] == 100.0
-    assert evaluate.scores("", "臣妾甄嬛") == {"bleu-4": 0.0, "rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0,
-                                            "exact_match": 0.0}
+    assert evaluate.scores("", "臣妾甄嬛") == {
+        "bleu-4": 0.0,
+        "rouge-1": 0.0,
+        "rouge-2": 0.0,
+        "rouge-l": 0.0,
+        "exact_match": 0.0,
+    }
     # characters for BLEU (nltk, smoothing method 3), jieba words for ROUGE (rouge-chinese)
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
     pred, ref = "臣妾甄嬛，入宫侍奉。", "臣妾甄嬛，蒙皇上恩典，入宫侍奉左右。"
     got = evaluate.scores(pred, ref)
-    assert got["bleu-4"] == round(100 * sentence_bleu([list(ref)], list(pred),
-                                                      smoothing_function=SmoothingFunction().method3), 4)
-    assert 0 < got["rouge-2"] < got["rouge-1"] < 100 and got["exact_match"] == 0
+    assert got["bleu-4"] == round(
+        100 * sentence_bleu([list(ref)], list(pred), smoothing_function=SmoothingFunction().method3), 4
+    )
+    assert 0 < got["rouge-2"] < got["rouge-1"] < 100
+    assert got["exact_match"] == 0
 
 
 def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg, capsys):
@@ -53,7 +62,8 @@ def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg
     summary = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
     held = [json.loads(line) for line in (cfg.output_dir / "data/eval.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(held) == 10 and summary["records"] == len(rows) == 4  # eval.limit
+    assert len(held) == 10
+    assert summary["records"] == len(rows) == 4
     assert [r["reference"] for r in rows] == [h["messages"][-1]["content"] for h in held[:4]]
     assert set(summary["metrics"]) == {"adapter", "base"}
     for side in ("adapter", "base"):  # the means of the rows' own scores, each from its answer
@@ -69,13 +79,15 @@ def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg
     for row, record in zip(rows, records_):
         messages = prompt.prompt_messages(record, cfg)
         for side, model in (("adapter", loaded.model), ("base", plain)):
-            text = generation.answer(model, tokenizer, messages, thinking=prompt.is_thinking(record.answer),
-                                     sampling=greedy)
+            text = generation.answer(
+                model, tokenizer, messages, thinking=prompt.is_thinking(record.answer), sampling=greedy
+            )
             assert row[f"{side}_raw"] == text
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "| metric | adapter | base |" in report
     assert f"| rouge-l | {summary['metrics']['adapter']['rouge-l']:.2f}" in report
-    assert report.count(rows[0]["reference"]) >= 1 and rows[3]["reference"] not in report.split("answers")[-1]
+    assert report.count(rows[0]["reference"]) >= 1
+    assert rows[3]["reference"] not in report.split("answers")[-1]
     assert "adapter: bleu-4" in capsys.readouterr().out
     (experiment,) = [e for e in tracking.local_experiments(cfg.output_dir / "swanlog") if e["name"] == "demo-eval"]
     assert experiment["status"] == "finished"
@@ -83,14 +95,23 @@ def test_eval_on_the_held_out_split_writes_scores_answers_report_and_swanlab(cfg
 
 def test_eval_file_in_another_format(cfg, tmp_path):
     test_file = tmp_path / "test.json"
-    test_file.write_text(json.dumps([{"conversations": [{"from": "human", "value": "你是谁？"},
-                                                        {"from": "gpt", "value": "臣妾甄嬛。"}]}], ensure_ascii=False),
-                         encoding="utf-8")
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, compare_base=False),
-                              swanlab=dataclasses.replace(cfg.swanlab, mode="disabled"))
+    test_file.write_text(
+        json.dumps(
+            [{"conversations": [{"from": "human", "value": "你是谁？"}, {"from": "gpt", "value": "臣妾甄嬛。"}]}],
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
+    cfg = dataclasses.replace(
+        cfg,
+        eval=dataclasses.replace(cfg.eval, compare_base=False),
+        swanlab=dataclasses.replace(cfg.swanlab, mode="disabled"),
+    )
     out = evaluate.run(cfg, eval_file=str(test_file))  # make eval EVAL=test.json
     summary = json.loads((out / "eval.json").read_text(encoding="utf-8"))
-    assert summary["source"] == str(test_file) and summary["records"] == 1 and list(summary["metrics"]) == ["adapter"]
+    assert summary["source"] == str(test_file)
+    assert summary["records"] == 1
+    assert list(summary["metrics"]) == ["adapter"]
     (row,) = [json.loads(line) for line in (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
     assert (row["prompt"], row["reference"]) == ("你是谁？", "臣妾甄嬛。")
 
@@ -116,4 +137,5 @@ def test_a_missing_eval_file_names_eval(cfg, tmp_path):
         with pytest.raises(UserError) as e:
             evaluate.run(cfg, eval_file=str(path))
         assert str(e.value).startswith(f"EVAL (eval.input): the evaluation file {path} ")
-        assert "data.path" not in str(e.value) and "DATA=" not in str(e.value)
+        assert "data.path" not in str(e.value)
+        assert "DATA=" not in str(e.value)

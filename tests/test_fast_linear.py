@@ -89,9 +89,11 @@ def forward_backward(model, checkpointing: bool):
     return out
 
 
-@pytest.mark.parametrize("quant,stacked,overrides", [("nf4", True, {}), ("nf4", False, ALIGNED),
-                                                     ("bf16", True, ALIGNED), ("bf16", False, {})],
-                         ids=["nf4-stacked", "nf4-per-expert-aligned", "plain-stacked-aligned", "plain-per-expert"])
+@pytest.mark.parametrize(
+    ("quant", "stacked", "overrides"),
+    [("nf4", True, {}), ("nf4", False, ALIGNED), ("bf16", True, ALIGNED), ("bf16", False, {})],
+    ids=["nf4-stacked", "nf4-per-expert-aligned", "plain-stacked-aligned", "plain-per-expert"],
+)
 def test_fast_model_matches_peft_modules(quant, stacked, overrides):
     ref, fast = pair(quant, stacked, **overrides)
     out_ref = forward_backward(ref, checkpointing=True)
@@ -99,7 +101,8 @@ def test_fast_model_matches_peft_modules(quant, stacked, overrides):
     assert fast.base_model.model.model.layers[0].self_attn.__dict__["_fast_linear_plans"]  # the dense path ran
     assert rel(out_fast.logits, out_ref.logits) < 1e-5
     g_ref, g_fast = per_expert_grads(ref), per_expert_grads(fast)
-    assert g_ref.keys() == g_fast.keys() and len(g_ref) == 2 * (4 + 3 + 8 * 3) * 2
+    assert g_ref.keys() == g_fast.keys()
+    assert len(g_ref) == 2 * (4 + 3 + 8 * 3) * 2
     for name in g_ref:
         assert rel(g_fast[name], g_ref[name]) < 1e-5 or g_ref[name].norm() == g_fast[name].norm() == 0, name
     assert sum(bool(g.norm() > 0) for g in g_ref.values()) > len(g_ref) // 2
@@ -109,15 +112,18 @@ def test_packed_nf4_is_bitsandbytes_per_module():
     """q/k/v's codes become slices of one buffer; its one decode == bitsandbytes' decode of each, bit for bit."""
     model = nf4_model(tiny_config())
     attn = model.model.layers[0].self_attn
-    want = torch.cat([bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in (attn.q_proj, attn.k_proj,
-                                                                                            attn.v_proj)])
+    want = torch.cat(
+        [bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    )
     packed = fast_linear.PackedNF4([attn.q_proj, attn.k_proj, attn.v_proj])
     got = packed.materialize()
-    assert got.shape == want.shape and torch.equal(got, want)
+    assert got.shape == want.shape
+    assert torch.equal(got, want)
     codes = [m.weight.data for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    assert fast_linear._is_joined(codes) and packed.data.data_ptr() == codes[0].data_ptr()
+    assert fast_linear._is_joined(codes)
+    assert packed.data.data_ptr() == codes[0].data_ptr()
     again = bnbf.dequantize_4bit(attn.k_proj.weight.data, attn.k_proj.weight.quant_state)  # the module's own view
-    assert torch.equal(again, want[attn.q_proj.out_features:][:attn.k_proj.out_features])
+    assert torch.equal(again, want[attn.q_proj.out_features :][: attn.k_proj.out_features])
 
 
 def test_fast_dense_never_keeps_a_dequantised_weight():
@@ -129,9 +135,11 @@ def test_fast_dense_never_keeps_a_dequantised_weight():
     x = torch.randn(1, 7, attn.q_proj.in_features, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         q, _, _ = fast_linear.linears_fast(attn, ("q_proj", "k_proj", "v_proj"), x)
-    assert saved and weight_size not in saved
+    assert saved
+    assert weight_size not in saved
     q.sum().backward()
-    assert x.grad is not None and x.grad.norm() > 0
+    assert x.grad is not None
+    assert x.grad.norm() > 0
 
 
 def test_dense_plan_follows_a_conversion():
@@ -142,7 +150,8 @@ def test_dense_plan_follows_a_conversion():
         fast(input_ids=ids)
         ref.double(), fast.double()
         got, want = fast(input_ids=ids).logits, ref(input_ids=ids).logits
-    assert got.dtype == want.dtype == torch.float64 and rel(got, want) < 1e-10
+    assert got.dtype == want.dtype == torch.float64
+    assert rel(got, want) < 1e-10
 
 
 def test_unsupported_lora_falls_back_to_the_modules():
@@ -156,7 +165,8 @@ def test_unsupported_lora_falls_back_to_the_modules():
     with torch.no_grad():
         assert rel(fast(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-6
     plans = fast.base_model.model.model.layers[0].self_attn.__dict__["_fast_linear_plans"]
-    assert ("q_proj", "k_proj", "v_proj") not in plans and ("o_proj",) in plans  # o_proj has no LoRA: fast
+    assert ("q_proj", "k_proj", "v_proj") not in plans
+    assert ("o_proj",) in plans
 
 
 def test_stacked_lora_keeps_peft_format(tmp_path):
@@ -170,12 +180,16 @@ def test_stacked_lora_keeps_peft_format(tmp_path):
     assert sum(p.requires_grad for p in fast.parameters()) == tensors - layers * 3 * 2 * (8 - 1)
     assert sum(p.numel() for p in fast.parameters() if p.requires_grad) == count
     after = get_peft_model_state_dict(fast)
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
     fast.save_pretrained(tmp_path / "stacked")
     ref.save_pretrained(tmp_path / "plain")
-    saved, plain = load_file(tmp_path / "stacked" / "adapter_model.safetensors"), load_file(
-        tmp_path / "plain" / "adapter_model.safetensors")
-    assert saved.keys() == plain.keys() and all(torch.equal(saved[k], plain[k]) for k in plain)
+    saved, plain = (
+        load_file(tmp_path / "stacked" / "adapter_model.safetensors"),
+        load_file(tmp_path / "plain" / "adapter_model.safetensors"),
+    )
+    assert saved.keys() == plain.keys()
+    assert all(torch.equal(saved[k], plain[k]) for k in plain)
     # the adapter loads on a plain model (PEFT's modules) with the same outputs
     reloaded = PeftModel.from_pretrained(base_model("bf16"), tmp_path / "stacked")
     ids = batch()["input_ids"]
@@ -187,7 +201,8 @@ def test_stacked_lora_keeps_peft_format(tmp_path):
     doubled = {k: v * 2 for k, v in saved.items()}
     set_peft_model_state_dict(fast, doubled)
     key = "base_model.model.model.layers.1.mlp.experts.3.up_proj.lora_B.weight"
-    assert torch.equal(stacked[3], doubled[key]) and moe.stacked_up_proj_B_default is stacked
+    assert torch.equal(stacked[3], doubled[key])
+    assert moe.stacked_up_proj_B_default is stacked
 
 
 def test_stacked_lora_trains_as_per_expert_leaves():
@@ -212,15 +227,23 @@ def test_stacked_lora_trains_as_per_expert_leaves():
     set_fast(stacked, False)
     forward_backward(stacked, checkpointing=False)
     grad = stacked.base_model.model.model.layers[0].mlp.stacked_gate_proj_A_default.grad
-    assert grad is not None and grad.norm() > 0
+    assert grad is not None
+    assert grad.norm() > 0
 
 
 def cuda_pair(quant: str, dtype: torch.dtype):
     """(reference, fast) on CUDA: a small model in `dtype`, NF4 (bitsandbytes' CUDA kernel) or not."""
     from hunyuan_lora.hunyuan.random_init import quantize_linears_
 
-    config = tiny_config(hidden_size=256, intermediate_size=128, moe_intermediate_size=[128] * 2,
-                         num_experts=16, moe_topk=[4] * 2, num_attention_heads=4, attention_head_dim=64)
+    config = tiny_config(
+        hidden_size=256,
+        intermediate_size=128,
+        moe_intermediate_size=[128] * 2,
+        num_experts=16,
+        moe_topk=[4] * 2,
+        num_attention_heads=4,
+        attention_head_dim=64,
+    )
     torch.manual_seed(0)
     base = HunYuanMoEV1ForCausalLM(config).to("cuda", dtype)
     if quant == "nf4":
@@ -287,6 +310,7 @@ def test_cuda_fast_attention_and_shared_expert_match_peft_in_bf16(quant):
     (*r_out, r_grads), (*f_out, f_grads) = results["ref"], results["fast"]
     for got, want in zip(f_out, r_out):
         assert rel(got, want) < 1e-2
-    assert r_grads.keys() == f_grads.keys() and len(r_grads) == 2 * 7
+    assert r_grads.keys() == f_grads.keys()
+    assert len(r_grads) == 2 * 7
     for k in r_grads:
         assert rel(f_grads[k].float(), r_grads[k].float()) < 1e-2, k

@@ -41,8 +41,14 @@ def set_moe_impl(model: torch.nn.Module, impl: str) -> int:
 
 def tiny_config(**overrides) -> HunYuanConfig:
     cfg = stand_in_config()  # hidden 64, 8 experts, top-2, expert width 48, 2 layers
-    cfg.update(attention_dropout=0.0, vocab_size=1024, pad_token_id=1023, eos_token_id=1022,
-               eod_token_id=1021, sep_token_id=1020)
+    cfg.update(
+        attention_dropout=0.0,
+        vocab_size=1024,
+        pad_token_id=1023,
+        eos_token_id=1022,
+        eod_token_id=1021,
+        sep_token_id=1020,
+    )
     cfg.update(overrides)
     return HunYuanConfig(**cfg)
 
@@ -60,8 +66,11 @@ def peft_pair(config: HunYuanConfig, dropout: float = 0.0, seed: int = 0):
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
-    return {n: (p.grad if p.grad is not None else torch.zeros_like(p))
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: (p.grad if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def batch_with_padding(config, seed=0):
@@ -88,7 +97,8 @@ def test_moe_layer_matches_reference(tokens):
     assert rel(y_fast, y_ref) < 1e-5
     assert rel(x_fast.grad, x_ref.grad) < 1e-5
     g_ref, g_fast = lora_grads(moe_ref), lora_grads(moe_fast)
-    assert g_ref.keys() == g_fast.keys() and len(g_ref) == 8 * 3 * 2 + 3 * 2
+    assert g_ref.keys() == g_fast.keys()
+    assert len(g_ref) == 8 * 3 * 2 + 3 * 2
     for name in g_ref:
         assert rel(g_fast[name], g_ref[name]) < 1e-5 or g_ref[name].norm() == g_fast[name].norm() == 0, name
     if tokens == 3:  # experts without tokens: reference grad None, fast grad exactly zero
@@ -221,7 +231,8 @@ def test_packing_keeps_state_dict_and_follows_reloads(tmp_path):
     set_moe_impl(model, "fast")
     with torch.no_grad():
         got = model(ids).logits
-    assert rel(got, want) < 1e-5 and rel(got, first) > 1e-3
+    assert rel(got, want) < 1e-5
+    assert rel(got, first) > 1e-3
     # save_pretrained of a packed model: transformers clones the disjoint views; reload is exact
     model.save_pretrained(tmp_path / "packed")
     reloaded = HunYuanMoEV1ForCausalLM.from_pretrained(tmp_path / "packed", torch_dtype=torch.float32)
@@ -246,7 +257,8 @@ def test_disabled_and_merged_adapters_follow_peft():
         assert rel(fast(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
         with ref.disable_adapter(), fast.disable_adapter():
             off_ref, off_fast = ref(input_ids=ids).logits, fast(input_ids=ids).logits
-        assert rel(off_fast, off_ref) < 1e-5 and rel(off_fast, ref(input_ids=ids).logits) > 1e-3
+        assert rel(off_fast, off_ref) < 1e-5
+        assert rel(off_fast, ref(input_ids=ids).logits) > 1e-3
         ref.merge_adapter(), fast.merge_adapter()  # in-place into the packed expert weights
         assert rel(fast(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
         ref.unmerge_adapter(), fast.unmerge_adapter()
@@ -294,10 +306,13 @@ def assert_packed(moe):
         assert storage.nbytes() == E * step, name
         for i, w in enumerate(weights):
             assert w.untyped_storage().data_ptr() == storage.data_ptr(), name
-            assert w.data_ptr() == base + i * step and w.shape == (out, inn) and w.is_contiguous(), name
+            assert w.data_ptr() == base + i * step, name
+            assert w.shape == (out, inn), name
+            assert w.is_contiguous(), name
         assert fast_moe._is_packed(weights), name
         operand = fast_moe.projections(moe)[name].weight
-        assert operand.data_ptr() == base and operand.shape == (E, out, inn), name
+        assert operand.data_ptr() == base, name
+        assert operand.shape == (E, out, inn), name
         assert torch.equal(operand, torch.stack(weights)), name
 
 
@@ -312,7 +327,8 @@ def test_peft_model_packed_per_projection_state_dict_unchanged():
     want, got = ref.state_dict(), fast.state_dict()
     assert list(got) == list(want)
     for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
 
 
 def test_load_state_dict_writes_into_packed_buffers():
@@ -325,8 +341,10 @@ def test_load_state_dict_writes_into_packed_buffers():
     moe = fast.base_model.model.model.layers[1].mlp
     buffers = {name: expert_linears(moe, name)[0].weight.data_ptr() for name in fast_moe.PROJECTIONS}
     g = torch.Generator().manual_seed(9)
-    sd = {k: (v + 0.05 * torch.randn(v.shape, generator=g) if ".experts." in k and "base_layer" in k else v)
-          for k, v in ref.state_dict().items()}
+    sd = {
+        k: (v + 0.05 * torch.randn(v.shape, generator=g) if ".experts." in k and "base_layer" in k else v)
+        for k, v in ref.state_dict().items()
+    }
     ref.load_state_dict(sd)
     fast.load_state_dict(sd)
     assert_packed(moe)  # copied in place: still one buffer per projection,
@@ -336,7 +354,8 @@ def test_load_state_dict_writes_into_packed_buffers():
         assert torch.equal(operand[5], sd[f"base_model.model.model.layers.1.mlp.experts.5.{name}.base_layer.weight"])
     with torch.no_grad():
         got, want = fast(input_ids=ids).logits, ref(input_ids=ids).logits
-    assert rel(got, want) < 1e-5 and rel(got, before) > 1e-3
+    assert rel(got, want) < 1e-5
+    assert rel(got, before) > 1e-3
 
 
 @pytest.mark.parametrize("change", ["to_dtype", "new_parameter"])
@@ -359,7 +378,8 @@ def test_replaced_weights_are_repacked(change):
     with torch.no_grad():
         got, want = fast(input_ids=ids).logits, ref(input_ids=ids).logits
     assert_packed(moe)
-    assert got.dtype == want.dtype and rel(got, want) < 1e-5
+    assert got.dtype == want.dtype
+    assert rel(got, want) < 1e-5
     if change == "new_parameter":
         assert torch.equal(fast_moe.projections(moe)["up_proj"].weight[2], new)
 
@@ -410,8 +430,15 @@ def test_grouped_mm_bf16_matches_reference(tokens):
     """
     if not grouped_moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("torch._grouped_mm needs compute capability 9.0")
-    config = tiny_config(hidden_size=256, intermediate_size=128, moe_intermediate_size=[128] * 2,
-                         num_experts=16, moe_topk=[4] * 2, num_attention_heads=4, attention_head_dim=64)
+    config = tiny_config(
+        hidden_size=256,
+        intermediate_size=128,
+        moe_intermediate_size=[128] * 2,
+        num_experts=16,
+        moe_topk=[4] * 2,
+        num_attention_heads=4,
+        attention_head_dim=64,
+    )
     torch.manual_seed(0)
     base = HunYuanMoEV1ForCausalLM(config).to("cuda", torch.bfloat16)
     ref = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules=TARGETS))
@@ -430,7 +457,8 @@ def test_grouped_mm_bf16_matches_reference(tokens):
             assert_packed(moe)  # on CUDA in bf16 too: the operands are views of the packed buffers
         results[name] = (y.float(), xi.grad.float(), {k: v.float() for k, v in lora_grads(moe).items()})
     (y_r, dx_r, g_r), (y_f, dx_f, g_f) = results["ref"], results["fast"]
-    assert rel(y_f, y_r) < 1e-2 and rel(dx_f, dx_r) < 1e-2
+    assert rel(y_f, y_r) < 1e-2
+    assert rel(dx_f, dx_r) < 1e-2
     empty = 0
     for k in g_r:
         if g_r[k].norm() > 0:

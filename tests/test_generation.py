@@ -59,7 +59,7 @@ def test_each_row_ends_on_its_own(loaded, alone):
     model, tokenizer, ids = loaded
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in alone]
     short = generation.Completion(ids[0], generation.Sampling(max_new_tokens=5, do_sample=False))
-    stop = texts[1][len(texts[1]) // 2:len(texts[1]) // 2 + 2]
+    stop = texts[1][len(texts[1]) // 2 : len(texts[1]) // 2 + 2]
     stopped = generation.Completion(ids[1], GREEDY, stop=[stop])
     cancelled = generation.Completion(ids[2], GREEDY)
     cancelled.on_update = lambda: cancelled.cancel() if cancelled.completion_tokens >= 3 else None
@@ -68,9 +68,10 @@ def test_each_row_ends_on_its_own(loaded, alone):
     before.cancel()
     _run(model, tokenizer, [short, stopped, cancelled, whole, before])
     assert (short.tokens, short.finish_reason) == (alone[0][:5], "length")
-    assert (stopped.text, stopped.finish_reason) == (texts[1][:texts[1].index(stop)], "stop")
-    assert cancelled.finish_reason == "cancelled" and 3 <= cancelled.completion_tokens < NEW
-    assert cancelled.tokens == alone[2][:cancelled.completion_tokens]
+    assert (stopped.text, stopped.finish_reason) == (texts[1][: texts[1].index(stop)], "stop")
+    assert cancelled.finish_reason == "cancelled"
+    assert 3 <= cancelled.completion_tokens < NEW
+    assert cancelled.tokens == alone[2][: cancelled.completion_tokens]
     assert (whole.tokens, whole.text, whole.finish_reason) == (alone[3], texts[3], "length")
     assert (before.finish_reason, before.tokens) == ("cancelled", [])
 
@@ -84,7 +85,7 @@ def test_an_eos_ends_its_row_with_stop(loaded, alone):
         row = _run(model, tokenizer, [generation.Completion(ids[1], GREEDY)])[0]
     finally:
         model.generation_config.eos_token_id = saved
-    assert (row.tokens, row.finish_reason) == (alone[1][:end + 1], "stop")
+    assert (row.tokens, row.finish_reason) == (alone[1][: end + 1], "stop")
 
 
 def test_every_row_streams_its_own_text(loaded, alone):
@@ -112,9 +113,16 @@ def test_a_seed_gives_the_same_sample_alone_and_in_any_batch(loaded):
     first = _run(model, tokenizer, [generation.Completion(ids[1], seeded)])[0]
     again = _run(model, tokenizer, [generation.Completion(ids[1], seeded)])[0]
     other_seed = generation.Sampling(max_new_tokens=NEW, do_sample=True, temperature=1.0, top_p=1.0, seed=8)
-    batch = _run(model, tokenizer, [generation.Completion(ids[0], generation.Sampling(NEW, do_sample=True)),
-                                    generation.Completion(ids[1], seeded), generation.Completion(ids[1], other_seed),
-                                    generation.Completion(ids[3], GREEDY)])
+    batch = _run(
+        model,
+        tokenizer,
+        [
+            generation.Completion(ids[0], generation.Sampling(NEW, do_sample=True)),
+            generation.Completion(ids[1], seeded),
+            generation.Completion(ids[1], other_seed),
+            generation.Completion(ids[3], GREEDY),
+        ],
+    )
     assert first.tokens == again.tokens == batch[1].tokens
     assert batch[2].tokens != first.tokens
     assert all(c.finish_reason in ("stop", "length") for c in batch)
@@ -128,7 +136,7 @@ def test_top_k_top_p_keep_what_transformers_keeps():
     top_k, top_p = torch.tensor([5, 0, 20]), torch.tensor([0.7, 0.9, 1.0])
     ours = generation._top_k_top_p(scores, top_k, top_p)
     for i in range(3):
-        expected = scores[i:i + 1]
+        expected = scores[i : i + 1]
         if top_k[i]:
             expected = TopKLogitsWarper(int(top_k[i]))(None, expected)
         if top_p[i] < 1:
@@ -143,7 +151,8 @@ def test_leaving_generate_batches_early_cancels_the_rest(loaded):
     for _ in generation.generate_batches(model, tokenizer, rows, batch_size=1):
         break
     assert sum(c.finish_reason == "length" for c in rows) == 1
-    assert all(c.finished for c in rows) and sum(c.finish_reason == "cancelled" for c in rows) == 3
+    assert all(c.finished for c in rows)
+    assert sum(c.finish_reason == "cancelled" for c in rows) == 3
 
 
 def test_the_scheduler_batches_what_waits_and_bounds_its_queue(loaded, alone):
@@ -171,7 +180,10 @@ def test_the_scheduler_batches_what_waits_and_bounds_its_queue(loaded, alone):
         scheduler.submit(gone)
         assert scheduler.load() == (1, 2)
         release.set()
-        assert first.wait(60) and waiting[0].wait(60) and gone.wait(60) and waiting[1].wait(60)
+        assert first.wait(60)
+        assert waiting[0].wait(60)
+        assert gone.wait(60)
+        assert waiting[1].wait(60)
         assert [first.tokens, waiting[0].tokens, gone.tokens] == [alone[0], alone[1], alone[3]]
         assert (waiting[1].finish_reason, waiting[1].tokens) == ("cancelled", [])
     finally:
@@ -192,5 +204,6 @@ def test_stopping_the_scheduler_cancels_what_runs_and_waits(loaded):
     waiting = generation.Completion(ids[1], GREEDY)
     scheduler.submit(waiting)
     scheduler.stop(timeout=60)
-    assert running.finish_reason == "cancelled" and running.completion_tokens < 4000
+    assert running.finish_reason == "cancelled"
+    assert running.completion_tokens < 4000
     assert (waiting.finish_reason, waiting.tokens) == ("cancelled", [])

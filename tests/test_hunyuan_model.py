@@ -86,9 +86,11 @@ def test_stand_in_has_the_real_key_pattern():
 def test_stand_in_config_keeps_every_real_key():
     real, tiny = real_config(), stand_in_config()
     assert real.keys() == tiny.keys()
-    assert tiny["auto_map"] == real["auto_map"] and tiny["model_type"] == "hunyuan"
+    assert tiny["auto_map"] == real["auto_map"]
+    assert tiny["model_type"] == "hunyuan"
     for key in ("moe_topk", "num_shared_expert", "moe_intermediate_size"):
-        assert isinstance(tiny[key], list) and len(tiny[key]) == tiny["num_hidden_layers"]
+        assert isinstance(tiny[key], list)
+        assert len(tiny[key]) == tiny["num_hidden_layers"]
 
 
 def test_rotary_base_uses_ntk_alpha():
@@ -190,7 +192,7 @@ def test_kv_cache_generation_matches_full_forward(stand_in_dir):
     out = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     # Greedy decoding with the cache must pick the argmax of a full, cache-free forward each step.
     full = model(input_ids=out[:, :-1], use_cache=False).logits
-    assert torch.equal(full[0, ids.shape[1] - 1:].argmax(-1), out[0, ids.shape[1]:])
+    assert torch.equal(full[0, ids.shape[1] - 1 :].argmax(-1), out[0, ids.shape[1] :])
 
 
 def test_router_stays_float32_under_bf16_autocast():

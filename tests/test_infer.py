@@ -16,8 +16,12 @@ from hunyuan_lora.errors import UserError
 
 @pytest.fixture
 def cfg(lora_run, tmp_path):
-    return dataclasses.replace(lora_run, infer=dataclasses.replace(lora_run.infer, max_new_tokens=6, do_sample=False,
-                                                                     output_jsonl=str(tmp_path / "answers.jsonl")))
+    return dataclasses.replace(
+        lora_run,
+        infer=dataclasses.replace(
+            lora_run.infer, max_new_tokens=6, do_sample=False, output_jsonl=str(tmp_path / "answers.jsonl")
+        ),
+    )
 
 
 def _questions(tmp_path: Path, rows: list[dict], name="q.jsonl") -> str:
@@ -31,16 +35,19 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_batch_uses_the_training_prompt_with_the_input_field(cfg, tmp_path, capsys):
-    cfg.infer.input_jsonl = _questions(tmp_path, [{"instruction": "翻译", "input": "你好"},
-                                                  {"instruction": "你是谁？", "output": "臣妾甄嬛。"}])
+    cfg.infer.input_jsonl = _questions(
+        tmp_path, [{"instruction": "翻译", "input": "你好"}, {"instruction": "你是谁？", "output": "臣妾甄嬛。"}]
+    )
     rows = _rows(infer.run(cfg))
     assert [r["instruction"] for r in rows] == ["翻译\n你好", "你是谁？"]
     assert [r["reference"] for r in rows] == [None, "臣妾甄嬛。"]
     loaded, tokenizer = modeling.load_for_generation(cfg)
     model = loaded.model
-    direct = greedy_text_alone(model, tokenizer, prompt.prompt_ids(tokenizer, prompt.ask("翻译\n你好", cfg), False),
-                               cfg.infer.max_new_tokens)
-    assert rows[0]["raw"] == direct and rows[0]["answer"] == prompt.extract_answer(direct)
+    direct = greedy_text_alone(
+        model, tokenizer, prompt.prompt_ids(tokenizer, prompt.ask("翻译\n你好", cfg), False), cfg.infer.max_new_tokens
+    )
+    assert rows[0]["raw"] == direct
+    assert rows[0]["answer"] == prompt.extract_answer(direct)
     assert "Q: 翻译\n你好\nA: " in capsys.readouterr().out
 
 
@@ -49,7 +56,7 @@ def test_a_killed_batch_resumes_and_another_run_moves_the_answers_aside(cfg, tmp
     out = infer.run(cfg)
     full = out.read_text(encoding="utf-8")
     first, second, _ = full.splitlines(keepends=True)
-    out.write_text(first + second[:len(second) // 2], encoding="utf-8")  # killed while writing line 2
+    out.write_text(first + second[: len(second) // 2], encoding="utf-8")  # killed while writing line 2
     infer.run(cfg)
     assert "resuming: 1 of 3 answers already in" in capsys.readouterr().out
     assert out.read_text(encoding="utf-8") == full  # greedy: the same answers, line 1 kept as it was
@@ -57,9 +64,10 @@ def test_a_killed_batch_resumes_and_another_run_moves_the_answers_aside(cfg, tmp
     cfg.infer.input_jsonl, cfg.infer.prompts = None, ["四"]  # make infer PROMPT=四
     infer.run(cfg)
     printed = capsys.readouterr().out
-    (aside,) = [p for p in tmp_path.glob("answers.*.jsonl")]
+    (aside,) = list(tmp_path.glob("answers.*.jsonl"))
     assert f"the earlier answers in {out} were moved to {aside}" in printed
-    assert aside.read_text(encoding="utf-8") == full and [r["instruction"] for r in _rows(out)] == ["四"]
+    assert aside.read_text(encoding="utf-8") == full
+    assert [r["instruction"] for r in _rows(out)] == ["四"]
 
 
 def test_batches_resume_from_answers_in_any_order_and_end_in_the_inputs_order(cfg, tmp_path, capsys):
@@ -71,11 +79,12 @@ def test_batches_resume_from_answers_in_any_order_and_end_in_the_inputs_order(cf
     assert [r["instruction"] for r in _rows(out)] == questions
     loaded, tokenizer = modeling.load_for_generation(cfg)
     for row, question in zip(_rows(out), questions):  # each the answer it gets alone
-        assert row["raw"] == generation.answer(loaded.model, tokenizer, prompt.ask(question, cfg), thinking=False,
-                                               sampling=generation.infer_sampling(cfg))
+        assert row["raw"] == generation.answer(
+            loaded.model, tokenizer, prompt.ask(question, cfg), thinking=False, sampling=generation.infer_sampling(cfg)
+        )
     lines = full.splitlines(keepends=True)
     # killed after two answers were written in the order they finished, and while writing a third
-    out.write_text(lines[3] + lines[1] + lines[0][:len(lines[0]) // 2], encoding="utf-8")
+    out.write_text(lines[3] + lines[1] + lines[0][: len(lines[0]) // 2], encoding="utf-8")
     infer.run(cfg)
     assert "resuming: 2 of 4 answers already in" in capsys.readouterr().out
     assert out.read_text(encoding="utf-8") == full
@@ -99,7 +108,8 @@ def test_gbk_input_is_refused_and_an_empty_one_warns(cfg, tmp_path, capsys):
     empty.write_text("")
     cfg.infer.input_jsonl = str(empty)
     out = infer.run(cfg)
-    assert "WARNING: " in capsys.readouterr().out and not out.exists()
+    assert "WARNING: " in capsys.readouterr().out
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("broken", ["empty", "no_weights", "truncated_shard"])

@@ -1,13 +1,13 @@
 """Ctrl-C, through the real entry points in subprocesses, as a terminal sends it (SIGINT to the group).
 
-    download   SIGINT while a shard is mid-transfer (tests/modelscope_server.py holds it open):
-               one line on stderr, exit 130, no traceback, and the rerun completes the folder
-    train      SIGINT after the first logged step of the demo recipe on the stand-in: a checkpoint of
-               that step is saved, the message says how to continue, the SwanLab experiment is marked
-               crashed (not left running), and the rerun resumes from the checkpoint in a new
-               experiment that names the earlier one; a SIGKILLed run's experiment is marked
-               crashed by the next run; with two ranks (torchrun on the CPU), a signal to one stops both
-               after the same step
+download   SIGINT while a shard is mid-transfer (tests/modelscope_server.py holds it open):
+           one line on stderr, exit 130, no traceback, and the rerun completes the folder
+train      SIGINT after the first logged step of the demo recipe on the stand-in: a checkpoint of
+           that step is saved, the message says how to continue, the SwanLab experiment is marked
+           crashed (not left running), and the rerun resumes from the checkpoint in a new
+           experiment that names the earlier one; a SIGKILLed run's experiment is marked
+           crashed by the next run; with two ranks (torchrun on the CPU), a signal to one stops both
+           after the same step
 """
 
 from __future__ import annotations
@@ -50,8 +50,14 @@ class Script:
     def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str], cwd: Path = REPO):
         self.stdout_path, self.stderr_path = log.with_suffix(".stdout"), log.with_suffix(".stderr")
         with open(self.stdout_path, "w") as so, open(self.stderr_path, "w") as se:
-            self.proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / name), *args], cwd=cwd, env=env,
-                                         stdout=so, stderr=se, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(REPO / "scripts" / name), *args],
+                cwd=cwd,
+                env=env,
+                stdout=so,
+                stderr=se,
+                start_new_session=True,
+            )
 
     @property
     def stdout(self) -> str:
@@ -90,9 +96,15 @@ def model_to_serve(tmp_path) -> Path:
     d = tmp_path / "served"
     d.mkdir()
     files = {
-        "config.json": json.dumps({"model_type": "hunyuan", "auto_map": {
-            "AutoConfig": "configuration_hunyuan.HunYuanConfig",
-            "AutoModelForCausalLM": "hunyuan.HunYuanMoEV1ForCausalLM"}}),
+        "config.json": json.dumps(
+            {
+                "model_type": "hunyuan",
+                "auto_map": {
+                    "AutoConfig": "configuration_hunyuan.HunYuanConfig",
+                    "AutoModelForCausalLM": "hunyuan.HunYuanMoEV1ForCausalLM",
+                },
+            }
+        ),
         "configuration_hunyuan.py": "class HunYuanConfig: pass\n",
         "hunyuan.py": "class HunYuanMoEV1ForCausalLM: pass\n",
         "tokenizer_config.json": "{}",
@@ -106,9 +118,14 @@ def model_to_serve(tmp_path) -> Path:
 
 
 def download_env(tmp_path: Path, srv: ModelScopeServer) -> dict[str, str]:
-    env = clean_env(HOME=str(tmp_path / "home"), MODELSCOPE_CACHE=str(tmp_path / "ms-cache"),
-                    MODELSCOPE_DOMAIN=srv.domain, REQUESTS_CA_BUNDLE=srv.ca_file, SSL_CERT_FILE=srv.ca_file,
-                    NO_PROXY="127.0.0.1,localhost")
+    env = clean_env(
+        HOME=str(tmp_path / "home"),
+        MODELSCOPE_CACHE=str(tmp_path / "ms-cache"),
+        MODELSCOPE_DOMAIN=srv.domain,
+        REQUESTS_CA_BUNDLE=srv.ca_file,
+        SSL_CERT_FILE=srv.ca_file,
+        NO_PROXY="127.0.0.1,localhost",
+    )
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         env.pop(var, None)
     return env
@@ -123,9 +140,11 @@ def test_ctrl_c_during_download_prints_one_line_and_the_rerun_completes(model_to
         run.ctrl_c()
         rc = run.finish(timeout=30)
     assert rc == 128 + signal.SIGINT, run.stderr
-    assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr
+    assert "Traceback" not in run.stderr
+    assert "KeyboardInterrupt" not in run.stderr
     lines = [line for line in run.stderr.splitlines() if "interrupted" in line]
-    assert len(lines) == 1 and "make download" in lines[0], run.stderr[-2000:]
+    assert len(lines) == 1, run.stderr[-2000:]
+    assert "make download" in lines[0], run.stderr[-2000:]
     assert not (cache / MODEL_ID / "download.json").exists()
 
     with ModelScopeServer(model_to_serve, model_id=MODEL_ID) as srv:
@@ -138,27 +157,32 @@ def test_ctrl_c_during_download_prints_one_line_and_the_rerun_completes(model_to
 def test_ctrl_c_where_no_stage_handles_it_is_one_line_not_a_traceback(tmp_path):
     """Every stage runs inside errors.exit_on_user_error: a Ctrl-C while, say, the weights load (before
     train's own handler is installed) ends with one line and exit 130, not a KeyboardInterrupt traceback."""
-    code = ("import time\n"
-            "from hunyuan_lora.errors import exit_on_user_error\n"
-            "@exit_on_user_error\n"
-            "def load():\n"
-            "    print('loading', flush=True)\n"
-            "    time.sleep(TIMEOUT)\n"
-            "load()\n").replace("TIMEOUT", str(TIMEOUT))
+    code = (
+        "import time\n"
+        "from hunyuan_lora.errors import exit_on_user_error\n"
+        "@exit_on_user_error\n"
+        "def load():\n"
+        "    print('loading', flush=True)\n"
+        "    time.sleep(TIMEOUT)\n"
+        "load()\n"
+    ).replace("TIMEOUT", str(TIMEOUT))
     stdout, stderr = tmp_path / "out", tmp_path / "err"
     with open(stdout, "w") as so, open(stderr, "w") as se:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=so, stderr=se, env=clean_env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=so, stderr=se, env=clean_env(), start_new_session=True
+        )
     deadline = time.time() + TIMEOUT
     while "loading" not in stdout.read_text() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=30) == 128 + signal.SIGINT
     err = stderr.read_text()
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "Traceback" not in err
+    assert "KeyboardInterrupt" not in err
     assert [line for line in err.splitlines() if line.strip()] == [
         "interrupted (Ctrl-C): nothing unfinished was published; run the same command again "
-        "(`make train` continues from its newest complete checkpoint)"]
+        "(`make train` continues from its newest complete checkpoint)"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +190,14 @@ def test_ctrl_c_where_no_stage_handles_it_is_one_line_not_a_traceback(tmp_path):
 
 
 MAX_STEPS = 8
-TRAIN_SETTINGS = [f"train.max_steps={MAX_STEPS}", "train.logging_steps=1", "train.save_steps=100",
-                  "swanlab.mode=local", "run.seed=0", "train.resume=auto"]
+TRAIN_SETTINGS = [
+    f"train.max_steps={MAX_STEPS}",
+    "train.logging_steps=1",
+    "train.save_steps=100",
+    "swanlab.mode=local",
+    "run.seed=0",
+    "train.resume=auto",
+]
 LOSS_LINE = re.compile(r"\{'loss': ([0-9.]+)")
 
 
@@ -222,7 +252,8 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_continue(interrupted):
     rc, stdout, stderr = interrupted["ctrl_c"]
     out = interrupted["out"]
     assert rc == 1, stderr[-3000:]
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "Traceback" not in stderr
+    assert "KeyboardInterrupt" not in stderr
     assert "SIGINT received: saving a checkpoint after this step, then stopping" in stderr
     step = int(re.search(r"stopped by SIGINT at step (\d+)", stderr)[1])
     assert 1 <= step < MAX_STEPS
@@ -237,7 +268,8 @@ def test_the_interrupted_experiment_is_marked_crashed_with_the_reason(interrupte
     (exp,) = interrupted["after_ctrl_c"]
     assert exp["status"] == "crashed"
     runs = tracking.read_runs(interrupted["out"])
-    assert runs[0]["run_id"] == exp["run_id"] and runs[0]["first_step"] == 0
+    assert runs[0]["run_id"] == exp["run_id"]
+    assert runs[0]["first_step"] == 0
 
 
 def test_the_rerun_resumes_from_the_ctrl_c_checkpoint_in_an_experiment_naming_the_first(interrupted):
@@ -249,7 +281,8 @@ def test_the_rerun_resumes_from_the_ctrl_c_checkpoint_in_an_experiment_naming_th
     assert f"resumed at step {step}: continues the experiment run {first['run_id']}" in second["description"]
     assert f"SwanLab: resumed at step {step}: continues the experiment run {first['run_id']}" in stdout
     config_yaml = (out / "swanlog" / second["run_id"] / "files" / "config.yaml").read_text()
-    assert first["run_id"] in config_yaml and "resumed_from_step" in config_yaml
+    assert first["run_id"] in config_yaml
+    assert "resumed_from_step" in config_yaml
 
 
 def test_a_killed_run_is_marked_crashed_by_the_next_one(interrupted):
@@ -277,23 +310,46 @@ def test_a_signal_to_one_of_two_ranks_stops_both_after_the_same_step(patched_sta
     with socket.socket() as sock:  # a free port for the ranks' rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
-            str(REPO / "scripts" / "train.py"), "--config", str(DEMO), "--model-dir", str(model),
-            "--output-dir", str(out), "--data", str(SAMPLE)]
-    for setting in ["train.max_steps=40", "train.logging_steps=1", "train.save_steps=100", "swanlab.mode=disabled",
-                    "train.resume=never"]:
+    args = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(REPO / "scripts" / "train.py"),
+        "--config",
+        str(DEMO),
+        "--model-dir",
+        str(model),
+        "--output-dir",
+        str(out),
+        "--data",
+        str(SAMPLE),
+    ]
+    for setting in [
+        "train.max_steps=40",
+        "train.logging_steps=1",
+        "train.save_steps=100",
+        "swanlab.mode=disabled",
+        "train.resume=never",
+    ]:
         args += ["--set", setting]
     log = tmp_path / "ddp.log"
     with open(log, "w") as f:
-        launcher = subprocess.Popen(args, cwd=REPO, env=clean_env(), stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        launcher = subprocess.Popen(
+            args, cwd=REPO, env=clean_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.time() + TIMEOUT
         while "{'loss'" not in log.read_text(errors="replace"):
-            assert launcher.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-3000:]
+            assert launcher.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.time() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.05)
-        (rank1,) = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-                    if p.environ().get("LOCAL_RANK") == "1" and "train.py" in " ".join(p.cmdline())]
+        (rank1,) = [
+            p
+            for p in psutil.Process(launcher.pid).children(recursive=True)
+            if p.environ().get("LOCAL_RANK") == "1" and "train.py" in " ".join(p.cmdline())
+        ]
         rank1.send_signal(signal.SIGINT)
         launcher.wait(timeout=120)  # a rank that stopped alone leaves the other waiting: no exit
     finally:
@@ -308,4 +364,5 @@ def test_a_signal_to_one_of_two_ranks_stops_both_after_the_same_step(patched_sta
     assert 1 <= step < 40
     checkpoint = out / f"checkpoint-{step}"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
-    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+    assert (checkpoint / "rng_state_0.pth").is_file()
+    assert (checkpoint / "rng_state_1.pth").is_file()

@@ -13,8 +13,21 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hunyuan_lora"
-STAGES = {"download", "patch", "data", "check", "train", "infer", "merge", "watch", "probe", "chat", "evaluate",
-          "serve", "clean_cache"}
+STAGES = {
+    "download",
+    "patch",
+    "data",
+    "check",
+    "train",
+    "infer",
+    "merge",
+    "watch",
+    "probe",
+    "chat",
+    "evaluate",
+    "serve",
+    "clean_cache",
+}
 
 
 def project_imports(path: Path) -> set[str]:
@@ -42,7 +55,8 @@ def test_no_module_imports_a_stage(path):
     kind = "stage" if path.stem in STAGES else "shared module"
     assert not project_imports(path) & STAGES, (
         f"{path.name} ({kind}) imports the stage(s) {sorted(project_imports(path) & STAGES)}: move what they share "
-        "into a shared module below the stages (runtime, modeling, training, checkpoints, estimate, model_folder, ...)")
+        "into a shared module below the stages (runtime, modeling, training, checkpoints, estimate, model_folder, ...)"
+    )
 
 
 def test_the_rule_catches_imports_inside_functions(tmp_path):
@@ -84,21 +98,27 @@ def imported_modules(path: Path, package: str) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
-                found |= ({f"{base}.{node.module}"} if node.module else {f"{base}.{a.name}" for a in node.names})
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                found |= {f"{base}.{node.module}"} if node.module else {f"{base}.{a.name}" for a in node.names}
             else:
                 found.add(node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-        elif (isinstance(node, ast.Call) and _is_import_module(node.func) and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and _is_import_module(node.func)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             found.add(node.args[0].value)
     return found
 
 
 def _is_import_module(func: ast.expr) -> bool:
-    return ((isinstance(func, ast.Name) and func.id in ("import_module", "__import__"))
-            or (isinstance(func, ast.Attribute) and func.attr == "import_module"))
+    return (isinstance(func, ast.Name) and func.id in ("import_module", "__import__")) or (
+        isinstance(func, ast.Attribute) and func.attr == "import_module"
+    )
 
 
 def string_imports(path: Path) -> list[str]:
@@ -110,11 +130,16 @@ def string_imports(path: Path) -> list[str]:
         if not (isinstance(node, ast.Call) and _is_import_module(node.func) and node.args):
             continue
         name = node.args[0]
-        if isinstance(name, ast.Constant) and isinstance(name.value, str) and not name.value.startswith(
-                ("hunyuan_lora", ".")):
+        if (
+            isinstance(name, ast.Constant)
+            and isinstance(name.value, str)
+            and not name.value.startswith(("hunyuan_lora", "."))
+        ):
             continue  # a third-party module by name
-        registry = path.name == "cli.py" and any(isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name)
-                                                 and n.value.id == "STAGES" for n in ast.walk(name))
+        registry = path.name == "cli.py" and any(
+            isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == "STAGES"
+            for n in ast.walk(name)
+        )
         if not registry:
             found.append(f"{path}:{node.lineno}: {ast.get_source_segment(source, node)}")
     return found
@@ -122,27 +147,39 @@ def string_imports(path: Path) -> list[str]:
 
 def test_the_model_code_imports_nothing_above_it():
     """hunyuan/ is the model (and is copied into model folders): it must not reach back up into the kit."""
-    outside = {f"{path.name}: {name}" for path in sorted((PACKAGE / "hunyuan").rglob("*.py"))
-               for name in imported_modules(path, package_of(path))
-               if name.startswith("hunyuan_lora") and not name.startswith("hunyuan_lora.hunyuan")}
+    outside = {
+        f"{path.name}: {name}"
+        for path in sorted((PACKAGE / "hunyuan").rglob("*.py"))
+        for name in imported_modules(path, package_of(path))
+        if name.startswith("hunyuan_lora") and not name.startswith("hunyuan_lora.hunyuan")
+    }
     assert not outside, f"hunyuan/ imports the package above it: {sorted(outside)}"
 
 
 def test_no_module_of_the_package_is_imported_by_a_string_name():
     found = [line for path in sorted(PACKAGE.rglob("*.py")) for line in string_imports(path)]
-    assert not found, ("import_module with a package module's name hides the import from the layout rules; "
-                       f"import it by name: {found}")
+    assert not found, (
+        f"import_module with a package module's name hides the import from the layout rules; import it by name: {found}"
+    )
 
 
 def test_the_new_rules_catch_a_string_import_and_a_reach_upwards(tmp_path):
     model_code = tmp_path / "random_init.py"
-    model_code.write_text("import importlib\nfrom ..stand_in import real_config\nfrom . import fast_moe\n"
-                          "def f(name):\n    importlib.import_module('hunyuan_lora.stand_in')\n"
-                          "    importlib.import_module(name)\n    importlib.import_module('bitsandbytes')\n")
+    model_code.write_text(
+        "import importlib\nfrom ..stand_in import real_config\nfrom . import fast_moe\n"
+        "def f(name):\n    importlib.import_module('hunyuan_lora.stand_in')\n"
+        "    importlib.import_module(name)\n    importlib.import_module('bitsandbytes')\n"
+    )
     assert imported_modules(model_code, "hunyuan_lora.hunyuan") == {
-        "importlib", "hunyuan_lora.stand_in", "hunyuan_lora.hunyuan.fast_moe", "bitsandbytes"}
+        "importlib",
+        "hunyuan_lora.stand_in",
+        "hunyuan_lora.hunyuan.fast_moe",
+        "bitsandbytes",
+    }
     assert [line.split(": ", 1)[1] for line in string_imports(model_code)] == [
-        "importlib.import_module('hunyuan_lora.stand_in')", "importlib.import_module(name)"]
+        "importlib.import_module('hunyuan_lora.stand_in')",
+        "importlib.import_module(name)",
+    ]
     registry = tmp_path / "cli.py"
     registry.write_text("import importlib\nmodule = importlib.import_module(f'{__package__}.{STAGES[stage]}')\n")
     assert string_imports(registry) == []
@@ -154,9 +191,11 @@ def test_the_read_only_preflight_loads_no_training_callbacks():
     import subprocess
     import sys
 
-    probe = ("import sys, hunyuan_lora.preflight; "
-             "print(sorted(m for m in sys.modules if m in ('hunyuan_lora.callbacks', 'hunyuan_lora.training', "
-             "'transformers.trainer_callback')))")
+    probe = (
+        "import sys, hunyuan_lora.preflight; "
+        "print(sorted(m for m in sys.modules if m in ('hunyuan_lora.callbacks', 'hunyuan_lora.training', "
+        "'transformers.trainer_callback')))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

@@ -22,8 +22,9 @@ VOCAB = 1000  # not a multiple of 64: padded to 1024 rows
 
 def tiny_model(seed: int = 0, frozen: bool = True) -> HunYuanMoEV1ForCausalLM:
     cfg = stand_in_config()
-    cfg.update(attention_dropout=0.0, vocab_size=VOCAB, pad_token_id=999, eos_token_id=998,
-               eod_token_id=997, sep_token_id=996)
+    cfg.update(
+        attention_dropout=0.0, vocab_size=VOCAB, pad_token_id=999, eos_token_id=998, eod_token_id=997, sep_token_id=996
+    )
     torch.manual_seed(seed)
     model = HunYuanMoEV1ForCausalLM(HunYuanConfig(**cfg)).float()
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as the real model
@@ -48,7 +49,8 @@ def test_padded_logits_equal_the_plain_ones_and_the_copy_is_cached():
         again = logits(model, True)
     assert padded.shape == plain.shape == (2, 6, VOCAB)
     torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6)
-    assert cached.shape == (1024, 64) and cached[VOCAB:].abs().max() == 0
+    assert cached.shape == (1024, 64)
+    assert cached[VOCAB:].abs().max() == 0
     assert model._lm_head_cache.padded is cached  # the second call reused the copy
     assert torch.equal(again, padded)
 
@@ -81,7 +83,8 @@ def test_state_dict_keys_and_shapes_do_not_change(tmp_path):
     with torch.no_grad():
         logits(model, True)
     after = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert after == before and after["model.embed_tokens.weight"] == (VOCAB, 64)
+    assert after == before
+    assert after["model.embed_tokens.weight"] == (VOCAB, 64)
     model.save_pretrained(tmp_path)
     from safetensors import safe_open
 
@@ -102,7 +105,8 @@ def test_trainable_weight_gets_the_right_gradients_and_no_cache():
         grads[padded] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         assert model._lm_head_cache.padded is None  # never a cached copy of a trainable weight
         assert out.logits.shape == (2, 6, VOCAB)
-    assert grads[True].keys() == grads[False].keys() and "model.embed_tokens.weight" in grads[True]
+    assert grads[True].keys() == grads[False].keys()
+    assert "model.embed_tokens.weight" in grads[True]
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7, msg=name)
 
@@ -113,8 +117,9 @@ def test_lora_training_with_the_padded_head_matches_the_plain_one():
     for padded in (False, True):
         model = tiny_model(frozen=False)
         model.pad_lm_head = padded
-        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                init_lora_weights=False))
+        peft = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
         peft.train()
         peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loss = peft(input_ids=IDS, labels=IDS).loss
@@ -150,7 +155,8 @@ def test_helper_alone():
     h = torch.randn(3, 5, 16)
     cache = hunyuan._PaddedWeightCache()
     out = hunyuan.padded_lm_logits(h, w, 64, cache)
-    assert out.shape == (3, 5, 130) and cache.padded.shape == (192, 16)
+    assert out.shape == (3, 5, 130)
+    assert cache.padded.shape == (192, 16)
     torch.testing.assert_close(out, torch.nn.functional.linear(h, w), rtol=1e-6, atol=1e-6)
 
 

@@ -20,20 +20,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def cfg(lora_run, tmp_path):
-    return dataclasses.replace(lora_run, run=dataclasses.replace(lora_run.run, output_dir=str(tmp_path / "run")),
-                               infer=dataclasses.replace(lora_run.infer, adapter=str(lora_run.output_dir / "adapter")))
+    return dataclasses.replace(
+        lora_run,
+        run=dataclasses.replace(lora_run.run, output_dir=str(tmp_path / "run")),
+        infer=dataclasses.replace(lora_run.infer, adapter=str(lora_run.output_dir / "adapter")),
+    )
 
 
 def _a_keys(adapter) -> list[str]:
     with safe_open(f"{adapter}/adapter_model.safetensors", "pt") as f:
-        return sorted(k for k in f.keys() if k.endswith("lora_A.weight"))
+        return sorted(k for k in f if k.endswith("lora_A.weight"))
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
     folder, out = Path(folder), {}
     for shard in sorted(set(merge.weight_files(folder).values())):
         with safe_open(str(folder / shard), "pt") as f:
-            out |= {k: f.get_tensor(k) for k in f.keys()}
+            out |= {k: f.get_tensor(k) for k in f}
     return out
 
 
@@ -46,9 +49,11 @@ def test_streamed_merge_equals_peft_merge_and_unload_in_bf16(cfg):
     model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=True, torch_dtype=torch.bfloat16)
     peft_merged = PeftModel.from_pretrained(model, cfg.infer.adapter).merge_and_unload()
     expected = peft_merged.state_dict()
-    adapted = {k.removeprefix(merge.PEFT_PREFIX).removesuffix(".lora_A.weight") + ".weight"
-               for k in _a_keys(cfg.infer.adapter)}
-    assert merged.keys() == base.keys() and adapted <= merged.keys()
+    adapted = {
+        k.removeprefix(merge.PEFT_PREFIX).removesuffix(".lora_A.weight") + ".weight" for k in _a_keys(cfg.infer.adapter)
+    }
+    assert merged.keys() == base.keys()
+    assert adapted <= merged.keys()
     assert sum(".experts." in k for k in adapted) == 2 * 8 * 3  # 2 layers x 8 experts x 3 projections
     for key, tensor in merged.items():
         assert tensor.dtype == base[key].dtype, key
@@ -76,8 +81,12 @@ def test_fast_path_adapter_has_the_per_expert_keys_and_merges_the_same(cfg, tmp_
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    fast_cfg = config.load(REPO / "configs/demo.yaml", ["model.moe_impl=fast", "model.device=cpu"],
-                           model_dir=cfg.model.dir, output_dir=str(tmp_path / "fast"))
+    fast_cfg = config.load(
+        REPO / "configs/demo.yaml",
+        ["model.moe_impl=fast", "model.device=cpu"],
+        model_dir=cfg.model.dir,
+        output_dir=str(tmp_path / "fast"),
+    )
     where = runtime.placement(fast_cfg)
     model = training.attach_lora(fast_cfg, modeling.load_base_model(fast_cfg, where).model, where)
     set_peft_model_state_dict(model, load_file(f"{cfg.infer.adapter}/adapter_model.safetensors"))
@@ -85,8 +94,13 @@ def test_fast_path_adapter_has_the_per_expert_keys_and_merges_the_same(cfg, tmp_
     assert _a_keys(tmp_path / "fast-adapter") == _a_keys(cfg.infer.adapter)
 
     from_folder_code = merge.run(cfg)
-    fast = merge.run(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(tmp_path / "run2")),
-                                         infer=dataclasses.replace(cfg.infer, adapter=str(tmp_path / "fast-adapter"))))
+    fast = merge.run(
+        dataclasses.replace(
+            cfg,
+            run=dataclasses.replace(cfg.run, output_dir=str(tmp_path / "run2")),
+            infer=dataclasses.replace(cfg.infer, adapter=str(tmp_path / "fast-adapter")),
+        )
+    )
     for shard in sorted(set(merge.weight_files(fast).values())):
         assert (fast / shard).read_bytes() == (from_folder_code / shard).read_bytes(), shard
 
@@ -99,12 +113,15 @@ def test_merge_counts_every_expert_delta_and_marks_the_folder(cfg, capsys):
     model_config = json.loads((out / "config.json").read_text())
     assert experts == model_config["num_hidden_layers"] * model_config["num_experts"] * 3 > 0
     printed = capsys.readouterr().out
-    assert (f"merge check: {experts} of {experts} expert tensors and {other} of {other} other adapted tensors "
-            "carry their LoRA delta") in printed
+    assert (
+        f"merge check: {experts} of {experts} expert tensors and {other} of {other} other adapted tensors "
+        "carry their LoRA delta"
+    ) in printed
     assert "model-00001-of-00002.safetensors (1/2)" in printed
     marker = json.loads((out / modeling.MERGED_MARKER).read_text())
     assert marker["merge_check"]["expert_tensors"] == {"with_delta": experts, "adapted": experts}
-    assert marker["tensors_merged"] == len(a_keys) and marker["device"] == "cpu"
+    assert marker["tensors_merged"] == len(a_keys)
+    assert marker["device"] == "cpu"
     # a merged folder is used as it is: infer/chat/eval/serve load no adapter on top, merge refuses it
     merged_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dir=str(out)))
     loaded, _ = modeling.load_for_generation(merged_cfg)
@@ -122,8 +139,11 @@ def test_a_dropped_expert_delta_stops_the_merge_before_publishing(cfg, monkeypat
         return deltas
 
     monkeypatch.setattr(merge, "read_adapter", lose_one_expert)
-    with pytest.raises(UserError, match=r"1 adapted tensor\(s\) do not carry their LoRA delta.*"
-                                        r"layers\.1\.mlp\.experts\.0\.up_proj\.weight"):
+    with pytest.raises(
+        UserError,
+        match=r"1 adapted tensor\(s\) do not carry their LoRA delta.*"
+        r"layers\.1\.mlp\.experts\.0\.up_proj\.weight",
+    ):
         merge.run(cfg)
     assert not (cfg.output_dir / "merged").exists()
     assert not [p for p in cfg.output_dir.iterdir() if p.name.startswith(".merged.tmp-")]

@@ -24,8 +24,11 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 7, 8, 300]])
 
 
 def nf4_cfg(model_dir: Path, *extra: str) -> config.Config:
-    return config.load(REPO / "configs/demo.yaml", ["model.quantization=nf4", "model.moe_impl=fast",
-                                                    "model.device=cpu", *extra], model_dir=str(model_dir))
+    return config.load(
+        REPO / "configs/demo.yaml",
+        ["model.quantization=nf4", "model.moe_impl=fast", "model.device=cpu", *extra],
+        model_dir=str(model_dir),
+    )
 
 
 def logits(model) -> torch.Tensor:
@@ -50,8 +53,9 @@ def storage_bytes(module: torch.nn.Module) -> int:
     for m in module.modules():
         state = getattr(getattr(m, "weight", None), "quant_state", None)
         if state is not None:
-            tensors += [state.absmax, state.code] + ([state.offset, state.state2.absmax, state.state2.code]
-                                                     if state.nested else [])
+            tensors += [state.absmax, state.code] + (
+                [state.offset, state.state2.absmax, state.state2.code] if state.nested else []
+            )
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
@@ -75,7 +79,8 @@ def test_nf4_load_is_transformers_nf4_built_layer_by_layer(model_copy, monkeypat
     before = live_bytes()
     loaded = modeling.load_base_model(cfg, where)
     model = loaded.model
-    assert loaded.source.startswith("quantised from the checkpoint") and "cache" not in loaded.source
+    assert loaded.source.startswith("quantised from the checkpoint")
+    assert "cache" not in loaded.source
     layers = model.model.layers
     per_layer = [storage_bytes(layer) for layer in layers]
     outer = storage_bytes(model) - sum(per_layer)
@@ -90,14 +95,21 @@ def test_nf4_load_is_transformers_nf4_built_layer_by_layer(model_copy, monkeypat
 
     monkeypatch.setattr(Bnb4BitHfQuantizer, "validate_environment", lambda self, *a, **k: None)
     lm_cls, model_config = modeling._model_classes(cfg)
-    reference = lm_cls.from_pretrained(str(model_copy), config=model_config, torch_dtype=where.dtype,
-                                       quantization_config=scale.bnb_config(cfg), device_map={"": "cpu"})
+    reference = lm_cls.from_pretrained(
+        str(model_copy),
+        config=model_config,
+        torch_dtype=where.dtype,
+        quantization_config=scale.bnb_config(cfg),
+        device_map={"": "cpu"},
+    )
     ours, theirs = model.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:
-        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+        assert ours[key].dtype == theirs[key].dtype, key
+        assert torch.equal(ours[key], theirs[key]), key
     assert model.config.to_dict() == reference.config.to_dict()
-    assert model.generation_config == reference.generation_config and not model.training
+    assert model.generation_config == reference.generation_config
+    assert not model.training
     assert torch.equal(logits(model), logits(reference))
 
 
@@ -106,9 +118,20 @@ def _quant_fields(model) -> dict:
     for name, m in model.named_modules():
         state = getattr(getattr(m, "weight", None), "quant_state", None)
         if state is not None:
-            out[name] = (m.weight.data, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code,
-                         tuple(state.shape), state.dtype, state.blocksize, state.quant_type, state.state2.blocksize,
-                         m.compute_dtype)
+            out[name] = (
+                m.weight.data,
+                state.absmax,
+                state.code,
+                state.offset,
+                state.state2.absmax,
+                state.state2.code,
+                tuple(state.shape),
+                state.dtype,
+                state.blocksize,
+                state.quant_type,
+                state.state2.blocksize,
+                m.compute_dtype,
+            )
     return out
 
 
@@ -129,7 +152,8 @@ def test_the_cache_gives_the_same_model_and_a_stale_or_damaged_one_is_rebuilt(mo
     assert cached.source.startswith(f"read from the NF4 cache at {root}")
     assert torch.equal(logits(cached.model), logits(fresh.model))
     ours, theirs = _quant_fields(cached.model), _quant_fields(fresh.model)
-    assert ours.keys() == theirs.keys() and len(ours) == 2 * (8 * 3 + 3 + 4)  # experts, shared MLP, attention
+    assert ours.keys() == theirs.keys()
+    assert len(ours) == 2 * (8 * 3 + 3 + 4)
     assert all(_same(ours[k], theirs[k]) for k in ours)
     a, b = cached.model.state_dict(), fresh.model.state_dict()
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in b)
@@ -144,7 +168,8 @@ def test_the_cache_gives_the_same_model_and_a_stale_or_damaged_one_is_rebuilt(mo
     layer.write_bytes(layer.read_bytes()[:-64])
     rebuilt = modeling.load_base_model(cfg, where)
     out = capsys.readouterr().out
-    assert f"has {nf4.layer_file(1)} at" in out and "rebuilding it from the checkpoint" in out
+    assert f"has {nf4.layer_file(1)} at" in out
+    assert "rebuilding it from the checkpoint" in out
     assert rebuilt.source.endswith("NF4 cache written to " + str(root))
     assert torch.equal(logits(rebuilt.model), logits(fresh.model))
     # stale: a shard changed since (its modification time)
@@ -161,7 +186,8 @@ def test_the_cache_gives_the_same_model_and_a_stale_or_damaged_one_is_rebuilt(mo
     data[8:16] = b"\x00" * 8
     layer.write_bytes(bytes(data))
     state, line = nf4.cache_state(root, key)
-    assert state == "damaged" and f"unreadable {nf4.layer_file(1)}" in line
+    assert state == "damaged"
+    assert f"unreadable {nf4.layer_file(1)}" in line
 
 
 KILLED_WRITE = """
@@ -180,25 +206,32 @@ modeling.load_base_model(cfg, runtime.placement(cfg))
 
 
 def test_a_cache_write_killed_midway_leaves_nothing_used_and_clean_cache_removes_it(model_copy, capsys):
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(REPO / "configs/demo.yaml"), str(model_copy)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITE, str(REPO / "configs/demo.yaml"), str(model_copy)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     root = nf4.cache_dir("auto", model_copy)
     cfg = nf4_cfg(model_copy)
     where = runtime.placement(cfg)
     assert not root.exists()
     [leftover] = nf4.leftovers(root)
-    assert (leftover / nf4.layer_file(0)).is_file() and not (leftover / nf4.CACHE_INFO).exists()
+    assert (leftover / nf4.layer_file(0)).is_file()
+    assert not (leftover / nf4.CACHE_INFO).exists()
     params = preflight.check_parameters(cfg, json.loads((model_copy / "config.json").read_text()))[2]
     status, detail = preflight.check_nf4_cache(cfg, params, where)
-    assert status == "ok" and f"no NF4 cache at {root} yet: the first NF4 load writes it" in detail
+    assert status == "ok"
+    assert f"no NF4 cache at {root} yet: the first NF4 load writes it" in detail
     assert f"{leftover.name} beside it: left by killed writes, never read" in detail
 
     # the next load writes a whole cache and drops the leftover (never read, its disk is the new cache's)
     assert modeling.load_base_model(cfg, where).source.endswith(f"NF4 cache written to {root}")
     assert not nf4.leftovers(root)
     status, detail = preflight.check_nf4_cache(cfg, params, where)
-    assert status == "ok" and detail.startswith(f"will be used: NF4 cache at {root}")
+    assert status == "ok"
+    assert detail.startswith(f"will be used: NF4 cache at {root}")
     assert f"; {human_bytes(nf4.cache_bytes(root))} on disk (`make clean-cache` removes it)" in detail
     another = root.with_name(f".{root.name}-killed")  # what a later killed rebuild would leave
     another.mkdir()
@@ -207,11 +240,12 @@ def test_a_cache_write_killed_midway_leaves_nothing_used_and_clean_cache_removes
     capsys.readouterr()
     assert clean_cache.run(cfg) == root
     assert "removed the NF4 cache" in capsys.readouterr().out
-    assert not root.exists() and not nf4.leftovers(root)
+    assert not root.exists()
+    assert not nf4.leftovers(root)
     assert preflight.check_nf4_cache(nf4_cfg(model_copy, "model.nf4_cache=none"), params, where)[1].startswith("none")
 
 
-@pytest.mark.parametrize("setting, expected", [("auto", "{dir}.nf4-cache"), ("none", None), ("/data/c", "/data/c")])
+@pytest.mark.parametrize(("setting", "expected"), [("auto", "{dir}.nf4-cache"), ("none", None), ("/data/c", "/data/c")])
 def test_where_the_cache_goes(setting, expected, tmp_path):
     model_dir = tmp_path / "Hunyuan-A13B-Instruct"
     want = None if expected is None else Path(expected.format(dir=model_dir))
@@ -224,11 +258,13 @@ def test_a_cache_setting_naming_a_folder_of_other_files_is_refused_and_left_alon
     data.mkdir()
     (data / "notes.txt").write_text("mine")
     cfg = nf4_cfg(model_copy, f"model.nf4_cache={data}")
-    with pytest.raises(UserError, match=r"model.nf4_cache: model.nf4_cache is .*data, which holds what no NF4 cache "
-                                        r"write made \(notes.txt\)"):
+    with pytest.raises(
+        UserError,
+        match=r"model.nf4_cache: model.nf4_cache is .*data, which holds what no NF4 cache "
+        r"write made \(notes.txt\)",
+    ):
         modeling.load_base_model(cfg, runtime.placement(cfg))
     with pytest.raises(UserError, match="notes.txt"):
         clean_cache.run(cfg)
     assert [p.name for p in data.iterdir()] == ["notes.txt"]
     assert nf4.foreign_files(data) == ["notes.txt"]
-

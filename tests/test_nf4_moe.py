@@ -37,13 +37,19 @@ SKIP = ("wg", "lm_head")
 
 def tiny_config(**overrides) -> HunYuanConfig:
     cfg = stand_in_config()  # hidden 64, 8 experts top-2, expert width 48: 48 blocks per expert (unaligned)
-    cfg.update(attention_dropout=0.0, vocab_size=1024, pad_token_id=1023, eos_token_id=1022,
-               eod_token_id=1021, sep_token_id=1020)
+    cfg.update(
+        attention_dropout=0.0,
+        vocab_size=1024,
+        pad_token_id=1023,
+        eos_token_id=1022,
+        eod_token_id=1021,
+        sep_token_id=1020,
+    )
     cfg.update(overrides)
     return HunYuanConfig(**cfg)
 
 
-ALIGNED = dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=[128] * 2, attention_head_dim=32)
+ALIGNED = {"hidden_size": 128, "intermediate_size": 128, "moe_intermediate_size": [128] * 2, "attention_head_dim": 32}
 
 
 def nf4_model(config: HunYuanConfig, double_quant: bool = True, seed: int = 0) -> HunYuanMoEV1ForCausalLM:
@@ -68,8 +74,11 @@ def peft_pair(config: HunYuanConfig, double_quant: bool = True, dropout: float =
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:
-    return {n: (p.grad if p.grad is not None else torch.zeros_like(p))
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: (p.grad if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def expert_4bit(moe, name):
@@ -81,23 +90,30 @@ def per_expert_dequantised(moe, name) -> torch.Tensor:
     return torch.stack([bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in expert_4bit(moe, name)])
 
 
-@pytest.mark.parametrize("overrides,double_quant", [({}, True), (ALIGNED, True), ({}, False)],
-                         ids=["unaligned-nested", "aligned-nested", "plain-absmax"])
+@pytest.mark.parametrize(
+    ("overrides", "double_quant"),
+    [({}, True), (ALIGNED, True), ({}, False)],
+    ids=["unaligned-nested", "aligned-nested", "plain-absmax"],
+)
 def test_packed_dequantisation_is_bitsandbytes_per_expert(overrides, double_quant):
     """One dequantisation of the packed projection == bitsandbytes' dequantize_4bit of each expert, bit for bit."""
     model = nf4_model(tiny_config(**overrides), double_quant)
     moe = model.model.layers[1].mlp
-    assert fast_moe._is_4bit(moe.experts[0].down_proj) and not fast_moe._is_4bit(moe.gate.wg)
+    assert fast_moe._is_4bit(moe.experts[0].down_proj)
+    assert not fast_moe._is_4bit(moe.gate.wg)
     want = {name: per_expert_dequantised(moe, name) for name in fast_moe.PROJECTIONS}
     projs = fast_moe.projections(moe)
     for name in fast_moe.PROJECTIONS:
         source = projs[name].weight
-        assert isinstance(source, fast_moe.NF4Experts) and source.nested is double_quant
+        assert isinstance(source, fast_moe.NF4Experts)
+        assert source.nested is double_quant
         got = source.materialize()
-        assert got.shape == want[name].shape and torch.equal(got, want[name]), name
+        assert got.shape == want[name].shape, name
+        assert torch.equal(got, want[name]), name
         # packed: every expert's codes are its slice of one buffer, read in place (no copy of the 4-bit data)
         codes = [m.weight.data for m in expert_4bit(moe, name)]
-        assert fast_moe._is_packed(codes) and source.data.data_ptr() == codes[0].data_ptr(), name
+        assert fast_moe._is_packed(codes), name
+        assert source.data.data_ptr() == codes[0].data_ptr(), name
     # after packing, PEFT-style per-expert dequantisation still sees the same weights
     again = per_expert_dequantised(moe, "up_proj")
     assert torch.equal(again, want["up_proj"])
@@ -113,7 +129,8 @@ def test_no_dequantised_weight_is_saved_for_backward():
     x = torch.randn(1, 20, config.hidden_size, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         y = moe(x)
-    assert saved and weight_size not in saved
+    assert saved
+    assert weight_size not in saved
     y.sum().backward()
 
 
@@ -128,7 +145,8 @@ def test_moe_layer_matches_peft_on_linear4bit(tokens):
     assert rel(y_fast, y_ref) < 1e-5
     assert rel(x_fast.grad, x_ref.grad) < 1e-5
     g_ref, g_fast = lora_grads(moe_ref), lora_grads(moe_fast)
-    assert g_ref.keys() == g_fast.keys() and len(g_ref) == 8 * 3 * 2 + 3 * 2
+    assert g_ref.keys() == g_fast.keys()
+    assert len(g_ref) == 8 * 3 * 2 + 3 * 2
     nonzero = 0
     for name in g_ref:
         assert rel(g_fast[name], g_ref[name]) < 1e-5 or g_ref[name].norm() == g_fast[name].norm() == 0, name
@@ -239,18 +257,24 @@ def test_adapter_from_nf4_fast_loads_on_the_bf16_model(tmp_path, stand_in_dir):
     dequantised = {}
     for name, m in base.named_modules():
         if fast_moe._is_4bit(m):
-            dequantised[name.replace("base_layer", "").replace("..", ".").rstrip(".") + ".weight"] = \
+            dequantised[name.replace("base_layer", "").replace("..", ".").rstrip(".") + ".weight"] = (
                 bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            )
     plain = copy.deepcopy(folder)
     missing, unexpected = plain.load_state_dict(dequantised, strict=False)
-    assert not unexpected and len(dequantised) == 2 * (4 + 3 + 8 * 3)  # every Linear but the routers
+    assert not unexpected
+    assert len(dequantised) == 2 * (4 + 3 + 8 * 3)
     # a model folder holding those weights, loaded the way `make infer` / `make merge` load (modeling.load_with_adapter)
     dequantised_dir = tmp_path / "dequantised-folder"
     shutil.copytree(stand_in_dir, dequantised_dir, ignore=shutil.ignore_patterns("*.safetensors*"))
     plain.save_pretrained(dequantised_dir)
     for impl in ("upstream", "fast"):
-        cfg = config.load(REPO / "configs/demo.yaml", [f"model.moe_impl={impl}", "model.device=cpu"],
-                          model_dir=str(dequantised_dir), output_dir=str(tmp_path / "run"))
+        cfg = config.load(
+            REPO / "configs/demo.yaml",
+            [f"model.moe_impl={impl}", "model.device=cpu"],
+            model_dir=str(dequantised_dir),
+            output_dir=str(tmp_path / "run"),
+        )
         loaded = load_with_adapter(cfg, placement(cfg), tmp_path / "adapter").model
         assert type(loaded.get_base_model()).__module__.startswith("hunyuan_lora.") is (impl == "fast")
         with torch.no_grad():
@@ -273,7 +297,8 @@ def test_fast_path_uses_the_compute_dtype_of_the_4bit_weights():
     x = torch.randn(7, config.hidden_size)
     weights, experts = moe.gate(x)
     y = grouped_moe.routed_experts(x, weights, experts, moe.num_experts, projs, moe.experts[0].act_fn)
-    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert y.dtype == torch.float32
+    assert torch.isfinite(y).all()
     want = moe.routed_experts(x.to(torch.bfloat16), weights, experts)  # per-expert bnb Linear4bit, bf16
     assert rel(y, want.float()) < 2e-2
 
@@ -285,8 +310,15 @@ def test_fast_path_uses_the_compute_dtype_of_the_4bit_weights():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_packed_dequantisation_is_bitsandbytes_per_expert():
-    config = tiny_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=[256] * 2, num_experts=16,
-                         moe_topk=[4] * 2, num_attention_heads=4, attention_head_dim=64)
+    config = tiny_config(
+        hidden_size=256,
+        intermediate_size=256,
+        moe_intermediate_size=[256] * 2,
+        num_experts=16,
+        moe_topk=[4] * 2,
+        num_attention_heads=4,
+        attention_head_dim=64,
+    )
     torch.manual_seed(0)
     model = HunYuanMoEV1ForCausalLM(config).to("cuda", torch.bfloat16)
     moe = model.model.layers[0].mlp
@@ -294,7 +326,8 @@ def test_cuda_packed_dequantisation_is_bitsandbytes_per_expert():
     for name in fast_moe.PROJECTIONS:
         want = per_expert_dequantised(moe, name)
         got = fast_moe.projections(moe)[name].weight.materialize()
-        assert got.dtype == torch.bfloat16 and torch.equal(got, want), name
+        assert got.dtype == torch.bfloat16, name
+        assert torch.equal(got, want), name
 
 
 @pytest.mark.gpu
@@ -304,8 +337,15 @@ def test_cuda_fast_nf4_matches_peft_linear4bit(tokens):
     """bf16 under autocast, grouped_mm: outputs, input grads and every LoRA grad within 1e-2 of PEFT on Linear4bit."""
     if not grouped_moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("torch._grouped_mm needs compute capability 9.0")
-    config = tiny_config(hidden_size=256, intermediate_size=128, moe_intermediate_size=[128] * 2,
-                         num_experts=16, moe_topk=[4] * 2, num_attention_heads=4, attention_head_dim=64)
+    config = tiny_config(
+        hidden_size=256,
+        intermediate_size=128,
+        moe_intermediate_size=[128] * 2,
+        num_experts=16,
+        moe_topk=[4] * 2,
+        num_attention_heads=4,
+        attention_head_dim=64,
+    )
     torch.manual_seed(0)
     base = HunYuanMoEV1ForCausalLM(config).to("cuda", torch.bfloat16)
     for layer in base.model.layers:
@@ -327,7 +367,8 @@ def test_cuda_fast_nf4_matches_peft_linear4bit(tokens):
         (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
         results[name] = (y.float(), xi.grad.float(), {k: v.float() for k, v in lora_grads(moe).items()})
     (y_r, dx_r, g_r), (y_f, dx_f, g_f) = results["ref"], results["fast"]
-    assert rel(y_f, y_r) < 1e-2 and rel(dx_f, dx_r) < 1e-2
+    assert rel(y_f, y_r) < 1e-2
+    assert rel(dx_f, dx_r) < 1e-2
     for k in g_r:
         if g_r[k].norm() > 0:
             assert rel(g_f[k], g_r[k]) < 1e-2, k
@@ -373,7 +414,7 @@ def decode_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     with torch.no_grad():
         model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True)
         for t in range(prefill, ids.shape[1]):
-            out.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            out.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     return torch.cat(out, dim=1)
 
 

@@ -41,7 +41,7 @@ def quantised_experts(E: int, out_f: int, in_f: int, device: str = "cpu", seed: 
 def per_group(a: torch.Tensor, counts: list[int], fn) -> torch.Tensor:
     pieces, start = [], 0
     for e, n in enumerate(counts):
-        pieces.append(fn(a[start:start + n], e))
+        pieces.append(fn(a[start : start + n], e))
         start += n
     return torch.cat(pieces)
 
@@ -101,9 +101,12 @@ def test_default_still_dequantises(interpreter, monkeypatch):
 def test_config_switch_reaches_the_model(interpreter, monkeypatch, stand_in_dir, tmp_path):
     """model.nf4_products: triton in the QLoRA config: the loaded model's experts multiply from the codes where
     the shapes allow (the stand-in's gate/up, 64 inputs; its down has 48, not whole 64-value blocks)."""
-    cfg = config.load(REPO / "configs/huanhuan_qlora.yaml", ["model.device=cpu", "model.device_map=null",
-                                                             "model.nf4_products=triton"],
-                      model_dir=str(stand_in_dir), output_dir=str(tmp_path / "run"))
+    cfg = config.load(
+        REPO / "configs/huanhuan_qlora.yaml",
+        ["model.device=cpu", "model.device_map=null", "model.nf4_products=triton"],
+        model_dir=str(stand_in_dir),
+        output_dir=str(tmp_path / "run"),
+    )
     model = load_random_model(cfg, placement(cfg), 1).model
     decoded = []
     real = fast_moe.NF4Experts.materialize
@@ -115,8 +118,12 @@ def test_config_switch_reaches_the_model(interpreter, monkeypatch, stand_in_dir,
 
 def test_config_refuses_nf4_products_without_nf4(stand_in_dir, tmp_path):
     with pytest.raises(UserError, match="model.nf4_products: triton needs model.quantization: nf4"):
-        config.load(REPO / "configs/huanhuan_fast.yaml", ["model.nf4_products=triton"], model_dir=str(stand_in_dir),
-                    output_dir=str(tmp_path / "run"))
+        config.load(
+            REPO / "configs/huanhuan_fast.yaml",
+            ["model.nf4_products=triton"],
+            model_dir=str(stand_in_dir),
+            output_dir=str(tmp_path / "run"),
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -138,7 +145,8 @@ def test_cuda_bf16_products_and_graph_capture(rows):
     for registers in (True, False):
         y = nf4_products.grouped_product(x, codes, scales, table, offs, table_in_registers=registers)
         gx = nf4_products.grouped_input_grad(g, codes, scales, table, offs, table_in_registers=registers)
-        assert rel(y.float(), want_y) < 1e-2 and rel(gx.float(), want_g) < 1e-2
+        assert rel(y.float(), want_y) < 1e-2
+        assert rel(gx.float(), want_g) < 1e-2
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y_graph = nf4_products.grouped_product(x, codes, scales, table, offs)

@@ -59,8 +59,11 @@ def _child(case: dict) -> None:
     for name in USER_VARS:
         os.environ.pop(f"HL_{name}", None)
     os.environ.update(case["env"])
-    fds = [os.open(os.devnull, os.O_RDONLY), os.open(case["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-           os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)]
+    fds = [
+        os.open(os.devnull, os.O_RDONLY),
+        os.open(case["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+    ]
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     _spy_on_loads(case["loads"])
@@ -110,8 +113,9 @@ def helper(plan_path: str, results_path: str) -> None:
                 status = None
                 break
             time.sleep(0.05)
-        results.append({"id": case["id"], "rc": None if status is None else os.waitstatus_to_exitcode(status),
-                        "pid": pid})
+        results.append(
+            {"id": case["id"], "rc": None if status is None else os.waitstatus_to_exitcode(status), "pid": pid}
+        )
     for pid in background.values():  # a background case the plan did not stop
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -158,8 +162,7 @@ if __name__ == "__main__":
 # stage -> (script, extra arguments, extra environment)
 STAGES = {
     "dataset": ("dataset.py", ["--data", str(SAMPLE)], {}),
-    "train": ("train.py", ["--data", str(SAMPLE), "--set", "train.max_steps=1", "--set", "train.save_steps=100"],
-              {}),
+    "train": ("train.py", ["--data", str(SAMPLE), "--set", "train.max_steps=1", "--set", "train.save_steps=100"], {}),
     "infer": ("infer.py", [], {"HL_PROMPT": "你是谁？"}),
     "merge": ("merge.py", [], {}),
     "eval": ("eval.py", [], {"HL_EVAL": str(SAMPLE), "HL_SET": "eval.limit=1 eval.max_new_tokens=2"}),
@@ -173,16 +176,40 @@ WRITING = ("dataset", "check", "train", "infer", "merge", "eval", "chat", "probe
 AS_ROOT = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
 
 
-def case(root: Path, model: Path, name: str, stage: str, out: Path, before: list | None = None, *,
-         sets: tuple[str, ...] = (), background: bool = False) -> dict:
+def case(
+    root: Path,
+    model: Path,
+    name: str,
+    stage: str,
+    out: Path,
+    before: list | None = None,
+    *,
+    sets: tuple[str, ...] = (),
+    background: bool = False,
+) -> dict:
     script, extra, env = STAGES[stage]
     log = root / "logs" / name.replace("/", "-")
-    return {"id": name, "script": str(REPO / "scripts" / script), "cwd": str(REPO),
-            "args": ["--config", str(DEMO), "--model-dir", str(model), "--output-dir", str(out), *extra,
-                     *[a for s in sets for a in ("--set", s)]],
-            "env": {"OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled", **env},
-            "stdout": f"{log}.stdout", "stderr": f"{log}.stderr", "loads": f"{log}.loads", "before": before,
-            "background": background}
+    return {
+        "id": name,
+        "script": str(REPO / "scripts" / script),
+        "cwd": str(REPO),
+        "args": [
+            "--config",
+            str(DEMO),
+            "--model-dir",
+            str(model),
+            "--output-dir",
+            str(out),
+            *extra,
+            *[a for s in sets for a in ("--set", s)],
+        ],
+        "env": {"OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled", **env},
+        "stdout": f"{log}.stdout",
+        "stderr": f"{log}.stderr",
+        "loads": f"{log}.loads",
+        "before": before,
+        "background": background,
+    }
 
 
 def read_only_works(prefix: list[str]) -> bool:
@@ -193,8 +220,9 @@ def read_only_works(prefix: list[str]) -> bool:
     with tempfile.TemporaryDirectory() as folder:
         os.chmod(folder, 0o555)
         try:
-            proc = subprocess.run([*prefix, sys.executable, "-c", f"open({folder!r} + '/x', 'w')"],
-                                  capture_output=True, timeout=60)
+            proc = subprocess.run(
+                [*prefix, sys.executable, "-c", f"open({folder!r} + '/x', 'w')"], capture_output=True, timeout=60
+            )
         except FileNotFoundError:  # no setpriv
             return False
         finally:
@@ -208,58 +236,162 @@ def runs(patched_stand_in, lora_run, tmp_path_factory):
     (root / "logs").mkdir()
     model = patched_stand_in
     adapter = str(lora_run.output_dir / "adapter")
-    d = {name: root / name for name in ("kept", "data_file", "data_foreign", "adapter_file", "merged_file",
-                                        "eval_foreign", "locked", "read_only", "evals")}
+    d = {
+        name: root / name
+        for name in (
+            "kept",
+            "data_file",
+            "data_foreign",
+            "adapter_file",
+            "merged_file",
+            "eval_foreign",
+            "locked",
+            "read_only",
+            "evals",
+        )
+    }
     d["a_file"] = root / "a-file"
     prefix = AS_ROOT if os.geteuid() == 0 else []
     read_only = read_only_works(prefix)
-    run_folder = [["copy", str(d["kept"] / "data"), str(d["read_only"] / "data")],
-                  ["copy", adapter, str(d["read_only"] / "adapter")]]
+    run_folder = [
+        ["copy", str(d["kept"] / "data"), str(d["read_only"] / "data")],
+        ["copy", adapter, str(d["read_only"] / "adapter")],
+    ]
     plan = [
         # item 7: a user's data.old (and a manifest.json.tmp) beside a dataset the kit replaces
         case(root, model, "dataset/first", "dataset", d["kept"]),
-        case(root, model, "dataset/again", "dataset", d["kept"],
-             before=[["file", d["kept"] / "data.old" / "mine.txt", "the user's"],
-                     ["file", d["kept"] / "manifest.json.tmp", "the user's too"]]),
+        case(
+            root,
+            model,
+            "dataset/again",
+            "dataset",
+            d["kept"],
+            before=[
+                ["file", d["kept"] / "data.old" / "mine.txt", "the user's"],
+                ["file", d["kept"] / "manifest.json.tmp", "the user's too"],
+            ],
+        ),
         # a file, or a folder the kit did not write, where a stage publishes its folder
-        case(root, model, "dataset/file", "dataset", d["data_file"], before=[["file", d["data_file"] / "data",
-                                                                               "a file named data"]]),
-        case(root, model, "dataset/foreign", "dataset", d["data_foreign"],
-             before=[["file", d["data_foreign"] / "data" / "huanhuan.json", "[]"]]),
-        case(root, model, "train/adapter-file", "train", d["adapter_file"],
-             before=[["copy", str(d["kept"] / "data"), str(d["adapter_file"] / "data")],
-                     ["file", d["adapter_file"] / "adapter", "a file named adapter"]]),
-        case(root, model, "merge/file", "merge", d["merged_file"],
-             before=[["copy", adapter, str(d["merged_file"] / "adapter")],
-                     ["file", d["merged_file"] / "merged", "a file named merged"]]),
-        case(root, model, "eval/foreign", "eval", d["eval_foreign"],
-             before=[["copy", adapter, str(d["eval_foreign"] / "adapter")],
-                     ["file", d["eval_foreign"] / "eval" / "notes.md", "the user's notes"]]),
+        case(
+            root,
+            model,
+            "dataset/file",
+            "dataset",
+            d["data_file"],
+            before=[["file", d["data_file"] / "data", "a file named data"]],
+        ),
+        case(
+            root,
+            model,
+            "dataset/foreign",
+            "dataset",
+            d["data_foreign"],
+            before=[["file", d["data_foreign"] / "data" / "huanhuan.json", "[]"]],
+        ),
+        case(
+            root,
+            model,
+            "train/adapter-file",
+            "train",
+            d["adapter_file"],
+            before=[
+                ["copy", str(d["kept"] / "data"), str(d["adapter_file"] / "data")],
+                ["file", d["adapter_file"] / "adapter", "a file named adapter"],
+            ],
+        ),
+        case(
+            root,
+            model,
+            "merge/file",
+            "merge",
+            d["merged_file"],
+            before=[
+                ["copy", adapter, str(d["merged_file"] / "adapter")],
+                ["file", d["merged_file"] / "merged", "a file named merged"],
+            ],
+        ),
+        case(
+            root,
+            model,
+            "eval/foreign",
+            "eval",
+            d["eval_foreign"],
+            before=[
+                ["copy", adapter, str(d["eval_foreign"] / "adapter")],
+                ["file", d["eval_foreign"] / "eval" / "notes.md", "the user's notes"],
+            ],
+        ),
         # item 8: an output folder that is a file, or read-only, in every stage that writes
-        *[case(root, model, f"{stage}/output-is-a-file", stage, d["a_file"],
-               before=[["file", d["a_file"], "a file"]] if stage == WRITING[0] else None) for stage in WRITING],
-        *([case(root, model, f"{stage}/read-only", stage, d["read_only"],
-                before=[*run_folder, ["chmod", d["read_only"], "555"]] if stage == WRITING[0] else None)
-           for stage in WRITING] if read_only else []),
+        *[
+            case(
+                root,
+                model,
+                f"{stage}/output-is-a-file",
+                stage,
+                d["a_file"],
+                before=[["file", d["a_file"], "a file"]] if stage == WRITING[0] else None,
+            )
+            for stage in WRITING
+        ],
+        *(
+            [
+                case(
+                    root,
+                    model,
+                    f"{stage}/read-only",
+                    stage,
+                    d["read_only"],
+                    before=[*run_folder, ["chmod", d["read_only"], "555"]] if stage == WRITING[0] else None,
+                )
+                for stage in WRITING
+            ]
+            if read_only
+            else []
+        ),
         # item 8: eval keeps the earlier eval/
         case(root, model, "eval/first", "eval", d["evals"], before=[["copy", adapter, str(d["evals"] / "adapter")]]),
-        case(root, model, "eval/again", "eval", d["evals"],
-             before=[["copy", str(d["evals"] / "eval"), str(root / "first-eval")]]),
+        case(
+            root,
+            model,
+            "eval/again",
+            "eval",
+            d["evals"],
+            before=[["copy", str(d["evals"] / "eval"), str(root / "first-eval")]],
+        ),
         # item 5: two runs on one folder; the lock of a killed run does not block the next one
-        case(root, model, "train/holder", "train", d["locked"], background=True,
-             before=[["copy", str(d["kept"] / "data"), str(d["locked"] / "data")]],
-             sets=("train.max_steps=100000", "train.save_steps=100000")),
-        *[case(root, model, f"{stage}/while-locked", stage, d["locked"],
-               before=[["locked", d["locked"], "train/holder"]] if stage == "train" else None)
-          for stage in ("train", "dataset", "merge", "eval", "infer")],
+        case(
+            root,
+            model,
+            "train/holder",
+            "train",
+            d["locked"],
+            background=True,
+            before=[["copy", str(d["kept"] / "data"), str(d["locked"] / "data")]],
+            sets=("train.max_steps=100000", "train.save_steps=100000"),
+        ),
+        *[
+            case(
+                root,
+                model,
+                f"{stage}/while-locked",
+                stage,
+                d["locked"],
+                before=[["locked", d["locked"], "train/holder"]] if stage == "train" else None,
+            )
+            for stage in ("train", "dataset", "merge", "eval", "infer")
+        ],
         case(root, model, "dataset/after-kill", "dataset", d["locked"], before=[["kill", "train/holder"]]),
     ]
     (root / "plan.json").write_text(json.dumps(plan, default=str))
     import subprocess
 
-    proc = subprocess.run([*(prefix if read_only else []), sys.executable, __file__, str(root / "plan.json"),
-                           str(root / "results.json")],
-                          cwd=REPO, capture_output=True, text=True, timeout=CASE_TIMEOUT * len(plan))
+    proc = subprocess.run(
+        [*(prefix if read_only else []), sys.executable, __file__, str(root / "plan.json"), str(root / "results.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=CASE_TIMEOUT * len(plan),
+    )
     if d["read_only"].exists():
         d["read_only"].chmod(0o755)  # for pytest to clean it up
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -267,10 +399,13 @@ def runs(patched_stand_in, lora_run, tmp_path_factory):
     results = {}
     for c in plan:
         loads = Path(c["loads"])
-        results[c["id"]] = {"rc": ran[c["id"]]["rc"], "pid": ran[c["id"]]["pid"],
-                            "stdout": Path(c["stdout"]).read_text(errors="replace"),
-                            "stderr": Path(c["stderr"]).read_text(errors="replace"),
-                            "loads": loads.read_text().split() if loads.is_file() else []}
+        results[c["id"]] = {
+            "rc": ran[c["id"]]["rc"],
+            "pid": ran[c["id"]]["pid"],
+            "stdout": Path(c["stdout"]).read_text(errors="replace"),
+            "stderr": Path(c["stderr"]).read_text(errors="replace"),
+            "loads": loads.read_text().split() if loads.is_file() else [],
+        }
     return {"dirs": d, "results": results, "root": root, "read_only": read_only}
 
 
@@ -280,7 +415,7 @@ def refusal(result: dict) -> str:
     assert "Traceback" not in stderr, stderr[-3000:]
     assert result["rc"] == 2, f"exit {result['rc']}:\n{result['stdout'][-1500:]}\n{stderr[-3000:]}"
     assert len(re.findall(r"^error:", stderr, re.M)) == 1, stderr
-    return " ".join(stderr[stderr.index("error:"):].split())
+    return " ".join(stderr[stderr.index("error:") :].split())
 
 
 def test_a_users_names_beside_a_published_folder_are_never_touched(runs):
@@ -290,29 +425,39 @@ def test_a_users_names_beside_a_published_folder_are_never_touched(runs):
         assert runs["results"][name]["rc"] == 0, runs["results"][name]["stderr"][-3000:]
     assert (out / "data.old" / "mine.txt").read_text() == "the user's"
     assert (out / "manifest.json.tmp").read_text() == "the user's too"
-    assert (out / "data" / "stats.json").is_file() and (out / "data" / ".hunyuan-lora").is_file()
+    assert (out / "data" / "stats.json").is_file()
+    assert (out / "data" / ".hunyuan-lora").is_file()
     assert sorted(p.name for p in out.iterdir()) == [LOCK, "data", "data.old", "manifest.json.tmp"]  # no leftovers
 
 
-@pytest.mark.parametrize("name, folder, stage_name", [
-    ("dataset/file", "data_file", "data"), ("train/adapter-file", "adapter_file", "adapter"),
-    ("merge/file", "merged_file", "merged"),
-])
+@pytest.mark.parametrize(
+    ("name", "folder", "stage_name"),
+    [
+        ("dataset/file", "data_file", "data"),
+        ("train/adapter-file", "adapter_file", "adapter"),
+        ("merge/file", "merged_file", "merged"),
+    ],
+)
 def test_a_file_where_a_stage_publishes_is_refused_in_words(runs, name, folder, stage_name):
     """A file named `data` was renamed to data.old, then a NotADirectoryError traceback."""
     text = refusal(runs["results"][name])
     target = runs["dirs"][folder] / stage_name
     assert f"{target} is a file, where the kit publishes a folder; nothing was changed" in text, text
     assert "Fix: move or rename" in text
-    assert target.is_file() and target.read_text() == f"a file named {stage_name}"
+    assert target.is_file()
+    assert target.read_text() == f"a file named {stage_name}"
     left = [p.name for p in runs["dirs"][folder].iterdir() if p.name != LOCK]
     assert not [name for name in left if name.startswith(".") or name.endswith(".old")], left
     assert runs["results"][name]["loads"] == [], "refused after loading the model"
 
 
-@pytest.mark.parametrize("name, folder, stage_name, file", [
-    ("dataset/foreign", "data_foreign", "data", "huanhuan.json"), ("eval/foreign", "eval_foreign", "eval", "notes.md"),
-])
+@pytest.mark.parametrize(
+    ("name", "folder", "stage_name", "file"),
+    [
+        ("dataset/foreign", "data_foreign", "data", "huanhuan.json"),
+        ("eval/foreign", "eval_foreign", "eval", "notes.md"),
+    ],
+)
 def test_a_folder_the_kit_did_not_write_is_refused_and_left_alone(runs, name, folder, stage_name, file):
     text = refusal(runs["results"][name])
     out = runs["dirs"][folder]
@@ -326,7 +471,8 @@ def test_a_folder_the_kit_did_not_write_is_refused_and_left_alone(runs, name, fo
 def test_an_output_folder_that_is_a_file_is_refused_before_any_work(runs, stage):
     """dataset, merge and eval gave OSError / FileExistsError tracebacks, merge and eval after all their work."""
     text = refusal(runs["results"][f"{stage}/output-is-a-file"])
-    assert f"{runs['dirs']['a_file']} is a file" in text and "run.output_dir" in text, text
+    assert f"{runs['dirs']['a_file']} is a file" in text, text
+    assert "run.output_dir" in text, text
     assert runs["results"][f"{stage}/output-is-a-file"]["loads"] == [], "refused after loading the model"
     assert runs["dirs"]["a_file"].read_text() == "a file"
 
@@ -343,12 +489,14 @@ def test_a_read_only_output_folder_is_refused_before_any_work(runs, stage):
 
 def test_eval_keeps_the_earlier_eval(runs):
     first, again = runs["results"]["eval/first"], runs["results"]["eval/again"]
-    assert first["rc"] == 0 and again["rc"] == 0, again["stderr"][-3000:]
+    assert first["rc"] == 0, again["stderr"][-3000:]
+    assert again["rc"] == 0, again["stderr"][-3000:]
     out = runs["dirs"]["evals"]
     [kept] = out.glob("eval.2*")
     assert f"the earlier eval in {out / 'eval'} was moved to {kept} (kept" in again["stdout"]
     assert tree_digest(kept) == tree_digest(runs["root"] / "first-eval")
-    assert (out / "eval" / "eval.json").is_file() and (out / "eval" / "answers.jsonl").is_file()
+    assert (out / "eval" / "eval.json").is_file()
+    assert (out / "eval" / "answers.jsonl").is_file()
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(runs):
@@ -358,16 +506,21 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(runs):
         result = runs["results"][f"{stage}/while-locked"]
         text = refusal(result)
         assert f"{runs['dirs']['locked']} is in use by `make train` (pid {holder['pid']} on " in text, (stage, text)
-        assert "OUTPUT_DIR" in text and result["loads"] == [], (stage, text)
+        assert "OUTPUT_DIR" in text, (stage, text)
+        assert result["loads"] == [], (stage, text)
     assert "adapter saved" not in holder["stdout"]  # it was still training when the others were refused
     after = runs["results"]["dataset/after-kill"]  # the holder was killed -9: its lock file stays, not its lock
     assert after["rc"] == 0, after["stderr"][-3000:]
     lock = json.loads((runs["dirs"]["locked"] / ".hunyuan-lora.lock").read_text())
-    assert lock["stage"] == "dataset" and lock["pid"] == after["pid"]
+    assert lock["stage"] == "dataset"
+    assert lock["pid"] == after["pid"]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
     import hashlib
 
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -38,7 +38,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(setup):
     padded = training.make_collator(cfg, tokenizer)(features)
     cfg.train.packing = True
     packed = training.make_collator(cfg, tokenizer)(features)
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["input_ids"].shape[0] == 1
+    assert "attention_mask" not in packed
     assert packed["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features) < padded["input_ids"].numel()
     assert (packed["position_ids"] == 0).sum() == len(features)
 
@@ -61,16 +62,26 @@ def test_packing_without_boundaries_would_differ(setup):
 
 def test_training_runs_with_packing(setup, tmp_path):
     cfg, _, _, _ = setup
-    run_cfg = config.load(REPO / "configs/demo.yaml", ["train.packing=true", "model.moe_impl=fast", "train.max_steps=2",
-                                                      "train.per_device_train_batch_size=8", "swanlab.mode=disabled",
-                                                      "train.resume=never"],
-                          model_dir=cfg.model.dir, output_dir=str(tmp_path / "run"))
+    run_cfg = config.load(
+        REPO / "configs/demo.yaml",
+        [
+            "train.packing=true",
+            "model.moe_impl=fast",
+            "train.max_steps=2",
+            "train.per_device_train_batch_size=8",
+            "swanlab.mode=disabled",
+            "train.resume=never",
+        ],
+        model_dir=cfg.model.dir,
+        output_dir=str(tmp_path / "run"),
+    )
     import shutil
 
     shutil.copytree(cfg.output_dir / "data", run_cfg.output_dir / "data")
     train.run(run_cfg)
     history = json.loads((run_cfg.output_dir / "log_history.json").read_text())
-    assert history[-1]["step"] == 2 and history[-1]["train_loss"] > 0
+    assert history[-1]["step"] == 2
+    assert history[-1]["train_loss"] > 0
 
 
 def test_fast_preset_trains_on_the_stand_in_with_16_samples_per_step(setup, tmp_path):
@@ -83,21 +94,32 @@ def test_fast_preset_trains_on_the_stand_in_with_16_samples_per_step(setup, tmp_
 
     cfg, _, _, _ = setup
     preset = yaml.safe_load((REPO / "configs/huanhuan_fast.yaml").read_text())
-    switches = {"model": ("moe_impl", "quantization"),
-                "train": ("packing", "pad_to_multiple_of", "optim", "per_device_train_batch_size",
-                          "gradient_accumulation_steps"),
-                "lora": ("preset", "r", "alpha", "dropout")}
+    switches = {
+        "model": ("moe_impl", "quantization"),
+        "train": (
+            "packing",
+            "pad_to_multiple_of",
+            "optim",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+        ),
+        "lora": ("preset", "r", "alpha", "dropout"),
+    }
     overrides = [f"{section}.{key}={preset[section][key]}" for section, keys in switches.items() for key in keys]
     assert preset["train"]["per_device_train_batch_size"] * preset["train"]["gradient_accumulation_steps"] == 16
-    run_cfg = config.load(REPO / "configs/demo.yaml", [*overrides, "train.max_steps=2", "train.logging_steps=1",
-                                                      "swanlab.mode=disabled", "train.resume=never"],
-                          model_dir=cfg.model.dir, output_dir=str(tmp_path / "run"))
+    run_cfg = config.load(
+        REPO / "configs/demo.yaml",
+        [*overrides, "train.max_steps=2", "train.logging_steps=1", "swanlab.mode=disabled", "train.resume=never"],
+        model_dir=cfg.model.dir,
+        output_dir=str(tmp_path / "run"),
+    )
     assert (run_cfg.model.moe_impl, run_cfg.train.packing, run_cfg.train.optim) == ("fast", True, "adamw_torch_fused")
     shutil.copytree(cfg.output_dir / "data", run_cfg.output_dir / "data")
     train.run(run_cfg)
     history = json.loads((run_cfg.output_dir / "log_history.json").read_text())
     losses = [e["loss"] for e in history if "loss" in e]
-    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+    assert len(losses) == 2
+    assert all(0 < loss < 20 for loss in losses)
     adapter = load_file(str(run_cfg.output_dir / "adapter" / "adapter_model.safetensors"))
     assert any(".mlp.experts.0.gate_proj.lora_A.weight" in k for k in adapter)  # PEFT's per-expert format
     assert "moe_impl: fast" in (run_cfg.output_dir / "resolved.yaml").read_text()
@@ -131,7 +153,8 @@ def test_rounding_the_length_up_keeps_loss_gradients_and_the_throughput_count(se
     rounded = training.make_collator(cfg, tokenizer)(features)
     assert rounded["input_ids"].shape[1] == -(-length // multiple) * multiple > length
     extra = (slice(None), slice(length, None))
-    assert (rounded["labels"][extra] == -100).all() and rounded["attention_mask"][extra].sum() == 0
+    assert (rounded["labels"][extra] == -100).all()
+    assert rounded["attention_mask"][extra].sum() == 0
     if packing:
         assert rounded["position_ids"][0, length] == 0  # the block starts a "sample" of its own
 
@@ -162,10 +185,19 @@ def test_fast_run_resumes_and_a_checkpoint_of_the_per_expert_layout_is_refused(s
     cfg, _, _, _ = setup
 
     def run(out, steps, resume, stacked=True):
-        run_cfg = config.load(REPO / "configs/demo.yaml", ["model.moe_impl=fast", f"train.max_steps={steps}",
-                                                          "train.save_steps=2", "train.logging_steps=1",
-                                                          "swanlab.mode=disabled", f"train.resume={resume}"],
-                              model_dir=cfg.model.dir, output_dir=str(out))
+        run_cfg = config.load(
+            REPO / "configs/demo.yaml",
+            [
+                "model.moe_impl=fast",
+                f"train.max_steps={steps}",
+                "train.save_steps=2",
+                "train.logging_steps=1",
+                "swanlab.mode=disabled",
+                f"train.resume={resume}",
+            ],
+            model_dir=cfg.model.dir,
+            output_dir=str(out),
+        )
         if not (out / "data").exists():
             shutil.copytree(cfg.output_dir / "data", out / "data")
         with monkeypatch.context() as m:
@@ -183,7 +215,9 @@ def test_fast_run_resumes_and_a_checkpoint_of_the_per_expert_layout_is_refused(s
     before = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
     with pytest.raises(UserError, match=r"optimizer state for (\d+) tensors, this run trains (\d+)") as e:
         run(tmp_path / "per-expert", 3, "auto")
-    assert (f"written with LoRA layout 1 ({checkpoints.LORA_LAYOUTS[1]}), this run trains layout 2 "
-            f"({checkpoints.LORA_LAYOUTS[2]})") in str(e.value)
+    assert (
+        f"written with LoRA layout 1 ({checkpoints.LORA_LAYOUTS[1]}), this run trains layout 2 "
+        f"({checkpoints.LORA_LAYOUTS[2]})"
+    ) in str(e.value)
     assert "train.resume=never" in str(e.value.fix)
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()} == before

@@ -17,7 +17,9 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 def test_patch_inserts_only_the_logger_lines_and_keeps_the_original(model_copy):
     original = (model_copy / "hunyuan.py").read_text()
     result = patch.patch_folder(model_copy)
-    assert result.needed and result.written and result.lines
+    assert result.needed
+    assert result.written
+    assert result.lines
     patched = (model_copy / "hunyuan.py").read_text()
     assert (model_copy / "hunyuan.py.orig").read_text() == original
     diff = [line for line in difflib.ndiff(original.splitlines(True), patched.splitlines(True)) if line[:2] != "  "]
@@ -31,29 +33,42 @@ def test_second_run_changes_nothing(model_copy):
     patch.patch_folder(model_copy)
     before = (model_copy / "hunyuan.py").read_bytes()
     again = patch.patch_folder(model_copy)
-    assert not again.needed and not again.written
+    assert not again.needed
+    assert not again.written
     assert (model_copy / "hunyuan.py").read_bytes() == before
 
 
 def test_check_only_reports_and_writes_nothing(model_copy):
     before = (model_copy / "hunyuan.py").read_bytes()
-    cmd = [sys.executable, str(REPO / "scripts/patch.py"), "--config", str(REPO / "configs/demo.yaml"),
-           "--model-dir", str(model_copy), "--check"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts/patch.py"),
+        "--config",
+        str(REPO / "configs/demo.yaml"),
+        "--model-dir",
+        str(model_copy),
+        "--check",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 1 and "needs the patch" in proc.stdout
+    assert proc.returncode == 1
+    assert "needs the patch" in proc.stdout
     assert (model_copy / "hunyuan.py").read_bytes() == before
     assert not (model_copy / "hunyuan.py.orig").exists()
     subprocess.run(cmd[:-1], check=True, capture_output=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0 and "already patched" in proc.stdout
+    assert proc.returncode == 0
+    assert "already patched" in proc.stdout
 
 
 @pytest.mark.parametrize(
-    "source, needed",
+    ("source", "needed"),
     [
         ("from transformers.utils import logging\ndef f():\n    logger.warning_once('x')\n", True),
-        ("from transformers.utils import logging\nlogger = logging.get_logger(__name__)\n"
-         "def f():\n    logger.warning_once('x')\n", False),
+        (
+            "from transformers.utils import logging\nlogger = logging.get_logger(__name__)\n"
+            "def f():\n    logger.warning_once('x')\n",
+            False,
+        ),
         # defined only inside another function: still undefined where it is used
         ("def g():\n    logger = 1\n    return logger\ndef f():\n    return logger\n", True),
         ("def f(logger):\n    return logger\n", False),

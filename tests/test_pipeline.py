@@ -29,8 +29,13 @@ def _pinned_versions() -> dict[str, str]:
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     out, stand_in = root / "outputs", root / "stand-in-demo"
-    proc = subprocess.run(["make", "demo", f"OUTPUT_DIR={out}", f"STAND_IN_DIR={stand_in}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["make", "demo", f"OUTPUT_DIR={out}", f"STAND_IN_DIR={stand_in}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cfg = config.load(REPO / "configs/demo.yaml", model_dir=str(stand_in), output_dir=str(out))
     return cfg, proc.stdout
@@ -66,7 +71,8 @@ def test_demo_writes_adapter_resolved_config_and_manifest(demo):
     assert any(".mlp.experts.7.down_proj.lora_B" in k for k in keys)
     assert not any("mlp.gate.lora" in k or ".wg." in k for k in keys)
     resolved = yaml.safe_load((out / "resolved.yaml").read_text())
-    assert resolved["train"]["resume"] == "never" and resolved["model"]["dir"] == cfg.model.dir
+    assert resolved["train"]["resume"] == "never"
+    assert resolved["model"]["dir"] == cfg.model.dir
     manifest = json.loads((out / "manifest.json").read_text())
     pins = _pinned_versions()
     for name, version in manifest["packages"].items():
@@ -75,8 +81,10 @@ def test_demo_writes_adapter_resolved_config_and_manifest(demo):
     import hashlib
 
     assert manifest["dataset"]["sha256"] == hashlib.sha256(sample.read_bytes()).hexdigest()
-    assert manifest["global_step"] == 40 and manifest["seed"] == cfg.run.seed
-    assert manifest["train_samples_per_second"] > 0 and manifest["git_commit"]
+    assert manifest["global_step"] == 40
+    assert manifest["seed"] == cfg.run.seed
+    assert manifest["train_samples_per_second"] > 0
+    assert manifest["git_commit"]
     # the adapter folder carries the same two files (published with it in one rename)
     assert json.loads((out / "adapter/manifest.json").read_text()) == manifest
     assert (out / "adapter/resolved.yaml").read_text() == (out / "resolved.yaml").read_text()
@@ -101,18 +109,28 @@ def test_merged_model_equals_base_plus_adapter(demo):
 
     cfg, _ = demo
     merged_dir = merge.run(cfg)
-    assert {"config.json", "hunyuan.py", "modeling_hunyuan.py", "configuration_hunyuan.py", "tokenization_hy.py",
-            "hy.tiktoken", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in merged_dir.iterdir()}
+    assert {
+        "config.json",
+        "hunyuan.py",
+        "modeling_hunyuan.py",
+        "configuration_hunyuan.py",
+        "tokenization_hy.py",
+        "hy.tiktoken",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= {p.name for p in merged_dir.iterdir()}
     ids = torch.tensor([[815, 300, 301, 302, 819, 500]])
     with torch.no_grad():
-        merged, info = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=True,
-                                                            torch_dtype=torch.bfloat16, output_loading_info=True)
+        merged, info = AutoModelForCausalLM.from_pretrained(
+            merged_dir, trust_remote_code=True, torch_dtype=torch.bfloat16, output_loading_info=True
+        )
         merged_logits = merged.eval()(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(cfg.model.dir, trust_remote_code=True, torch_dtype=torch.bfloat16)
         base_logits = base.eval()(input_ids=ids).logits
         peft_merged = PeftModel.from_pretrained(base, str(cfg.output_dir / "adapter")).merge_and_unload()
         peft_logits = peft_merged.eval()(input_ids=ids).logits
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]
     assert torch.equal(merged_logits, peft_logits)
     assert (merged_logits.float() - base_logits.float()).abs().max() > 1e-3  # the merge really changed the weights
 

@@ -1,6 +1,6 @@
 """make probe on the stand-in (CPU): the config's real training code on random weights, and its report.
 
-    .venv/bin/python -m pytest tests/test_probe.py
+.venv/bin/python -m pytest tests/test_probe.py
 """
 
 from __future__ import annotations
@@ -16,9 +16,30 @@ from hunyuan_lora import config, probe
 from hunyuan_lora.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-FIELDS = {"card", "gpus", "layers", "quantization", "moe_impl", "samples_per_optimizer_step", "steady_s_per_step",
-          "warmup_s", "samples_per_s", "tokens_per_s", "peak_gib", "gemm_tflops", "code_commit", "mfu", "eta_s",
-          "verdict", "memory", "lengths_from", "code", "architecture_from", "step_s", "run_steps"}
+FIELDS = {
+    "card",
+    "gpus",
+    "layers",
+    "quantization",
+    "moe_impl",
+    "samples_per_optimizer_step",
+    "steady_s_per_step",
+    "warmup_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "peak_gib",
+    "gemm_tflops",
+    "code_commit",
+    "mfu",
+    "eta_s",
+    "verdict",
+    "memory",
+    "lengths_from",
+    "code",
+    "architecture_from",
+    "step_s",
+    "run_steps",
+}
 
 
 def check_consistent(r: dict, steps: int) -> None:
@@ -42,13 +63,19 @@ def check_generation(r: dict, cfg, records: int) -> None:
     """The generation part: its keys, and the samples time and eval ETA derived from what it measured."""
     gen = r["generation"]
     b1, bb = gen["batch1"], gen["batched"]
-    assert r["gen_batch_size"] == 64 and gen["new_tokens"] == probe.GEN_NEW_TOKENS
+    assert r["gen_batch_size"] == 64
+    assert gen["new_tokens"] == probe.GEN_NEW_TOKENS
     assert r["gen_tokens_per_s_batch1"] == b1["per_stream_tokens_per_s"] > 0
-    assert r["gen_tokens_per_s_batched"] == bb["tokens_per_s"] == pytest.approx(64 * bb["per_stream_tokens_per_s"],
-                                                                                 rel=1e-2)
-    assert r["gen_time_to_first_token_s"] == b1["ttft_s"] > 0 and b1["ttft_s"] < b1["total_s"]
+    assert (
+        r["gen_tokens_per_s_batched"]
+        == bb["tokens_per_s"]
+        == pytest.approx(64 * bb["per_stream_tokens_per_s"], rel=1e-2)
+    )
+    assert r["gen_time_to_first_token_s"] == b1["ttft_s"] > 0
+    assert b1["ttft_s"] < b1["total_s"]
     held_out = math.ceil(cfg.data.eval_ratio * records) if cfg.data.eval_ratio else math.ceil(0.05 * records)
-    assert gen["eval_records"] == held_out and gen["eval_sides"] == 2
+    assert gen["eval_records"] == held_out
+    assert gen["eval_sides"] == 2
     eta = 2 * math.ceil(held_out / 64) * (bb["ttft_s"] + (cfg.eval.max_new_tokens - 1) / bb["per_stream_tokens_per_s"])
     assert r["gen_eval_eta_s"] == pytest.approx(eta, rel=1e-2, abs=0.1)
     prompts = len(cfg.infer.prompts[:8])
@@ -61,7 +88,8 @@ def check_load(r: dict) -> None:
     measured after it."""
     ld = r["load"]
     rate = ld["read_bytes_per_s"]
-    assert rate > 0 and ld["from_checkpoint_s"] == pytest.approx(ld["checkpoint_bytes"] / rate, abs=0.05)
+    assert rate > 0
+    assert ld["from_checkpoint_s"] == pytest.approx(ld["checkpoint_bytes"] / rate, abs=0.05)
     train, evaluate = ld["stages"]["train"], ld["stages"]["eval"]
     assert train["then_s"] == pytest.approx(r["eta_s"] + r["generation"]["samples_s"], abs=0.05)
     assert train["from_checkpoint_s"] == pytest.approx(ld["from_checkpoint_s"] + train["then_s"], abs=0.1)
@@ -72,38 +100,49 @@ def check_load(r: dict) -> None:
         assert ld["from_cache_s"] == pytest.approx(ld["cache_bytes"] / rate, abs=0.05)
         assert train["from_cache_s"] == pytest.approx(ld["from_cache_s"] + train["then_s"], abs=0.1)
     else:
-        assert ld["cache_bytes"] is None and train["from_cache_s"] is None
+        assert ld["cache_bytes"] is None
+        assert train["from_cache_s"] is None
     md = probe.markdown(r)
-    assert "| stage | load from the checkpoint | load from the NF4 cache |" in md and "| merge (no GPU) |" in md
+    assert "| stage | load from the checkpoint | load from the NF4 cache |" in md
+    assert "| merge (no GPU) |" in md
 
 
 def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     """configs/huanhuan_qlora.yaml's switches (fast NF4 experts, 16 packed samples) on the stand-in, one layer."""
     lengths = tmp_path / "lengths.json"
     lengths.write_text(json.dumps({"tokens": [37] * 50, "answer_tokens": [9] * 50}))
-    cfg = config.load(REPO / "configs/huanhuan_qlora.yaml", ["swanlab.mode=disabled", "model.device=cpu",
-                                                             "model.device_map=null", "train.optim=adamw_torch"],
-                      model_dir=str(stand_in_dir), output_dir=str(tmp_path / "run"))
+    cfg = config.load(
+        REPO / "configs/huanhuan_qlora.yaml",
+        ["swanlab.mode=disabled", "model.device=cpu", "model.device_map=null", "train.optim=adamw_torch"],
+        model_dir=str(stand_in_dir),
+        output_dir=str(tmp_path / "run"),
+    )
     out = probe.run(cfg, steps=4, layers=1, lengths=str(lengths), compare=True)
     r = json.loads((out / "probe.json").read_text())
-    assert FIELDS <= set(r)
+    assert set(r) >= FIELDS
     assert (r["layers"], r["layers_in_config"], r["depth_cut"]) == (1, 2, True)
     assert (r["moe_impl"], r["quantization"], r["nf4_products"], r["device"]) == ("fast", "nf4", "dequantize", "cpu")
-    assert "grouped experts" in r["code"] and str(stand_in_dir) in r["architecture_from"]
+    assert "grouped experts" in r["code"]
+    assert str(stand_in_dir) in r["architecture_from"]
     assert r["lengths_from"].startswith(f"token lengths from {lengths}")
     # 16 samples of 37 tokens per step, packed into one row (padding to 64 is not counted)
-    assert r["samples_per_optimizer_step"] == 16 and r["samples_per_step_measured"] == 16
+    assert r["samples_per_optimizer_step"] == 16
+    assert r["samples_per_step_measured"] == 16
     assert r["real_tokens_per_step"] == 16 * 37
     assert r["run_steps"] == 4  # 50 records / 16 per step, one epoch: ceil = 4
-    assert len(r["loss_per_step"]) == 4 and all(v > 0 for v in r["loss_per_step"])
+    assert len(r["loss_per_step"]) == 4
+    assert all(v > 0 for v in r["loss_per_step"])
     check_consistent(r, 4)
     md = (out / "probe.md").read_text()
     assert "quantization nf4 (NF4 products: dequantize)" in md
-    assert "cut from 2: PROBE_LAYERS" in md and f"{r['steady_s_per_step']} s per optimizer step" in md
+    assert "cut from 2: PROBE_LAYERS" in md
+    assert f"{r['steady_s_per_step']} s per optimizer step" in md
     # PROBE_COMPARE: the same samples through the per-expert upstream path, unpacked, in the same run
     b = r["baseline"]
-    assert (b["moe_impl"], b["train"]["packing"]) == ("upstream", False) and "grouped" not in b["code"]
-    assert len(b["step_s"]) == 4 and len(b["loss_per_step"]) == 4
+    assert (b["moe_impl"], b["train"]["packing"]) == ("upstream", False)
+    assert "grouped" not in b["code"]
+    assert len(b["step_s"]) == 4
+    assert len(b["loss_per_step"]) == 4
     assert r["speedup_vs_baseline"] == pytest.approx(r["samples_per_s"] / b["samples_per_s"], rel=1e-2)
     assert f"**{r['speedup_vs_baseline']}x** that baseline" in md
     check_generation(r, cfg, records=50)
@@ -115,8 +154,12 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
 
 def test_probe_upstream_on_the_raw_dataset(stand_in_dir, tmp_path):
     """The demo config as it is: the folder's own code, the raw dataset through the folder's tokenizer."""
-    cfg = config.load(REPO / "configs/demo.yaml", ["swanlab.mode=disabled"], model_dir=str(stand_in_dir),
-                      output_dir=str(tmp_path / "run"))
+    cfg = config.load(
+        REPO / "configs/demo.yaml",
+        ["swanlab.mode=disabled"],
+        model_dir=str(stand_in_dir),
+        output_dir=str(tmp_path / "run"),
+    )
     out = probe.run(cfg, steps=3)
     r = json.loads((out / "probe.json").read_text())
     assert (r["layers"], r["depth_cut"], r["moe_impl"], r["quantization"]) == (2, False, "upstream", "none")
@@ -129,8 +172,12 @@ def test_probe_upstream_on_the_raw_dataset(stand_in_dir, tmp_path):
 
 
 def test_probe_refuses_what_it_cannot_measure(stand_in_dir, tmp_path):
-    cfg = config.load(REPO / "configs/demo.yaml", ["swanlab.mode=disabled"], model_dir=str(stand_in_dir),
-                      output_dir=str(tmp_path / "run"))
+    cfg = config.load(
+        REPO / "configs/demo.yaml",
+        ["swanlab.mode=disabled"],
+        model_dir=str(stand_in_dir),
+        output_dir=str(tmp_path / "run"),
+    )
     with pytest.raises(UserError, match="at least 2 optimizer steps"):
         probe.run(cfg, steps=1)
     cfg.train.optim = "adamw_torch_4bit"  # torchao: not in the lock
@@ -150,32 +197,62 @@ def test_summarize_derives_the_report_from_what_was_measured():
     cfg = config.load(REPO / "configs/demo.yaml", ["train.max_steps=-1", "train.num_train_epochs=2"])
     times = [5.0, 4.0, 2.0, 2.0, 3.0, 2.0, 2.0, 2.0]
     steps = [{"s": t, "samples": 16, "tokens": 1600 if i < 2 else 1000} for i, t in enumerate(times)]
-    r = probe.summarize(cfg, probe.Measurement(
-        steps=steps, per_step=16, records=100, gemm_rate=1e14, gemm_what="a 4096 GEMM", lengths_source="a file",
-        init={"layers": 2, "layers_in_config": 4, "architecture_from": "the stand-in", "code": "the project's",
-              "init_s": 1.5},
-        device="cpu", trainable=1000, total=10**6, train_wall_s=25.0, smi_peak={}, active_params=10**9, loss=2.5))
+    r = probe.summarize(
+        cfg,
+        probe.Measurement(
+            steps=steps,
+            per_step=16,
+            records=100,
+            gemm_rate=1e14,
+            gemm_what="a 4096 GEMM",
+            lengths_source="a file",
+            init={
+                "layers": 2,
+                "layers_in_config": 4,
+                "architecture_from": "the stand-in",
+                "code": "the project's",
+                "init_s": 1.5,
+            },
+            device="cpu",
+            trainable=1000,
+            total=10**6,
+            train_wall_s=25.0,
+            smi_peak={},
+            active_params=10**9,
+            loss=2.5,
+        ),
+    )
     check_consistent(r, len(times))
     assert (r["warmup_steps"], r["steady_s_per_step"], r["warmup_s"]) == (2, 2.0, 5.0)  # 5 + 4 - 2 x 2
     assert (r["samples_per_s"], r["tokens_per_s"], r["real_tokens_per_step"]) == (8.0, 500.0, 1000.0)
-    assert r["mfu"] == 0.03 and r["gemm_tflops"] == 100.0  # 500 x 6 x 1e9 / 1e14
-    assert r["run_steps"] == 14 and r["eta_s"] == round(5.0 + 14 * 13 / 6, 1)  # 2 epochs x ceil(100 / 16)
+    assert r["mfu"] == 0.03
+    assert r["gemm_tflops"] == 100.0
+    assert r["run_steps"] == 14
+    assert r["eta_s"] == round(5.0 + 14 * 13 / 6, 1)
     assert (r["layers"], r["depth_cut"], r["init_s"], r["lengths_from"]) == (2, True, 1.5, "a file")
-    assert r["lora"]["trainable"] == 1000 and r["final_loss"] == 2.5 and r["card"] == "cpu" and r["gpus"] == 0
+    assert r["lora"]["trainable"] == 1000
+    assert r["final_loss"] == 2.5
+    assert r["card"] == "cpu"
+    assert r["gpus"] == 0
 
 
 def test_verdicts_follow_the_measured_peak():
     v = probe.verdicts(70.0)
-    assert v == {"24GB": "does not fit", "48GB": "does not fit", "80GB": "fits with headroom",
-                 "141GB": "fits with headroom"}
-    assert probe.verdicts(75.0)["80GB"] == "fits" and probe.verdicts(79.0)["80GB"] == "does not fit"
+    assert v == {
+        "24GB": "does not fit",
+        "48GB": "does not fit",
+        "80GB": "fits with headroom",
+        "141GB": "fits with headroom",
+    }
+    assert probe.verdicts(75.0)["80GB"] == "fits"
+    assert probe.verdicts(79.0)["80GB"] == "does not fit"
 
 
 # ---------------------------------------------------------------------------------------------
 # random weights created where they live (hunyuan/random_init.py)
 
 
-@pytest.mark.parametrize("moe_impl,quantization", [("fast", "nf4"), ("fast", "none"), ("upstream", "none")])
+@pytest.mark.parametrize(("moe_impl", "quantization"), [("fast", "nf4"), ("fast", "none"), ("upstream", "none")])
 def test_random_model_of_the_stand_in_config(stand_in_dir, moe_impl, quantization):
     import torch
 
@@ -184,11 +261,19 @@ def test_random_model_of_the_stand_in_config(stand_in_dir, moe_impl, quantizatio
 
     config, source = real_or_folder_config(stand_in_dir)
     assert source == str(stand_in_dir / "config.json")
-    model, info = build_random_model(config, moe_impl=moe_impl, quantization=quantization, device="cpu",
-                                     dtype=torch.float32, num_layers=1, model_dir=stand_in_dir,
-                                     skip=QUANT_SKIP_MODULES)
+    model, info = build_random_model(
+        config,
+        moe_impl=moe_impl,
+        quantization=quantization,
+        device="cpu",
+        dtype=torch.float32,
+        num_layers=1,
+        model_dir=stand_in_dir,
+        skip=QUANT_SKIP_MODULES,
+    )
     assert len(model.model.layers) == info["layers"] == model.config.num_hidden_layers == 1
-    assert model.config.moe_topk == config["moe_topk"][:1] and info["layers_in_config"] == 2
+    assert model.config.moe_topk == config["moe_topk"][:1]
+    assert info["layers_in_config"] == 2
     assert model.model.layers[0].mlp.moe_impl == moe_impl
     assert model.model.layers[0].mlp.gate.wg.weight.dtype == torch.float32  # the router is never quantised
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as the checkpoint
@@ -197,14 +282,16 @@ def test_random_model_of_the_stand_in_config(stand_in_dir, moe_impl, quantizatio
     assert info["code"].startswith("the model folder's own code") is folder_code
     if quantization == "nf4":
         # every Linear of the layer but the router: 4 attention + 3 shared + 8 experts x 3
-        assert info["quantized_linears"] == 4 + 3 + 8 * 3 and model.is_loaded_in_4bit
+        assert info["quantized_linears"] == 4 + 3 + 8 * 3
+        assert model.is_loaded_in_4bit
         assert type(model.model.layers[0].mlp.experts[0].up_proj).__name__ == "Linear4bit"
     else:
         from transformers import AutoModelForCausalLM
 
         reference = AutoModelForCausalLM.from_pretrained(stand_in_dir, trust_remote_code=True, num_hidden_layers=1)
         got, want = model.state_dict(), reference.state_dict()
-        assert list(got) == list(want) and all(got[k].shape == want[k].shape for k in want)
+        assert list(got) == list(want)
+        assert all(got[k].shape == want[k].shape for k in want)
         w = model.model.layers[0].self_attn.q_proj.weight
         assert 0.5 * config["initializer_range"] < w.std().item() < 2 * config["initializer_range"]
 
@@ -217,10 +304,13 @@ def test_random_model_of_the_real_architecture_on_meta():
 
     config, source = real_or_folder_config(None)
     assert "real Hunyuan-A13B" in source
-    model, info = build_random_model(config, moe_impl="upstream", quantization="none", device="meta",
-                                     dtype=torch.bfloat16, num_layers=2)
-    assert "reference implementation" in info["code"] and info["layers"] == 2
+    model, info = build_random_model(
+        config, moe_impl="upstream", quantization="none", device="meta", dtype=torch.bfloat16, num_layers=2
+    )
+    assert "reference implementation" in info["code"]
+    assert info["layers"] == 2
     experts = model.model.layers[1].mlp.experts
-    assert len(experts) == 64 and experts[63].down_proj.weight.shape == (4096, 3072)
+    assert len(experts) == 64
+    assert experts[63].down_proj.weight.shape == (4096, 3072)
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     assert per_layer == 2_495_881_472  # the real layer (hunyuan-a13b.md: 32 x 2,495,881,472 + embeddings)

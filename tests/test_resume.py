@@ -58,8 +58,18 @@ class Run:
     def __init__(self, name: str, model: Path, out: Path, *overrides: str):
         self.name, self.out = name, out
         self.stdout_path, self.stderr_path = out.parent / f"{name}.stdout", out.parent / f"{name}.stderr"
-        args = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(DEMO), "--model-dir", str(model),
-                "--output-dir", str(out), "--data", str(SAMPLE)]
+        args = [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            "--config",
+            str(DEMO),
+            "--model-dir",
+            str(model),
+            "--output-dir",
+            str(out),
+            "--data",
+            str(SAMPLE),
+        ]
         for o in RUN_SETTINGS + list(overrides):
             args += ["--set", o]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -171,7 +181,8 @@ def _manifest(out: Path) -> dict:
 
 def test_kill_leaves_a_complete_checkpoint_and_no_adapter(runs):
     assert runs["killed_rc"] == -signal.SIGKILL
-    assert 2 in runs["killed_complete"] and max(runs["killed_complete"]) < MAX_STEPS
+    assert 2 in runs["killed_complete"]
+    assert max(runs["killed_complete"]) < MAX_STEPS
     assert "adapter saved" not in runs["killed_stdout"]
 
 
@@ -183,7 +194,8 @@ def test_rerun_continues_from_the_last_complete_checkpoint(runs):
     assert len(LOSS_LINE.findall(stdout)) == MAX_STEPS - last
     assert sorted(logged_losses(out)) == list(range(1, MAX_STEPS + 1))  # 1..last come from the checkpoint
     manifest = _manifest(out)
-    assert manifest["resumed_from"] == str(out / f"checkpoint-{last}") and manifest["global_step"] == MAX_STEPS
+    assert manifest["resumed_from"] == str(out / f"checkpoint-{last}")
+    assert manifest["global_step"] == MAX_STEPS
 
 
 def test_incomplete_checkpoint_is_set_aside_not_resumed(runs):

@@ -33,16 +33,22 @@ ZERO3_OFFLOAD = REPO / "configs" / "accelerate" / "zero3_offload.yaml"
 QLORA = REPO / "configs" / "huanhuan_qlora.yaml"
 # What `accelerate launch` (accelerate 1.6.0) puts in each process's environment for zero3.yaml, one
 # machine, 4 processes (prepare_deepspeed_cmd_env + torchrun); see test_accelerate_launch_environment.
-ZERO3_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-             "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
-             "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none", "WORLD_SIZE": "4"}
+ZERO3_ENV = {
+    "ACCELERATE_USE_DEEPSPEED": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "WORLD_SIZE": "4",
+}
 ROUTER_FREE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make(*args: str) -> list[str]:
     # --no-print-directory: under `make test` this make is a sub-make and would add "Entering directory" lines
-    out = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["make", "--no-print-directory", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     return [line for line in out.splitlines() if line.strip()]
 
 
@@ -52,27 +58,38 @@ def make(*args: str) -> list[str]:
 
 def test_make_train_launch_zero3_is_accelerate_launch():
     lines = make("train", "LAUNCH=zero3", "NPROC=4", "CONFIG=configs/huanhuan.yaml")
-    assert lines[-1].split() == [".venv/bin/accelerate", "launch", "--config_file", "configs/accelerate/zero3.yaml",
-                                 "--num_processes", "4", "$HL_ACCELERATE_ARGS", "scripts/train.py"]
+    assert lines[-1].split() == [
+        ".venv/bin/accelerate",
+        "launch",
+        "--config_file",
+        "configs/accelerate/zero3.yaml",
+        "--num_processes",
+        "4",
+        "$HL_ACCELERATE_ARGS",
+        "scripts/train.py",
+    ]
     # CONFIG travels as HL_CONFIG, ACCELERATE_ARGS as HL_ACCELERATE_ARGS (tests/test_user_values.py runs them)
     assert make("train")[-1].split()[:2] == [".venv/bin/python", "scripts/train.py"]  # no LAUNCH: one process
     check_line = make("check", "LAUNCH=zero3", "NPROC=4")[-1]
     assert check_line.startswith("HL_ACCELERATE_CONFIG=configs/accelerate/zero3.yaml HL_NPROC=4 .venv/bin/python")
 
 
-@pytest.mark.parametrize("path, offload", [(ZERO3, False), (ZERO3_OFFLOAD, True)], ids=["zero3", "zero3_offload"])
+@pytest.mark.parametrize(("path", "offload"), [(ZERO3, False), (ZERO3_OFFLOAD, True)], ids=["zero3", "zero3_offload"])
 def test_accelerate_configs_parse_with_accelerates_loader_and_say_zero3(path, offload):
     from accelerate.commands.config.config_args import load_config_from_file
 
     c = load_config_from_file(str(path))
-    assert str(c.distributed_type) == "DistributedType.DEEPSPEED" and c.mixed_precision == "bf16"
+    assert str(c.distributed_type) == "DistributedType.DEEPSPEED"
+    assert c.mixed_precision == "bf16"
     ds = c.deepspeed_config
-    assert ds["zero_stage"] == 3 and ds["zero3_init_flag"] is True
+    assert ds["zero_stage"] == 3
+    assert ds["zero3_init_flag"] is True
     assert ds["offload_param_device"] == ("cpu" if offload else "none")
     assert ds["zero3_save_16bit_model"] is False  # no 160 GB gather per checkpoint
     assert ds["deepspeed_multinode_launcher"] == "standard"  # multi-node: the same command per machine
     planned = runtime.accelerate_config(str(path))
-    assert planned.zero3 and planned.offload_param == offload
+    assert planned.zero3
+    assert planned.offload_param == offload
 
 
 def test_accelerate_launch_environment_is_what_scale_reads():
@@ -87,10 +104,13 @@ def test_accelerate_launch_environment_is_what_scale_reads():
     expected = {k: v for k, v in ZERO3_ENV.items() if k != "WORLD_SIZE"}
     assert {k: env[k] for k in expected} == expected
     run = runtime.launch({**env, "WORLD_SIZE": "4"})  # WORLD_SIZE: torchrun's, per process
-    assert run.zero3 and run.processes == 4 and not run.offload_param
+    assert run.zero3
+    assert run.processes == 4
+    assert not run.offload_param
     assert runtime.launch({}) == runtime.Launch(deepspeed=False, zero_stage=None, processes=1, offload_param=False)
     planned = runtime.launch({"HL_ACCELERATE_CONFIG": str(ZERO3), "HL_NPROC": "8"})  # `make check LAUNCH=zero3 NPROC=8`
-    assert planned.zero3 and planned.processes == 8
+    assert planned.zero3
+    assert planned.processes == 8
 
 
 def test_unsupported_combinations_are_refused():
@@ -134,7 +154,8 @@ def test_project_fast_class_is_found_too_and_a_model_without_moe_is_refused():
 
     with torch.device("meta"):
         model = HunYuanMoEV1ForCausalLM(HunYuanConfig(**stand_in_config()))
-    assert scale.moe_classes(model) == [HunYuanMoE] and scale.set_moe_leaf_modules(model) > 0
+    assert scale.moe_classes(model) == [HunYuanMoE]
+    assert scale.set_moe_leaf_modules(model) > 0
     with pytest.raises(UserError, match="no HunYuanMoE module"):
         scale.set_moe_leaf_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
@@ -168,7 +189,8 @@ def test_device_map_only_outside_deepspeed(patched_stand_in, tmp_path, monkeypat
     for k, v in ZERO3_ENV.items():
         monkeypatch.setenv(k, v)
     model = modeling.load_base_model(cfg, runtime.placement(cfg)).model
-    assert "device_map" not in seen and "quantization_config" not in seen  # ZeRO-3 shards instead
+    assert "device_map" not in seen
+    assert "quantization_config" not in seen
     assert all(getattr(m, "_z3_leaf", False) for m in model.modules() if type(m).__name__ == "HunYuanMoE")
 
 
@@ -200,29 +222,56 @@ def test_zero3_one_process_on_cpu_shards_the_stand_in_and_trains(patched_stand_i
     """The real path, one process, DeepSpeed's CPU accelerator: TrainingArguments -> zero.Init load
     (parameters partitioned: ds_id, empty local tensors) -> leaf modules -> Trainer with the DeepSpeed
     engine -> the adapter gathered and saved whole. (First run JIT-compiles DeepSpeed's CPU comm op, ~70 s.)"""
-    env = {**os.environ, **ZERO3_ENV, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29531", "ACCELERATE_MIXED_PRECISION": "no",
-           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false"}
+    env = {
+        **os.environ,
+        **ZERO3_ENV,
+        "WORLD_SIZE": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29531",
+        "ACCELERATE_MIXED_PRECISION": "no",
+        "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "false",
+    }
 
     def train_(*overrides: str) -> str:
         sets = [a for o in ("swanlab.mode=disabled", "train.save_steps=2", *overrides) for a in ("--set", o)]
-        proc = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/demo.yaml", "--model-dir",
-                               str(patched_stand_in), "--output-dir", str(run_dir), *sets],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "scripts/train.py",
+                "--config",
+                "configs/demo.yaml",
+                "--model-dir",
+                str(patched_stand_in),
+                "--output-dir",
+                str(run_dir),
+                *sets,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
     assert "process 1 of 1" in train_("train.resume=never", "train.max_steps=3")
     ckpt = run_dir / "checkpoint-2"
-    assert (ckpt / "latest").is_file() and checkpoints.checkpoint_problem(ckpt) is None  # a DeepSpeed checkpoint
+    assert (ckpt / "latest").is_file()
+    assert checkpoints.checkpoint_problem(ckpt) is None
     from safetensors.torch import load_file
 
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    assert adapter and all(t.numel() > 0 for t in adapter.values())  # gathered, not ZeRO-3's empty shards
+    assert adapter
+    assert all(t.numel() > 0 for t in adapter.values())
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # trained
     # resume: auto continues from the DeepSpeed checkpoint (the Trainer loads global_step3/)
     out = train_("train.max_steps=5")
-    assert "continues from" in out and "checkpoint-3 (step 3)" in out and "over 5 steps" in out
+    assert "continues from" in out
+    assert "checkpoint-3 (step 3)" in out
+    assert "over 5 steps" in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,11 +280,15 @@ def test_zero3_one_process_on_cpu_shards_the_stand_in_and_trains(patched_stand_i
 
 def test_bnb_config_from_the_qlora_preset():
     cfg = config.load(QLORA)
-    assert cfg.model.quantization == "nf4" and config.load().model.quantization == "none"
+    assert cfg.model.quantization == "nf4"
+    assert config.load().model.quantization == "none"
     assert scale.bnb_config(config.load()) is None
     q = scale.bnb_config(cfg)
-    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
-    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and q.llm_int8_skip_modules == ["wg", "lm_head"]
+    assert q.load_in_4bit
+    assert q.bnb_4bit_quant_type == "nf4"
+    assert q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert q.llm_int8_skip_modules == ["wg", "lm_head"]
 
 
 def test_skip_list_keeps_every_router_and_the_lm_head_out_of_nf4(patched_stand_in):
@@ -251,18 +304,21 @@ def test_skip_list_keeps_every_router_and_the_lm_head_out_of_nf4(patched_stand_i
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     q = scale.bnb_config(config.load(QLORA))
     model = replace_with_bnb_linear(model, modules_to_not_convert=q.llm_int8_skip_modules, quantization_config=q)
-    kept = {n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit)}
+    kept = {
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit)
+    }
     quantized = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     routers = {f"model.layers.{i}.mlp.gate.wg" for i in range(model_config.num_hidden_layers)}
     assert kept == routers | {"lm_head"}
-    assert quantized == set(linears) - kept and all(n.endswith(ROUTER_FREE_LINEARS) for n in quantized)
+    assert quantized == set(linears) - kept
+    assert all(n.endswith(ROUTER_FREE_LINEARS) for n in quantized)
     assert {n for n in linears if scale.skipped_by_quantization(n)} == kept  # check.py's count uses the same rule
 
 
 def test_preflight_refuses_nf4_without_cuda(patched_stand_in, run_dir):
     error = failure(demo_cfg(patched_stand_in, run_dir, "model.quantization=nf4"))
-    assert "nf4 (QLoRA) but there is no CUDA GPU" in error.what and error.where == "model.quantization"
+    assert "nf4 (QLoRA) but there is no CUDA GPU" in error.what
+    assert error.where == "model.quantization"
 
 
 @pytest.mark.parametrize("nproc", ["0", "2"])
@@ -273,7 +329,9 @@ def test_make_check_launch_zero3_without_gpus_says_it_needs_gpus(patched_stand_i
     monkeypatch.setenv("HL_NPROC", nproc)
     error = failure(demo_cfg(patched_stand_in, run_dir, "model.device=auto"), stage="check")
     assert f"ZeRO-3 over {nproc} processes (LAUNCH, NPROC) needs CUDA GPUs" in error.what
-    assert "no CUDA GPU visible" in error.what and error.where == "LAUNCH" and "without GPUs" in error.fix
+    assert "no CUDA GPU visible" in error.what
+    assert error.where == "LAUNCH"
+    assert "without GPUs" in error.fix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,11 +347,14 @@ def test_real_size_estimates_zero3_divides_by_processes_and_nf4_is_half_a_byte()
     assert params.moe_block == 65 * 3 * 4096 * 3072 + 4096 * 64  # 64 routed + shared expert + router
     one = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1)
     four = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, zero3_processes=4)
-    assert four.weights == pytest.approx(one.weights / 4, abs=1) and four.per_gpu_of == 4
+    assert four.weights == pytest.approx(one.weights / 4, abs=1)
+    assert four.per_gpu_of == 4
     assert four.lora_and_optimizer == pytest.approx(one.lora_and_optimizer / 4, abs=1)
-    assert four.activations == one.activations and four.gathered == 2 * params.moe_block * 2
-    offload = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, zero3_processes=4,
-                                       offload_param=True)
+    assert four.activations == one.activations
+    assert four.gathered == 2 * params.moe_block * 2
+    offload = estimate.estimate_memory(
+        real_config(), params, 2, 4 * 512, True, 1, zero3_processes=4, offload_param=True
+    )
     assert offload.weights == 0
     nf4 = estimate.estimate_memory(real_config(), params, 2, 4 * 512, True, 1, nf4=True)
     assert 41.0e9 < nf4.weights < 44.0e9  # ~0.516 B x 79.86 B quantised + 0.53 B x 4 B (fp32 after prepare)
@@ -307,20 +368,27 @@ def test_make_check_zero3_fits_where_one_process_does_not(real_size_folder, room
     monkeypatch.setenv("HL_NPROC", "2")
     plan = preflight.preflight(cfg, stage="check")
     out = capsys.readouterr().out
-    assert "DeepSpeed ZeRO-3 over 2 processes" in out and "per GPU, ZeRO-3 over 2 processes" in out
-    assert 80.3e9 < plan.memory.weights < 80.5e9 and plan.memory.total < H200
+    assert "DeepSpeed ZeRO-3 over 2 processes" in out
+    assert "per GPU, ZeRO-3 over 2 processes" in out
+    assert 80.3e9 < plan.memory.weights < 80.5e9
+    assert plan.memory.total < H200
 
     monkeypatch.setenv("HL_NPROC", "1")  # ZeRO-3 on one GPU: the whole 160 GB on it
     assert "1 GPU(s) with 141.0 GB free" in failure(cfg, stage="check").what
 
 
 def test_make_check_qlora_fits_one_80gb_gpu(real_size_folder, roomy_disk, tmp_path, monkeypatch, capsys):
-    cfg = config.load(QLORA, model_dir=str(real_size_folder), output_dir=str(tmp_path / "out"),
-                      data=str(REPO / "src" / "hunyuan_lora" / "assets" / "zhenhuan_sample.json"))
+    cfg = config.load(
+        QLORA,
+        model_dir=str(real_size_folder),
+        output_dir=str(tmp_path / "out"),
+        data=str(REPO / "src" / "hunyuan_lora" / "assets" / "zhenhuan_sample.json"),
+    )
     fake_gpus(monkeypatch, [("NVIDIA A100-SXM4-80GB", 80 * 10**9, 80 * 10**9)])
     plan = preflight.preflight(cfg, stage="check")
     assert "base weights NF4" in capsys.readouterr().out
-    assert plan.memory.total < 80e9 and 41e9 < plan.memory.weights < 44e9
+    assert plan.memory.total < 80e9
+    assert 41e9 < plan.memory.weights < 44e9
 
 
 def test_deepspeed_checkpoint_layout_counts_as_complete(tmp_path):
@@ -347,22 +415,49 @@ def test_gpu_verification_scripts_parse_and_summarize(tmp_path):
         run = tmp_path / case
         (run / "data").mkdir(parents=True)
         (run / "log_history.json").write_text(
-            '[{"loss": 9.5, "step": 1}, {"loss": 8.25, "step": 2}, {"train_runtime": 4}]')
-        (run / "manifest.json").write_text(f'{{"global_step": 2, "train_runtime_s": 4.0, "train_samples_per_second": '
-                                           f'{samples_per_s}, "quantization": "none", "deepspeed_zero_stage": 3, '
-                                           '"gpus": ["H200", "H200"]}')
+            '[{"loss": 9.5, "step": 1}, {"loss": 8.25, "step": 2}, {"train_runtime": 4}]'
+        )
+        (run / "manifest.json").write_text(
+            f'{{"global_step": 2, "train_runtime_s": 4.0, "train_samples_per_second": '
+            f'{samples_per_s}, "quantization": "none", "deepspeed_zero_stage": 3, '
+            '"gpus": ["H200", "H200"]}'
+        )
         (run / "resolved.yaml").write_text(
-            "train:\n  per_device_train_batch_size: 4\n  gradient_accumulation_steps: 1\n")
+            "train:\n  per_device_train_batch_size: 4\n  gradient_accumulation_steps: 1\n"
+        )
         (run / "data" / "stats.json").write_text('{"tokens": {"mean": 95.0}}')
         mem = tmp_path / f"{case}.csv"
         mem.write_text(mem_rows)
-        return subprocess.run([sys.executable, "bench/verify_scale.py", "summarize", "--case", case, "--run-dir",
-                               str(run), "--mem-log", str(mem), "--processes", "2", "--out-dir", str(tmp_path),
-                               "--tag", "t", "--gemm-tflops", "800"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run(
+            [
+                sys.executable,
+                "bench/verify_scale.py",
+                "summarize",
+                "--case",
+                case,
+                "--run-dir",
+                str(run),
+                "--mem-log",
+                str(mem),
+                "--processes",
+                "2",
+                "--out-dir",
+                str(tmp_path),
+                "--tag",
+                "t",
+                "--gemm-tflops",
+                "800",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
     out = summarize("zero3-2gpu-d2", 2.0, "0, 20000\n1, 21000\n0, 30500\n")
-    assert '"tokens_per_s_est": 190.0' in out and '"samples_per_step": 8' in out and '"losses": [9.5, 8.25]' in out
+    assert '"tokens_per_s_est": 190.0' in out
+    assert '"samples_per_step": 8' in out
+    assert '"losses": [9.5, 8.25]' in out
     md = (tmp_path / "t.md").read_text()
     assert "| zero3-2gpu-d2 | ok | 2 | 2 | 9.500 → 8.250 | 2.0 | 190.0 | 0: 30500, 1: 21000 |" in md
     assert "Extrapolated" not in md  # one depth: nothing to extrapolate from

@@ -27,8 +27,14 @@ from hunyuan_lora import config, data, runtime
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 SAMPLE = REPO / "src" / "hunyuan_lora" / "assets" / "zhenhuan_sample.json"
-SECRET_VARS = ("SWANLAB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN", "GITHUB_TOKEN",
-               "WANDB_API_KEY")
+SECRET_VARS = (
+    "SWANLAB_API_KEY",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "MODELSCOPE_API_TOKEN",
+    "GITHUB_TOKEN",
+    "WANDB_API_KEY",
+)
 
 
 def fake_key(name: str) -> str:
@@ -54,8 +60,11 @@ def leaks(keys: dict[str, str], *places: Path | str) -> list[str]:
 def git_checkout_with_token_remote(path: Path, token: str) -> Path:
     path.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    subprocess.run(["git", "remote", "add", "origin", f"https://ci-bot:{token}@github.com/acme/hunyuan-lora.git"],
-                   cwd=path, check=True)
+    subprocess.run(
+        ["git", "remote", "add", "origin", f"https://ci-bot:{token}@github.com/acme/hunyuan-lora.git"],
+        cwd=path,
+        check=True,
+    )
     return path
 
 
@@ -70,19 +79,44 @@ def run(patched_stand_in, tmp_path_factory):
     data.run(config.load(DEMO, model_dir=str(patched_stand_in), output_dir=str(out), data=str(SAMPLE)))
     env = {**os.environ, **{n: keys[n] for n in SECRET_VARS}, "HOME": str(home), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(DEMO),
-         "--model-dir", str(patched_stand_in),
-         "--output-dir", str(out), "--data", str(SAMPLE), "--set", "train.max_steps=2", "--set", "train.save_steps=1",
-         "--set", "swanlab.mode=local"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "train.py"),
+            "--config",
+            str(DEMO),
+            "--model-dir",
+            str(patched_stand_in),
+            "--output-dir",
+            str(out),
+            "--data",
+            str(SAMPLE),
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.save_steps=1",
+            "--set",
+            "swanlab.mode=local",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return {"keys": keys, "out": out, "home": home, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def test_the_run_wrote_what_is_searched(run):
     out = run["out"]
-    for name in ("resolved.yaml", "manifest.json", "log_history.json", "adapter/adapter_model.safetensors",
-                 "checkpoint-2/trainer_state.json", "checkpoint-2/training_args.bin"):
+    for name in (
+        "resolved.yaml",
+        "manifest.json",
+        "log_history.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoint-2/trainer_state.json",
+        "checkpoint-2/training_args.bin",
+    ):
         assert (out / name).is_file(), name
     swanlab_files = {p.name for p in (out / "swanlog").rglob("*") if p.is_file()}
     assert {"config.yaml", "swanlab-metadata.json"} <= swanlab_files  # SwanLab stored the config and metadata
@@ -129,14 +163,17 @@ def test_without_the_mask_swanlab_would_store_the_token(tmp_path, monkeypatch):
             os.environ.pop(k)
 
 
-@pytest.mark.parametrize("url,masked", [
-    ("https://user:tok@github.com/a/b.git", "https://github.com/a/b.git"),
-    ("https://tok@github.com/a/b.git", "https://github.com/a/b.git"),
-    ("http://u:p@host:8080/a.git", "http://host:8080/a.git"),
-    ("https://github.com/a/b.git", None),
-    ("git@github.com:a/b.git", None),
-    ("ssh://git@github.com/a/b.git", None),  # a user name, no secret
-])
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("https://user:tok@github.com/a/b.git", "https://github.com/a/b.git"),
+        ("https://tok@github.com/a/b.git", "https://github.com/a/b.git"),
+        ("http://u:p@host:8080/a.git", "http://host:8080/a.git"),
+        ("https://github.com/a/b.git", None),
+        ("git@github.com:a/b.git", None),
+        ("ssh://git@github.com/a/b.git", None),  # a user name, no secret
+    ],
+)
 def test_credential_in_url_is_recognised(url, masked):
     assert runtime._strip_userinfo(url) == masked
 
@@ -151,9 +188,15 @@ def test_image_bakes_no_key_and_the_build_context_keeps_key_files_out():
 
     assert secret_problems((REPO / "Dockerfile").read_text()) == []
     ignore = (REPO / ".dockerignore").read_text()
-    for path in (".env", ".env.local", "outputs/demo/swanlog/run-1/files/swanlab-metadata.json",
-                 "outputs/demo/manifest.json", "swanlog/run-1/console/2026-01-01.log"):
+    for path in (
+        ".env",
+        ".env.local",
+        "outputs/demo/swanlog/run-1/files/swanlab-metadata.json",
+        "outputs/demo/manifest.json",
+        "swanlog/run-1/console/2026-01-01.log",
+    ):
         assert dockerignore_excludes(ignore, path), path
     # `make docker-train` hands the key over by name, from the caller's environment, never by value
     makefile = (REPO / "Makefile").read_text()
-    assert "-e SWANLAB_API_KEY" in makefile and "SWANLAB_API_KEY=" not in makefile
+    assert "-e SWANLAB_API_KEY" in makefile
+    assert "SWANLAB_API_KEY=" not in makefile

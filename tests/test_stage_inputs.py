@@ -52,8 +52,11 @@ def _child(case: dict) -> None:
     for name in USER_VARS:
         os.environ.pop(f"HL_{name}", None)
     os.environ.update(case["env"])
-    fds = [os.open(os.devnull, os.O_RDONLY), os.open(case["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-           os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)]
+    fds = [
+        os.open(os.devnull, os.O_RDONLY),
+        os.open(case["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        os.open(case["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+    ]
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     code = 0
@@ -166,24 +169,41 @@ def results(stand_in_dir, lora_run, tmp_path_factory):
         if stage != "dataset":  # an adapter that is fine, so that only the model folder is wrong
             shutil.copytree(lora_run.output_dir / "adapter", out / "adapter")
         log = root / f"{stage}-{kind}"
-        plan.append({"id": f"{stage}/{kind}", "script": str(REPO / "scripts" / script), "cwd": str(REPO),
-                     "args": ["--config", str(DEMO), "--model-dir", str(folders[kind]), "--output-dir", str(out),
-                              *extra],
-                     "env": {"OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled", **env},
-                     "stdout": str(log) + ".stdout", "stderr": str(log) + ".stderr"})
+        plan.append(
+            {
+                "id": f"{stage}/{kind}",
+                "script": str(REPO / "scripts" / script),
+                "cwd": str(REPO),
+                "args": ["--config", str(DEMO), "--model-dir", str(folders[kind]), "--output-dir", str(out), *extra],
+                "env": {"OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled", **env},
+                "stdout": str(log) + ".stdout",
+                "stderr": str(log) + ".stderr",
+            }
+        )
     (root / "plan.json").write_text(json.dumps(plan))
     import subprocess
 
-    proc = subprocess.run([sys.executable, __file__, str(root / "plan.json"), str(root / "results.json")],
-                          cwd=REPO, capture_output=True, text=True, timeout=CASE_TIMEOUT * len(plan))
+    proc = subprocess.run(
+        [sys.executable, __file__, str(root / "plan.json"), str(root / "results.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=CASE_TIMEOUT * len(plan),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rcs = {r["id"]: r["rc"] for r in json.loads((root / "results.json").read_text())}
-    return {case["id"]: {"rc": rcs[case["id"]], "folder": case["args"][3],
-                         "stdout": Path(case["stdout"]).read_text(errors="replace"),
-                         "stderr": Path(case["stderr"]).read_text(errors="replace")} for case in plan}
+    return {
+        case["id"]: {
+            "rc": rcs[case["id"]],
+            "folder": case["args"][3],
+            "stdout": Path(case["stdout"]).read_text(errors="replace"),
+            "stderr": Path(case["stderr"]).read_text(errors="replace"),
+        }
+        for case in plan
+    }
 
 
-@pytest.mark.parametrize("stage, kind", CASES, ids=[f"{s}-{k}" for s, k in CASES])
+@pytest.mark.parametrize(("stage", "kind"), CASES, ids=[f"{s}-{k}" for s, k in CASES])
 def test_a_broken_model_folder(results, stage, kind):
     r = results[f"{stage}/{kind}"]
     stderr = r["stderr"]
@@ -193,18 +213,20 @@ def test_a_broken_model_folder(results, stage, kind):
         return
     assert r["rc"] == 2, f"exit {r['rc']}:\n{r['stdout'][-1500:]}\n{stderr[-3000:]}"
     assert len(re.findall(r"^error:", stderr, re.M)) == 1, stderr
-    paragraph = stderr[stderr.index("error:"):].strip()
+    paragraph = stderr[stderr.index("error:") :].strip()
     assert "\n\n" not in paragraph
     paragraph = " ".join(paragraph.split())
     assert r["folder"] in paragraph or "model.dir" in paragraph, paragraph
-    assert "Fix: " in paragraph and "make download" in paragraph, paragraph
+    assert "Fix: " in paragraph, paragraph
+    assert "make download" in paragraph, paragraph
 
 
 def test_dataset_before_make_download_names_the_demo(results):
     """`make dataset` with the default config before `make download`: the newcomer's first mistake."""
     for kind in ("missing", "empty", "config_only"):
         paragraph = " ".join(results[f"dataset/{kind}"]["stderr"].split())
-        assert "run `make download`" in paragraph and "CONFIG=configs/demo.yaml" in paragraph, paragraph
+        assert "run `make download`" in paragraph, paragraph
+        assert "CONFIG=configs/demo.yaml" in paragraph, paragraph
 
 
 def test_the_accepted_cases_did_their_work(results):
@@ -217,10 +239,22 @@ def test_make_dataset_with_the_default_config_before_make_download(tmp_path):
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in {f"HL_{name}" for name in USER_VARS}}
-    proc = subprocess.run(["make", "--no-print-directory", "dataset", f"MODEL_DIR={tmp_path / 'not-downloaded'}",
-                           f"OUTPUT_DIR={tmp_path / 'out'}"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    paragraph = " ".join(proc.stderr[proc.stderr.index("error:"):].split())
+    proc = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "dataset",
+            f"MODEL_DIR={tmp_path / 'not-downloaded'}",
+            f"OUTPUT_DIR={tmp_path / 'out'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    paragraph = " ".join(proc.stderr[proc.stderr.index("error:") :].split())
     assert "run `make download` first (or use CONFIG=configs/demo.yaml" in paragraph, paragraph
     assert not (tmp_path / "out").exists()  # nothing fetched or written

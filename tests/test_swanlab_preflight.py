@@ -44,7 +44,7 @@ class LoginServer:
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
+            def do_POST(self):
                 owner.keys.append((self.path, self.headers.get("authorization")))
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
@@ -88,7 +88,7 @@ def test_cloud_without_a_key(cloud):
     assert_names_the_local_alternative(e.value)
 
 
-@pytest.mark.parametrize("key, problem", [("abc123", "length must be 21"), ("A" * 20 + "-", "Invalid character")])
+@pytest.mark.parametrize(("key", "problem"), [("abc123", "length must be 21"), ("A" * 20 + "-", "Invalid character")])
 def test_a_malformed_key(cloud, monkeypatch, key, problem):
     monkeypatch.setenv("SWANLAB_API_KEY", key)
     with pytest.raises(UserError, match=f"SWANLAB_API_KEY\\) is malformed: .*{problem}") as e:
@@ -132,7 +132,8 @@ def test_a_key_the_cloud_accepts(cloud, monkeypatch):
     with LoginServer(200, body) as srv:
         monkeypatch.setenv("SWANLAB_API_HOST", srv.api)
         status, detail = tracking.check_swanlab(cloud)
-    assert status == "ok" and detail == f"cloud: {srv.api} accepted the key (SWANLAB_API_KEY) of user zhen-huan"
+    assert status == "ok"
+    assert detail == f"cloud: {srv.api} accepted the key (SWANLAB_API_KEY) of user zhen-huan"
     assert not (Path(os.environ["SWANLAB_SAVE_DIR"]) / ".netrc").exists()  # the check saves no key
 
 
@@ -140,8 +141,10 @@ def test_local_and_disabled_need_no_login(cloud):
     import dataclasses
 
     local = dataclasses.replace(cloud, swanlab=dataclasses.replace(cloud.swanlab, mode="local"))
-    assert tracking.check_swanlab(local) == ("ok", f"local: logged to {cloud.output_dir / 'swanlog'} "
-                                                   "(`make watch` shows it)")
+    assert tracking.check_swanlab(local) == (
+        "ok",
+        f"local: logged to {cloud.output_dir / 'swanlog'} (`make watch` shows it)",
+    )
     off = dataclasses.replace(cloud, swanlab=dataclasses.replace(cloud.swanlab, mode="disabled"))
     assert tracking.check_swanlab(off)[0] == "skip"
 
@@ -161,28 +164,52 @@ def run_folders(patched_stand_in, tmp_path_factory):
 
 def run_script(script: str, run_folders, tmp_path, **env: str) -> subprocess.CompletedProcess:
     model, out = run_folders
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("HL_", "SWANLAB_")) and k.lower() not in ("https_proxy", "http_proxy", "all_proxy")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HL_", "SWANLAB_")) and k.lower() not in ("https_proxy", "http_proxy", "all_proxy")
+    }
     clean.update(SWANLAB_SAVE_DIR=str(tmp_path / "no-login"), NO_PROXY="127.0.0.1,localhost", **env)
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), "--config", str(REPO / "configs/demo.yaml"),
-                           "--model-dir", str(model), "--output-dir", str(out), "--set", "swanlab.mode=cloud"],
-                          cwd=REPO, env=clean, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / script),
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--model-dir",
+            str(model),
+            "--output-dir",
+            str(out),
+            "--set",
+            "swanlab.mode=cloud",
+        ],
+        cwd=REPO,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("script, env, problem", [
-    ("check.py", {}, "swanlab.mode is 'cloud' but there is no SwanLab API key"),
-    ("check.py", {"SWANLAB_API_KEY": "abc123"}, "is malformed"),
-    ("train.py", {"SWANLAB_API_KEY": GOOD_KEY}, "cannot reach the SwanLab cloud at http://127.0.0.1:"),
-])
+@pytest.mark.parametrize(
+    ("script", "env", "problem"),
+    [
+        ("check.py", {}, "swanlab.mode is 'cloud' but there is no SwanLab API key"),
+        ("check.py", {"SWANLAB_API_KEY": "abc123"}, "is malformed"),
+        ("train.py", {"SWANLAB_API_KEY": GOOD_KEY}, "cannot reach the SwanLab cloud at http://127.0.0.1:"),
+    ],
+)
 def test_the_preflight_stops_before_the_weights_load(run_folders, tmp_path, script, env, problem):
     env.setdefault("SWANLAB_API_HOST", f"http://127.0.0.1:{closed_port()}/api")
     proc = run_script(script, run_folders, tmp_path, **env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert re.search(r"^  swanlab +FAIL ", proc.stdout, re.M), proc.stdout
-    paragraph = " ".join(proc.stderr[proc.stderr.index("error: "):].split())
-    assert problem in paragraph and "SET=swanlab.mode=local" in paragraph
-    assert "Loading checkpoint shards" not in proc.stderr and "trainable of" not in proc.stdout  # no weights
+    paragraph = " ".join(proc.stderr[proc.stderr.index("error: ") :].split())
+    assert problem in paragraph
+    assert "SET=swanlab.mode=local" in paragraph
+    assert "Loading checkpoint shards" not in proc.stderr
+    assert "trainable of" not in proc.stdout
 
 
 def test_check_shows_the_accepted_login(run_folders, tmp_path):
@@ -190,5 +217,9 @@ def test_check_shows_the_accepted_login(run_folders, tmp_path):
     with LoginServer(200, body) as srv:
         proc = run_script("check.py", run_folders, tmp_path, SWANLAB_API_KEY=GOOD_KEY, SWANLAB_API_HOST=srv.api)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(rf"^  swanlab +ok +cloud: {re.escape(srv.api)} accepted the key \(SWANLAB_API_KEY\) of user "
-                     "zhen-huan$", proc.stdout, re.M), proc.stdout
+    assert re.search(
+        rf"^  swanlab +ok +cloud: {re.escape(srv.api)} accepted the key \(SWANLAB_API_KEY\) of user "
+        "zhen-huan$",
+        proc.stdout,
+        re.M,
+    ), proc.stdout

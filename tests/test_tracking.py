@@ -31,8 +31,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def demo_run(tmp_path_factory, model_dir: Path) -> config.Config:
     """The session's one short training run (the first caller trains, later callers reuse it)."""
     out = tmp_path_factory.getbasetemp() / "tracking-run"
-    overrides = [f"train.max_steps={STEPS}", f"train.logging_steps={LOGGING_STEPS}", "train.save_steps=1000",
-                 "train.resume=never", "data.eval_ratio=0.25", "swanlab.mode=local", "infer.max_new_tokens=8"]
+    overrides = [
+        f"train.max_steps={STEPS}",
+        f"train.logging_steps={LOGGING_STEPS}",
+        "train.save_steps=1000",
+        "train.resume=never",
+        "data.eval_ratio=0.25",
+        "swanlab.mode=local",
+        "infer.max_new_tokens=8",
+    ]
     cfg = config.load(REPO / "configs/demo.yaml", overrides, model_dir=str(model_dir), output_dir=str(out))
     if (out / "loss.png").is_file():
         return cfg
@@ -41,8 +48,9 @@ def demo_run(tmp_path_factory, model_dir: Path) -> config.Config:
     args += [a for o in overrides for a in ("--set", o)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}  # local, whatever the shell says
     for script in ("scripts/dataset.py", "scripts/train.py"):
-        proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            [sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         (out.parent / f"tracking-run.{Path(script).stem}.log").write_text(proc.stdout + proc.stderr)
     return cfg
@@ -77,8 +85,15 @@ def test_the_store_holds_one_finished_experiment_named_after_the_run(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tag, key", [("train/loss", "loss"), ("train/grad_norm", "grad_norm"),
-                                      ("train/learning_rate", "learning_rate"), ("eval/loss", "eval_loss")])
+@pytest.mark.parametrize(
+    ("tag", "key"),
+    [
+        ("train/loss", "loss"),
+        ("train/grad_norm", "grad_norm"),
+        ("train/learning_rate", "learning_rate"),
+        ("eval/loss", "eval_loss"),
+    ],
+)
 def test_logged_curves_equal_the_trainer_log_history(run, tag, key):
     expected = [(row["step"], row[key]) for row in _history(run) if key in row]
     assert len(expected) == STEPS // LOGGING_STEPS
@@ -92,7 +107,8 @@ def test_throughput_is_logged_at_each_train_log_and_counts_real_tokens(run):
     steps = [row["step"] for row in _history(run) if "loss" in row]
     assert [s for s, _ in samples] == [s for s, _ in tokens] == steps
     for (_, per_s), (_, tok_s) in zip(samples, tokens):
-        assert per_s > 0 and tok_s > 0
+        assert per_s > 0
+        assert tok_s > 0
         # tokens per sample of the window: a mean of unpadded lengths, within the dataset's range
         assert stats["tokens"]["min"] - 1 <= tok_s / per_s <= stats["tokens"]["max"] + 1
     assert not _series(run, "perf/gpu0_peak_memory_gib")  # a CPU run logs no GPU memory
@@ -125,7 +141,8 @@ def test_config_is_flat_and_complete(run):
     assert values["dataset.splits.eval"] == stats["splits"]["eval"] > 0
     assert values["dataset.tokens.p95"] == stats["tokens"]["p95"]
     assert {values[f"versions.{name}"] for name in ("torch", "transformers", "peft", "swanlab")} == {
-        manifest["packages"][name] for name in ("torch", "transformers", "peft", "swanlab")}
+        manifest["packages"][name] for name in ("torch", "transformers", "peft", "swanlab")
+    }
     # HF's own dumps are one entry each, not ~180 rows between ours
     nested = sorted(k for k, v in values.items() if isinstance(v, dict))
     assert nested == ["model_config", "trainer_args"]
@@ -158,9 +175,17 @@ def test_before_is_the_base_model_and_after_is_the_saved_adapter(run):
     base = modeling.load_base_model(run, where).model.eval()
     tuned = modeling.load_with_adapter(run, where, run.output_dir / "adapter").model
     for model, logged in ((base, logged_before), (tuned, logged_after)):
-        answers = [prompt.extract_answer(greedy_text_alone(
-            model, tokenizer, prompt.prompt_ids(tokenizer, prompt.ask(p, greedy), False), greedy.infer.max_new_tokens))
-            for p in run.infer.prompts]
+        answers = [
+            prompt.extract_answer(
+                greedy_text_alone(
+                    model,
+                    tokenizer,
+                    prompt.prompt_ids(tokenizer, prompt.ask(p, greedy), False),
+                    greedy.infer.max_new_tokens,
+                )
+            )
+            for p in run.infer.prompts
+        ]
         assert answers == logged
 
 
@@ -186,14 +211,24 @@ def test_the_samples_are_one_batch_each_prompt_answered_as_alone(lora_run, monke
     monkeypatch.setattr(model, "generate", counted)
     model.train()
     samples.on_train_begin(None, SimpleNamespace(is_world_process_zero=True), None, model=model)
-    assert batches == [len(prompts)] and model.training
+    assert batches == [len(prompts)]
+    assert model.training
     monkeypatch.undo()
     model.eval()
     with model.disable_adapter():
-        alone = [prompt.extract_answer(greedy_text_alone(
-            model, tokenizer, prompt.prompt_ids(tokenizer, prompt.ask(p, samples.cfg), False),
-            samples.cfg.infer.max_new_tokens)) for p in prompts]
-    assert samples.before == alone and any(alone)
+        alone = [
+            prompt.extract_answer(
+                greedy_text_alone(
+                    model,
+                    tokenizer,
+                    prompt.prompt_ids(tokenizer, prompt.ask(p, samples.cfg), False),
+                    samples.cfg.infer.max_new_tokens,
+                )
+            )
+            for p in prompts
+        ]
+    assert samples.before == alone
+    assert any(alone)
 
 
 # ---- loss.png ----------------------------------------------------------------------------------
@@ -234,8 +269,14 @@ def test_the_readmes_loss_png_command_regenerates_it(run, tmp_path):
     history.parent.mkdir()
     shutil.copy(run.output_dir / "log_history.json", history)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}  # a fresh shell
-    proc = subprocess.run(["bash", "-c", command.replace("outputs/<run>", str(history.parent))], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "-c", command.replace("outputs/<run>", str(history.parent))],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (history.parent / "loss.png").read_bytes() == (run.output_dir / "loss.png").read_bytes()
 
@@ -244,7 +285,8 @@ def test_the_readmes_loss_png_command_regenerates_it(run, tmp_path):
 def test_loss_png_before_the_first_log_is_an_empty_plot_not_a_crash(run, tmp_path):
     # A run shorter than logging_steps has only the final summary in its history.
     summary_only = [row for row in _history(run) if "loss" not in row and "eval_loss" not in row]
-    assert summary_only and "train_runtime" in summary_only[0]
+    assert summary_only
+    assert "train_runtime" in summary_only[0]
     png = loss_plot.plot_loss(summary_only, tmp_path / "empty.png")
     assert _png_size(png.read_bytes()) == (800, 450)
 
@@ -253,28 +295,56 @@ def test_loss_png_before_the_first_log_is_an_empty_plot_not_a_crash(run, tmp_pat
 
 
 def test_watch_without_logs_says_to_train_first(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/watch.py", "--config", "configs/demo.yaml",
-                           "--output-dir", str(tmp_path / "never-trained")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/watch.py",
+            "--config",
+            "configs/demo.yaml",
+            "--output-dir",
+            str(tmp_path / "never-trained"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     message = " ".join(proc.stderr.split())
-    assert "no SwanLab logs in" in message and "make train" in message and "make demo" in message
+    assert "no SwanLab logs in" in message
+    assert "make train" in message
+    assert "make demo" in message
 
 
 def test_watch_rejects_a_host_swanboard_cannot_bind(tmp_path, run):
-    proc = subprocess.run([sys.executable, "scripts/watch.py", "--config", "configs/demo.yaml",
-                           "--output-dir", str(run.output_dir), "--host", "localhost"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/watch.py",
+            "--config",
+            "configs/demo.yaml",
+            "--output-dir",
+            str(run.output_dir),
+            "--host",
+            "localhost",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert "not an IPv4 address" in proc.stderr and "127.0.0.1" in proc.stderr
+    assert "not an IPv4 address" in proc.stderr
+    assert "127.0.0.1" in proc.stderr
 
 
 # ---- mode handling (fast) ----------------------------------------------------------------------
 
 
 def test_disabled_mode_adds_no_callbacks():
-    assert callbacks.swanlab_callbacks(config.load(REPO / "configs/demo.yaml"), "disabled", {}, 1, 2,
-                                       tokenizer=None) == []
+    assert (
+        callbacks.swanlab_callbacks(config.load(REPO / "configs/demo.yaml"), "disabled", {}, 1, 2, tokenizer=None) == []
+    )
 
 
 def test_stages_print_no_accelerator_detection_and_no_ansi_codes_into_a_pipe(run):
@@ -282,7 +352,8 @@ def test_stages_print_no_accelerator_detection_and_no_ansi_codes_into_a_pipe(run
     ANSI codes even into a pipe or a file."""
     for stage in ("dataset", "train"):
         text = (run.output_dir.parent / f"tracking-run.{stage}.log").read_text()
-        assert "Setting accelerator" not in text and "Setting ds_accelerator" not in text, stage
+        assert "Setting accelerator" not in text, stage
+        assert "Setting ds_accelerator" not in text, stage
     swanlab_lines = [line for line in text.splitlines() if "swanlab" in line.lower()]
     assert any(line.startswith("swanlab: ") for line in swanlab_lines), text[-3000:]
     assert not [line for line in swanlab_lines if "\x1b[" in line]

@@ -22,8 +22,11 @@ def test_default_is_the_tutorial_optimizer_and_typos_are_rejected():
     assert config.load(REPO / "configs/huanhuan.yaml").train.optim == "adamw_torch"
     assert config.load(overrides=["train.optim=adamw_torch_fused"]).train.optim == "adamw_torch_fused"
     assert config.load(overrides=["train.optim=adafactor"]).train.optim == "adafactor"
-    with pytest.raises(UserError, match=r"'train.optim' is 'adamw_torch_fuse', not one of TrainingArguments' "
-                                        r"choices \(did you mean 'adamw_torch_fused'\?\)"):
+    with pytest.raises(
+        UserError,
+        match=r"'train.optim' is 'adamw_torch_fuse', not one of TrainingArguments' "
+        r"choices \(did you mean 'adamw_torch_fused'\?\)",
+    ):
         config.load(overrides=["train.optim=adamw_torch_fuse"])
 
 
@@ -35,19 +38,26 @@ def test_fused_adamw_reaches_the_trainer_and_trains(patched_stand_in, tmp_path, 
 
     def spy(self):
         optimizer = create(self)
-        seen.update(args_optim=str(getattr(self.args.optim, "value", self.args.optim)),
-                    cls=type(optimizer).__name__, fused=optimizer.defaults.get("fused"))
+        seen.update(
+            args_optim=str(getattr(self.args.optim, "value", self.args.optim)),
+            cls=type(optimizer).__name__,
+            fused=optimizer.defaults.get("fused"),
+        )
         return optimizer
 
     monkeypatch.setattr(Trainer, "create_optimizer", spy)
-    cfg = config.load(REPO / "configs/demo.yaml", ["train.optim=adamw_torch_fused", "train.max_steps=2",
-                                                  "swanlab.mode=disabled", "train.resume=never"],
-                      model_dir=str(patched_stand_in), output_dir=str(tmp_path / "run"))
+    cfg = config.load(
+        REPO / "configs/demo.yaml",
+        ["train.optim=adamw_torch_fused", "train.max_steps=2", "swanlab.mode=disabled", "train.resume=never"],
+        model_dir=str(patched_stand_in),
+        output_dir=str(tmp_path / "run"),
+    )
     data.run(cfg)
     train.run(cfg)
     assert seen == {"args_optim": "adamw_torch_fused", "cls": "AdamW", "fused": True}
     history = json.loads((cfg.output_dir / "log_history.json").read_text())
-    assert history[-1]["step"] == 2 and history[-1]["train_loss"] > 0
+    assert history[-1]["step"] == 2
+    assert history[-1]["train_loss"] > 0
     assert "optim: adamw_torch_fused" in (cfg.output_dir / "resolved.yaml").read_text()
     shutil.rmtree(cfg.output_dir / "data", ignore_errors=True)
 
@@ -63,8 +73,10 @@ def test_no_empty_parameter_group_so_deepspeed_and_the_lr_scheduler_agree(patche
     cfg = config.load(REPO / "configs/demo.yaml", model_dir=str(patched_stand_in))
 
     def optimizer_and_scheduler(trainer_cls, deepspeed: bool):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(patched_stand_in), trust_remote_code=True),
-                               training.lora_config(cfg))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(str(patched_stand_in), trust_remote_code=True),
+            training.lora_config(cfg),
+        )
         args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, weight_decay=0.01)
         trainer = trainer_cls(model=model, args=args)
         trainer.is_deepspeed_enabled = deepspeed  # what `accelerate launch` with a DeepSpeed config sets
@@ -100,13 +112,26 @@ def test_trainer_bookkeeping_over_trainable_tensors_trains_as_the_stock_trainer(
 
     def run(trainer_cls):
         torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(patched_stand_in), trust_remote_code=True),
-                               training.lora_config(cfg))
-        args = TrainingArguments(output_dir=str(tmp_path / trainer_cls.__name__), report_to=[], use_cpu=True,
-                                 per_device_train_batch_size=4, max_steps=4, logging_steps=1, learning_rate=1e-2,
-                                 max_grad_norm=0.5, lr_scheduler_type="constant", save_strategy="no", seed=0)
-        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                              eval_dataset=Dataset.from_list(rows[:4]))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(str(patched_stand_in), trust_remote_code=True),
+            training.lora_config(cfg),
+        )
+        args = TrainingArguments(
+            output_dir=str(tmp_path / trainer_cls.__name__),
+            report_to=[],
+            use_cpu=True,
+            per_device_train_batch_size=4,
+            max_steps=4,
+            logging_steps=1,
+            learning_rate=1e-2,
+            max_grad_norm=0.5,
+            lr_scheduler_type="constant",
+            save_strategy="no",
+            seed=0,
+        )
+        trainer = trainer_cls(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:4])
+        )
         trainer.train()
         trainer.evaluate()
         trainer.model.train()
@@ -117,8 +142,10 @@ def test_trainer_bookkeeping_over_trainable_tensors_trains_as_the_stock_trainer(
     stock, stock_lora, _ = run(Trainer)
     ours, our_lora, states = run(training.trainer_class())
     steps = [(h["loss"], h["grad_norm"]) for h in stock.log_history if "loss" in h]
-    assert len(steps) == 4 and steps == [(h["loss"], h["grad_norm"]) for h in ours.log_history if "loss" in h]
+    assert len(steps) == 4
+    assert steps == [(h["loss"], h["grad_norm"]) for h in ours.log_history if "loss" in h]
     assert max(norm for _, norm in steps) > 0.5  # the clipping did something
     assert ours.total_flos == stock.total_flos > 0
-    assert our_lora.keys() == stock_lora.keys() and all(torch.equal(our_lora[k], stock_lora[k]) for k in our_lora)
+    assert our_lora.keys() == stock_lora.keys()
+    assert all(torch.equal(our_lora[k], stock_lora[k]) for k in our_lora)
     assert all(states)

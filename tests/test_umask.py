@@ -26,8 +26,15 @@ def run_script(script: str, umask: int, *args: str) -> subprocess.CompletedProce
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("CONFIG", "MODEL_DIR", "DATA", "OUTPUT_DIR", "SET"):
         env.pop(f"HL_{name}", None)
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(umask),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -43,27 +50,39 @@ def modes(root: Path) -> dict[str, int]:
 def assert_modes(root: Path, umask: int) -> None:
     found = modes(root)
     assert len(found) > 3, found
-    wrong = {p: oct(m) for p, m in found.items()
-             if m != ((0o777 if (root / p).is_dir() else 0o666) & ~umask)}
+    wrong = {p: oct(m) for p, m in found.items() if m != ((0o777 if (root / p).is_dir() else 0o666) & ~umask)}
     assert not wrong, f"expected folders {oct(0o777 & ~umask)}, files {oct(0o666 & ~umask)}: {wrong}"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_the_tokenized_dataset_follows_the_umask(stand_in_dir, tmp_path, umask):
     out = tmp_path / "out"
-    run_script("dataset.py", umask, "--config", str(DEMO), "--model-dir", str(stand_in_dir),
-               "--output-dir", str(out), "--data", str(SAMPLE))
-    assert (out / "data" / "stats.json").is_file() and list((out / "data" / "train").glob("*.arrow"))
+    run_script(
+        "dataset.py",
+        umask,
+        "--config",
+        str(DEMO),
+        "--model-dir",
+        str(stand_in_dir),
+        "--output-dir",
+        str(out),
+        "--data",
+        str(SAMPLE),
+    )
+    assert (out / "data" / "stats.json").is_file()
+    assert list((out / "data" / "train").glob("*.arrow"))
     assert_modes(out / "data", umask)
 
 
 def test_the_merged_model_follows_the_umask(lora_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(lora_run.output_dir / "adapter", out / "adapter")
-    run_script("merge.py", 0o022, "--config", str(DEMO), "--model-dir", str(lora_run.model.dir),
-               "--output-dir", str(out))
+    run_script(
+        "merge.py", 0o022, "--config", str(DEMO), "--model-dir", str(lora_run.model.dir), "--output-dir", str(out)
+    )
     shards = list((out / "merged").glob("*.safetensors"))
-    assert shards and (out / "merged" / "config.json").is_file()
+    assert shards
+    assert (out / "merged" / "config.json").is_file()
     assert_modes(out / "merged", 0o022)
 
 
@@ -73,8 +92,19 @@ def test_checkpoints_and_the_adapter_follow_the_umask(patched_stand_in, tmp_path
     out = tmp_path / "out"
     data.run(config.load(DEMO, model_dir=str(patched_stand_in), output_dir=str(out), data=str(SAMPLE)))
     sets = ["train.max_steps=2", "train.save_steps=1", "swanlab.mode=disabled", "train.resume=never"]
-    run_script("train.py", 0o022, "--config", str(DEMO), "--model-dir", str(patched_stand_in), "--output-dir",
-               str(out), "--data", str(SAMPLE), *[a for s in sets for a in ("--set", s)])
+    run_script(
+        "train.py",
+        0o022,
+        "--config",
+        str(DEMO),
+        "--model-dir",
+        str(patched_stand_in),
+        "--output-dir",
+        str(out),
+        "--data",
+        str(SAMPLE),
+        *[a for s in sets for a in ("--set", s)],
+    )
     for folder in ("checkpoint-1", "checkpoint-2", "adapter"):
         assert (out / folder / "adapter_model.safetensors").is_file(), folder
         assert_modes(out / folder, 0o022)
@@ -97,5 +127,10 @@ def test_a_staged_folder_with_safetensors_and_an_executable_is_published_with_th
             os.chmod(tmp / "sub" / "run.sh", 0o700)
     finally:
         os.umask(old)
-    assert modes(final) == {".": 0o755, "adapter_model.safetensors": 0o644, "sub": 0o755, "sub/run.sh": 0o755,
-                            ".hunyuan-lora": 0o644}
+    assert modes(final) == {
+        ".": 0o755,
+        "adapter_model.safetensors": 0o644,
+        "sub": 0o755,
+        "sub/run.sh": 0o755,
+        ".hunyuan-lora": 0o644,
+    }

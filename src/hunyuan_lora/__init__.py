@@ -16,6 +16,17 @@ logging.getLogger("DeepSpeed").addFilter(lambda record: record.funcName != "get_
 if not sys.stdout.isatty():
     from swankit.log.utils import FONT
 
-    for _colour in ("bold", "default", "blue", "grey", "underline", "green", "dark_green", "dark_gray", "yellow",
-                    "red", "magenta"):
+    for _colour in (
+        "bold",
+        "default",
+        "blue",
+        "grey",
+        "underline",
+        "green",
+        "dark_green",
+        "dark_gray",
+        "yellow",
+        "red",
+        "magenta",
+    ):
         setattr(FONT, _colour, staticmethod(str))

@@ -31,8 +31,10 @@ MARKER = ".hunyuan-lora"
 TEMP_INFIX = ".tmp-"
 PREVIOUS_INFIX = ".previous-"
 LEFTOVER_GLOBS = (f".*{TEMP_INFIX}*", f".*{PREVIOUS_INFIX}*")
-MARKER_TEXT = ("Written by hunyuan-lora. The kit replaces this folder when it publishes a new one; a folder "
-               "without this file is never replaced.\n")
+MARKER_TEXT = (
+    "Written by hunyuan-lora. The kit replaces this folder when it publishes a new one; a folder "
+    "without this file is never replaced.\n"
+)
 
 
 def temp_file(path: Path) -> Path:
@@ -77,16 +79,22 @@ def check_writable(folder: Path, where: str | None = "run.output_dir") -> Path:
     while not anchor.exists() and anchor != anchor.parent:
         anchor = anchor.parent
     if not anchor.is_dir():
-        what = f"{folder} is a file, not a folder" if anchor == folder else \
-            f"{anchor} is a file, so the folder {folder} cannot be created"
+        what = (
+            f"{folder} is a file, not a folder"
+            if anchor == folder
+            else f"{anchor} is a file, so the folder {folder} cannot be created"
+        )
         raise UserError(what, where=where, fix="pass another OUTPUT_DIR, or move that file away")
     try:
         fd, probe = tempfile.mkstemp(prefix=f".write-test{TEMP_INFIX}", dir=anchor)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"cannot write in {anchor} ({e.strerror})", where=where,
-                        fix="pass an OUTPUT_DIR on a writable disk, or fix the folder's permissions") from e
+        raise UserError(
+            f"cannot write in {anchor} ({e.strerror})",
+            where=where,
+            fix="pass an OUTPUT_DIR on a writable disk, or fix the folder's permissions",
+        ) from e
     return anchor
 
 
@@ -95,21 +103,30 @@ def check_replaceable(final: Path, marker: str = MARKER, where: str | None = Non
     write: a file, a link, or a non-empty folder without `marker`. Changes nothing."""
     if not final.exists() and not final.is_symlink():
         return
-    fix = (f"move or rename {final} yourself (the kit writes its output at that name), or give the run "
-           "another output folder (OUTPUT_DIR=...)")
+    fix = (
+        f"move or rename {final} yourself (the kit writes its output at that name), or give the run "
+        "another output folder (OUTPUT_DIR=...)"
+    )
     if final.is_symlink() or not final.is_dir():
         kind = "a link" if final.is_symlink() else "a file"
-        raise UserError(f"{final} is {kind}, where the kit publishes a folder; nothing was changed", where=where,
-                        fix=fix)
+        raise UserError(
+            f"{final} is {kind}, where the kit publishes a folder; nothing was changed", where=where, fix=fix
+        )
     try:
         empty = not any(final.iterdir())
     except OSError as e:
-        raise UserError(f"cannot read the folder {final} ({e.strerror})", where=where,
-                        fix="fix its permissions, or give the run another output folder (OUTPUT_DIR=...)") from e
+        raise UserError(
+            f"cannot read the folder {final} ({e.strerror})",
+            where=where,
+            fix="fix its permissions, or give the run another output folder (OUTPUT_DIR=...)",
+        ) from e
     if not empty and not (final / marker).is_file():
-        raise UserError(f"{final} is a folder the kit did not write (it has no {marker} file), where the kit "
-                        "publishes its output; nothing in it was changed", where=where,
-                        fix=fix + "; if it is the output of an older version of the kit, delete it")
+        raise UserError(
+            f"{final} is a folder the kit did not write (it has no {marker} file), where the kit "
+            "publishes its output; nothing in it was changed",
+            where=where,
+            fix=fix + "; if it is the output of an older version of the kit, delete it",
+        )
 
 
 def publish_dir(tmp: Path, final: Path, marker: str = MARKER) -> None:

@@ -125,19 +125,24 @@ def _swanlab_callback(cfg: Config, mode: str, config: dict):
                     print(f"SwanLab: {resumed['continues']} (swanlab 0.5.7 cannot reopen an experiment)")
                 record_experiment(out, swanlab.init(**init), mode, state.global_step)
             base = getattr(model, "get_base_model", lambda: model)()
-            swanlab.config.update({
-                "FRAMEWORK": "🤗transformers",  # as the stock setup() sets it
-                "trainer_args": args.to_dict(),
-                "model_config": base.config.to_dict() if getattr(base, "config", None) is not None else {},
-                **resumed,
-            })
+            swanlab.config.update(
+                {
+                    "FRAMEWORK": "🤗transformers",  # as the stock setup() sets it
+                    "trainer_args": args.to_dict(),
+                    "model_config": base.config.to_dict() if getattr(base, "config", None) is not None else {},
+                    **resumed,
+                }
+            )
 
         def on_train_end(self, args, state, control, **kwargs):
             super().on_train_end(args, state, control, **kwargs)
             if state.is_world_process_zero and state.global_step < state.max_steps:
                 # stopped with a checkpoint (Ctrl-C, SIGTERM): "finished" would claim a complete run
-                finish_crashed(out, f"stopped at step {state.global_step} of {state.max_steps} with a checkpoint; "
-                                    "`make train` continues it in a new experiment")
+                finish_crashed(
+                    out,
+                    f"stopped at step {state.global_step} of {state.max_steps} with a checkpoint; "
+                    "`make train` continues it in a new experiment",
+                )
 
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):
             # As the stock on_log, except that only the train log of a step carries train/epoch and
@@ -148,8 +153,9 @@ def _swanlab_callback(cfg: Config, mode: str, config: dict):
             if not state.is_world_process_zero:
                 return
             summary = {f"single_value/{k}": v for k, v in logs.items() if k in SINGLE_VALUE_KEYS}
-            values = rewrite_logs({k: v for k, v in logs.items() if k not in SINGLE_VALUE_KEYS
-                                   and (k != "epoch" or "loss" in logs)})
+            values = rewrite_logs(
+                {k: v for k, v in logs.items() if k not in SINGLE_VALUE_KEYS and (k != "epoch" or "loss" in logs)}
+            )
             if "loss" in logs:
                 values["train/global_step"] = state.global_step
             if summary or values:
@@ -199,12 +205,10 @@ class BatchCounter:
             return
         real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         tokens = real.sum()
-        if positions is not None and real.shape[0] == 1:
-            # train.packing: one (1, T) row of whole samples, positions restart per sample
-            # (a padding block from train.pad_to_multiple_of restarts them too, but is masked)
-            samples = ((positions == 0) & real).sum()
-        else:
-            samples = real.shape[0]
+        # train.packing: one (1, T) row of whole samples, positions restart per sample (a padding block
+        # from train.pad_to_multiple_of restarts them too, but is masked)
+        packed = positions is not None and real.shape[0] == 1
+        samples = ((positions == 0) & real).sum() if packed else real.shape[0]
         self.tokens = tokens if isinstance(self.tokens, int) else self.tokens + tokens.to(self.tokens.device)
         self.samples = self.samples + samples
 
@@ -289,8 +293,12 @@ class SampleGenerations(TrainerCallback):
     def __init__(self, cfg: Config, tokenizer):
         from dataclasses import replace
 
-        self.cfg = replace(cfg, infer=replace(cfg.infer, do_sample=False,
-                                              max_new_tokens=min(cfg.infer.max_new_tokens, SAMPLE_MAX_NEW_TOKENS)))
+        self.cfg = replace(
+            cfg,
+            infer=replace(
+                cfg.infer, do_sample=False, max_new_tokens=min(cfg.infer.max_new_tokens, SAMPLE_MAX_NEW_TOKENS)
+            ),
+        )
         self.tokenizer = tokenizer
         self.prompts = list(cfg.infer.prompts)[:SAMPLE_MAX_PROMPTS]
         self.before: list[str] = []
@@ -300,8 +308,10 @@ class SampleGenerations(TrainerCallback):
         from .generation import Completion, generate, infer_sampling
         from .prompt import ask, extract_answer, prompt_ids
 
-        completions = [Completion(prompt_ids(self.tokenizer, ask(p, self.cfg), self.cfg.infer.thinking),
-                                  infer_sampling(self.cfg)) for p in self.prompts]
+        completions = [
+            Completion(prompt_ids(self.tokenizer, ask(p, self.cfg), self.cfg.infer.thinking), infer_sampling(self.cfg))
+            for p in self.prompts
+        ]
         was_training = model.training
         model.eval()  # no dropout; the model's forward also skips gradient checkpointing in eval
         try:
@@ -324,8 +334,10 @@ class SampleGenerations(TrainerCallback):
         import swanlab
 
         self.after = self._answers(model)
-        swanlab.log({SAMPLES_KEY: [swanlab.Text(text, caption=caption) for text, caption in self.panel()]},
-                    step=state.global_step)
+        swanlab.log(
+            {SAMPLES_KEY: [swanlab.Text(text, caption=caption) for text, caption in self.panel()]},
+            step=state.global_step,
+        )
 
     def panel(self) -> list[tuple[str, str]]:
         """(text, caption) rows: per prompt the base model's answer, then the adapter's. The dashboard
@@ -358,8 +370,11 @@ class SaveOnSignal(TrainerCallback):
         # Flag first, and no print(): the handler runs inside whatever the main thread is doing,
         # and a print() landing inside another print() raises "reentrant call" (run lost, no save).
         self.received = signal.Signals(signum).name
-        os.write(2, f"\n{self.received} received: saving a checkpoint after this step, then stopping "
-                    "(Ctrl-C again stops at once, without saving)\n".encode())
+        os.write(
+            2,
+            f"\n{self.received} received: saving a checkpoint after this step, then stopping "
+            "(Ctrl-C again stops at once, without saving)\n".encode(),
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.received is not None

@@ -105,15 +105,19 @@ def talk(cfg: Config) -> Path:
             continue
         if command in ("/base", "/adapter"):
             if adapter is None:
-                print(f"{cfg.model.dir} is a merged folder (the adapter is in its weights): {command} is not "
-                      "available; chat with MODEL_DIR=<the base folder> to compare")
+                print(
+                    f"{cfg.model.dir} is a merged folder (the adapter is in its weights): {command} is not "
+                    "available; chat with MODEL_DIR=<the base folder> to compare"
+                )
             else:
                 use_adapter = command == "/adapter"
                 print("answering with " + ("base model + adapter" if use_adapter else "the base model (adapter off)"))
             continue
         if line.startswith("/") and line.split()[0] not in COMMANDS:
-            print(f"unknown command {line.split()[0]!r}; the commands are {' '.join(COMMANDS)} (a line that starts "
-                  "with a space is sent as it is)")
+            print(
+                f"unknown command {line.split()[0]!r}; the commands are {' '.join(COMMANDS)} (a line that starts "
+                "with a space is sent as it is)"
+            )
             continue
 
         turns = (*history, Turn("user", line))
@@ -135,6 +139,17 @@ def talk(cfg: Config) -> Path:
         print(flush=True)
         history = [*turns, Turn("assistant", completion.text)]
         with open(transcript, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"user": line, "reply": completion.text, "thinking": thinking, "adapter": use_adapter,
-                                "finish_reason": completion.finish_reason}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "user": line,
+                        "reply": completion.text,
+                        "thinking": thinking,
+                        "adapter": use_adapter,
+                        "finish_reason": completion.finish_reason,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     return transcript

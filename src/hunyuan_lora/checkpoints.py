@@ -26,8 +26,13 @@ from .errors import UserError
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a checkpoint of a LoRA run holds when the Trainer finished writing it. trainer_state.json is
 # written last (Trainer._save_checkpoint), so a kill while saving leaves it missing or cut short.
-CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-                    "trainer_state.json")
+CHECKPOINT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "trainer_state.json",
+)
 INCOMPLETE_PREFIX = "incomplete-"  # not "checkpoint-*": the Trainer neither resumes from nor rotates it
 # What train writes into the output folder (next to data/, the input, and swanlog/, every run's log):
 # the published adapter with its config and manifest, replaced only by the next publish (atomic.py),
@@ -128,14 +133,15 @@ def check_optimizer_layout(checkpoint: str | Path, model) -> None:
     layout, trains = next(iter(counts.items()))
     if saved != trains:
         written = next((v for v, n in counts.items() if n == saved), None)
-        how = (f"LoRA layout {written} ({LORA_LAYOUTS[written]})" if written else
-               "another layout of the LoRA tensors")
+        how = f"LoRA layout {written} ({LORA_LAYOUTS[written]})" if written else "another layout of the LoRA tensors"
         raise UserError(
             f"checkpoint {checkpoint} holds optimizer state for {saved} tensors, this run trains {trains}: it was "
-            f"written with {how}, this run trains layout {layout} ({LORA_LAYOUTS[layout]})", where="train.resume",
+            f"written with {how}, this run trains layout {layout} ({LORA_LAYOUTS[layout]})",
+            where="train.resume",
             fix="continue it with the version of the kit (or the model.moe_impl) that wrote it, or set "
-                "train.resume=never to start over (the earlier run is set aside, not deleted); its adapter "
-                "(infer.adapter=<checkpoint>) loads either way")
+            "train.resume=never to start over (the earlier run is set aside, not deleted); its adapter "
+            "(infer.adapter=<checkpoint>) loads either way",
+        )
 
 
 def resume_point(cfg: Config) -> ResumePoint:
@@ -143,10 +149,17 @@ def resume_point(cfg: Config) -> ResumePoint:
     is incomplete (an explicit path) or was trained with other settings."""
     if cfg.train.resume == "never":
         earlier = previous_run(cfg.output_dir)
-        return ResumePoint(None, 0, "train.resume: never (starts at step 0)" + (
-            f"; `make train` sets the earlier run's {', '.join(p.name for p in earlier)} aside in "
-            f"{cfg.output_dir / PREVIOUS_RUNS}/ (its published adapter stays until this run publishes)"
-            if earlier else ""))
+        return ResumePoint(
+            None,
+            0,
+            "train.resume: never (starts at step 0)"
+            + (
+                f"; `make train` sets the earlier run's {', '.join(p.name for p in earlier)} aside in "
+                f"{cfg.output_dir / PREVIOUS_RUNS}/ (its published adapter stays until this run publishes)"
+                if earlier
+                else ""
+            ),
+        )
     incomplete: list[Path] = []
     if cfg.train.resume == "auto":
         chosen = None
@@ -156,32 +169,43 @@ def resume_point(cfg: Config) -> ResumePoint:
                 break
             incomplete.append(ckpt)
         if chosen is None:
-            return ResumePoint(None, 0, "auto: no complete checkpoint in the output folder, starts at step 0",
-                               incomplete)
+            return ResumePoint(
+                None, 0, "auto: no complete checkpoint in the output folder, starts at step 0", incomplete
+            )
     else:
         chosen = Path(cfg.train.resume)
         if not chosen.is_dir():
-            raise UserError(f"checkpoint {chosen} does not exist", where="train.resume",
-                            fix="use auto, never, or the path of a checkpoint-* folder")
+            raise UserError(
+                f"checkpoint {chosen} does not exist",
+                where="train.resume",
+                fix="use auto, never, or the path of a checkpoint-* folder",
+            )
         problem = checkpoint_problem(chosen)
         if problem:
-            raise UserError(f"checkpoint {chosen} is incomplete ({problem}): it was being written when the run "
-                            "was killed", where="train.resume",
-                            fix="point train.resume at a complete checkpoint-N, or use auto (the newest complete one)")
+            raise UserError(
+                f"checkpoint {chosen} is incomplete ({problem}): it was being written when the run was killed",
+                where="train.resume",
+                fix="point train.resume at a complete checkpoint-N, or use auto (the newest complete one)",
+            )
     mismatch = settings_mismatch(chosen, cfg)
     if mismatch:
-        raise UserError(f"checkpoint {chosen} was trained with other settings: " + ", ".join(mismatch),
-                        where="train.resume",
-                        fix="use the settings it was trained with, set train.resume=never to start over, or give the "
-                            "run another OUTPUT_DIR")
+        raise UserError(
+            f"checkpoint {chosen} was trained with other settings: " + ", ".join(mismatch),
+            where="train.resume",
+            fix="use the settings it was trained with, set train.resume=never to start over, or give the "
+            "run another OUTPUT_DIR",
+        )
     step = int(read_state(chosen)["global_step"])
     return ResumePoint(str(chosen), step, f"continues from {chosen} (step {step})", incomplete)
 
 
 def incomplete_notes(point: ResumePoint) -> list[str]:
     """One line per incomplete checkpoint and what `make train` does with it."""
-    return [f"{p.name} is incomplete ({checkpoint_problem(p)}; killed while saving?): `make train` sets it aside as "
-            f"{aside_name(p).name}" for p in point.incomplete]
+    return [
+        f"{p.name} is incomplete ({checkpoint_problem(p)}; killed while saving?): `make train` sets it aside as "
+        f"{aside_name(p).name}"
+        for p in point.incomplete
+    ]
 
 
 def aside_name(ckpt: Path) -> Path:
@@ -215,7 +239,7 @@ def nonfinite_tensors(weights: Path) -> dict[str, int]:
 
     found = {}
     with safe_open(str(weights), "pt") as f:
-        for name in f.keys():
+        for name in f:
             tensor = f.get_tensor(name)
             if tensor.is_floating_point():
                 bad = int(tensor.numel() - torch.isfinite(tensor).sum())
@@ -233,10 +257,13 @@ def require_finite_adapter(folder: Path, what: str | None = None) -> None:
     bad = nonfinite_tensors(weights)
     if bad:
         names = sorted(bad, key=bad.get, reverse=True)
-        raise UserError(f"{what or weights} holds non-finite values (inf or nan) in {len(bad)} tensor(s), e.g. "
-                        f"{names[0]} ({bad[names[0]]:,} values): the training that made it diverged", where=str(folder),
-                        fix="train again with a lower train.learning_rate and train.resume=never; `make train` stops "
-                            "at the step where the loss or gradient norm stops being finite and names it")
+        raise UserError(
+            f"{what or weights} holds non-finite values (inf or nan) in {len(bad)} tensor(s), e.g. "
+            f"{names[0]} ({bad[names[0]]:,} values): the training that made it diverged",
+            where=str(folder),
+            fix="train again with a lower train.learning_rate and train.resume=never; `make train` stops "
+            "at the step where the loss or gradient norm stops being finite and names it",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +275,11 @@ def previous_run(out: Path) -> list[Path]:
     (PUBLISHED) stays where `make infer` finds it until the new run's publish replaces it in one rename."""
     if not out.is_dir():
         return []
-    found = [p for p in out.iterdir() if CHECKPOINT_RE.match(p.name) or p.name.startswith(INCOMPLETE_PREFIX)
-             or p.name in RUN_LOG]
+    found = [
+        p
+        for p in out.iterdir()
+        if CHECKPOINT_RE.match(p.name) or p.name.startswith(INCOMPLETE_PREFIX) or p.name in RUN_LOG
+    ]
     return sorted(found, key=lambda p: p.name)
 
 

@@ -21,6 +21,9 @@ def run(cfg: Config) -> Path:
         print("model.nf4_cache is none: there is no NF4 cache to remove")
         return Path(cfg.model.dir)
     freed = nf4.remove(root)
-    print(f"removed the NF4 cache {root} and its leftovers: {human_bytes(freed)} freed" if freed
-          else f"no NF4 cache at {root}: nothing to remove")
+    print(
+        f"removed the NF4 cache {root} and its leftovers: {human_bytes(freed)} freed"
+        if freed
+        else f"no NF4 cache at {root}: nothing to remove"
+    )
     return root

@@ -52,15 +52,26 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--model-dir", default=env["MODEL_DIR"], help="override model.dir")
     parser.add_argument("--data", default=env["DATA"], help="override data.path")
     parser.add_argument("--output-dir", default=env["OUTPUT_DIR"], help="override run.output_dir")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override any config key (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
 
 
 def from_args(args) -> config.Config:
     """The run config from the shared options (add_cli_args) and SET."""
     overrides = split_overrides(os.environ.get("HL_SET", "")) + args.overrides
-    return config.load(args.config, overrides, model_dir=args.model_dir or None,
-                       data=args.data or None, output_dir=args.output_dir or None)
+    return config.load(
+        args.config,
+        overrides,
+        model_dir=args.model_dir or None,
+        data=args.data or None,
+        output_dir=args.output_dir or None,
+    )
 
 
 _KEY_START = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_][\w.]*=")
@@ -84,8 +95,11 @@ def split_overrides(text: str) -> list[str]:
 
 def parser_for(stage: str, module) -> argparse.ArgumentParser:
     summary = (module.__doc__ or "").strip().split("\n\n")[0]
-    parser = argparse.ArgumentParser(prog=f"python -m hunyuan_lora {stage}", description=summary,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m hunyuan_lora {stage}",
+        description=summary,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_cli_args(parser)
     if hasattr(module, "add_arguments"):
         module.add_arguments(parser)
@@ -98,8 +112,11 @@ def main(stage: str | None = None, argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if stage is None:
         if not argv or argv[0] not in STAGES:
-            sys.exit("usage: python -m hunyuan_lora <stage> [options]   (stage: " + ", ".join(STAGES)
-                     + "; <stage> --help lists its options)")
+            sys.exit(
+                "usage: python -m hunyuan_lora <stage> [options]   (stage: "
+                + ", ".join(STAGES)
+                + "; <stage> --help lists its options)"
+            )
         stage, argv = argv[0], argv[1:]
     module = importlib.import_module(f"{__package__}.{STAGES[stage]}")
     args = parser_for(stage, module).parse_args(argv)

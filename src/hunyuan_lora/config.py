@@ -15,6 +15,7 @@ the tutorial's values.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import enum
 import math
@@ -34,8 +35,13 @@ LORA_PRESETS: dict[str, list[str]] = {
     "tutorial": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "attention_shared": [
-        "q_proj", "k_proj", "v_proj", "o_proj",
-        "shared_mlp.gate_proj", "shared_mlp.up_proj", "shared_mlp.down_proj",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "shared_mlp.gate_proj",
+        "shared_mlp.up_proj",
+        "shared_mlp.down_proj",
     ],
 }
 
@@ -384,12 +390,15 @@ def _key_hint(sec_name: str, section: Any, key: str, where: str, problems: list[
         return None
     training = training_argument_hints()
     if key in DERIVED_TRAINING_ARGS:
-        problems.append(f"{where}: 'train.{key}' is set by the project from {DERIVED_TRAINING_ARGS[key]}: change "
-                        "that instead")
+        problems.append(
+            f"{where}: 'train.{key}' is set by the project from {DERIVED_TRAINING_ARGS[key]}: change that instead"
+        )
         return None
     if key not in training:
-        problems.append(f"{where}: unknown key 'train.{key}' (neither a project key nor a TrainingArguments field)"
-                        f"{_nearest(key, list(hints) + list(training))}")
+        problems.append(
+            f"{where}: unknown key 'train.{key}' (neither a project key nor a TrainingArguments field)"
+            f"{_nearest(key, list(hints) + list(training))}"
+        )
         return None
     return training[key]
 
@@ -413,13 +422,17 @@ def _apply(cfg: Config, data: dict, where: str, problems: list[str]) -> None:
                 continue
             value = _coerce(value, hint, keep_ints=sec_name == "train" and key.endswith("_steps"))
             if _not_finite(value):
-                problems.append(f"{where}: '{sec_name}.{key}' is {value!r}: every number in the config must be "
-                                "finite (no .inf, .nan, or a number too large for a float such as 1e999)")
+                problems.append(
+                    f"{where}: '{sec_name}.{key}' is {value!r}: every number in the config must be "
+                    "finite (no .inf, .nan, or a number too large for a float such as 1e999)"
+                )
                 continue
             choices = _enum_choices(hint)
             if choices and isinstance(value, str) and value not in choices:
-                problems.append(f"{where}: '{sec_name}.{key}' is {value!r}, not one of TrainingArguments' choices"
-                                f"{_nearest(value, choices)}")
+                problems.append(
+                    f"{where}: '{sec_name}.{key}' is {value!r}, not one of TrainingArguments' choices"
+                    f"{_nearest(value, choices)}"
+                )
                 continue
             if not _check_type(value, hint):
                 problems.append(f"{where}: '{sec_name}.{key}' is {value!r}, expected {_describe(hint)}")
@@ -431,9 +444,11 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if cfg.lora.preset == "custom" and not cfg.lora.target_modules:
         problems.append("lora.preset is 'custom' but lora.target_modules is empty: list the module names")
     if cfg.lora.preset != "custom" and cfg.lora.target_modules:
-        problems.append(f"lora.target_modules is set but lora.preset is '{cfg.lora.preset}', which trains its own "
-                        f"list ({', '.join(LORA_PRESETS[cfg.lora.preset])}) and would ignore yours: add "
-                        "lora.preset=custom to train exactly lora.target_modules, or drop target_modules")
+        problems.append(
+            f"lora.target_modules is set but lora.preset is '{cfg.lora.preset}', which trains its own "
+            f"list ({', '.join(LORA_PRESETS[cfg.lora.preset])}) and would ignore yours: add "
+            "lora.preset=custom to train exactly lora.target_modules, or drop target_modules"
+        )
     if "gate" in cfg.lora.targets():
         problems.append(
             "lora.target_modules contains 'gate', which matches the router `mlp.gate` (not a Linear): "
@@ -453,11 +468,15 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if not 0.0 <= cfg.lora.dropout < 1.0:
         problems.append(f"lora.dropout is {cfg.lora.dropout}: it must be in [0, 1)")
     if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
-        problems.append(f"train.max_steps is {cfg.train.max_steps}: at least 1, or -1 to train "
-                        "train.num_train_epochs (the Trainer would read 0 as -1)")
+        problems.append(
+            f"train.max_steps is {cfg.train.max_steps}: at least 1, or -1 to train "
+            "train.num_train_epochs (the Trainer would read 0 as -1)"
+        )
     elif cfg.train.max_steps == -1 and not cfg.train.num_train_epochs > 0:
-        problems.append(f"train.num_train_epochs is {cfg.train.num_train_epochs} with train.max_steps -1: that is 0 "
-                        "training steps; set a positive num_train_epochs (1 is the tutorial's), or max_steps")
+        problems.append(
+            f"train.num_train_epochs is {cfg.train.num_train_epochs} with train.max_steps -1: that is 0 "
+            "training steps; set a positive num_train_epochs (1 is the tutorial's), or max_steps"
+        )
     for key in ("serve.port", "swanlab.port"):
         section, name = key.split(".")
         port = getattr(getattr(cfg, section), name)
@@ -466,23 +485,36 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if not cfg.train.learning_rate > 0:
         problems.append(f"train.learning_rate is {cfg.train.learning_rate}: it must be positive")
     elif cfg.train.learning_rate > FLOAT32_MAX:  # the optimizer's update would fail converting it
-        problems.append(f"train.learning_rate is {cfg.train.learning_rate:g}: more than a float32 holds "
-                        f"({FLOAT32_MAX:.1e}); LoRA learning rates are around 1e-4")
+        problems.append(
+            f"train.learning_rate is {cfg.train.learning_rate:g}: more than a float32 holds "
+            f"({FLOAT32_MAX:.1e}); LoRA learning rates are around 1e-4"
+        )
     if not 0.0 <= cfg.train.warmup_ratio <= 1.0:
-        problems.append(f"train.warmup_ratio is {cfg.train.warmup_ratio}: it must be in [0, 1] (a fraction of the "
-                        "steps)")
+        problems.append(
+            f"train.warmup_ratio is {cfg.train.warmup_ratio}: it must be in [0, 1] (a fraction of the steps)"
+        )
     if cfg.train.dataloader_num_workers < 0:
-        problems.append(f"train.dataloader_num_workers is {cfg.train.dataloader_num_workers}: 0 (load in the "
-                        "training process) or more")
+        problems.append(
+            f"train.dataloader_num_workers is {cfg.train.dataloader_num_workers}: 0 (load in the "
+            "training process) or more"
+        )
     if cfg.train.save_total_limit is not None and cfg.train.save_total_limit < 1:
-        problems.append(f"train.save_total_limit is {cfg.train.save_total_limit}: at least 1 (checkpoints kept), or "
-                        "null to keep all")
+        problems.append(
+            f"train.save_total_limit is {cfg.train.save_total_limit}: at least 1 (checkpoints kept), or "
+            "null to keep all"
+        )
     for section in ("infer", "chat", "eval", "serve"):
         tokens = getattr(getattr(cfg, section, None), "max_new_tokens", 1)
         if tokens < 1:
             problems.append(f"{section}.max_new_tokens is {tokens}: at least 1")
-    for key in ("infer.batch_size", "eval.batch_size", "serve.max_batch_size", "serve.max_queue",
-                "serve.max_prompt_tokens", "serve.max_request_bytes"):
+    for key in (
+        "infer.batch_size",
+        "eval.batch_size",
+        "serve.max_batch_size",
+        "serve.max_queue",
+        "serve.max_prompt_tokens",
+        "serve.max_request_bytes",
+    ):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value is not None and value < 1:
@@ -490,14 +522,18 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if cfg.train.pad_to_multiple_of is not None and cfg.train.pad_to_multiple_of < 1:
         problems.append("train.pad_to_multiple_of must be at least 1, or null")
     if cfg.model.nf4_products != "dequantize" and (cfg.model.quantization != "nf4" or cfg.model.moe_impl != "fast"):
-        problems.append(f"model.nf4_products: {cfg.model.nf4_products} needs model.quantization: nf4 and "
-                        "model.moe_impl: fast (it is how the project's grouped experts multiply by 4-bit weights); "
-                        "remove it, or set both")
+        problems.append(
+            f"model.nf4_products: {cfg.model.nf4_products} needs model.quantization: nf4 and "
+            "model.moe_impl: fast (it is how the project's grouped experts multiply by 4-bit weights); "
+            "remove it, or set both"
+        )
     if cfg.train.packing and cfg.model.moe_impl != "fast":
-        problems.append("train.packing needs model.moe_impl: fast (the project's attention keeps each packed "
-                        "sample to itself, from position ids that restart per sample; with upstream the model "
-                        "folder's own hunyuan.py runs, which is not known to, and the samples of one row would "
-                        "attend to each other)")
+        problems.append(
+            "train.packing needs model.moe_impl: fast (the project's attention keeps each packed "
+            "sample to itself, from position ids that restart per sample; with upstream the model "
+            "folder's own hunyuan.py runs, which is not known to, and the samples of one row would "
+            "attend to each other)"
+        )
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -507,7 +543,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
             f"override '{text}' is not of the form section.key=value",
             where="--set / SET",
             fix='write it like train.learning_rate=2e-4; several: SET="a.b=1 c.d=2"; a value with spaces '
-                'may be quoted: SET=\'data.system_prompt="你是 甄嬛"\'',
+            "may be quoted: SET='data.system_prompt=\"你是 甄嬛\"'",
         )
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
@@ -520,10 +556,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if isinstance(value, dict):
         value = raw
     if isinstance(value, str) and value == raw:
-        try:
+        with contextlib.suppress(ValueError):
             value = float(raw)
-        except ValueError:
-            pass
     return section.strip(), key.strip(), value
 
 
@@ -543,25 +577,34 @@ def read_yaml(p: Path) -> dict:
         raise UserError(f"config file {p} cannot be read ({e.strerror})", fix="check its permissions") from e
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"not UTF-8 text (bytes {data[e.start:e.start + 4].hex(' ').upper()} at byte offset "
-                        f"{e.start:,}: {e.reason})", where=f"{p}:{line}",
-                        fix=f"a config is UTF-8 YAML: convert it, e.g. iconv -f GB18030 -t UTF-8 {p} > {p}.utf8 "
-                            "(GBK / GB18030 is the usual other encoding of Chinese text); a binary file is not "
-                            "a config") from e
+        raise UserError(
+            f"not UTF-8 text (bytes {data[e.start : e.start + 4].hex(' ').upper()} at byte offset "
+            f"{e.start:,}: {e.reason})",
+            where=f"{p}:{line}",
+            fix=f"a config is UTF-8 YAML: convert it, e.g. iconv -f GB18030 -t UTF-8 {p} > {p}.utf8 "
+            "(GBK / GB18030 is the usual other encoding of Chinese text); a binary file is not "
+            "a config",
+        ) from e
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise UserError(f"not valid YAML ({getattr(e, 'problem', e)})", where=where,
-                        fix="check indentation and quoting on that line") from e
+        raise UserError(
+            f"not valid YAML ({getattr(e, 'problem', e)})",
+            where=where,
+            fix="check indentation and quoting on that line",
+        ) from e
     except RecursionError as e:
         raise UserError("nested too deeply to be a config", where=str(p), fix=fix) from e
     if raw is None:  # empty, or comments only: every default would be a real-model run, unasked
-        raise UserError(f"config file {p} is empty (or only comments): every setting would take its default, "
-                        "the tutorial's run on the real model", where=str(p),
-                        fix="write the settings of your run into it, or pass the tutorial's own config: "
-                            "CONFIG=configs/huanhuan.yaml (the stand-in: CONFIG=configs/demo.yaml)")
+        raise UserError(
+            f"config file {p} is empty (or only comments): every setting would take its default, "
+            "the tutorial's run on the real model",
+            where=str(p),
+            fix="write the settings of your run into it, or pass the tutorial's own config: "
+            "CONFIG=configs/huanhuan.yaml (the stand-in: CONFIG=configs/demo.yaml)",
+        )
     return raw
 
 

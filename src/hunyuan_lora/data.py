@@ -40,8 +40,11 @@ def fetch_dataset(cfg: Config) -> Path:
     path = Path(cfg.data.path)
     if not path.exists():
         if not cfg.data.url:
-            raise UserError(f"dataset file {path} does not exist", where="data.path",
-                            fix="set DATA=/path/to/file.json(l) or data.url in the config")
+            raise UserError(
+                f"dataset file {path} does not exist",
+                where="data.path",
+                fix="set DATA=/path/to/file.json(l) or data.url in the config",
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"downloading {cfg.data.url} -> {path}")
         tmp = temp_file(path)
@@ -50,8 +53,11 @@ def fetch_dataset(cfg: Config) -> Path:
                 shutil.copyfileobj(r, f)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"could not download the dataset ({e})", where=cfg.data.url,
-                            fix=f"download it by hand to {path}, or set DATA= to a local file") from e
+            raise UserError(
+                f"could not download the dataset ({e})",
+                where=cfg.data.url,
+                fix=f"download it by hand to {path}, or set DATA= to a local file",
+            ) from e
         try:
             check_sha256(tmp, cfg.data.sha256, cfg.data.url)
         except UserError:
@@ -69,9 +75,12 @@ def split_records(records: list[Record], cfg: Config) -> tuple[list[Record], lis
         return records, []
     n_eval = math.ceil(cfg.data.eval_ratio * len(records))
     if n_eval >= len(records):
-        raise UserError(f"data.eval_ratio={cfg.data.eval_ratio} holds out {n_eval} of {len(records)} record(s), "
-                        "leaving none to train on", where="data.eval_ratio",
-                        fix="lower data.eval_ratio or add records (0 turns the held-out split off)")
+        raise UserError(
+            f"data.eval_ratio={cfg.data.eval_ratio} holds out {n_eval} of {len(records)} record(s), "
+            "leaving none to train on",
+            where="data.eval_ratio",
+            fix="lower data.eval_ratio or add records (0 turns the held-out split off)",
+        )
     held = set(np.random.default_rng(cfg.run.seed).permutation(len(records))[:n_eval].tolist())
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
@@ -84,8 +93,12 @@ def as_messages(record: Record) -> dict:
 
 def _length_stats(lengths: list[int]) -> dict:
     a = np.asarray(lengths)
-    return {"min": int(a.min()), "mean": round(float(a.mean()), 1), "p95": int(np.percentile(a, 95)),
-            "max": int(a.max())}
+    return {
+        "min": int(a.min()),
+        "mean": round(float(a.mean()), 1),
+        "p95": int(np.percentile(a, 95)),
+        "max": int(a.max()),
+    }
 
 
 def run(cfg: Config) -> Path:
@@ -108,8 +121,11 @@ def run(cfg: Config) -> Path:
             examples += samples
             dropped += n
         if part and not examples:
-            raise UserError(f"every {name} record is longer than data.max_length={cfg.data.max_length}",
-                            where=str(path), fix="raise data.max_length or set data.overlong: truncate")
+            raise UserError(
+                f"every {name} record is longer than data.max_length={cfg.data.max_length}",
+                where=str(path),
+                fix="raise data.max_length or set data.overlong: truncate",
+            )
         if examples:
             splits[name] = examples
 
@@ -117,13 +133,23 @@ def run(cfg: Config) -> Path:
     truncated = sum(ex.pop("truncated") for ex in examples)
     lengths = [len(ex["input_ids"]) for ex in examples]
     stats = {
-        "source": str(path), "sha256": report.sha256, "format": report.format, "schema": report.schema,
-        "records": len(records) + report.dropped, "duplicates_dropped": report.dropped,
-        "multi_turn_records": report.multi_turn, "reasoning_answers": report.reasoning,
-        "examples": len(examples), "dropped_overlong": dropped, "truncated": truncated,
-        "max_length": cfg.data.max_length, "answer_tags": cfg.data.answer_tags,
-        "system_prompt": cfg.data.system_prompt, "train_on": cfg.data.train_on,
-        "splits": {name: len(part) for name, part in splits.items()}, "eval_records": len(eval_records),
+        "source": str(path),
+        "sha256": report.sha256,
+        "format": report.format,
+        "schema": report.schema,
+        "records": len(records) + report.dropped,
+        "duplicates_dropped": report.dropped,
+        "multi_turn_records": report.multi_turn,
+        "reasoning_answers": report.reasoning,
+        "examples": len(examples),
+        "dropped_overlong": dropped,
+        "truncated": truncated,
+        "max_length": cfg.data.max_length,
+        "answer_tags": cfg.data.answer_tags,
+        "system_prompt": cfg.data.system_prompt,
+        "train_on": cfg.data.train_on,
+        "splits": {name: len(part) for name, part in splits.items()},
+        "eval_records": len(eval_records),
         "tokens": _length_stats(lengths),
         "label_tokens": _length_stats([sum(t != IGNORE_INDEX for t in ex["labels"]) for ex in examples]),
         "warnings": report.warnings,
@@ -132,11 +158,14 @@ def run(cfg: Config) -> Path:
 
     with staging_dir(out) as tmp:  # a killed run leaves the previous dataset, never half of one
         DatasetDict({name: Dataset.from_list(part) for name, part in splits.items()}).save_to_disk(str(tmp))
-        write_text(tmp / "eval.jsonl", "".join(json.dumps(as_messages(r), ensure_ascii=False) + "\n"
-                                               for r in eval_records))
+        write_text(
+            tmp / "eval.jsonl", "".join(json.dumps(as_messages(r), ensure_ascii=False) + "\n" for r in eval_records)
+        )
         write_json(tmp / "stats.json", stats)
-    print(f"wrote {out}: {len(examples):,} examples from {len(records):,} records ({report.schema}, labels on "
-          f"{cfg.data.train_on.replace('_', ' ')} turns), tokens min/mean/p95/max "
-          f"{stats['tokens']['min']}/{stats['tokens']['mean']}/{stats['tokens']['p95']}/{stats['tokens']['max']}, "
-          f"{truncated} truncated, {dropped} dropped")
+    print(
+        f"wrote {out}: {len(examples):,} examples from {len(records):,} records ({report.schema}, labels on "
+        f"{cfg.data.train_on.replace('_', ' ')} turns), tokens min/mean/p95/max "
+        f"{stats['tokens']['min']}/{stats['tokens']['mean']}/{stats['tokens']['p95']}/{stats['tokens']['max']}, "
+        f"{truncated} truncated, {dropped} dropped"
+    )
     return out

@@ -71,18 +71,26 @@ def list_repo(model_id: str, revision: str) -> RepoListing:
     from modelscope.hub.errors import NotExistError
 
     if model_id.count("/") != 1:
-        raise UserError(f"model id '{model_id}' is not of the form owner/name", where="model.model_id",
-                        fix="use the ModelScope id, e.g. Tencent-Hunyuan/Hunyuan-A13B-Instruct")
+        raise UserError(
+            f"model id '{model_id}' is not of the form owner/name",
+            where="model.model_id",
+            fix="use the ModelScope id, e.g. Tencent-Hunyuan/Hunyuan-A13B-Instruct",
+        )
     api = HubApi()
     try:
         endpoint = api.get_endpoint_for_read(repo_id=model_id, repo_type="model")
     except requests.HTTPError as e:
-        raise UserError(f"ModelScope has no model '{model_id}' ({e})", where="model.model_id",
-                        fix="check the id on modelscope.cn (it is case sensitive)") from e
+        raise UserError(
+            f"ModelScope has no model '{model_id}' ({e})",
+            where="model.model_id",
+            fix="check the id on modelscope.cn (it is case sensitive)",
+        ) from e
     except requests.RequestException as e:
-        raise UserError(f"cannot reach ModelScope to look up {model_id}: {e}", where="network",
-                        fix="check the network / proxy (or MODELSCOPE_DOMAIN if you use a mirror) and run again"
-                        ) from e
+        raise UserError(
+            f"cannot reach ModelScope to look up {model_id}: {e}",
+            where="network",
+            fix="check the network / proxy (or MODELSCOPE_DOMAIN if you use a mirror) and run again",
+        ) from e
     try:
         branches, tags = api.get_model_branches_and_tags_details(model_id, endpoint=endpoint)
         branch_names = [b["Revision"] for b in branches or []]
@@ -96,23 +104,31 @@ def list_repo(model_id: str, revision: str) -> RepoListing:
             f"tags: {', '.join(tag_names) or 'none'})",
             where="model.revision",
             fix="set model.revision to one of the branches or tags listed (modelscope 1.25.0 accepts a branch "
-                "or tag name, not a commit id)",
+            "or tag name, not a commit id)",
         ) from e
     except requests.RequestException as e:
-        raise UserError(f"cannot list the revisions of {model_id} at {endpoint}: {e}", where="network",
-                        fix="check the network and run again") from e
+        raise UserError(
+            f"cannot list the revisions of {model_id} at {endpoint}: {e}",
+            where="network",
+            fix="check the network and run again",
+        ) from e
     try:
         raw = api.get_model_files(model_id, revision=detail["Revision"], recursive=True, endpoint=endpoint)
         files = {f["Path"]: f for f in raw if f["Type"] != "tree"}
         if not all(isinstance(f.get("Size"), int) for f in files.values()):
             raise KeyError("Size")
     except requests.RequestException as e:
-        raise UserError(f"cannot list the files of {model_id}@{detail['Revision']} at {endpoint}: {e}",
-                        where="network", fix="check the network and run again") from e
+        raise UserError(
+            f"cannot list the files of {model_id}@{detail['Revision']} at {endpoint}: {e}",
+            where="network",
+            fix="check the network and run again",
+        ) from e
     except (KeyError, TypeError) as e:
         # The API answered in a shape this code does not know: fall back to model.download_size_gb.
-        print(f"warning: the file list of {model_id} has an unexpected shape ({e!r}); "
-              "checking disk space against model.download_size_gb instead")
+        print(
+            f"warning: the file list of {model_id} has an unexpected shape ({e!r}); "
+            "checking disk space against model.download_size_gb instead"
+        )
         files = None
     return RepoListing(endpoint, detail, branch_names, tag_names, files)
 
@@ -145,8 +161,11 @@ def check_disk(cfg: Config, listing: RepoListing | None) -> int:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the download folder {cache_dir}: {e}", where="model.cache_dir",
-                        fix="set model.cache_dir to a writable folder") from e
+        raise UserError(
+            f"cannot create the download folder {cache_dir}: {e}",
+            where="model.cache_dir",
+            fix="set model.cache_dir to a writable folder",
+        ) from e
     folder, temp = _model_folder(cache_dir, cfg.model.model_id), _temp_folder(cache_dir, cfg.model.model_id)
     if listing is not None and listing.files is not None:
         need = bytes_missing(folder, temp, listing.files)
@@ -161,8 +180,8 @@ def check_disk(cfg: Config, listing: RepoListing | None) -> int:
             f"{human_bytes(need)} needed ({basis})",
             where="model.cache_dir",
             fix="free some space, or download to a bigger disk: --set model.cache_dir=<dir> --model-dir "
-                f"<dir>/{cfg.model.model_id} (on AutoDL the data disk: model.cache_dir=/root/autodl-tmp, "
-                f"MODEL_DIR=/root/autodl-tmp/{cfg.model.model_id})",
+            f"<dir>/{cfg.model.model_id} (on AutoDL the data disk: model.cache_dir=/root/autodl-tmp, "
+            f"MODEL_DIR=/root/autodl-tmp/{cfg.model.model_id})",
         )
     return need
 
@@ -178,8 +197,11 @@ def check_remote_code_format(cfg: Config, listing: RepoListing) -> None:
     if listing.files is not None and "config.json" not in listing.files:
         return  # verify() names it as missing
     try:
-        path = Path(model_file_download(cfg.model.model_id, "config.json", revision=cfg.model.revision,
-                                        cache_dir=str(cfg.model.cache_dir)))
+        path = Path(
+            model_file_download(
+                cfg.model.model_id, "config.json", revision=cfg.model.revision, cache_dir=str(cfg.model.cache_dir)
+            )
+        )
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # requests' errors are OSErrors; a broken JSON a ValueError
         print(f"warning: could not check config.json before the download ({e}); checking it afterwards")
@@ -198,9 +220,11 @@ def write_provenance(folder: Path, cfg: Config, listing: RepoListing) -> Path:
 
     files = listing.files
     if files is None:  # no usable listing: record what is on disk
-        files = {p.relative_to(folder).as_posix(): {"Size": p.stat().st_size}
-                 for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")
-                 and p.name != PROVENANCE_FILE}
+        files = {
+            p.relative_to(folder).as_posix(): {"Size": p.stat().st_size}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.name != PROVENANCE_FILE
+        }
     # modelscope 1.25.0 resolves a revision to a branch/tag *name* (no commit id); the listing gives
     # each file's last commit, and the newest of those is the commit the downloaded tree matches.
     newest = max(files.values(), key=lambda f: f.get("CommittedDate") or 0, default={})
@@ -216,8 +240,10 @@ def write_provenance(folder: Path, cfg: Config, listing: RepoListing) -> Path:
         "folder": str(folder.resolve()),
         "total_bytes": sum(f["Size"] for f in files.values()),
         # sha256 as listed by the server; modelscope checked each file it fetched against it.
-        "files": [{"path": p, "size": f["Size"], "sha256": f.get("Sha256"), "commit": f.get("Revision")}
-                  for p, f in sorted(files.items())],
+        "files": [
+            {"path": p, "size": f["Size"], "sha256": f.get("Sha256"), "commit": f.get("Revision")}
+            for p, f in sorted(files.items())
+        ],
     }
     out = write_json(folder / PROVENANCE_FILE, record)
     return out
@@ -228,8 +254,11 @@ def write_provenance(folder: Path, cfg: Config, listing: RepoListing) -> Path:
 
 
 def _incomplete(folder: Path, files: dict[str, dict] | None) -> list[str]:
-    return [p for p, m in sorted((files or {}).items())
-            if not (folder / p).is_file() or (folder / p).stat().st_size != m["Size"]]
+    return [
+        p
+        for p, m in sorted((files or {}).items())
+        if not (folder / p).is_file() or (folder / p).stat().st_size != m["Size"]
+    ]
 
 
 def _leave_on_ctrl_c(signum, frame) -> None:
@@ -252,8 +281,10 @@ def run(cfg: Config) -> Path:
     # -- 1, 2: what is there to fetch, and does it fit
     listing = list_repo(m.model_id, m.revision)
     need = check_disk(cfg, listing)
-    print(f"downloading {m.model_id}@{listing.revision['Revision']} from {listing.endpoint} into {expected} "
-          f"({human_bytes(need)} to fetch)")
+    print(
+        f"downloading {m.model_id}@{listing.revision['Revision']} from {listing.endpoint} into {expected} "
+        f"({human_bytes(need)} to fetch)"
+    )
 
     # -- 3: a native-only copy (no auto_map) cannot load on the pinned stack: stop before the weights
     check_remote_code_format(cfg, listing)
@@ -266,16 +297,19 @@ def run(cfg: Config) -> Path:
         # OSError covers requests' exceptions and a full disk.
         temp = _temp_folder(cache_dir, m.model_id)
         corrupt = [os.path.relpath(p, temp) for p in re.findall(r"File (.+?) integrity check failed", str(e))]
-        detail = (f"the content of {', '.join(corrupt)} does not match the sha256 the server lists" if corrupt
-                  else f"{type(e).__name__}: {e}")
+        detail = (
+            f"the content of {', '.join(corrupt)} does not match the sha256 the server lists"
+            if corrupt
+            else f"{type(e).__name__}: {e}"
+        )
         missing = _incomplete(expected, listing.files)
         raise UserError(
             f"downloading {m.model_id}@{listing.revision['Revision']} failed: {detail}"
             + (f"; not complete: {', '.join(missing)}" if missing else ""),
             where=str(expected),
             fix="run `make download` again: modelscope keeps the finished files and resumes the rest; if the "
-                "same file fails again the server's copy does not match its listing (try later or pin another "
-                "model.revision); a full disk needs another model.cache_dir",
+            "same file fails again the server's copy does not match its listing (try later or pin another "
+            "model.revision); a full disk needs another model.cache_dir",
         ) from e
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -286,6 +320,8 @@ def run(cfg: Config) -> Path:
     print(f"verified {len(listing.files or {})} files; provenance in {out}")
 
     if folder.resolve() != Path(m.dir).resolve():
-        print(f"NOTE: the model is in {folder}, but model.dir is {m.dir}: pass MODEL_DIR={folder} to the "
-              f"later stages (or set model.dir: {folder} in the config)")
+        print(
+            f"NOTE: the model is in {folder}, but model.dir is {m.dir}: pass MODEL_DIR={folder} to the "
+            f"later stages (or set model.dir: {folder} in the config)"
+        )
     return folder

@@ -41,13 +41,18 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(textwrap.fill("error: " + e.paragraph(), width=100, break_on_hyphens=False, break_long_words=False),
-                  file=sys.stderr)
+            print(
+                textwrap.fill("error: " + e.paragraph(), width=100, break_on_hyphens=False, break_long_words=False),
+                file=sys.stderr,
+            )
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             # stages publish only what is complete (atomic.py): what was cut short is simply not there
-            print("\ninterrupted (Ctrl-C): nothing unfinished was published; run the same command again "
-                  "(`make train` continues from its newest complete checkpoint)", file=sys.stderr)
+            print(
+                "\ninterrupted (Ctrl-C): nothing unfinished was published; run the same command again "
+                "(`make train` continues from its newest complete checkpoint)",
+                file=sys.stderr,
+            )
             sys.exit(128 + signal.SIGINT)
 
     return wrapper

@@ -90,12 +90,15 @@ class MemoryEstimate:
         return self.weights + self.lora_and_optimizer + self.activations + self.logits + self.overhead + self.gathered
 
     def describe(self) -> str:
-        return (f"~{human_bytes(self.total)} (weights {human_bytes(self.weights)}"
-                f" + LoRA/grads/Adam {human_bytes(self.lora_and_optimizer)}"
-                f" + activations {human_bytes(self.activations)} + logits {human_bytes(self.logits)}"
-                + (f" + ZeRO-3 gathered MoE blocks {human_bytes(self.gathered)}" if self.gathered else "")
-                + (f" + CUDA overhead {human_bytes(self.overhead)}" if self.overhead else "") + ")"
-                + (f" per GPU, ZeRO-3 over {self.per_gpu_of} processes" if self.per_gpu_of else ""))
+        return (
+            f"~{human_bytes(self.total)} (weights {human_bytes(self.weights)}"
+            f" + LoRA/grads/Adam {human_bytes(self.lora_and_optimizer)}"
+            f" + activations {human_bytes(self.activations)} + logits {human_bytes(self.logits)}"
+            + (f" + ZeRO-3 gathered MoE blocks {human_bytes(self.gathered)}" if self.gathered else "")
+            + (f" + CUDA overhead {human_bytes(self.overhead)}" if self.overhead else "")
+            + ")"
+            + (f" per GPU, ZeRO-3 over {self.per_gpu_of} processes" if self.per_gpu_of else "")
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +134,11 @@ def count_parameters(model_config: dict, targets: list[str], r: int) -> ParamCou
     try:
         total, linears, others = _meta_linears(json.dumps(model_config, sort_keys=True))
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-        raise UserError(f"the model cannot be built from config.json ({type(e).__name__}: {e})",
-                        where="config.json", fix="restore the model folder's original config.json") from e
+        raise UserError(
+            f"the model cannot be built from config.json ({type(e).__name__}: {e})",
+            where="config.json",
+            fix="restore the model folder's original config.json",
+        ) from e
     lora, per_target, not_linear = 0, {}, []
     for target in targets:
         hits = [(n, i, o) for n, i, o in linears if _matches(n, target)]
@@ -148,10 +154,11 @@ def count_parameters(model_config: dict, targets: list[str], r: int) -> ParamCou
             kind = "matches modules that are not nn.Linear" if t in not_linear else "matches no module"
             close = difflib.get_close_matches(t.rsplit(".", 1)[-1], suffixes, n=1)
             hints.append(f"'{t}' {kind}" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise UserError("LoRA target(s) " + "; ".join(hints) + f"; the model's Linear layers are named "
-                        f"{', '.join(suffixes)}", where="lora.target_modules",
-                        fix="correct lora.target_modules (or pick lora.preset: tutorial / attention / "
-                            "attention_shared)")
+        raise UserError(
+            "LoRA target(s) " + "; ".join(hints) + f"; the model's Linear layers are named {', '.join(suffixes)}",
+            where="lora.target_modules",
+            fix="correct lora.target_modules (or pick lora.preset: tutorial / attention / attention_shared)",
+        )
     quantizable = sum(i * o for n, i, o in linears if not skipped_by_quantization(n))
     moe_block = sum(i * o for n, i, o in linears if ".layers.0.mlp." in n)
     return ParamCount(total=total, lora=lora, per_target=per_target, quantizable=quantizable, moe_block=moe_block)
@@ -185,9 +192,18 @@ def disk_needed(cfg: Config, per_checkpoint: int, adapter_bytes: int, steps: int
     return n * per_checkpoint + adapter_bytes, n
 
 
-def estimate_memory(model_config: dict, params: ParamCount, dtype_bytes: int, tokens: int,
-                    gradient_checkpointing: bool, gpus: int, *, zero3_processes: int = 0,
-                    offload_param: bool = False, nf4: bool = False) -> MemoryEstimate:
+def estimate_memory(
+    model_config: dict,
+    params: ParamCount,
+    dtype_bytes: int,
+    tokens: int,
+    gradient_checkpointing: bool,
+    gpus: int,
+    *,
+    zero3_processes: int = 0,
+    offload_param: bool = False,
+    nf4: bool = False,
+) -> MemoryEstimate:
     """The whole run's memory; with zero3_processes, what ONE of those processes' GPU holds."""
     hidden, layers = model_config["hidden_size"], model_config["num_hidden_layers"]
     per_layer = hidden * tokens * dtype_bytes  # the layer input kept for recomputation

@@ -40,28 +40,39 @@ def eval_records(cfg: Config) -> tuple[Path, list[Record]]:
         path = Path(cfg.eval.input)
         if not path.is_file():
             what = "does not exist" if not path.exists() else "is not a file"
-            raise UserError(f"the evaluation file {path} {what}", where="EVAL (eval.input)",
-                            fix="give a file in any dataset format (make eval EVAL=my_test.jsonl), or no EVAL to "
-                                "score the records `make dataset` held out (data.eval_ratio)")
+            raise UserError(
+                f"the evaluation file {path} {what}",
+                where="EVAL (eval.input)",
+                fix="give a file in any dataset format (make eval EVAL=my_test.jsonl), or no EVAL to "
+                "score the records `make dataset` held out (data.eval_ratio)",
+            )
     else:
         path = cfg.output_dir / "data" / "eval.jsonl"
         if not (path.parent / "stats.json").is_file():
-            raise UserError(f"no tokenized dataset in {path.parent}, so no held-out records to score",
-                            where="run.output_dir",
-                            fix="run `make dataset` first, with records held out for make eval (e.g. "
-                                "SET=data.eval_ratio=0.1, then `make train`), or give a file: make eval "
-                                "EVAL=my_test.jsonl")
-        no_split = UserError(f"no held-out records in {path}", where="data.eval_ratio",
-                             fix="set data.eval_ratio (e.g. SET=data.eval_ratio=0.1) and run `make dataset` again, "
-                                 "or give a file: make eval EVAL=my_test.jsonl")
+            raise UserError(
+                f"no tokenized dataset in {path.parent}, so no held-out records to score",
+                where="run.output_dir",
+                fix="run `make dataset` first, with records held out for make eval (e.g. "
+                "SET=data.eval_ratio=0.1, then `make train`), or give a file: make eval "
+                "EVAL=my_test.jsonl",
+            )
+        no_split = UserError(
+            f"no held-out records in {path}",
+            where="data.eval_ratio",
+            fix="set data.eval_ratio (e.g. SET=data.eval_ratio=0.1) and run `make dataset` again, "
+            "or give a file: make eval EVAL=my_test.jsonl",
+        )
         if not path.is_file() or not path.read_bytes().strip():
             raise no_split
         stats = json.loads((path.parent / "stats.json").read_text(encoding="utf-8"))
         if problems := dataset_mismatch(cfg, stats):
-            raise UserError("the held-out split is stale: " + "; ".join(problems), where=str(path.parent),
-                            fix="rerun `make dataset` with this CONFIG (then retrain before judging the adapter)")
+            raise UserError(
+                "the held-out split is stale: " + "; ".join(problems),
+                where=str(path.parent),
+                fix="rerun `make dataset` with this CONFIG (then retrain before judging the adapter)",
+            )
     records, _ = read_records(path, drop_duplicates=False)
-    return path, records[:cfg.eval.limit] if cfg.eval.limit else records
+    return path, records[: cfg.eval.limit] if cfg.eval.limit else records
 
 
 def scores(prediction: str, reference: str) -> dict[str, float]:
@@ -87,16 +98,22 @@ def mean_scores(rows: list[dict], side: str) -> dict[str, float]:
 
 def report_markdown(summary: dict, rows: list[dict], shown: int) -> str:
     sides = list(summary["metrics"])
-    lines = [f"# eval: {summary['records']} records from {summary['source']}", "",
-             f"model {summary['model']}, adapter {summary['adapter']}, greedy, max_new_tokens "
-             f"{summary['max_new_tokens']}", "",
-             "| metric | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
+    lines = [
+        f"# eval: {summary['records']} records from {summary['source']}",
+        "",
+        f"model {summary['model']}, adapter {summary['adapter']}, greedy, max_new_tokens {summary['max_new_tokens']}",
+        "",
+        "| metric | " + " | ".join(sides) + " |",
+        "|---|" + "---|" * len(sides),
+    ]
     lines += [f"| {k} | " + " | ".join(f"{summary['metrics'][s][k]:.2f}" for s in sides) + " |" for k in METRICS]
     lines += ["", f"## the first {min(shown, len(rows))} answers", ""]
     cell = lambda text: (text or "").replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
     lines += ["| prompt | reference | " + " | ".join(sides) + " |", "|---|---|" + "---|" * len(sides)]
-    lines += [f"| {cell(r['prompt'])} | {cell(r['reference'])} | " + " | ".join(cell(r[s]) for s in sides) + " |"
-              for r in rows[:shown]]
+    lines += [
+        f"| {cell(r['prompt'])} | {cell(r['reference'])} | " + " | ".join(cell(r[s]) for s in sides) + " |"
+        for r in rows[:shown]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -109,22 +126,40 @@ def _log_to_swanlab(cfg: Config, summary: dict, rows: list[dict], table: str) ->
     # swanlab.init writes SWANLAB_MODE / SWANLAB_LOG_DIR / hosts into os.environ and never removes
     # them: every process this one starts later (a training run, `swanlab watch`) would log there.
     environ = dict(os.environ)
-    swanlab.init(project=cfg.swanlab.project, experiment_name=f"{cfg.swanlab.experiment or cfg.run.name}-eval",
-                       logdir=str(cfg.output_dir / "swanlog"), mode=mode,
-                       config={k: v for k, v in summary.items() if k != "metrics"})
+    swanlab.init(
+        project=cfg.swanlab.project,
+        experiment_name=f"{cfg.swanlab.experiment or cfg.run.name}-eval",
+        logdir=str(cfg.output_dir / "swanlog"),
+        mode=mode,
+        config={k: v for k, v in summary.items() if k != "metrics"},
+    )
     try:
         swanlab.log({f"eval/{side}/{k}": v for side, m in summary["metrics"].items() for k, v in m.items()})
-        swanlab.log({"eval/report": swanlab.Text(table, caption="metrics and answers (report.md)"),
-                     "eval/answers": [swanlab.Text(r[side] or "", caption=f"{side}: {r['prompt'][:60]}")
-                                      for r in rows[:cfg.eval.report_samples] for side in summary["metrics"]]})
+        swanlab.log(
+            {
+                "eval/report": swanlab.Text(table, caption="metrics and answers (report.md)"),
+                "eval/answers": [
+                    swanlab.Text(r[side] or "", caption=f"{side}: {r['prompt'][:60]}")
+                    for r in rows[: cfg.eval.report_samples]
+                    for side in summary["metrics"]
+                ],
+            }
+        )
     finally:
         swanlab.finish()
         os.environ.clear()
         os.environ.update(environ)
 
 
-def _answer(model, tokenizer, side: str, completions: dict, rows: dict[int, dict], records: list[Record],
-            asked: list[list[dict]]) -> None:
+def _answer(
+    model,
+    tokenizer,
+    side: str,
+    completions: dict,
+    rows: dict[int, dict],
+    records: list[Record],
+    asked: list[list[dict]],
+) -> None:
     """One batch's answers from one side into rows[record index]: the base side is the same model
     with its adapter switched off."""
     off = model.disable_adapter() if side == "base" else contextlib.nullcontext()
@@ -132,8 +167,9 @@ def _answer(model, tokenizer, side: str, completions: dict, rows: dict[int, dict
         for c in generate_batches(model, tokenizer, list(completions), len(completions)):
             i = completions[c]
             reference = extract_answer(records[i].answer)
-            row = rows.setdefault(i, {"where": records[i].where, "prompt": asked[i][-1]["content"],
-                                      "reference": reference})
+            row = rows.setdefault(
+                i, {"where": records[i].where, "prompt": asked[i][-1]["content"], "reference": reference}
+            )
             row[side], row[f"{side}_raw"] = extract_answer(c.text), c.text
             row[f"{side}_scores"] = scores(row[side], reference)
 
@@ -150,8 +186,12 @@ def keep_earlier(out: Path) -> Path | None:
 
 def add_arguments(parser) -> None:
     # make eval EVAL=... arrives as HL_EVAL, exactly as typed
-    parser.add_argument("--eval", dest="eval_file", default=os.environ.get("HL_EVAL") or None,
-                        help="evaluate on this file (any dataset format) instead of the held-out split")
+    parser.add_argument(
+        "--eval",
+        dest="eval_file",
+        default=os.environ.get("HL_EVAL") or None,
+        help="evaluate on this file (any dataset format) instead of the held-out split",
+    )
 
 
 def run(cfg: Config, eval_file: str | None = None) -> Path:
@@ -171,23 +211,31 @@ def run(cfg: Config, eval_file: str | None = None) -> Path:
     order = sorted(range(len(records)), key=lambda i: len(ids[i]), reverse=True)  # a batch pads little
     rows: dict[int, dict] = {}
     with staging_dir(out) as tmp:
-        with open(tmp / "answers.jsonl", "w", encoding="utf-8") as f, \
-                tqdm(total=len(records), desc="eval", unit="record") as progress:
+        with (
+            open(tmp / "answers.jsonl", "w", encoding="utf-8") as f,
+            tqdm(total=len(records), desc="eval", unit="record") as progress,
+        ):
             for start in range(0, len(order), cfg.eval.batch_size):
-                batch = order[start:start + cfg.eval.batch_size]
+                batch = order[start : start + cfg.eval.batch_size]
                 for side in sides:
-                    _answer(model, tokenizer, side, {Completion(ids[i], sampling): i for i in batch}, rows, records,
-                            asked)
+                    _answer(
+                        model, tokenizer, side, {Completion(ids[i], sampling): i for i in batch}, rows, records, asked
+                    )
                 for i in batch:  # written as each batch finishes; in the input's order below
                     f.write(json.dumps(rows[i], ensure_ascii=False) + "\n")
                 f.flush()
                 progress.update(len(batch))
         rows = [rows[i] for i in range(len(records))]
         write_text(tmp / "answers.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        summary = {"source": str(source), "records": len(rows), "model": cfg.model.dir,
-                   "adapter": str(adapter) if adapter else "merged into the model folder",
-                   "max_new_tokens": cfg.eval.max_new_tokens, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "metrics": {side: mean_scores(rows, side) for side in sides}}
+        summary = {
+            "source": str(source),
+            "records": len(rows),
+            "model": cfg.model.dir,
+            "adapter": str(adapter) if adapter else "merged into the model folder",
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "metrics": {side: mean_scores(rows, side) for side in sides},
+        }
         table = report_markdown(summary, rows, cfg.eval.report_samples)
         write_json(tmp / "eval.json", summary)
         write_text(tmp / "report.md", table)

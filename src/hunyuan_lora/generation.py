@@ -25,6 +25,7 @@ submitted meanwhile forms the next batch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -65,8 +66,11 @@ def warn_if_too_long(model, prompt_tokens: int, max_new_tokens: int) -> None:
     """The model was not trained beyond max_position_embeddings: say so rather than answer quietly worse."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and prompt_tokens + max_new_tokens > limit:
-        print(f"WARNING: the prompt is {prompt_tokens:,} tokens and up to {max_new_tokens:,} more may be generated, "
-              f"over the model's context of {limit:,} (max_position_embeddings): the answer may degrade", flush=True)
+        print(
+            f"WARNING: the prompt is {prompt_tokens:,} tokens and up to {max_new_tokens:,} more may be generated, "
+            f"over the model's context of {limit:,} (max_position_embeddings): the answer may degrade",
+            flush=True,
+        )
 
 
 class Completion:
@@ -137,7 +141,7 @@ class Completion:
     def _add(self, token: int, eos: set[int]) -> None:
         self.tokens.append(token)
         ended = token in eos or len(self.tokens) >= self.sampling.max_new_tokens
-        tail = self._tokenizer.decode(self.tokens[self._decoded:], skip_special_tokens=True)
+        tail = self._tokenizer.decode(self.tokens[self._decoded :], skip_special_tokens=True)
         if ended or not tail.endswith("\ufffd"):  # U+FFFD: the rest of a character is still to come
             self.text += tail
             self._decoded = len(self.tokens)
@@ -150,7 +154,7 @@ class Completion:
         elif ended:
             self._finish("length")
         elif len(self.text) - self._hold > self._sent:
-            self._pieces.put(self.text[self._sent:len(self.text) - self._hold])
+            self._pieces.put(self.text[self._sent : len(self.text) - self._hold])
             self._sent = len(self.text) - self._hold
             self._notify()
 
@@ -158,11 +162,11 @@ class Completion:
         if self.finished:
             return
         if reason != "stop" and self._tokenizer is not None and self._decoded < len(self.tokens):
-            self.text += self._tokenizer.decode(self.tokens[self._decoded:], skip_special_tokens=True)
+            self.text += self._tokenizer.decode(self.tokens[self._decoded :], skip_special_tokens=True)
             self._decoded = len(self.tokens)
         self.finish_reason, self.error = reason, error
         if len(self.text) > self._sent:
-            self._pieces.put(self.text[self._sent:])
+            self._pieces.put(self.text[self._sent :])
             self._sent = len(self.text)
         self._pieces.put(None)
         self._finished.set()
@@ -193,20 +197,28 @@ def generate(model, tokenizer, completions: list[Completion], **generate_kwargs)
     input_ids = torch.full((len(live), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, c in enumerate(live):  # left padding: every row's next token lands in the same column
-        input_ids[row, width - c.prompt_tokens:] = torch.tensor(c.ids)
-        attention_mask[row, width - c.prompt_tokens:] = 1
+        input_ids[row, width - c.prompt_tokens :] = torch.tensor(c.ids)
+        attention_mask[row, width - c.prompt_tokens :] = 1
         warn_if_too_long(model, c.prompt_tokens, c.sampling.max_new_tokens)
     try:
         with torch.no_grad():
-            model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                           pad_token_id=tokenizer.pad_token_id,
-                           max_new_tokens=max(c.sampling.max_new_tokens for c in live),
-                           # _RowLogits applies the penalty and each sampled row's draw: generate itself
-                           # only picks the highest score
-                           do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
-                           logits_processor=LogitsProcessorList([_RowLogits(live, width, model.generation_config)]),
-                           stopping_criteria=StoppingCriteriaList([_RowsEnded(live)]),
-                           streamer=_RowStreamer(live, set(_eos_ids(model, tokenizer))), **generate_kwargs)
+            model.generate(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
+                pad_token_id=tokenizer.pad_token_id,
+                max_new_tokens=max(c.sampling.max_new_tokens for c in live),
+                # _RowLogits applies the penalty and each sampled row's draw: generate itself
+                # only picks the highest score
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                repetition_penalty=1.0,
+                logits_processor=LogitsProcessorList([_RowLogits(live, width, model.generation_config)]),
+                stopping_criteria=StoppingCriteriaList([_RowsEnded(live)]),
+                streamer=_RowStreamer(live, set(_eos_ids(model, tokenizer))),
+                **generate_kwargs,
+            )
     except BaseException as e:
         for c in live:
             c._finish("error", e)
@@ -219,18 +231,17 @@ def generate_in_thread(model, tokenizer, completions: list[Completion], **genera
     """generate() in a daemon thread; read the completions here, join the thread before the next."""
 
     def work():
-        try:
+        with contextlib.suppress(BaseException):
             generate(model, tokenizer, completions, **generate_kwargs)
-        except BaseException:  # noqa: S110  every completion carries the error; its reader raises it
-            pass
 
     thread = threading.Thread(target=work, daemon=True, name="generate")
     thread.start()
     return thread
 
 
-def generate_batches(model, tokenizer, completions: list[Completion], batch_size: int,
-                     **generate_kwargs) -> Iterator[Completion]:
+def generate_batches(
+    model, tokenizer, completions: list[Completion], batch_size: int, **generate_kwargs
+) -> Iterator[Completion]:
     """The completions generated batch_size at a time, longest prompts first (a batch pads little, and
     the first shows the peak memory), in a thread; each is yielded as it finishes. An error is raised
     here; leaving early (Ctrl-C, an exception, break) cancels what is left."""
@@ -242,7 +253,7 @@ def generate_batches(model, tokenizer, completions: list[Completion], batch_size
     def work():
         try:
             for start in range(0, len(order), batch_size):
-                generate(model, tokenizer, order[start:start + batch_size], **generate_kwargs)
+                generate(model, tokenizer, order[start : start + batch_size], **generate_kwargs)
         except BaseException as e:
             for c in order:  # the batches that never ran
                 c._finish("error", e)
@@ -391,11 +402,13 @@ class _RowLogits(LogitsProcessor):
         if not self.sampled:
             return scores
         if not self.generators:
-            self.generators = [None if seed is None else torch.Generator(device).manual_seed(seed)
-                               for seed in self.seeds]
+            self.generators = [
+                None if seed is None else torch.Generator(device).manual_seed(seed) for seed in self.seeds
+            ]
         rows = torch.tensor(self.sampled, device=device)
-        warped = _top_k_top_p(scores[rows] / self.temperature.to(device)[:, None], self.top_k.to(device),
-                              self.top_p.to(device))  # (R, V)
+        warped = _top_k_top_p(
+            scores[rows] / self.temperature.to(device)[:, None], self.top_k.to(device), self.top_p.to(device)
+        )  # (R, V)
         probs = warped.softmax(dim=-1)
         chosen = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(self.generators)])
         scores[rows] = torch.full_like(warped, float("-inf")).scatter_(1, chosen[:, None], 0.0)

@@ -38,8 +38,10 @@ def read_prompts(cfg: Config) -> list[Record]:
     """infer.input_jsonl's records (any dataset format; a record's own answer is kept as the reference),
     else infer.prompts. An empty input file gives no prompts, with a warning."""
     if not cfg.infer.input_jsonl:
-        return [Record(system=None, turns=(Turn("user", p),), where=f"infer.prompts[{i}]")
-                for i, p in enumerate(cfg.infer.prompts)]
+        return [
+            Record(system=None, turns=(Turn("user", p),), where=f"infer.prompts[{i}]")
+            for i, p in enumerate(cfg.infer.prompts)
+        ]
     path = Path(cfg.infer.input_jsonl)
     if path.is_file() and not path.read_bytes().strip():
         print(f"WARNING: {path} is empty: no prompts to answer")
@@ -59,8 +61,11 @@ def output_path(cfg: Config) -> Path:
         if out.exists() and not os.access(out, os.W_OK):
             raise PermissionError(13, "Permission denied", str(out))
     except OSError as e:
-        raise UserError(f"cannot write the answers to {out} ({e.strerror or e})", where="infer.output_jsonl",
-                        fix="choose a writable path with SET=infer.output_jsonl=<file>, or fix the permissions") from e
+        raise UserError(
+            f"cannot write the answers to {out} ({e.strerror or e})",
+            where="infer.output_jsonl",
+            fix="choose a writable path with SET=infer.output_jsonl=<file>, or fix the permissions",
+        ) from e
     return out
 
 
@@ -70,8 +75,15 @@ def _run_key(cfg: Config, messages: list[dict]) -> str:
     if not is_merged(cfg.model.dir):
         weights = adapter_dir(cfg).resolve() / "adapter_model.safetensors"
     stat = weights.stat()
-    key = [messages, cfg.infer.thinking, cfg.infer.max_new_tokens, cfg.infer.do_sample, str(weights),
-           stat.st_size, stat.st_mtime_ns]
+    key = [
+        messages,
+        cfg.infer.thinking,
+        cfg.infer.max_new_tokens,
+        cfg.infer.do_sample,
+        str(weights),
+        stat.st_size,
+        stat.st_mtime_ns,
+    ]
     return hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -96,7 +108,7 @@ def _earlier_answers(out: Path, keys: list[str]) -> list[int]:
             break
     if ours and 0 < len(done) < len(keys):
         with open(out, "r+b") as f:
-            f.truncate(sum(len(line) for line in lines[:len(done)]))
+            f.truncate(sum(len(line) for line in lines[: len(done)]))
         print(f"resuming: {len(done)} of {len(keys)} answers already in {out}")
         return done
     aside = aside_path(out, time.strftime("%Y%m%d-%H%M%S", time.localtime(out.stat().st_mtime)))
@@ -115,8 +127,11 @@ def _put_in_order(out: Path, keys: list[str]) -> None:
 
 def add_arguments(parser) -> None:
     # make infer PROMPT=... arrives as HL_PROMPT, exactly as typed
-    parser.add_argument("--prompt", default=os.environ.get("HL_PROMPT") or None,
-                        help="answer this one prompt instead of infer.prompts / infer.input_jsonl")
+    parser.add_argument(
+        "--prompt",
+        default=os.environ.get("HL_PROMPT") or None,
+        help="answer this one prompt instead of infer.prompts / infer.input_jsonl",
+    )
 
 
 def run(cfg: Config, prompt: str | None = None) -> Path:
@@ -132,14 +147,23 @@ def run(cfg: Config, prompt: str | None = None) -> Path:
     loaded, tokenizer = load_for_generation(cfg)
     model = loaded.model
     sampling = infer_sampling(cfg)
-    todo = {Completion(prompt_ids(tokenizer, asked[i], cfg.infer.thinking), sampling): i
-            for i in range(len(records)) if i not in done}
+    todo = {
+        Completion(prompt_ids(tokenizer, asked[i], cfg.infer.thinking), sampling): i
+        for i in range(len(records))
+        if i not in done
+    }
     with open(out, "a", encoding="utf-8") as f:
         for completion in generate_batches(model, tokenizer, list(todo), cfg.infer.batch_size):
             i = todo[completion]
             text = completion.text
-            row = {"instruction": asked[i][-1]["content"], "answer": extract_answer(text), "raw": text,
-                   "reference": records[i].answer, "where": records[i].where, "key": keys[i]}
+            row = {
+                "instruction": asked[i][-1]["content"],
+                "answer": extract_answer(text),
+                "raw": text,
+                "reference": records[i].answer,
+                "where": records[i].where,
+                "key": keys[i],
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())  # an answer written is an answer kept, whatever happens next

@@ -31,7 +31,7 @@ def holder(lock: Path) -> str:
     """Who holds the lock, as recorded in it: `make train` (pid 1234 on host, since ...)."""
     try:
         info = json.loads(lock.read_text(encoding="utf-8"))
-        return (f"`make {info['stage']}` (pid {info['pid']} on {info['host']}, since {info['since']})")
+        return f"`make {info['stage']}` (pid {info['pid']} on {info['host']}, since {info['since']})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another run (it has not recorded its pid yet)"
 
@@ -49,15 +49,26 @@ def hold(folder: Path, stage: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{folder} is in use by {holder(lock)}: two runs writing one output folder would undo "
-                            "each other's work", where="run.output_dir",
-                            fix="wait until it ends, or stop it; or give this run another output folder "
-                                "(OUTPUT_DIR=...)") from None
+            raise UserError(
+                f"{folder} is in use by {holder(lock)}: two runs writing one output folder would undo "
+                "each other's work",
+                where="run.output_dir",
+                fix="wait until it ends, or stop it; or give this run another output folder (OUTPUT_DIR=...)",
+            ) from None
         except OSError as e:  # a file system without locks (some FUSE mounts)
             print(f"WARNING: cannot lock {lock} ({e.strerror}): nothing stops a second run in {folder}")
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"stage": stage, "pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {
+                    "stage": stage,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            ).encode(),
+        )
         yield
     finally:
         if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:  # a refusal leaves no trace

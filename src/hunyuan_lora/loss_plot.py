@@ -39,8 +39,14 @@ def plot_loss(log_history: str | Path | list[dict], png_path: str | Path) -> Pat
     if train or evals:
         ax.legend()
     else:
-        ax.text(0.5, 0.5, "no loss logged yet (fewer steps than train.logging_steps)",
-                ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no loss logged yet (fewer steps than train.logging_steps)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 2.5
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -74,13 +74,17 @@ def read_adapter(adapter: Path) -> dict[str, Delta]:
 
     settings = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     elsewhere = "merge this adapter with PEFT's merge_and_unload on a machine that holds the bf16 model"
-    unsupported = [f"{key}: {settings.get(key)!r}" for key, ok in
-                   (("peft_type", "LORA"), ("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"))
-                   if settings.get(key, ok) != ok]
+    unsupported = [
+        f"{key}: {settings.get(key)!r}"
+        for key, ok in (("peft_type", "LORA"), ("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"))
+        if settings.get(key, ok) != ok
+    ]
     if unsupported:
-        raise UserError(f"the adapter's {', '.join(unsupported)}: `make merge` folds plain LoRA pairs "
-                        "(W + B @ A * scaling) only", where=str(adapter / "adapter_config.json"),
-                        fix=elsewhere)
+        raise UserError(
+            f"the adapter's {', '.join(unsupported)}: `make merge` folds plain LoRA pairs (W + B @ A * scaling) only",
+            where=str(adapter / "adapter_config.json"),
+            fix=elsewhere,
+        )
     alpha_pattern = settings.get("alpha_pattern") or {}
     deltas: dict[str, Delta] = {}
     path = adapter / "adapter_model.safetensors"
@@ -88,22 +92,30 @@ def read_adapter(adapter: Path) -> dict[str, Delta]:
         keys = set(f.keys())
         other = sorted(k for k in keys if not k.endswith((".lora_A.weight", ".lora_B.weight")))
         if other:
-            raise UserError(f"{len(other)} adapter tensor(s) are not LoRA A/B weights, e.g. {other[:2]} "
-                            "(modules_to_save, embedding LoRA or DoRA magnitudes)", where=str(path), fix=elsewhere)
+            raise UserError(
+                f"{len(other)} adapter tensor(s) are not LoRA A/B weights, e.g. {other[:2]} "
+                "(modules_to_save, embedding LoRA or DoRA magnitudes)",
+                where=str(path),
+                fix=elsewhere,
+            )
         for a_key in sorted(k for k in keys if k.endswith(".lora_A.weight")):
             b_key = a_key.replace(".lora_A.weight", ".lora_B.weight")
             if b_key not in keys:
-                raise UserError(f"{a_key} has no {b_key}", where=str(path),
-                                fix="the adapter file is damaged: save it again")
+                raise UserError(
+                    f"{a_key} has no {b_key}", where=str(path), fix="the adapter file is damaged: save it again"
+                )
             module = a_key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
             a, b = f.get_tensor(a_key).to(torch.float32), f.get_tensor(b_key).to(torch.float32)
             rank = a.shape[0]
             alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), settings["lora_alpha"])
-            scaling = alpha / (rank ** 0.5 if settings.get("use_rslora") else rank)
+            scaling = alpha / (rank**0.5 if settings.get("use_rslora") else rank)
             deltas[module + ".weight"] = Delta(a, b, scaling)
         if len(deltas) * 2 != len(keys):
-            raise UserError("the adapter has lora_B weights without their lora_A", where=str(path),
-                            fix="the adapter file is damaged: save it again")
+            raise UserError(
+                "the adapter has lora_B weights without their lora_A",
+                where=str(path),
+                fix="the adapter file is damaged: save it again",
+            )
     if not deltas:
         raise UserError("the adapter holds no LoRA weights", where=str(path), fix="use the adapter `make train` saved")
     return deltas
@@ -130,9 +142,11 @@ def merge_shard(src: Path, dst: Path, deltas: dict[str, Delta], device: str) -> 
         for key, info in tensors:
             begin, end = info["data_offsets"]
             if begin != position:
-                raise UserError(f"{src.name}: tensor {key} starts at byte {begin} of the data, not at {position}",
-                                where=str(src),
-                                fix="the shard is not a valid safetensors file: run `make download` again")
+                raise UserError(
+                    f"{src.name}: tensor {key} starts at byte {begin} of the data, not at {position}",
+                    where=str(src),
+                    fix="the shard is not a valid safetensors file: run `make download` again",
+                )
             position = end
             delta = deltas.get(key)
             if delta is None:
@@ -143,17 +157,22 @@ def merge_shard(src: Path, dst: Path, deltas: dict[str, Delta], device: str) -> 
                     left -= len(chunk)
                 continue
             if info["dtype"] not in FLOAT_DTYPES:
-                raise UserError(f"{key} is {info['dtype']} in {src.name}; LoRA merges into floating-point weights",
-                                where=str(src), fix="use the bf16 model folder `make download` fetched")
+                raise UserError(
+                    f"{key} is {info['dtype']} in {src.name}; LoRA merges into floating-point weights",
+                    where=str(src),
+                    fix="use the bf16 model folder `make download` fetched",
+                )
             raw = bytearray(end - begin)
             fin.readinto(raw)
             dtype = getattr(torch, FLOAT_DTYPES[info["dtype"]])
             weight = (torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)).view(info["shape"])
             update = delta.of(device)
             if tuple(update.shape) != tuple(weight.shape):
-                raise UserError(f"the adapter's B @ A for {key} is {tuple(update.shape)}, the base tensor is "
-                                f"{tuple(weight.shape)}", where=str(src),
-                                fix="use the adapter trained on this model folder (same architecture)")
+                raise UserError(
+                    f"the adapter's B @ A for {key} is {tuple(update.shape)}, the base tensor is {tuple(weight.shape)}",
+                    where=str(src),
+                    fix="use the adapter trained on this model folder (same architecture)",
+                )
             result = (weight.to(device, torch.float32) + update).to(dtype).cpu()
             fout.write(result.contiguous().view(torch.uint8).numpy())
             merged += 1
@@ -169,8 +188,9 @@ def weight_files(folder: Path) -> dict[str, str]:
         return json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     from .model_folder import SINGLE_WEIGHTS_FILE
 
-    return dict.fromkeys(set(safetensors_header(folder / SINGLE_WEIGHTS_FILE)[1]) - {"__metadata__"},
-                         SINGLE_WEIGHTS_FILE)
+    return dict.fromkeys(
+        set(safetensors_header(folder / SINGLE_WEIGHTS_FILE)[1]) - {"__metadata__"}, SINGLE_WEIGHTS_FILE
+    )
 
 
 def merge_folder(base: Path, adapter: Path, out: Path, device: str) -> dict:
@@ -179,16 +199,20 @@ def merge_folder(base: Path, adapter: Path, out: Path, device: str) -> dict:
     shard_of = weight_files(base)
     absent = sorted(set(deltas) - set(shard_of))
     if absent:
-        raise UserError(f"{len(absent)} tensor(s) the adapter changes are not in the base model, e.g. {absent[:2]}",
-                        where=str(adapter), fix="use the adapter trained on this model folder (same architecture)")
+        raise UserError(
+            f"{len(absent)} tensor(s) the adapter changes are not in the base model, e.g. {absent[:2]}",
+            where=str(adapter),
+            fix="use the adapter trained on this model folder (same architecture)",
+        )
     shards = sorted(set(shard_of.values()))
     merged = 0
     for i, shard in enumerate(shards, 1):
         t0 = time.perf_counter()
         n = merge_shard(base / shard, out / shard, deltas, device)
         merged += n
-        print(f"merge: {shard} ({i}/{len(shards)}): {n} tensor(s) merged in {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        print(
+            f"merge: {shard} ({i}/{len(shards)}): {n} tensor(s) merged in {time.perf_counter() - t0:.1f} s", flush=True
+        )
     for path in sorted(base.iterdir()):
         if path.is_file() and path.name not in shards and path.name != PROVENANCE_FILE:
             shutil.copy2(path, out / path.name)
@@ -224,12 +248,12 @@ def check_merge(base: Path, adapter: Path, merged: Path) -> dict:
     counts = {"expert": [0, 0], "other": [0, 0]}  # kind -> [carrying their delta, adapted]
     unresolved, dropped = [], []
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        for a_key in sorted(k for k in f.keys() if k.endswith(".lora_A.weight")):
+        for a_key in sorted(k for k in f if k.endswith(".lora_A.weight")):
             module = a_key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
             a, b = f.get_tensor(a_key).float(), f.get_tensor(a_key.replace("lora_A", "lora_B")).float()
             rank = a.shape[0]
             alpha = settings.get("alpha_pattern", {}).get(module.rsplit(".", 1)[-1], settings["lora_alpha"])
-            scaling = alpha / (rank ** 0.5 if settings.get("use_rslora") else rank)
+            scaling = alpha / (rank**0.5 if settings.get("use_rslora") else rank)
             key = module + ".weight"
             if key not in merged_files:
                 dropped.append(f"{key} (not in the merged files)")
@@ -241,26 +265,35 @@ def check_merge(base: Path, adapter: Path, merged: Path) -> dict:
             size, error = delta.abs().mean().item(), (w - w0 - delta).abs().mean().item()
             if size > 0 and error < 0.5 * size:
                 counts[kind][0] += 1
-            elif size <= 0.5 * (w0.abs().mean().item() * 2.0 ** -8):
+            elif size <= 0.5 * (w0.abs().mean().item() * 2.0**-8):
                 unresolved.append(key)
             else:
                 dropped.append(key)
     if dropped:
-        raise UserError(f"{len(dropped)} adapted tensor(s) do not carry their LoRA delta in the merged weights, "
-                        f"e.g. {dropped[:3]}; expert tensors with their delta: {counts['expert'][0]} of "
-                        f"{counts['expert'][1]}", where=str(merged),
-                        fix="nothing was published; do not use this merge: check that the adapter was trained on "
-                            "this model folder, and report it if it was")
-    return {"expert_tensors": {"with_delta": counts["expert"][0], "adapted": counts["expert"][1]},
-            "other_tensors": {"with_delta": counts["other"][0], "adapted": counts["other"][1]},
-            "below_resolution": len(unresolved), "rows_checked": CHECK_ROWS}
+        raise UserError(
+            f"{len(dropped)} adapted tensor(s) do not carry their LoRA delta in the merged weights, "
+            f"e.g. {dropped[:3]}; expert tensors with their delta: {counts['expert'][0]} of "
+            f"{counts['expert'][1]}",
+            where=str(merged),
+            fix="nothing was published; do not use this merge: check that the adapter was trained on "
+            "this model folder, and report it if it was",
+        )
+    return {
+        "expert_tensors": {"with_delta": counts["expert"][0], "adapted": counts["expert"][1]},
+        "other_tensors": {"with_delta": counts["other"][0], "adapted": counts["other"][1]},
+        "below_resolution": len(unresolved),
+        "rows_checked": CHECK_ROWS,
+    }
 
 
 def run(cfg: Config) -> Path:
     base = Path(cfg.model.dir)
     if is_merged(base):
-        raise UserError(f"{base} is a `make merge` output: its weights already hold an adapter", where="model.dir",
-                        fix="merge into the base model folder (MODEL_DIR=<the downloaded folder>)")
+        raise UserError(
+            f"{base} is a `make merge` output: its weights already hold an adapter",
+            where="model.dir",
+            fix="merge into the base model folder (MODEL_DIR=<the downloaded folder>)",
+        )
     check_model_folder(base)
     adapter = adapter_dir(cfg)
     require_finite_adapter(adapter)  # a diverged adapter merged would make every answer garbage
@@ -271,13 +304,28 @@ def run(cfg: Config) -> Path:
     with staging_dir(out) as tmp:
         merged = merge_folder(base, adapter, tmp, device)
         check = check_merge(base, adapter, tmp)
-        write_json(tmp / MERGED_MARKER, {"base": str(base.resolve()), "adapter": str(adapter.resolve()),
-                                         "device": device, **merged, "merge_check": check})
+        write_json(
+            tmp / MERGED_MARKER,
+            {
+                "base": str(base.resolve()),
+                "adapter": str(adapter.resolve()),
+                "device": device,
+                **merged,
+                "merge_check": check,
+            },
+        )
     experts, other = check["expert_tensors"], check["other_tensors"]
-    print(f"merge check: {experts['with_delta']} of {experts['adapted']} expert tensors and {other['with_delta']} "
-          f"of {other['adapted']} other adapted tensors carry their LoRA delta"
-          + (f" ({check['below_resolution']} with a delta below the weights' rounding)" if check["below_resolution"]
-             else ""))
-    print(f"merged {adapter} into {base} -> {out} ({merged['shards']} shard(s), {time.perf_counter() - t0:.0f} s "
-          f"on {device})")
+    print(
+        f"merge check: {experts['with_delta']} of {experts['adapted']} expert tensors and {other['with_delta']} "
+        f"of {other['adapted']} other adapted tensors carry their LoRA delta"
+        + (
+            f" ({check['below_resolution']} with a delta below the weights' rounding)"
+            if check["below_resolution"]
+            else ""
+        )
+    )
+    print(
+        f"merged {adapter} into {base} -> {out} ({merged['shards']} shard(s), {time.perf_counter() - t0:.0f} s "
+        f"on {device})"
+    )
     return out

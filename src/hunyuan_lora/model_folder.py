@@ -31,7 +31,7 @@ def no_auto_map_error(config_path: Path, config: dict, listing=None) -> UserErro
         "the remote-code format (auto_map + configuration_hunyuan.py, hunyuan.py, modeling_hunyuan.py)",
         where="model.revision",
         fix=f"set model.revision to a revision whose config.json has auto_map{known}, e.g. --set "
-            "model.revision=<tag>, and run the download again",
+        "model.revision=<tag>, and run the download again",
     )
 
 
@@ -117,8 +117,11 @@ def verify(folder: Path, files: dict[str, dict] | None) -> dict:
         for shard in sorted(set(weight_map.values())):
             if not (folder / shard).is_file():
                 unlisted = files is not None and shard not in files
-                problems.setdefault(shard, f"{shard} (named in {INDEX_FILE}) is missing"
-                                    + (" and the server does not list it" if unlisted else ""))
+                problems.setdefault(
+                    shard,
+                    f"{shard} (named in {INDEX_FILE}) is missing"
+                    + (" and the server does not list it" if unlisted else ""),
+                )
     elif not (folder / SINGLE_WEIGHTS_FILE).is_file():
         problems.setdefault(SINGLE_WEIGHTS_FILE, f"no weights: neither {INDEX_FILE} nor {SINGLE_WEIGHTS_FILE}")
 
@@ -129,8 +132,8 @@ def verify(folder: Path, files: dict[str, dict] | None) -> dict:
             f"the download in {folder} is incomplete: " + "; ".join(problems[k] for k in sorted(problems)),
             where="model.dir",
             fix="delete the files named above that are present but wrong, then run `make download` again "
-                "(modelscope fetches only what is missing); if the server itself lacks a file, pin another "
-                "model.revision",
+            "(modelscope fetches only what is missing); if the server itself lacks a file, pin another "
+            "model.revision",
         )
     return config
 
@@ -168,9 +171,12 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
                     return 8 + n, header
     except (ValueError, KeyError, TypeError, IndexError) as e:
         bad = f"its header is not valid ({type(e).__name__})"
-    raise UserError(f"weights file {path.name} is incomplete or corrupt: {bad}", where=str(path),
-                    fix="an interrupted download or copy: delete this file and run `make download` again "
-                        "(modelscope fetches only what is missing)")
+    raise UserError(
+        f"weights file {path.name} is incomplete or corrupt: {bad}",
+        where=str(path),
+        fix="an interrupted download or copy: delete this file and run `make download` again "
+        "(modelscope fetches only what is missing)",
+    )
 
 
 def _provenance_listing(folder: Path) -> dict[str, dict] | None:
@@ -194,8 +200,11 @@ def _provenance_listing(folder: Path) -> dict[str, dict] | None:
 def check_model_folder(folder: Path) -> tuple[str, dict]:
     """download.verify (shared with `make download`), then every shard's header against the index."""
     if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist", where="model.dir",
-                        fix="run `make download` (or `make stand-in` for the demo), or pass MODEL_DIR=<folder>")
+        raise UserError(
+            f"model folder {folder} does not exist",
+            where="model.dir",
+            fix="run `make download` (or `make stand-in` for the demo), or pass MODEL_DIR=<folder>",
+        )
     listing = _provenance_listing(folder)
     config = verify(folder, listing)
     index = folder / INDEX_FILE
@@ -207,17 +216,22 @@ def check_model_folder(folder: Path) -> tuple[str, dict]:
             names = set(safetensors_header(folder / shard)[1]) - {"__metadata__"}
             missing += [k for k, s in weight_map.items() if s == shard and k not in names]
         if missing:
-            raise UserError(f"{len(missing)} tensor(s) named in {INDEX_FILE} are not in their shard, e.g. "
-                            f"{missing[0]}", where=str(folder),
-                            fix="the shards and the index come from different revisions: run `make download` "
-                                "again into an empty folder")
+            raise UserError(
+                f"{len(missing)} tensor(s) named in {INDEX_FILE} are not in their shard, e.g. {missing[0]}",
+                where=str(folder),
+                fix="the shards and the index come from different revisions: run `make download` "
+                "again into an empty folder",
+            )
     else:
         shards = [SINGLE_WEIGHTS_FILE]
         safetensors_header(folder / SINGLE_WEIGHTS_FILE)
     code = sorted(p.name for p in folder.glob("*.py"))
     sized = f", sizes checked against {len(listing)} listed in download.json" if listing else ""
-    return f"{folder}: config.json + auto_map code ({', '.join(code)}), tokenizer, {len(shards)} shard(s) " \
-           f"with complete headers{sized}", config
+    return (
+        f"{folder}: config.json + auto_map code ({', '.join(code)}), tokenizer, {len(shards)} shard(s) "
+        f"with complete headers{sized}",
+        config,
+    )
 
 
 def check_config(folder: Path, *, code: bool) -> dict:
@@ -234,10 +248,11 @@ def check_config(folder: Path, *, code: bool) -> dict:
         if not (folder / name).is_file():
             problems.setdefault(name, f"{name} (model code named by auto_map or imported by it) is missing")
     if problems:
-        raise UserError(f"the model folder {folder} is incomplete: " + "; ".join(problems[k] for k in sorted(problems)),
-                        where="model.dir",
-                        fix="run `make download` again (it fetches only what is missing), or pass MODEL_DIR=<the "
-                            "complete folder>")
+        raise UserError(
+            f"the model folder {folder} is incomplete: " + "; ".join(problems[k] for k in sorted(problems)),
+            where="model.dir",
+            fix="run `make download` again (it fetches only what is missing), or pass MODEL_DIR=<the complete folder>",
+        )
     return config
 
 
@@ -249,18 +264,26 @@ def model_code_file(model_dir: Path) -> Path:
     """The file that `auto_map.AutoModelForCausalLM` names (hunyuan.py in Tencent's folder)."""
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise UserError(f"{config_path} not found", where=str(model_dir),
-                        fix="point MODEL_DIR / model.dir at the downloaded model folder (run `make download`)")
+        raise UserError(
+            f"{config_path} not found",
+            where=str(model_dir),
+            fix="point MODEL_DIR / model.dir at the downloaded model folder (run `make download`)",
+        )
     auto_map = json.loads(config_path.read_text(encoding="utf-8")).get("auto_map", {})
     target = auto_map.get("AutoModelForCausalLM")
     if not target:
-        raise UserError("config.json has no auto_map.AutoModelForCausalLM, so there is no remote code to patch",
-                        where=str(config_path),
-                        fix="download a revision with auto_map (the remote-code format transformers 4.51.3 loads)")
+        raise UserError(
+            "config.json has no auto_map.AutoModelForCausalLM, so there is no remote code to patch",
+            where=str(config_path),
+            fix="download a revision with auto_map (the remote-code format transformers 4.51.3 loads)",
+        )
     path = model_dir / (target.split(".")[0] + ".py")
     if not path.is_file():
-        raise UserError(f"{path.name} (named by auto_map) is missing", where=str(model_dir),
-                        fix="re-run `make download` to complete the folder")
+        raise UserError(
+            f"{path.name} (named by auto_map) is missing",
+            where=str(model_dir),
+            fix="re-run `make download` to complete the folder",
+        )
     return path
 
 
@@ -301,9 +324,9 @@ def undefined_uses(source: str, name: str = "logger", filename: str = "<source>"
             elif isinstance(child, ast.ClassDef):
                 visit(child, bound)  # class bodies do not enclose their methods; close enough here
             else:
-                if isinstance(child, ast.Name) and child.id == name and isinstance(child.ctx, ast.Load):
-                    if name not in bound:
-                        found.append(child.lineno)
+                loads = isinstance(child, ast.Name) and child.id == name and isinstance(child.ctx, ast.Load)
+                if loads and name not in bound:
+                    found.append(child.lineno)
                 visit(child, bound)
 
     visit(tree, _bound_names(tree) | set(dir(builtins)))
@@ -316,5 +339,8 @@ def undefined_logger(folder: str | Path) -> tuple[Path, list[int]]:
     try:
         return path, undefined_uses(path.read_text(encoding="utf-8"), filename=str(path))
     except SyntaxError as e:
-        raise UserError(f"not valid Python ({e.msg})", where=f"{path}:{e.lineno}",
-                        fix="restore the original (hunyuan.py.orig) or re-download the folder") from e
+        raise UserError(
+            f"not valid Python ({e.msg})",
+            where=f"{path}:{e.lineno}",
+            fix="restore the original (hunyuan.py.orig) or re-download the folder",
+        ) from e

@@ -54,14 +54,20 @@ def load_tokenizer(folder: str | Path):
     folder = Path(folder)
     missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
     if missing:
-        raise UserError(f"no tokenizer in {folder} ({', '.join(missing)} missing)", where="model.dir",
-                        fix="run `make download` first (or use CONFIG=configs/demo.yaml for the stand-in demo), "
-                            "or pass MODEL_DIR=<the model folder>")
+        raise UserError(
+            f"no tokenizer in {folder} ({', '.join(missing)} missing)",
+            where="model.dir",
+            fix="run `make download` first (or use CONFIG=configs/demo.yaml for the stand-in demo), "
+            "or pass MODEL_DIR=<the model folder>",
+        )
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
     except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"the tokenizer in {folder} does not load ({type(e).__name__}: {e})", where="model.dir",
-                        fix="download the folder again (`make download`), or pass MODEL_DIR=<the model folder>") from e
+        raise UserError(
+            f"the tokenizer in {folder} does not load ({type(e).__name__}: {e})",
+            where="model.dir",
+            fix="download the folder again (`make download`), or pass MODEL_DIR=<the model folder>",
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +109,15 @@ def _load_nf4(cfg: Config, where: Placement) -> LoadedModel:
     from . import nf4
 
     lm_cls, config = _model_classes(cfg)
-    model, source = nf4.load(cfg.model.dir, lm_cls, config, where.device, where.dtype, scale.bnb_config(cfg),
-                             cache=nf4.cache_dir(cfg.model.nf4_cache, cfg.model.dir))
+    model, source = nf4.load(
+        cfg.model.dir,
+        lm_cls,
+        config,
+        where.device,
+        where.dtype,
+        scale.bnb_config(cfg),
+        cache=nf4.cache_dir(cfg.model.nf4_cache, cfg.model.dir),
+    )
     print(f"NF4 model: {source}", flush=True)
     return LoadedModel(_runtime_setup(cfg, model, where), source=source)
 
@@ -133,9 +146,17 @@ def load_random_model(cfg: Config, where: Placement, num_layers: int | None = No
 
     config, architecture_from = real_or_folder_config(cfg.model.dir)
     folder = Path(cfg.model.dir) if (Path(cfg.model.dir) / "config.json").is_file() else None
-    model, info = build_random_model(config, moe_impl=cfg.model.moe_impl, quantization=cfg.model.quantization,
-                                     device=where.device, dtype=where.dtype, num_layers=num_layers, model_dir=folder,
-                                     skip=scale.QUANT_SKIP_MODULES, seed=cfg.run.seed)
+    model, info = build_random_model(
+        config,
+        moe_impl=cfg.model.moe_impl,
+        quantization=cfg.model.quantization,
+        device=where.device,
+        dtype=where.dtype,
+        num_layers=num_layers,
+        model_dir=folder,
+        skip=scale.QUANT_SKIP_MODULES,
+        seed=cfg.run.seed,
+    )
     return LoadedModel(_runtime_setup(cfg, model, where), random_init={**info, "architecture_from": architecture_from})
 
 
@@ -159,8 +180,11 @@ def adapter_dir(cfg: Config) -> Path:
     """infer.adapter, or <output_dir>/adapter; UserError when it holds no adapter."""
     path = Path(cfg.infer.adapter) if cfg.infer.adapter else cfg.output_dir / "adapter"
     if not (path / "adapter_config.json").is_file():
-        raise UserError(f"no LoRA adapter in {path}", where="infer.adapter",
-                        fix="run `make train` with the same CONFIG / OUTPUT_DIR, or set infer.adapter")
+        raise UserError(
+            f"no LoRA adapter in {path}",
+            where="infer.adapter",
+            fix="run `make train` with the same CONFIG / OUTPUT_DIR, or set infer.adapter",
+        )
     return path
 
 
@@ -181,9 +205,11 @@ def load_with_adapter(cfg: Config, where: Placement, path: Path) -> LoadedModel:
     loaded = {n.replace(".default", "") for n, _ in model.named_parameters() if "lora_" in n}
     missing = saved - loaded
     if missing or not saved:
-        raise UserError(f"{len(missing)} of {len(saved)} adapter tensors match no module of the model, "
-                        f"e.g. {sorted(missing)[:2]}", where=str(path),
-                        fix="use the adapter trained on this model folder (same architecture and targets)")
+        raise UserError(
+            f"{len(missing)} of {len(saved)} adapter tensors match no module of the model, e.g. {sorted(missing)[:2]}",
+            where=str(path),
+            fix="use the adapter trained on this model folder (same architecture and targets)",
+        )
     model.eval()
     return LoadedModel(model, adapter=path, source=base.source)
 

@@ -97,13 +97,20 @@ def cache_key(model_dir: Path, dtype: torch.dtype, quant) -> dict:
 
     files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in checkpoint_files(model_dir)}
     index = model_dir / INDEX_FILE
-    return {"packing_version": PACKING_VERSION, "bitsandbytes": metadata.version("bitsandbytes"),
-            "skip": sorted(quant.llm_int8_skip_modules), "dtype": _name(dtype),
-            "quantization": {"type": quant.bnb_4bit_quant_type, "blocksize": BLOCKSIZE,
-                             "double_quant": quant.bnb_4bit_use_double_quant,
-                             "compute_dtype": _name(quant.bnb_4bit_compute_dtype)},
-            "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None,
-            "files": files}
+    return {
+        "packing_version": PACKING_VERSION,
+        "bitsandbytes": metadata.version("bitsandbytes"),
+        "skip": sorted(quant.llm_int8_skip_modules),
+        "dtype": _name(dtype),
+        "quantization": {
+            "type": quant.bnb_4bit_quant_type,
+            "blocksize": BLOCKSIZE,
+            "double_quant": quant.bnb_4bit_use_double_quant,
+            "compute_dtype": _name(quant.bnb_4bit_compute_dtype),
+        },
+        "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None,
+        "files": files,
+    }
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -119,8 +126,10 @@ def _differences(old: dict, new: dict) -> str:
 
 
 # the files a cache write makes (cache.json through atomic.write_json's temporary name first)
-CACHE_NAME = re.compile(rf"^(\.?{re.escape(CACHE_INFO)}(\.tmp-\w+)?|{re.escape(OUTER_FILE)}"
-                        rf"|layer-\d{{3}}\.safetensors)$")
+CACHE_NAME = re.compile(
+    rf"^(\.?{re.escape(CACHE_INFO)}(\.tmp-\w+)?|{re.escape(OUTER_FILE)}"
+    rf"|layer-\d{{3}}\.safetensors)$"
+)
 
 
 def foreign_files(folder: Path) -> list[str]:
@@ -135,11 +144,14 @@ def refuse_foreign(root: Path) -> None:
     if root.exists() or root.is_symlink():
         foreign = foreign_files(root)
         if foreign:
-            raise UserError(f"model.nf4_cache is {root}, which holds what no NF4 cache write made "
-                            f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); the kit deletes and "
-                            "rewrites that folder, so it leaves it alone", where="model.nf4_cache",
-                            fix="name a folder of its own, e.g. <that folder>/hunyuan-nf4-cache, or keep the default "
-                                "(auto: beside the model folder)")
+            raise UserError(
+                f"model.nf4_cache is {root}, which holds what no NF4 cache write made "
+                f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); the kit deletes and "
+                "rewrites that folder, so it leaves it alone",
+                where="model.nf4_cache",
+                fix="name a folder of its own, e.g. <that folder>/hunyuan-nf4-cache, or keep the default "
+                "(auto: beside the model folder)",
+            )
 
 
 def cache_state(root: Path | None, key: dict | None) -> tuple[str, str]:
@@ -169,7 +181,7 @@ def cache_state(root: Path | None, key: dict | None) -> tuple[str, str]:
             return "damaged", f"the NF4 cache at {root} has {name} at {path.stat().st_size:,} bytes, not {size:,}"
         try:
             safetensors_header(path)
-        except Exception as e:  # noqa: BLE001 - an unreadable header is a reason to rebuild, whatever it is
+        except Exception as e:
             return "damaged", f"the NF4 cache at {root} has an unreadable {name} ({type(e).__name__})"
     return "valid", f"NF4 cache at {root} ({sum(sizes.values()) / 1e9:.1f} GB) matches the checkpoint"
 
@@ -186,8 +198,13 @@ def cache_bytes(root: Path | None) -> int:
     """Disk space the cache and its leftovers take."""
     if root is None:
         return 0
-    return sum(p.stat().st_size for folder in [root, *leftovers(root)] if folder.is_dir()
-               for p in folder.rglob("*") if p.is_file())
+    return sum(
+        p.stat().st_size
+        for folder in [root, *leftovers(root)]
+        if folder.is_dir()
+        for p in folder.rglob("*")
+        if p.is_file()
+    )
 
 
 def remove(root: Path) -> int:
@@ -254,8 +271,15 @@ def _loaded_4bit(path: str, module: nn.Module) -> bool:
     return _is_4bit(module)
 
 
-def _materialize(module: nn.Module, prefix: str, read, device, dtype: torch.dtype | None,
-                 keep_fp32: list[str], exclude: str | None = None) -> None:
+def _materialize(
+    module: nn.Module,
+    prefix: str,
+    read,
+    device,
+    dtype: torch.dtype | None,
+    keep_fp32: list[str],
+    exclude: str | None = None,
+) -> None:
     """Every meta parameter of `module` (but those under `exclude`) from read(<prefix><name>): floating
     tensors cast to dtype, or float32 for `_keep_in_fp32_modules`, as from_pretrained does (dtype None:
     kept as read)."""
@@ -292,8 +316,10 @@ class Checkpoint:
         else:
             self.shard_of = dict.fromkeys(set(safetensors_header(files[0])[1]) - {"__metadata__"}, files[0].name)
         self._stack = ExitStack()
-        self._files = {name: self._stack.enter_context(safe_open(str(model_dir / name), "pt"))
-                       for name in sorted(set(self.shard_of.values()))}
+        self._files = {
+            name: self._stack.enter_context(safe_open(str(model_dir / name), "pt"))
+            for name in sorted(set(self.shard_of.values()))
+        }
 
     def get(self, key: str) -> torch.Tensor:
         return self._files[self.shard_of[key]].get_tensor(key)
@@ -335,8 +361,14 @@ def quantise_layer(layer: nn.Module, prefix: str, recipe: Recipe) -> None:
     from .hunyuan.fast_moe import NF4Experts
     from .hunyuan.random_init import quantize_linears_
 
-    quantize_linears_(layer, skip=recipe.skip, compute_dtype=recipe.compute_dtype, double_quant=recipe.nested,
-                      quant_type=recipe.quant_type, prefix=prefix)
+    quantize_linears_(
+        layer,
+        skip=recipe.skip,
+        compute_dtype=recipe.compute_dtype,
+        double_quant=recipe.nested,
+        quant_type=recipe.quant_type,
+        prefix=prefix,
+    )
     for members in linear_groups(layer, prefix, _loaded_4bit).values():
         if len(members) > 1:
             NF4Experts([m for _, m in members])  # packs in place; the fast path finds them packed
@@ -389,17 +421,41 @@ def layer_from_cache(layer: nn.Module, prefix: str, tensors: dict[str, torch.Ten
         if codes.numel() != len(members) * half or absmax.shape[0] != len(members):
             raise ValueError(f"{group}: {codes.numel()} code bytes for {len(members)} x ({out_f}, {in_f}) weights")
         for e, (path, linear) in enumerate(members):
-            state2 = None if absmax2 is None else QuantState(absmax=absmax2[e], code=code2, blocksize=BLOCKSIZE2,
-                                                             dtype=torch.float32)
-            state = QuantState(absmax=absmax[e], shape=torch.Size((out_f, in_f)), code=code, blocksize=BLOCKSIZE,
-                               quant_type=recipe.quant_type, dtype=recipe.dtype,
-                               offset=None if offset is None else offset[e], state2=state2)
-            q = bnb.nn.Linear4bit(in_f, out_f, bias=linear.bias is not None, compute_dtype=recipe.compute_dtype,
-                                  compress_statistics=recipe.nested, quant_type=recipe.quant_type, device="meta")
-            q.weight = bnb.nn.Params4bit(codes[e * half:(e + 1) * half], requires_grad=False, quant_state=state,
-                                         blocksize=BLOCKSIZE, compress_statistics=recipe.nested,
-                                         quant_type=recipe.quant_type, quant_storage=torch.uint8, module=q,
-                                         bnb_quantized=True)
+            state2 = (
+                None
+                if absmax2 is None
+                else QuantState(absmax=absmax2[e], code=code2, blocksize=BLOCKSIZE2, dtype=torch.float32)
+            )
+            state = QuantState(
+                absmax=absmax[e],
+                shape=torch.Size((out_f, in_f)),
+                code=code,
+                blocksize=BLOCKSIZE,
+                quant_type=recipe.quant_type,
+                dtype=recipe.dtype,
+                offset=None if offset is None else offset[e],
+                state2=state2,
+            )
+            q = bnb.nn.Linear4bit(
+                in_f,
+                out_f,
+                bias=linear.bias is not None,
+                compute_dtype=recipe.compute_dtype,
+                compress_statistics=recipe.nested,
+                quant_type=recipe.quant_type,
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                codes[e * half : (e + 1) * half],
+                requires_grad=False,
+                quant_state=state,
+                blocksize=BLOCKSIZE,
+                compress_statistics=recipe.nested,
+                quant_type=recipe.quant_type,
+                quant_storage=torch.uint8,
+                module=q,
+                bnb_quantized=True,
+            )
             q.quant_state = state
             if linear.bias is not None:
                 q.bias = nn.Parameter(tensors[path + ".bias"].to(recipe.dtype), requires_grad=False)
@@ -446,8 +502,15 @@ class CacheWriter:
             for name in self.sizes:  # on disk before the rename makes them the cache
                 with open(self.tmp / name, "rb") as f:
                     os.fsync(f.fileno())
-            write_json(self.tmp / CACHE_INFO, {"key": self.key, "sizes": self.sizes, "layers": layers,
-                                               "write_s": round(time.perf_counter() - self.t0, 1)})
+            write_json(
+                self.tmp / CACHE_INFO,
+                {
+                    "key": self.key,
+                    "sizes": self.sizes,
+                    "layers": layers,
+                    "write_s": round(time.perf_counter() - self.t0, 1),
+                },
+            )
             honour_umask(self.tmp)
             publish_dir(self.tmp, self.root)
         except OSError as e:
@@ -464,8 +527,11 @@ class CacheWriter:
 
 def outer_tensors(model, raw=None) -> dict[str, torch.Tensor]:
     """Everything outside the decoder layers (a tied head is the embedding: named once)."""
-    return {n: (raw(n) if raw else p).detach().contiguous().cpu()
-            for n, p in model.named_parameters() if not n.startswith("model.layers.")}
+    return {
+        n: (raw(n) if raw else p).detach().contiguous().cpu()
+        for n, p in model.named_parameters()
+        if not n.startswith("model.layers.")
+    }
 
 
 def write_cache(model, root: Path, key: dict) -> bool:
@@ -487,8 +553,9 @@ def nf4_bytes(model, skip: list[str]) -> int:
 
     selected = _to_quantise(skip)
     quantised = {id(m.weight) for n, m in model.named_modules() if selected(n, m)}
-    return int(sum(p.numel() * (NF4_BYTES_PER_PARAM if id(p) in quantised else p.element_size())
-                   for p in model.parameters()))
+    return int(
+        sum(p.numel() * (NF4_BYTES_PER_PARAM if id(p) in quantised else p.element_size()) for p in model.parameters())
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +608,7 @@ def load(model_dir: str | Path, lm_cls, config, device, dtype: torch.dtype, quan
                 _read_cache(model, cache, device, recipe)
                 _finish(model, model_dir, device, recipe)
                 return model, f"read from the NF4 cache at {cache} in {time.perf_counter() - t0:.0f} s"
-            except Exception as e:  # noqa: BLE001 - a cache that cannot be read is rebuilt, never trusted
+            except Exception as e:
                 state, why = "damaged", f"the NF4 cache at {cache} could not be read ({type(e).__name__}: {e})"
                 model = empty_model(lm_cls, config, dtype)
                 if torch.cuda.is_available():
@@ -556,8 +623,11 @@ def load(model_dir: str | Path, lm_cls, config, device, dtype: torch.dtype, quan
         remove(cache)  # a stale cache and killed writes' leftovers are never read again: their disk is the new one's
         need, free = nf4_bytes(model, recipe.skip), shutil.disk_usage(_existing(cache.parent)).free
         if free < need * 1.05:
-            print(f"not writing the NF4 cache at {cache}: it needs ~{need / 1e9:.0f} GB, the disk has {free / 1e9:.0f} "
-                  "GB free (model.nf4_cache: a folder on a larger disk, or none)", flush=True)
+            print(
+                f"not writing the NF4 cache at {cache}: it needs ~{need / 1e9:.0f} GB, the disk has {free / 1e9:.0f} "
+                "GB free (model.nf4_cache: a folder on a larger disk, or none)",
+                flush=True,
+            )
         else:
             print(f"writing the NF4 cache to {cache} while loading (~{need / 1e9:.1f} GB, once)", flush=True)
             writer = CacheWriter(cache, key)
@@ -603,5 +673,6 @@ def _read_cache(model, root: Path, device, recipe: Recipe) -> None:
     _materialize(model, "", outer.__getitem__, device, recipe.dtype, recipe.keep_fp32, exclude="model.layers.")
     model.tie_weights()
     for i, layer in enumerate(model.model.layers):
-        layer_from_cache(layer, f"model.layers.{i}.", load_file(str(root / layer_file(i)), device=str(device)),
-                         device, recipe)
+        layer_from_cache(
+            layer, f"model.layers.{i}.", load_file(str(root / layer_file(i)), device=str(device)), device, recipe
+        )

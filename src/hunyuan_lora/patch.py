@@ -67,16 +67,22 @@ def patch_folder(model_dir: str | Path, check_only: bool = False) -> PatchResult
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--check", dest="check_only", action="store_true",
-                        help="report whether the patch is needed (exit 1 when it is); write nothing")
+    parser.add_argument(
+        "--check",
+        dest="check_only",
+        action="store_true",
+        help="report whether the patch is needed (exit 1 when it is); write nothing",
+    )
 
 
 def run(cfg: Config, check_only: bool = False) -> Path:
     result = patch_folder(cfg.model.dir, check_only=check_only)
     where = ", ".join(map(str, result.lines))
     if result.written:
-        print(f"patched {result.path}: `logger` was undefined at line(s) {where}; original kept as "
-              f"{result.path.name}.orig")
+        print(
+            f"patched {result.path}: `logger` was undefined at line(s) {where}; original kept as "
+            f"{result.path.name}.orig"
+        )
     elif result.needed:
         print(f"{result.path} needs the patch: `logger` is undefined at line(s) {where} (run `make patch`)")
         raise SystemExit(1)  # --check: the answer is the exit status

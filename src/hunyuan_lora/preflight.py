@@ -121,8 +121,11 @@ def check_tokenized(cfg: Config) -> tuple[str, dict]:
     data_dir = cfg.output_dir / "data"
     stats_path = data_dir / "stats.json"
     if not stats_path.is_file():
-        raise UserError(f"no tokenized dataset in {data_dir}", where="run.output_dir",
-                        fix="run `make dataset` with the same CONFIG / OUTPUT_DIR first")
+        raise UserError(
+            f"no tokenized dataset in {data_dir}",
+            where="run.output_dir",
+            fix="run `make dataset` with the same CONFIG / OUTPUT_DIR first",
+        )
     incomplete = f"the tokenized dataset in {data_dir} is incomplete"
     rerun = "run `make dataset` again (it replaces the folder)"
     try:
@@ -146,10 +149,15 @@ def check_tokenized(cfg: Config) -> tuple[str, dict]:
     if (cfg.data.eval_ratio > 0) != ("eval" in splits):
         stale.append(f"data.eval_ratio is {cfg.data.eval_ratio} but the dataset has splits {sorted(splits)}")
     if stale:
-        raise UserError("the tokenized dataset does not match the config: " + "; ".join(stale), where=str(data_dir),
-                        fix="rerun `make dataset` with this CONFIG (and DATA / MODEL_DIR)")
-    detail = (f"{data_dir}: {stats['examples']:,} examples ({', '.join(f'{k} {v:,}' for k, v in splits.items())}), "
-              f"tokens max {stats['tokens']['max']}, from {stats['source']}")
+        raise UserError(
+            "the tokenized dataset does not match the config: " + "; ".join(stale),
+            where=str(data_dir),
+            fix="rerun `make dataset` with this CONFIG (and DATA / MODEL_DIR)",
+        )
+    detail = (
+        f"{data_dir}: {stats['examples']:,} examples ({', '.join(f'{k} {v:,}' for k, v in splits.items())}), "
+        f"tokens max {stats['tokens']['max']}, from {stats['source']}"
+    )
     return detail, stats
 
 
@@ -159,15 +167,21 @@ def check_raw_dataset(cfg: Config) -> tuple[Status, str, int | None]:
     if not path.exists():
         if cfg.data.url:
             return "todo", f"{path} not downloaded yet: `make dataset` fetches {cfg.data.url}", None
-        raise UserError(f"dataset file {path} does not exist", where="data.path",
-                        fix="set DATA=/path/to/file.json(l), or data.url in the config")
+        raise UserError(
+            f"dataset file {path} does not exist",
+            where="data.path",
+            fix="set DATA=/path/to/file.json(l), or data.url in the config",
+        )
     check_sha256(path, cfg.data.sha256, str(path))
     records, report = read_records(path, drop_duplicates=cfg.data.drop_duplicates)
     held_out = math.ceil(cfg.data.eval_ratio * len(records))  # as data.split_records draws them
     if cfg.data.eval_ratio > 0 and held_out >= len(records):
-        raise UserError(f"data.eval_ratio={cfg.data.eval_ratio} holds out {held_out} of {len(records)} record(s), "
-                        "leaving none to train on", where="data.eval_ratio",
-                        fix="lower data.eval_ratio or add records (0 turns the held-out split off)")
+        raise UserError(
+            f"data.eval_ratio={cfg.data.eval_ratio} holds out {held_out} of {len(records)} record(s), "
+            "leaving none to train on",
+            where="data.eval_ratio",
+            fix="lower data.eval_ratio or add records (0 turns the held-out split off)",
+        )
     note = "; not tokenized yet: run `make dataset`"
     return "ok", f"{path}: {len(records):,} valid records ({report.format}){note}", len(records)
 
@@ -178,7 +192,7 @@ def gpu_memory(only: int | None = None) -> list[tuple[str, int, int]]:
     import torch
 
     out = []
-    for i in ([only] if only is not None else range(torch.cuda.device_count())):
+    for i in [only] if only is not None else range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)
         out.append((torch.cuda.get_device_name(i), free, total))
     return out
@@ -200,21 +214,26 @@ def check_output(cfg: Config, params: ParamCount | None, steps: int | None) -> t
     needed = basis = None
     if params is not None:
         folder = Path(cfg.model.dir)
-        tokenizer_bytes = sum((folder / n).stat().st_size for n in ("hy.tiktoken", "tokenizer_config.json",
-                                                                     "tokenization_hy.py") if (folder / n).is_file())
+        tokenizer_bytes = sum(
+            (folder / n).stat().st_size
+            for n in ("hy.tiktoken", "tokenizer_config.json", "tokenization_hy.py")
+            if (folder / n).is_file()
+        )
         per_ckpt = checkpoint_bytes(params, tokenizer_bytes)
         needed, n = disk_needed(cfg, per_ckpt, params.lora * 4, steps)
-        basis = (f"{n} checkpoint(s) x {human_bytes(per_ckpt)} + adapter"
-                 + ("" if steps is not None else "; steps unknown until the dataset is read"))
+        basis = f"{n} checkpoint(s) x {human_bytes(per_ckpt)} + adapter" + (
+            "" if steps is not None else "; steps unknown until the dataset is read"
+        )
     anchor = check_writable(out)
     check_replaceable(out / "adapter", where="run.output_dir")  # train publishes it there
     free = shutil.disk_usage(anchor).free
     if needed is not None and free < needed:
-        raise UserError(f"{human_bytes(free)} free at {anchor.resolve()}, "
-                        f"the run needs about {human_bytes(needed)} ({basis})",
-                        where="run.output_dir",
-                        fix="free some space, pass an OUTPUT_DIR on a bigger disk, or set train.save_total_limit "
-                            "(checkpoints kept)")
+        raise UserError(
+            f"{human_bytes(free)} free at {anchor.resolve()}, the run needs about {human_bytes(needed)} ({basis})",
+            where="run.output_dir",
+            fix="free some space, pass an OUTPUT_DIR on a bigger disk, or set train.save_total_limit "
+            "(checkpoints kept)",
+        )
     needs = f", ~{human_bytes(needed)} needed ({basis})" if needed is not None else ""
     return "ok", f"{out} writable, {human_bytes(free)} free{needs}", needed
 
@@ -226,8 +245,9 @@ def leftovers(out: Path) -> list[Path]:
     return sorted({p for pattern in LEFTOVER_PATTERNS for p in out.glob(pattern)})
 
 
-def check_memory(cfg: Config, model_config: dict | None, params: ParamCount | None, where: Placement | None,
-                 stats: dict | None) -> tuple[Status, str, MemoryEstimate | None]:
+def check_memory(
+    cfg: Config, model_config: dict | None, params: ParamCount | None, where: Placement | None, stats: dict | None
+) -> tuple[Status, str, MemoryEstimate | None]:
     """The visible GPUs' free memory (or the CPU's RAM) against estimate.estimate_memory."""
     import torch
 
@@ -246,38 +266,62 @@ def check_memory(cfg: Config, model_config: dict | None, params: ParamCount | No
         local = int(os.environ.get("LOCAL_RANK", "0")) if run.zero3 and "LOCAL_RANK" in os.environ else None
         gpus = gpu_memory(local) if local is not None else gpu_memory()
         if not gpus:
-            raise UserError("no CUDA GPU is visible", where="model.device",
-                            fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: cpu")
+            raise UserError(
+                "no CUDA GPU is visible",
+                where="model.device",
+                fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: cpu",
+            )
         if run.zero3:  # one process per GPU, each holding 1/N: this process's own GPU
             used = gpus[:1]  # this rank's GPU (launched), or the first (`make check LAUNCH=zero3`)
-            est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, 1,
-                                  zero3_processes=run.processes, offload_param=run.offload_param)
+            est = estimate_memory(
+                model_config,
+                params,
+                dtype_bytes,
+                tokens,
+                gc,
+                1,
+                zero3_processes=run.processes,
+                offload_param=run.offload_param,
+            )
         else:
             used = gpus if cfg.model.device_map else gpus[:1]  # without device_map everything goes to cuda:0
             est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, len(used), nf4=nf4)
         free = sum(f for _, f, _ in used)
         where = ", ".join(f"{name} {human_bytes(f)} free of {human_bytes(t)}" for name, f, t in used)
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            raise UserError(f"{gpus[0][0]} has no bfloat16 support", where="train.bf16",
-                            fix="use an Ampere or newer GPU (A100, H100, H200, RTX 30xx+); float32 would need "
-                                "twice the memory")
+            raise UserError(
+                f"{gpus[0][0]} has no bfloat16 support",
+                where="train.bf16",
+                fix="use an Ampere or newer GPU (A100, H100, H200, RTX 30xx+); float32 would need twice the memory",
+            )
         if est.total > free:
-            raise UserError(f"{len(used)} GPU(s) with {human_bytes(free)} free, these settings need {est.describe()}",
-                            where=f"model.device_map={cfg.model.device_map!r}, batch {batch} x {longest} tokens",
-                            fix="make more GPUs visible (device_map: auto spreads the layers over them) or run ZeRO-3 "
-                                "over more processes (`make train LAUNCH=zero3 NPROC=<GPUs>`) or QLoRA "
-                                "(CONFIG=configs/huanhuan_qlora.yaml), free the GPUs other processes hold, or lower "
-                                "train.per_device_train_batch_size / data.max_length")
+            raise UserError(
+                f"{len(used)} GPU(s) with {human_bytes(free)} free, these settings need {est.describe()}",
+                where=f"model.device_map={cfg.model.device_map!r}, batch {batch} x {longest} tokens",
+                fix="make more GPUs visible (device_map: auto spreads the layers over them) or run ZeRO-3 "
+                "over more processes (`make train LAUNCH=zero3 NPROC=<GPUs>`) or QLoRA "
+                "(CONFIG=configs/huanhuan_qlora.yaml), free the GPUs other processes hold, or lower "
+                "train.per_device_train_batch_size / data.max_length",
+            )
         return "ok", f"{len(used)} GPU(s): {where}; {str(dtype).replace('torch.', '')} needs {est.describe()}", est
     est = estimate_memory(model_config, params, dtype_bytes, tokens, gc, 0)
     ram = available_ram()
     if ram is not None and est.total > ram:
-        raise UserError(f"on the CPU, in {str(dtype).replace('torch.', '')}, these settings need {est.describe()} of "
-                        f"RAM; {human_bytes(ram)} is available", where=f"model.device={cfg.model.device!r}",
-                        fix="train this model on GPUs (model.device: cuda; check `nvidia-smi`); the CPU is for the "
-                            "stand-in (CONFIG=configs/demo.yaml)")
-    return "ok", (f"cpu, {str(dtype).replace('torch.', '')}: needs {est.describe()}"
-                  + (f", {human_bytes(ram)} RAM available" if ram else "")), est
+        raise UserError(
+            f"on the CPU, in {str(dtype).replace('torch.', '')}, these settings need {est.describe()} of "
+            f"RAM; {human_bytes(ram)} is available",
+            where=f"model.device={cfg.model.device!r}",
+            fix="train this model on GPUs (model.device: cuda; check `nvidia-smi`); the CPU is for the "
+            "stand-in (CONFIG=configs/demo.yaml)",
+        )
+    return (
+        "ok",
+        (
+            f"cpu, {str(dtype).replace('torch.', '')}: needs {est.describe()}"
+            + (f", {human_bytes(ram)} RAM available" if ram else "")
+        ),
+        est,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,9 +353,11 @@ class _Table:
         if len(self.errors) == 1:
             raise self.errors[0][1]
         if self.errors:
-            raise UserError(f"{len(self.errors)} preflight checks failed: "
-                            + " ".join(f"({i}) {name}: {e.paragraph()}" for i, (name, e) in enumerate(self.errors, 1)),
-                            fix="fix each problem as its own 'Fix:' says, then run `make check` again")
+            raise UserError(
+                f"{len(self.errors)} preflight checks failed: "
+                + " ".join(f"({i}) {name}: {e.paragraph()}" for i, (name, e) in enumerate(self.errors, 1)),
+                fix="fix each problem as its own 'Fix:' says, then run `make check` again",
+            )
 
 
 def format_table(rows: list[Row]) -> str:
@@ -328,9 +374,12 @@ def check_patch(cfg: Config, model_config: dict | None) -> tuple[Status, str]:
         return "skip", "needs the model folder's config.json with auto_map"
     path, lines = undefined_logger(cfg.model.dir)
     if lines:
-        raise UserError(f"hunyuan.py uses `logger` without defining it (line(s) {', '.join(map(str, lines))}), so "
-                        "training with gradient checkpointing would crash with NameError", where=str(path),
-                        fix="run `make patch`")
+        raise UserError(
+            f"hunyuan.py uses `logger` without defining it (line(s) {', '.join(map(str, lines))}), so "
+            "training with gradient checkpointing would crash with NameError",
+            where=str(path),
+            fix="run `make patch`",
+        )
     return "ok", f"{path.name} defines `logger`"
 
 
@@ -339,9 +388,15 @@ def check_parameters(cfg: Config, model_config: dict | None) -> tuple[Status, st
         return "skip", "needs the model folder's config.json", None
     p = count_parameters(model_config, cfg.lora.targets(), cfg.lora.r)
     modules = sum(p.per_target.values())
-    return "ok", (f"{p.total:,} in the model (from config.json, meta device); LoRA r={cfg.lora.r} on {modules:,} "
-                  f"Linear layers: {p.lora:,} trainable ({100 * p.lora / (p.total + p.lora):.3f} % of "
-                  f"{p.total + p.lora:,})"), p
+    return (
+        "ok",
+        (
+            f"{p.total:,} in the model (from config.json, meta device); LoRA r={cfg.lora.r} on {modules:,} "
+            f"Linear layers: {p.lora:,} trainable ({100 * p.lora / (p.total + p.lora):.3f} % of "
+            f"{p.total + p.lora:,})"
+        ),
+        p,
+    )
 
 
 def check_dataset(cfg: Config, stage: str) -> tuple[Status, str, tuple[dict | None, int | None]]:
@@ -359,8 +414,9 @@ def check_resume(cfg: Config, steps: int | None) -> tuple[Status, str, ResumePoi
     point = resume_point(cfg)
     notes = incomplete_notes(point)
     if point.path and steps is not None and point.step >= steps:
-        notes.append(f"training is complete ({Path(point.path).name} is at the last step, {steps}): `make train` "
-                     "changes nothing")
+        notes.append(
+            f"training is complete ({Path(point.path).name} is at the last step, {steps}): `make train` changes nothing"
+        )
     return ("warn" if notes else "ok"), "; ".join([point.detail] + notes), point
 
 
@@ -394,11 +450,14 @@ def check_optimizer(cfg: Config) -> tuple[Status, str]:
     if optim in installed:
         return "ok", optim
     nearest = difflib.get_close_matches(optim, installed, n=1, cutoff=0.5)
-    raise UserError(f"train.optim '{optim}' needs a package this environment does not install; the optimizers "
-                    f"installed: {', '.join(installed)}", where="train.optim",
-                    fix=f"set train.optim to an installed one{f' (the nearest: {nearest[0]})' if nearest else ''}: "
-                        "adamw_torch is the tutorial's, adamw_torch_fused the faster one (bench/NOTES.md); or "
-                        "install the package it needs into the kit's environment")
+    raise UserError(
+        f"train.optim '{optim}' needs a package this environment does not install; the optimizers "
+        f"installed: {', '.join(installed)}",
+        where="train.optim",
+        fix=f"set train.optim to an installed one{f' (the nearest: {nearest[0]})' if nearest else ''}: "
+        "adamw_torch is the tutorial's, adamw_torch_fused the faster one (bench/NOTES.md); or "
+        "install the package it needs into the kit's environment",
+    )
 
 
 def check_driver() -> tuple[Status, str]:
@@ -415,15 +474,19 @@ def check_driver() -> tuple[Status, str]:
     if driver.cuda >= tuple(int(n) for n in need.split(".")[:2]):
         return "ok", f"{driver.version} runs CUDA {runs}; torch {torch.__version__} needs CUDA {need}"
     if torch.cuda.is_available():  # the datacenter forward-compatibility libraries make up the difference
-        return "ok", (f"{driver.version} runs CUDA {runs}, torch {torch.__version__} needs {need}: the GPU works "
-                      "through CUDA forward compatibility")
+        return "ok", (
+            f"{driver.version} runs CUDA {runs}, torch {torch.__version__} needs {need}: the GPU works "
+            "through CUDA forward compatibility"
+        )
     minimum = MIN_DRIVER.get(need)
-    raise UserError(f"the NVIDIA driver {driver.version} runs CUDA up to {runs}, but torch {torch.__version__} is "
-                    f"built for CUDA {need}: torch sees no GPU and would run on the CPU",
-                    where="the NVIDIA driver (`nvidia-smi` shows its version and CUDA Version)",
-                    fix=f"install an NVIDIA driver {'>= ' + minimum if minimum else f'for CUDA {need}'} (the README's "
-                        "'What the machine needs'; on a rented GPU pick an image with that driver), then run "
-                        "`make check` again")
+    raise UserError(
+        f"the NVIDIA driver {driver.version} runs CUDA up to {runs}, but torch {torch.__version__} is "
+        f"built for CUDA {need}: torch sees no GPU and would run on the CPU",
+        where="the NVIDIA driver (`nvidia-smi` shows its version and CUDA Version)",
+        fix=f"install an NVIDIA driver {'>= ' + minimum if minimum else f'for CUDA {need}'} (the README's "
+        "'What the machine needs'; on a rented GPU pick an image with that driver), then run "
+        "`make check` again",
+    )
 
 
 def check_launch(cfg: Config) -> tuple[Status, str, Placement]:
@@ -432,25 +495,34 @@ def check_launch(cfg: Config) -> tuple[Status, str, Placement]:
     device, run = where.device, where.launch
     check_combination(cfg, run)
     if cfg.model.quantization == "nf4" and device != "cuda":
-        raise UserError("model.quantization is nf4 (QLoRA) but there is no CUDA GPU: bitsandbytes' 4-bit layers run "
-                        "on CUDA only", where="model.quantization",
-                        fix="run QLoRA on a GPU machine, or set model.quantization: none (on the CPU only the stand-in "
-                            "trains: CONFIG=configs/demo.yaml)")
+        raise UserError(
+            "model.quantization is nf4 (QLoRA) but there is no CUDA GPU: bitsandbytes' 4-bit layers run on CUDA only",
+            where="model.quantization",
+            fix="run QLoRA on a GPU machine, or set model.quantization: none (on the CPU only the stand-in "
+            "trains: CONFIG=configs/demo.yaml)",
+        )
     if run.deepspeed and device != "cuda" and run.processes != 1:
         # one process runs on DeepSpeed's CPU accelerator (the tests' path); more, or none (NPROC counts
         # the GPUs nvidia-smi lists), would pass here and fail inside DeepSpeed
         why = "model.device is cpu" if cfg.model.device == "cpu" else "this machine has no CUDA GPU visible"
-        raise UserError(f"DeepSpeed ZeRO-3 over {run.processes} processes (LAUNCH, NPROC) needs CUDA GPUs, one per "
-                        f"process, but {why}", where="LAUNCH",
-                        fix="run LAUNCH=zero3 on a GPU machine (`nvidia-smi -L` lists its GPUs; NPROC defaults to "
-                            "their number) with model.device auto or cuda; without GPUs train as one process, no "
-                            "LAUNCH (on the CPU only the stand-in trains: CONFIG=configs/demo.yaml)")
+        raise UserError(
+            f"DeepSpeed ZeRO-3 over {run.processes} processes (LAUNCH, NPROC) needs CUDA GPUs, one per "
+            f"process, but {why}",
+            where="LAUNCH",
+            fix="run LAUNCH=zero3 on a GPU machine (`nvidia-smi -L` lists its GPUs; NPROC defaults to "
+            "their number) with model.device auto or cuda; without GPUs train as one process, no "
+            "LAUNCH (on the CPU only the stand-in trains: CONFIG=configs/demo.yaml)",
+        )
     if run.zero3:
-        how = (f"DeepSpeed ZeRO-3 over {run.processes} processes (weights sharded 1/{run.processes} per GPU"
-               + (", offloaded to host RAM" if run.offload_param else "") + "; MoE blocks are leaf modules)")
+        how = (
+            f"DeepSpeed ZeRO-3 over {run.processes} processes (weights sharded 1/{run.processes} per GPU"
+            + (", offloaded to host RAM" if run.offload_param else "")
+            + "; MoE blocks are leaf modules)"
+        )
     else:
-        how = f"one process, {device}" + (f", device_map={cfg.model.device_map!r}"
-                                          if device == "cuda" and cfg.model.device_map else "")
+        how = f"one process, {device}" + (
+            f", device_map={cfg.model.device_map!r}" if device == "cuda" and cfg.model.device_map else ""
+        )
     if cfg.model.quantization == "nf4":
         how += ", base weights NF4 (router wg and lm_head bf16)"
     return "ok", how, where
@@ -468,8 +540,14 @@ def check_nf4_cache(cfg: Config, params: ParamCount | None, where: Placement | N
         return "skip", "needs the model folder and the device (launch row)"
     state, line = nf4.cache_state(root, nf4.cache_key(Path(cfg.model.dir), where.dtype, bnb_config(cfg)))
     used, stale = nf4.cache_bytes(root), nf4.leftovers(root)
-    left = (f"; {', '.join(p.name for p in stale)} beside it: left by killed writes, never read "
-            "(`make clean-cache` removes them)") if stale else ""
+    left = (
+        (
+            f"; {', '.join(p.name for p in stale)} beside it: left by killed writes, never read "
+            "(`make clean-cache` removes them)"
+        )
+        if stale
+        else ""
+    )
     if state == "valid":
         return "ok", f"will be used: {line}; {human_bytes(used)} on disk (`make clean-cache` removes it){left}"
     if state != "missing":
@@ -482,10 +560,14 @@ def check_nf4_cache(cfg: Config, params: ParamCount | None, where: Placement | N
         anchor = anchor.parent
     free = shutil.disk_usage(anchor).free
     if free < need:
-        return "warn", (f"{line}; it needs ~{human_bytes(need)}, {human_bytes(free)} free at {anchor}: every NF4 "
-                        f"load will quantise the checkpoint (set model.nf4_cache to a folder with room){left}")
-    return "ok", (f"{line}: the first NF4 load writes it (~{human_bytes(need)}, {human_bytes(free)} free there), "
-                  f"later loads read it instead of quantising the checkpoint{left}")
+        return "warn", (
+            f"{line}; it needs ~{human_bytes(need)}, {human_bytes(free)} free at {anchor}: every NF4 "
+            f"load will quantise the checkpoint (set model.nf4_cache to a folder with room){left}"
+        )
+    return "ok", (
+        f"{line}: the first NF4 load writes it (~{human_bytes(need)}, {human_bytes(free)} free there), "
+        f"later loads read it instead of quantising the checkpoint{left}"
+    )
 
 
 def leftover_rows(out: Path) -> list[tuple[Status, str]]:
@@ -495,11 +577,24 @@ def leftover_rows(out: Path) -> list[tuple[Status, str]]:
     orphans = [p for p, final in previous.items() if not final.exists()]
     rows = []
     if orphans:
-        rows.append(("warn", "; ".join(f"{p} is the previous complete {previous[p].name} (a run was killed while "
-                                       f"replacing it): `mv {p} {previous[p]}` restores it" for p in orphans)))
+        rows.append(
+            (
+                "warn",
+                "; ".join(
+                    f"{p} is the previous complete {previous[p].name} (a run was killed while "
+                    f"replacing it): `mv {p} {previous[p]}` restores it"
+                    for p in orphans
+                ),
+            )
+        )
     if set(stale) - set(orphans):
-        rows.append(("warn", f"{', '.join(p.name for p in stale if p not in orphans)} in {out}: temporary files of a "
-                             "killed run, never read; safe to delete"))
+        rows.append(
+            (
+                "warn",
+                f"{', '.join(p.name for p in stale if p not in orphans)} in {out}: temporary files of a "
+                "killed run, never read; safe to delete",
+            )
+        )
     return rows
 
 
@@ -538,11 +633,16 @@ def preflight(cfg: Config, stage: Literal["check", "train"] = "check", *, echo: 
     t.run("swanlab", check_swanlab, cfg)
     masked = mask_git_remote(apply=False)
     if masked:
-        t.add("secrets", "warn", f"the git remote URL carries a credential; SwanLab records that URL, so "
-                                 f"`make train` masks it for its process ({masked})")
+        t.add(
+            "secrets",
+            "warn",
+            f"the git remote URL carries a credential; SwanLab records that URL, so "
+            f"`make train` masks it for its process ({masked})",
+        )
 
     if echo and is_main_process():
         print(f"preflight ({stage}, {source}):\n{format_table(t.rows)}", flush=True)
     t.raise_failures()
-    return Plan(placement=where, resume=resume, rows=t.rows, params=params, memory=memory,
-                disk_bytes=needed, steps=steps)
+    return Plan(
+        placement=where, resume=resume, rows=t.rows, params=params, memory=memory, disk_bytes=needed, steps=steps
+    )

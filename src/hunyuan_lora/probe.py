@@ -60,13 +60,19 @@ def _lengths_file(path: Path) -> tuple[list[int], list[int] | None]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read token lengths from {path}: {e}", where="PROBE_LENGTHS",
-                        fix='give a JSON file with a "tokens" list of per-sample token counts') from e
+        raise UserError(
+            f"cannot read token lengths from {path}: {e}",
+            where="PROBE_LENGTHS",
+            fix='give a JSON file with a "tokens" list of per-sample token counts',
+        ) from e
     tokens = data.get("tokens") if isinstance(data, dict) else data
     answers = data.get("answer_tokens") if isinstance(data, dict) else None
     if not (isinstance(tokens, list) and tokens and all(isinstance(n, int) and n > 1 for n in tokens)):
-        raise UserError(f"{path} holds no list of token counts (each > 1)", where="PROBE_LENGTHS",
-                        fix='give a JSON file {"tokens": [61, 48, ...]} or a plain list')
+        raise UserError(
+            f"{path} holds no list of token counts (each > 1)",
+            where="PROBE_LENGTHS",
+            fix='give a JSON file {"tokens": [61, 48, ...]} or a plain list',
+        )
     return tokens, answers if isinstance(answers, list) and len(answers) == len(tokens) else None
 
 
@@ -79,7 +85,7 @@ def _synthetic(lengths: list[int], answers: list[int] | None, vocab: int, seed: 
     for i, n in enumerate(lengths):
         ids = torch.randint(0, top, (n,), generator=g).tolist()
         a = min(answers[i], n - 1) if answers else n - 1
-        out.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * (n - a) + ids[n - a:]})
+        out.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * (n - a) + ids[n - a :]})
     return out
 
 
@@ -100,8 +106,12 @@ def probe_samples(cfg: Config, lengths_file: str | None, vocab: int, scratch: Pa
     tokenizer, which = _tokenizer(cfg, scratch)
     if lengths_file:
         tokens, answers = _lengths_file(Path(lengths_file))
-        return (_synthetic(tokens, answers, vocab, cfg.run.seed), len(tokens), tokenizer,
-                f"token lengths from {lengths_file} (random ids)")
+        return (
+            _synthetic(tokens, answers, vocab, cfg.run.seed),
+            len(tokens),
+            tokenizer,
+            f"token lengths from {lengths_file} (random ids)",
+        )
     tokenized = cfg.output_dir / "data"
     if (tokenized / "dataset_dict.json").is_file():
         train = load_from_disk(str(tokenized))["train"]
@@ -112,9 +122,11 @@ def probe_samples(cfg: Config, lengths_file: str | None, vocab: int, scratch: Pa
 
     path = Path(cfg.data.path)
     if not path.is_file():
-        raise UserError(f"no dataset to take lengths from: {tokenized} (make dataset) and {path} (data.path) "
-                        "do not exist", where="data.path",
-                        fix="run `make dataset`, or give PROBE_LENGTHS=<a JSON list of token counts>")
+        raise UserError(
+            f"no dataset to take lengths from: {tokenized} (make dataset) and {path} (data.path) do not exist",
+            where="data.path",
+            fix="run `make dataset`, or give PROBE_LENGTHS=<a JSON list of token counts>",
+        )
     records, _ = read_records(path, drop_duplicates=cfg.data.drop_duplicates)
     samples = [s for r in records for s in training_samples(tokenizer, r, cfg)[0]]
     for s in samples:
@@ -174,7 +186,10 @@ class SmiPeak:
         try:
             self.proc = subprocess.Popen(
                 ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits", "-lms", "250"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         except OSError:
             return
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -224,8 +239,13 @@ class StepProfile:
         self.callback = _Callback()
 
     def summary(self) -> dict:
-        kernels = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not getattr(e, "is_user_annotation", False) and "#" not in e.name]
+        kernels = [
+            e
+            for e in self.prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)
+            and "#" not in e.name
+        ]
         by_name: dict[str, list] = {}
         for e in kernels:
             entry = by_name.setdefault(e.name[:90], [0.0, 0])
@@ -237,9 +257,14 @@ class StepProfile:
         # the host side: operators by their own CPU time (Python, dispatch, autograd, launches)
         ops = sorted(self.prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:15]
         host = [[a.key[:90], round(a.self_cpu_time_total / 1e3, 3), a.count] for a in ops]
-        return {"kernels": len(kernels), "busy_ms": round(busy_ms, 2), "dequantize_ms": round(dequant, 2),
-                "top": [[n, round(ms, 3), c] for n, (ms, c) in top], "host_top": host,
-                "host_ms": round(sum(a.self_cpu_time_total for a in self.prof.key_averages()) / 1e3, 2)}
+        return {
+            "kernels": len(kernels),
+            "busy_ms": round(busy_ms, 2),
+            "dequantize_ms": round(dequant, 2),
+            "top": [[n, round(ms, 3), c] for n, (ms, c) in top],
+            "host_top": host,
+            "host_ms": round(sum(a.self_cpu_time_total for a in self.prof.key_averages()) / 1e3, 2),
+        }
 
 
 def gemm_rate(device: str) -> tuple[float, str]:
@@ -262,8 +287,13 @@ def verdicts(peak_gib: float) -> dict[str, str]:
     out = {}
     for gb in CARD_SIZES_GB:
         usable = 0.98 * gb
-        out[f"{gb}GB"] = ("fits with headroom" if peak_gib <= (1 - HEADROOM) * usable
-                          else "fits" if peak_gib <= usable else "does not fit")
+        out[f"{gb}GB"] = (
+            "fits with headroom"
+            if peak_gib <= (1 - HEADROOM) * usable
+            else "fits"
+            if peak_gib <= usable
+            else "does not fit"
+        )
     return out
 
 
@@ -273,36 +303,70 @@ def verdicts(peak_gib: float) -> dict[str, str]:
 
 def add_arguments(parser) -> None:
     # make probe PROBE_STEPS=... arrives in the environment (make exports command-line variables)
-    parser.add_argument("--steps", type=int, default=int(os.environ.get("PROBE_STEPS") or 20),
-                        help="optimizer steps to run (PROBE_STEPS, default 20)")
-    parser.add_argument("--layers", type=int, default=int(os.environ["PROBE_LAYERS"]) if os.environ.get("PROBE_LAYERS")
-                        else None, help="decoder layers to build (PROBE_LAYERS; default: all of the config)")
-    parser.add_argument("--lengths", default=os.environ.get("PROBE_LENGTHS") or None,
-                        help="JSON of per-sample token counts (PROBE_LENGTHS), "
-                             "e.g. ../shared/data/huanhuan_token_lengths.json")
-    parser.add_argument("--compare", action="store_true", default=os.environ.get("PROBE_COMPARE") == "1",
-                        help="then the same probe with moe_impl upstream, unpacked, for a ratio (PROBE_COMPARE=1)")
-    parser.add_argument("--profile", action="store_true", default=os.environ.get("PROBE_PROFILE") == "1",
-                        help="profile one extra step: kernels, GPU busy, dequantisation share (PROBE_PROFILE=1)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=int(os.environ.get("PROBE_STEPS") or 20),
+        help="optimizer steps to run (PROBE_STEPS, default 20)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=int(os.environ["PROBE_LAYERS"]) if os.environ.get("PROBE_LAYERS") else None,
+        help="decoder layers to build (PROBE_LAYERS; default: all of the config)",
+    )
+    parser.add_argument(
+        "--lengths",
+        default=os.environ.get("PROBE_LENGTHS") or None,
+        help="JSON of per-sample token counts (PROBE_LENGTHS), e.g. ../shared/data/huanhuan_token_lengths.json",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        default=os.environ.get("PROBE_COMPARE") == "1",
+        help="then the same probe with moe_impl upstream, unpacked, for a ratio (PROBE_COMPARE=1)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        default=os.environ.get("PROBE_PROFILE") == "1",
+        help="profile one extra step: kernels, GPU busy, dequantisation share (PROBE_PROFILE=1)",
+    )
 
 
-def run(cfg: Config, *, steps: int = 20, layers: int | None = None, lengths: str | None = None,
-        profile: bool = False, compare: bool = False) -> Path:
+def run(
+    cfg: Config,
+    *,
+    steps: int = 20,
+    layers: int | None = None,
+    lengths: str | None = None,
+    profile: bool = False,
+    compare: bool = False,
+) -> Path:
     where = placement(cfg)
     if where.launch.deepspeed:
-        raise UserError("make probe runs one process: ZeRO-3 (LAUNCH=zero3) is not probed yet", where="LAUNCH",
-                        fix="run `make probe` without LAUNCH (one GPU, or NF4 with configs/huanhuan_qlora.yaml)")
+        raise UserError(
+            "make probe runs one process: ZeRO-3 (LAUNCH=zero3) is not probed yet",
+            where="LAUNCH",
+            fix="run `make probe` without LAUNCH (one GPU, or NF4 with configs/huanhuan_qlora.yaml)",
+        )
     check_optimizer(cfg)  # the preflight's optimizer row: the probe trains with it
     if steps < 2:
-        raise UserError(f"PROBE_STEPS={steps}: at least 2 optimizer steps are needed (warm-up and steady state)",
-                        where="PROBE_STEPS", fix="PROBE_STEPS=20")
+        raise UserError(
+            f"PROBE_STEPS={steps}: at least 2 optimizer steps are needed (warm-up and steady state)",
+            where="PROBE_STEPS",
+            fix="PROBE_STEPS=20",
+        )
     if (Path(cfg.model.dir) / "config.json").is_file():  # else the real A13B architecture (no folder yet)
         # upstream (and the PROBE_COMPARE baseline) runs the folder's own code
         check_config(Path(cfg.model.dir), code=cfg.model.moe_impl == "upstream" or compare)
     if compare and cfg.model.moe_impl != "fast":
-        raise UserError("PROBE_COMPARE=1 measures the config against the per-expert upstream path: the config "
-                        "already runs model.moe_impl: upstream", where="PROBE_COMPARE",
-                        fix="use it with a fast config (configs/huanhuan_fast.yaml, configs/huanhuan_qlora.yaml)")
+        raise UserError(
+            "PROBE_COMPARE=1 measures the config against the per-expert upstream path: the config "
+            "already runs model.moe_impl: upstream",
+            where="PROBE_COMPARE",
+            fix="use it with a fast config (configs/huanhuan_fast.yaml, configs/huanhuan_qlora.yaml)",
+        )
     out = cfg.output_dir / "probe"
     check_replaceable(out, where="run.output_dir")
     report = measure(cfg, where, steps, layers, lengths, profile)
@@ -331,13 +395,23 @@ def baseline(cfg: Config, where: Placement, steps: int, layers: int | None, leng
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     r = measure(base, where, steps, layers, lengths, profile=False)
-    keys = ("moe_impl", "code", "train", "steady_s_per_step", "warmup_s", "samples_per_s", "tokens_per_s", "peak_gib",
-            "memory", "step_s", "loss_per_step")
+    keys = (
+        "moe_impl",
+        "code",
+        "train",
+        "steady_s_per_step",
+        "warmup_s",
+        "samples_per_s",
+        "tokens_per_s",
+        "peak_gib",
+        "memory",
+        "step_s",
+        "loss_per_step",
+    )
     return {k: r[k] for k in keys}
 
 
-def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengths: str | None,
-            profile: bool) -> dict:
+def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengths: str | None, profile: bool) -> dict:
     """One probe: build the random model, train `steps` optimizer steps through the Trainer, report."""
     device = where.device
     per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps  # one process
@@ -380,20 +454,37 @@ def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengt
         train_wall = time.perf_counter() - t_train
         smi_peak = smi.stop() if smi else {}
 
-    report = summarize(cfg, Measurement(
-        steps=clock.steps[:steps], per_step=per_step, records=records, gemm_rate=rate, gemm_what=gemm_what,
-        init=init, lengths_source=lengths_source, device=device, trainable=trainable, total=total,
-        train_wall_s=train_wall, smi_peak=smi_peak,
-        active_params=active_parameters(model.get_base_model().config.to_dict()),
-        loss=float(result.training_loss)))
+    report = summarize(
+        cfg,
+        Measurement(
+            steps=clock.steps[:steps],
+            per_step=per_step,
+            records=records,
+            gemm_rate=rate,
+            gemm_what=gemm_what,
+            init=init,
+            lengths_source=lengths_source,
+            device=device,
+            trainable=trainable,
+            total=total,
+            train_wall_s=train_wall,
+            smi_peak=smi_peak,
+            active_params=active_parameters(model.get_base_model().config.to_dict()),
+            loss=float(result.training_loss),
+        ),
+    )
     report["loss_per_step"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e][:steps]
     # the prompt a generation starts from: a sample without its answer (the tokens without labels)
-    report["prompt_tokens"] = max(1, round(statistics.median(sum(1 for v in s["labels"] if v == -100)
-                                                             for s in samples)))
+    report["prompt_tokens"] = max(
+        1, round(statistics.median(sum(1 for v in s["labels"] if v == -100) for s in samples))
+    )
     if profiler is not None and profiler.result is not None:
         p = profiler.result
-        report["profile"] = dict(p, busy_fraction_of_steady=round(p["busy_ms"] / 1e3 / report["steady_s_per_step"], 3),
-                                 kernels_per_layer=round(p["kernels"] / report["layers"], 1))
+        report["profile"] = dict(
+            p,
+            busy_fraction_of_steady=round(p["busy_ms"] / 1e3 / report["steady_s_per_step"], 3),
+            kernels_per_layer=round(p["kernels"] / report["layers"], 1),
+        )
     return report
 
 
@@ -414,8 +505,15 @@ def _generate_timed(model, batch: int, prompt: int, new: int, seed: int) -> dict
     vocab = model.get_base_model().config.vocab_size
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, int(0.9 * vocab), (batch, prompt), generator=g).to(model.device)
-    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "temperature": None, "top_p": None,
-              "top_k": None, "pad_token_id": 0, "eos_token_id": None}
+    kwargs = {
+        "attention_mask": torch.ones_like(ids),
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "pad_token_id": 0,
+        "eos_token_id": None,
+    }
     times = []
     with torch.no_grad():
         for n in (new, 1, new):
@@ -425,9 +523,13 @@ def _generate_timed(model, batch: int, prompt: int, new: int, seed: int) -> dict
     assert out.shape == (batch, prompt + new)
     warm, first, total = times
     decode = max(total - first, 1e-9)
-    return {"warmup_s": round(warm, 3), "ttft_s": round(first, 4), "total_s": round(total, 3),
-            "tokens_per_s": round(batch * (new - 1) / decode, 2),
-            "per_stream_tokens_per_s": round((new - 1) / decode, 2)}
+    return {
+        "warmup_s": round(warm, 3),
+        "ttft_s": round(first, 4),
+        "total_s": round(total, 3),
+        "tokens_per_s": round(batch * (new - 1) / decode, 2),
+        "per_stream_tokens_per_s": round((new - 1) / decode, 2),
+    }
 
 
 def _decode_profile(model, prompt: int) -> dict:
@@ -435,21 +537,34 @@ def _decode_profile(model, prompt: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(0, 1000, (1, prompt)).to(model.device)
-    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "temperature": None, "top_p": None,
-              "top_k": None, "pad_token_id": 0, "eos_token_id": None}
+    kwargs = {
+        "attention_mask": torch.ones_like(ids),
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "pad_token_id": 0,
+        "eos_token_id": None,
+    }
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch.no_grad(), profile(activities=acts) as prof:
         model.generate(input_ids=ids, max_new_tokens=9, **kwargs)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / 1e3
     dequant = sum(e.device_time for e in kernels if "equant" in e.name) / 1e3
-    return {"tokens": 9, "kernels": len(kernels), "kernels_per_token": round(len(kernels) / 9, 1),
-            "busy_ms": round(busy, 2), "dequantize_ms": round(dequant, 2),
-            "dequantize_share": round(dequant / busy, 3) if busy else 0.0}
+    return {
+        "tokens": 9,
+        "kernels": len(kernels),
+        "kernels_per_token": round(len(kernels) / 9, 1),
+        "busy_ms": round(busy, 2),
+        "dequantize_ms": round(dequant, 2),
+        "dequantize_share": round(dequant / busy, 3) if busy else 0.0,
+    }
 
 
-def measure_generation(cfg: Config, where: Placement, layers: int | None, prompt_tokens: int, records: int,
-                       profile: bool) -> dict:
+def measure_generation(
+    cfg: Config, where: Placement, layers: int | None, prompt_tokens: int, records: int, profile: bool
+) -> dict:
     """The generation part: the configured model on random weights with the config's LoRA attached (B non-zero),
     as infer / eval / chat / serve load it, generating greedily at batch 1 and at the eval batch size; from those,
     the time of the train stage's before/after samples and the ETA of `make eval` on the held-out split."""
@@ -490,19 +605,31 @@ def measure_generation(cfg: Config, where: Placement, layers: int | None, prompt
     eta = sides * math.ceil(eval_records / batch) * per_batch
     graphs = getattr(getattr(model.get_base_model(), "_decode_graphs", None), "_graphs", None)
     report = {
-        "gen_tokens_per_s_batch1": one["per_stream_tokens_per_s"], "gen_tokens_per_s_batched": many["tokens_per_s"],
-        "gen_batch_size": batch, "gen_time_to_first_token_s": one["ttft_s"], "gen_eval_eta_s": round(eta, 1),
-        "generation": {"prompt_tokens": prompt_tokens, "new_tokens": GEN_NEW_TOKENS, "batch1": one, "batched": many,
-                       "peak_reserved_gib": round(peak, 2) if peak is not None else None,
-                       "cache": model.generation_config.cache_implementation or "dynamic",
-                       "graphs_captured": graphs.captures if graphs is not None else 0,
-                       "samples_s": round(samples_s, 1), "samples": f"{prompts} prompt(s) x before/after x "
-                                                                    f"{sample_tokens} tokens at batch 1",
-                       "eval_records": eval_records, "eval_sides": sides,
-                       "eval_max_new_tokens": cfg.eval.max_new_tokens,
-                       "eval_records_from": (f"data.eval_ratio {cfg.data.eval_ratio}" if held_out else
-                                             f"no held-out split configured: {TUTORIAL_EVAL_RATIO:.0%} of the "
-                                             "records, as the tutorial")}}
+        "gen_tokens_per_s_batch1": one["per_stream_tokens_per_s"],
+        "gen_tokens_per_s_batched": many["tokens_per_s"],
+        "gen_batch_size": batch,
+        "gen_time_to_first_token_s": one["ttft_s"],
+        "gen_eval_eta_s": round(eta, 1),
+        "generation": {
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": GEN_NEW_TOKENS,
+            "batch1": one,
+            "batched": many,
+            "peak_reserved_gib": round(peak, 2) if peak is not None else None,
+            "cache": model.generation_config.cache_implementation or "dynamic",
+            "graphs_captured": graphs.captures if graphs is not None else 0,
+            "samples_s": round(samples_s, 1),
+            "samples": f"{prompts} prompt(s) x before/after x {sample_tokens} tokens at batch 1",
+            "eval_records": eval_records,
+            "eval_sides": sides,
+            "eval_max_new_tokens": cfg.eval.max_new_tokens,
+            "eval_records_from": (
+                f"data.eval_ratio {cfg.data.eval_ratio}"
+                if held_out
+                else f"no held-out split configured: {TUTORIAL_EVAL_RATIO:.0%} of the records, as the tutorial"
+            ),
+        },
+    }
     if profile:
         report["generation"]["profile"] = _decode_profile(model, prompt_tokens)
     return report
@@ -538,52 +665,92 @@ def summarize(cfg: Config, m: Measurement) -> dict:
     samples = statistics.fmean(s["samples"] for s in m.steps[warm:])
     tokens = statistics.fmean(s["tokens"] for s in m.steps[warm:])
     tokens_per_s = tokens / steady
-    run_steps = (cfg.train.max_steps if cfg.train.max_steps > 0
-                 else math.ceil(cfg.train.num_train_epochs * math.ceil(m.records / m.per_step)))
+    run_steps = (
+        cfg.train.max_steps
+        if cfg.train.max_steps > 0
+        else math.ceil(cfg.train.num_train_epochs * math.ceil(m.records / m.per_step))
+    )
     memory = []
     if m.device == "cuda":
         for i in range(torch.cuda.device_count()):
-            memory.append({"gpu": i, "name": torch.cuda.get_device_name(i),
-                           "allocated_gib": round(torch.cuda.max_memory_allocated(i) / GIB, 2),
-                           "reserved_gib": round(torch.cuda.max_memory_reserved(i) / GIB, 2),
-                           "nvidia_smi_gib": round(m.smi_peak[i] / 1024, 2) if i in m.smi_peak else None,
-                           "card_gib": round(torch.cuda.get_device_properties(i).total_memory / GIB, 1)})
+            memory.append(
+                {
+                    "gpu": i,
+                    "name": torch.cuda.get_device_name(i),
+                    "allocated_gib": round(torch.cuda.max_memory_allocated(i) / GIB, 2),
+                    "reserved_gib": round(torch.cuda.max_memory_reserved(i) / GIB, 2),
+                    "nvidia_smi_gib": round(m.smi_peak[i] / 1024, 2) if i in m.smi_peak else None,
+                    "card_gib": round(torch.cuda.get_device_properties(i).total_memory / GIB, 1),
+                }
+            )
     else:
         import resource
 
         memory.append({"cpu_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)})
-    peak = max((row.get("nvidia_smi_gib") or row.get("reserved_gib") or row.get("cpu_peak_rss_gib") or 0)
-               for row in memory)
+    peak = max(
+        (row.get("nvidia_smi_gib") or row.get("reserved_gib") or row.get("cpu_peak_rss_gib") or 0) for row in memory
+    )
     import transformers
 
     return {
-        "config": cfg.source, "run": cfg.run.name, "card": memory[0].get("name", "cpu") if memory else "cpu",
+        "config": cfg.source,
+        "run": cfg.run.name,
+        "card": memory[0].get("name", "cpu") if memory else "cpu",
         "gpus": torch.cuda.device_count() if m.device == "cuda" else 0,
-        "device": m.device, "layers": m.init["layers"], "layers_in_config": m.init["layers_in_config"],
-        "depth_cut": m.init["layers"] != m.init["layers_in_config"], "architecture_from": m.init["architecture_from"],
-        "code": m.init["code"], "moe_impl": cfg.model.moe_impl, "quantization": cfg.model.quantization,
+        "device": m.device,
+        "layers": m.init["layers"],
+        "layers_in_config": m.init["layers_in_config"],
+        "depth_cut": m.init["layers"] != m.init["layers_in_config"],
+        "architecture_from": m.init["architecture_from"],
+        "code": m.init["code"],
+        "moe_impl": cfg.model.moe_impl,
+        "quantization": cfg.model.quantization,
         "nf4_products": cfg.model.nf4_products,
-        "lora": {"targets": cfg.lora.targets(), "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                 "trainable": m.trainable, "total": m.total},
-        "train": {"per_device_train_batch_size": cfg.train.per_device_train_batch_size,
-                  "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "packing": cfg.train.packing,
-                  "pad_to_multiple_of": cfg.train.pad_to_multiple_of, "optim": cfg.train.optim,
-                  "gradient_checkpointing": cfg.train.gradient_checkpointing},
+        "lora": {
+            "targets": cfg.lora.targets(),
+            "r": cfg.lora.r,
+            "alpha": cfg.lora.alpha,
+            "dropout": cfg.lora.dropout,
+            "trainable": m.trainable,
+            "total": m.total,
+        },
+        "train": {
+            "per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+            "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+            "packing": cfg.train.packing,
+            "pad_to_multiple_of": cfg.train.pad_to_multiple_of,
+            "optim": cfg.train.optim,
+            "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        },
         "lengths_from": m.lengths_source,
-        "samples_per_optimizer_step": m.per_step, "steps": len(times), "warmup_steps": warm,
+        "samples_per_optimizer_step": m.per_step,
+        "steps": len(times),
+        "warmup_steps": warm,
         "step_s": [round(t, 4) for t in times],
-        "steady_s_per_step": round(steady, 4), "mean_s_per_step_after_warmup": round(mean_after, 4),
-        "warmup_s": round(warmup_s, 3), "first_step_s": round(times[0], 3), "train_wall_s": round(m.train_wall_s, 3),
+        "steady_s_per_step": round(steady, 4),
+        "mean_s_per_step_after_warmup": round(mean_after, 4),
+        "warmup_s": round(warmup_s, 3),
+        "first_step_s": round(times[0], 3),
+        "train_wall_s": round(m.train_wall_s, 3),
         "init_s": m.init["init_s"],
-        "samples_per_s": round(samples / steady, 3), "tokens_per_s": round(tokens_per_s, 1),
-        "real_tokens_per_step": round(tokens, 1), "samples_per_step_measured": round(samples, 2),
-        "active_params_per_token": m.active_params, "gemm_tflops": round(m.gemm_rate / 1e12, 1), "gemm": m.gemm_what,
+        "samples_per_s": round(samples / steady, 3),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "real_tokens_per_step": round(tokens, 1),
+        "samples_per_step_measured": round(samples, 2),
+        "active_params_per_token": m.active_params,
+        "gemm_tflops": round(m.gemm_rate / 1e12, 1),
+        "gemm": m.gemm_what,
         "mfu": round(tokens_per_s * 6 * m.active_params / m.gemm_rate, 4),
-        "run_steps": run_steps, "run_records": m.records,
+        "run_steps": run_steps,
+        "run_records": m.records,
         "eta_s": round(warmup_s + run_steps * mean_after, 1),
-        "memory": memory, "peak_gib": peak, "verdict": verdicts(peak),
+        "memory": memory,
+        "peak_gib": peak,
+        "verdict": verdicts(peak),
         "final_loss": round(m.loss, 4),
-        "code_commit": git_commit(), "versions": package_versions(), "transformers": transformers.__version__,
+        "code_commit": git_commit(),
+        "versions": package_versions(),
+        "transformers": transformers.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -657,18 +824,32 @@ def load_times(cfg: Config, r: dict, rate: float, rate_how: str) -> dict:
     from_checkpoint = checkpoint / rate
     from_cache = cache / rate if nf4 else None
     gen = r.get("generation") or {}
-    after = {"train": r["eta_s"] + gen.get("samples_s", 0.0), "eval": r.get("gen_eval_eta_s"),
-             "infer, chat, serve": 0.0}
-    stages = {stage: {"then_s": None if then is None else round(then, 1),
-                      "from_checkpoint_s": round(from_checkpoint + (then or 0.0), 1),
-                      "from_cache_s": None if from_cache is None else round(from_cache + (then or 0.0), 1)}
-              for stage, then in after.items()}
-    return {"load": {"read_bytes_per_s": round(rate), "read_measured_on": rate_how,
-                     "checkpoint_bytes": int(checkpoint), "checkpoint_bytes_from": checkpoint_from,
-                     "cache_bytes": None if cache is None else int(cache),
-                     "from_checkpoint_s": round(from_checkpoint, 1),
-                     "from_cache_s": None if from_cache is None else round(from_cache, 1),
-                     "merge_s": round(2 * checkpoint / rate, 1), "stages": stages}}
+    after = {
+        "train": r["eta_s"] + gen.get("samples_s", 0.0),
+        "eval": r.get("gen_eval_eta_s"),
+        "infer, chat, serve": 0.0,
+    }
+    stages = {
+        stage: {
+            "then_s": None if then is None else round(then, 1),
+            "from_checkpoint_s": round(from_checkpoint + (then or 0.0), 1),
+            "from_cache_s": None if from_cache is None else round(from_cache + (then or 0.0), 1),
+        }
+        for stage, then in after.items()
+    }
+    return {
+        "load": {
+            "read_bytes_per_s": round(rate),
+            "read_measured_on": rate_how,
+            "checkpoint_bytes": int(checkpoint),
+            "checkpoint_bytes_from": checkpoint_from,
+            "cache_bytes": None if cache is None else int(cache),
+            "from_checkpoint_s": round(from_checkpoint, 1),
+            "from_cache_s": None if from_cache is None else round(from_cache, 1),
+            "merge_s": round(2 * checkpoint / rate, 1),
+            "stages": stages,
+        }
+    }
 
 
 def _min(seconds: float | None) -> str:
@@ -679,8 +860,11 @@ def markdown(r: dict) -> str:
     cut = f" (cut from {r['layers_in_config']}: PROBE_LAYERS)" if r["depth_cut"] else ""
     mem = "; ".join(
         f"GPU {m['gpu']} {m['name']}: allocated {m['allocated_gib']} GiB, reserved {m['reserved_gib']} GiB, "
-        f"nvidia-smi {m['nvidia_smi_gib']} GiB of {m['card_gib']}" if "gpu" in m
-        else f"CPU peak RSS {m['cpu_peak_rss_gib']} GiB" for m in r["memory"])
+        f"nvidia-smi {m['nvidia_smi_gib']} GiB of {m['card_gib']}"
+        if "gpu" in m
+        else f"CPU peak RSS {m['cpu_peak_rss_gib']} GiB"
+        for m in r["memory"]
+    )
     lora, train = r["lora"], r["train"]
     eta = r["eta_s"]
     products = f" (NF4 products: {r.get('nf4_products', 'dequantize')})" if r["quantization"] == "nf4" else ""
@@ -709,64 +893,97 @@ def markdown(r: dict) -> str:
         f"({r['run_steps']} steps x {r['mean_s_per_step_after_warmup']} s "
         f"+ warm-up; the load: below){' at this depth' if r['depth_cut'] else ''} |",
         f"| peak memory | {mem} |",
-        "| verdict (from the measured peak " + f"{r['peak_gib']} GiB" + ") | "
-        + ", ".join(f"{k}: {v}" for k, v in r["verdict"].items()) + " |",
+        "| verdict (from the measured peak "
+        + f"{r['peak_gib']} GiB"
+        + ") | "
+        + ", ".join(f"{k}: {v}" for k, v in r["verdict"].items())
+        + " |",
         "",
         f"Step times (s): {', '.join(str(t) for t in r['step_s'])}. Loss per step: "
         f"{', '.join(str(v) for v in r.get('loss_per_step', []))}. Code {r['code_commit']}.",
     ]
     b = r.get("baseline")
     if b:
-        lines += ["", f"Baseline in the same run (PROBE_COMPARE): moe_impl {b['moe_impl']}, unpacked ({b['code']}): "
-                  f"{b['steady_s_per_step']} s per optimizer step, {b['samples_per_s']} samples/s, peak "
-                  f"{b['peak_gib']} GiB: the config is **{r['speedup_vs_baseline']}x** that baseline."]
+        lines += [
+            "",
+            f"Baseline in the same run (PROBE_COMPARE): moe_impl {b['moe_impl']}, unpacked ({b['code']}): "
+            f"{b['steady_s_per_step']} s per optimizer step, {b['samples_per_s']} samples/s, peak "
+            f"{b['peak_gib']} GiB: the config is **{r['speedup_vs_baseline']}x** that baseline.",
+        ]
     gen = r.get("generation")
     if gen:
         b1, bb = gen["batch1"], gen["batched"]
-        lines += ["", f"Generation (the config's LoRA attached, B non-zero; greedy, {gen['prompt_tokens']}-token "
-                  f"prompts, {gen['new_tokens']} new tokens, {gen['cache']} cache, "
-                  f"{gen['graphs_captured']} decode graph(s) captured):", "",
-                  "| measure | value |", "| --- | --- |",
-                  f"| batch 1 | **{r['gen_tokens_per_s_batch1']} tokens/s**, first token after "
-                  f"{r['gen_time_to_first_token_s']} s (warm-up {b1['warmup_s']} s) |",
-                  f"| batch {r['gen_batch_size']} (the eval batch size) | **{r['gen_tokens_per_s_batched']} tokens/s** "
-                  f"({bb['per_stream_tokens_per_s']} per stream), first token after {bb['ttft_s']} s |",
-                  f"| peak memory while generating | {gen['peak_reserved_gib']} GiB reserved |",
-                  f"| train's before/after samples | {gen['samples_s']} s ({gen['samples']}) |",
-                  f"| ETA of `make eval` | {r['gen_eval_eta_s'] / 60:.1f} min ({gen['eval_records']} records from "
-                  f"{gen['eval_records_from']} x {gen['eval_sides']} side(s) x up to {gen['eval_max_new_tokens']} "
-                  f"tokens, batches of {r['gen_batch_size']}){' at this depth' if r['depth_cut'] else ''} |"]
+        lines += [
+            "",
+            f"Generation (the config's LoRA attached, B non-zero; greedy, {gen['prompt_tokens']}-token "
+            f"prompts, {gen['new_tokens']} new tokens, {gen['cache']} cache, "
+            f"{gen['graphs_captured']} decode graph(s) captured):",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            f"| batch 1 | **{r['gen_tokens_per_s_batch1']} tokens/s**, first token after "
+            f"{r['gen_time_to_first_token_s']} s (warm-up {b1['warmup_s']} s) |",
+            f"| batch {r['gen_batch_size']} (the eval batch size) | **{r['gen_tokens_per_s_batched']} tokens/s** "
+            f"({bb['per_stream_tokens_per_s']} per stream), first token after {bb['ttft_s']} s |",
+            f"| peak memory while generating | {gen['peak_reserved_gib']} GiB reserved |",
+            f"| train's before/after samples | {gen['samples_s']} s ({gen['samples']}) |",
+            f"| ETA of `make eval` | {r['gen_eval_eta_s'] / 60:.1f} min ({gen['eval_records']} records from "
+            f"{gen['eval_records_from']} x {gen['eval_sides']} side(s) x up to {gen['eval_max_new_tokens']} "
+            f"tokens, batches of {r['gen_batch_size']}){' at this depth' if r['depth_cut'] else ''} |",
+        ]
         gp = gen.get("profile")
         if gp:
-            lines += ["", f"Decode profile (batch 1, {gp['tokens']} tokens): {gp['kernels']} kernels "
-                      f"({gp['kernels_per_token']} per token), {gp['busy_ms']} ms GPU busy, dequantisation "
-                      f"{gp['dequantize_ms']} ms ({100 * gp['dequantize_share']:.0f} %)."]
+            lines += [
+                "",
+                f"Decode profile (batch 1, {gp['tokens']} tokens): {gp['kernels']} kernels "
+                f"({gp['kernels_per_token']} per token), {gp['busy_ms']} ms GPU busy, dequantisation "
+                f"{gp['dequantize_ms']} ms ({100 * gp['dequantize_share']:.0f} %).",
+            ]
     ld = r.get("load")
     if ld:
         cache = ld["cache_bytes"] is not None
         rate = ld["read_bytes_per_s"] / 1e9
-        lines += ["", f"Loading, the whole wait per stage (full depth; disk read {rate:.2f} GB/s "
-                  f"measured on {ld['read_measured_on']}; checkpoint {ld['checkpoint_bytes'] / 1e9:.0f} GB from "
-                  f"{ld['checkpoint_bytes_from']}"
-                  + (f", NF4 cache {ld['cache_bytes'] / 1e9:.0f} GB" if cache else "") + "):", "",
-                  "| stage | load from the checkpoint | load from the NF4 cache | then "
-                  "| whole wait (checkpoint / cache) |",
-                  "| --- | --- | --- | --- | --- |"]
-        then = {"train": "the epoch + before/after samples", "eval": "generation, base and adapter",
-                "infer, chat, serve": "per answer (generation above)"}
+        lines += [
+            "",
+            f"Loading, the whole wait per stage (full depth; disk read {rate:.2f} GB/s "
+            f"measured on {ld['read_measured_on']}; checkpoint {ld['checkpoint_bytes'] / 1e9:.0f} GB from "
+            f"{ld['checkpoint_bytes_from']}"
+            + (f", NF4 cache {ld['cache_bytes'] / 1e9:.0f} GB" if cache else "")
+            + "):",
+            "",
+            "| stage | load from the checkpoint | load from the NF4 cache | then | whole wait (checkpoint / cache) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        then = {
+            "train": "the epoch + before/after samples",
+            "eval": "generation, base and adapter",
+            "infer, chat, serve": "per answer (generation above)",
+        }
         for stage, st in ld["stages"].items():
-            lines.append(f"| {stage} | {_min(ld['from_checkpoint_s'])} | {_min(ld['from_cache_s'])} | "
-                         f"{then[stage]}: {_min(st['then_s'])} | {_min(st['from_checkpoint_s'])} / "
-                         f"{_min(st['from_cache_s'])} |")
-        lines.append(f"| merge (no GPU) | reads and writes the bf16 checkpoint: {_min(ld['merge_s'])} | - | - | "
-                     f"{_min(ld['merge_s'])} |")
+            lines.append(
+                f"| {stage} | {_min(ld['from_checkpoint_s'])} | {_min(ld['from_cache_s'])} | "
+                f"{then[stage]}: {_min(st['then_s'])} | {_min(st['from_checkpoint_s'])} / "
+                f"{_min(st['from_cache_s'])} |"
+            )
+        lines.append(
+            f"| merge (no GPU) | reads and writes the bf16 checkpoint: {_min(ld['merge_s'])} | - | - | "
+            f"{_min(ld['merge_s'])} |"
+        )
     p = r.get("profile")
     if p:
-        lines += ["", f"Profile of one more step: {p['kernels']} kernels ({p['kernels_per_layer']} per layer), "
-                  f"{p['busy_ms']} ms of GPU busy = {100 * p['busy_fraction_of_steady']:.0f} % of the steady step; "
-                  f"dequantisation {p['dequantize_ms']} ms. Top kernels (ms, launches):", ""]
+        lines += [
+            "",
+            f"Profile of one more step: {p['kernels']} kernels ({p['kernels_per_layer']} per layer), "
+            f"{p['busy_ms']} ms of GPU busy = {100 * p['busy_fraction_of_steady']:.0f} % of the steady step; "
+            f"dequantisation {p['dequantize_ms']} ms. Top kernels (ms, launches):",
+            "",
+        ]
         lines += [f"- {n}: {ms} ms x {c}" for n, ms, c in p["top"]]
-        lines += ["", f"Host side of that step: {p['host_ms']} ms of operators' own CPU time (under the profiler); "
-                  "top (ms, calls):", ""]
+        lines += [
+            "",
+            f"Host side of that step: {p['host_ms']} ms of operators' own CPU time (under the profiler); "
+            "top (ms, calls):",
+            "",
+        ]
         lines += [f"- {n}: {ms} ms x {c}" for n, ms, c in p["host_top"]]
     return "\n".join(lines) + "\n"

@@ -34,11 +34,15 @@ _REASONING = re.compile(rf"{THINK_OPEN}(.*?){THINK_CLOSE}\n?", re.S)
 _ANSWER = re.compile(r"<answer>\s*(.*?)\s*(?:</answer>|$)", re.S)
 
 # Files of a model folder that decide how text becomes tokens (the chat template is in tokenizer_config.json).
-FINGERPRINT_FILES = ("tokenizer_config.json", "hy.tiktoken", "tokenization_hy.py", "special_tokens_map.json",
-                   "tokenizer.json")
+FINGERPRINT_FILES = (
+    "tokenizer_config.json",
+    "hy.tiktoken",
+    "tokenization_hy.py",
+    "special_tokens_map.json",
+    "tokenizer.json",
+)
 # data.* settings (and the seed of the split) that change the tokenized examples.
-TOKEN_SETTINGS = ("system_prompt", "max_length", "answer_tags", "overlong", "eval_ratio", "drop_duplicates",
-                  "train_on")
+TOKEN_SETTINGS = ("system_prompt", "max_length", "answer_tags", "overlong", "eval_ratio", "drop_duplicates", "train_on")
 
 
 def is_thinking(content: str) -> bool:
@@ -52,9 +56,9 @@ def trained_content(content: str, cfg: Config) -> str:
     thinking-off prompt already ends with one), the answer wrapped in <answer> with data.answer_tags."""
     m = _REASONING.match(content)
     if m and m.group(1).strip():
-        head, answer = content[:m.end()], content[m.end():]
+        head, answer = content[: m.end()], content[m.end() :]
     else:  # no reasoning, or an empty think block (thinking off)
-        head, answer = "", content[m.end():] if m else content
+        head, answer = "", content[m.end() :] if m else content
     if cfg.data.answer_tags and not answer.lstrip().startswith("<answer>"):
         answer = f"<answer>\n{answer}\n</answer>"
     return head + answer
@@ -70,7 +74,8 @@ def conversation(record: Record, cfg: Config) -> list[dict]:
     system = system_prompt(record.system, cfg)
     return ([{"role": "system", "content": system}] if system else []) + [
         {"role": t.role, "content": trained_content(t.content, cfg) if t.role == "assistant" else t.content}
-        for t in record.turns]
+        for t in record.turns
+    ]
 
 
 def ask(user: str, cfg: Config, system: str | None = None) -> list[dict]:
@@ -86,15 +91,13 @@ def prompt_messages(record: Record, cfg: Config) -> list[dict]:
 
 def prompt_ids(tokenizer, messages: list[dict], thinking: bool) -> list[int]:
     """The tokens the model sees before it answers the last user turn of `messages`."""
-    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                         enable_thinking=thinking)
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, enable_thinking=thinking)
 
 
 def prompt_is_thinking(tokenizer, messages: list[dict], thinking: bool) -> bool:
     """Whether the template leaves the prompt in thinking mode (a /think or /no_think at the start of
     the last user message overrides `thinking`)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=thinking)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
     return not text.endswith(EMPTY_THINK)
 
 
@@ -118,13 +121,18 @@ def training_samples(tokenizer, record: Record, cfg: Config) -> tuple[list[dict]
             raise UserError(
                 f"the user turn before it starts with {'/think' if not thinking else '/no_think'}, which switches "
                 f"the prompt to thinking {'on' if not thinking else 'off'}, but this answer "
-                f"{'has no' if not thinking else 'has a'} <think> reasoning trace", where=where,
-                fix="remove the /think or /no_think from the user turn, or make the answer match it")
+                f"{'has no' if not thinking else 'has a'} <think> reasoning trace",
+                where=where,
+                fix="remove the /think or /no_think from the user turn, or make the answer match it",
+            )
         prompt = prompt_ids(tokenizer, messages[:i], thinking)
         answer = tokenizer(content, add_special_tokens=False)["input_ids"] + [eos]
-        if (open_sample and prompt[:len(open_sample["input_ids"])] == open_sample["input_ids"]
-                and len(prompt) + len(answer) <= limit):
-            added = prompt[len(open_sample["input_ids"]):]
+        if (
+            open_sample
+            and prompt[: len(open_sample["input_ids"])] == open_sample["input_ids"]
+            and len(prompt) + len(answer) <= limit
+        ):
+            added = prompt[len(open_sample["input_ids"]) :]
             open_sample["input_ids"] += added + answer
             open_sample["labels"] += [IGNORE_INDEX] * len(added) + answer
             open_sample["attention_mask"] = [1] * len(open_sample["input_ids"])
@@ -132,16 +140,23 @@ def training_samples(tokenizer, record: Record, cfg: Config) -> tuple[list[dict]
         truncated = False
         if len(prompt) + len(answer) > limit:
             if cfg.data.overlong == "error":
-                raise UserError(f"{len(prompt) + len(answer)} tokens, over data.max_length={limit}", where=where,
-                                fix="raise data.max_length, shorten the record, or set data.overlong to truncate/drop")
+                raise UserError(
+                    f"{len(prompt) + len(answer)} tokens, over data.max_length={limit}",
+                    where=where,
+                    fix="raise data.max_length, shorten the record, or set data.overlong to truncate/drop",
+                )
             room = limit - len(prompt) - 1  # answer tokens that fit before the final <|eos|>
             if cfg.data.overlong == "drop" or room < 1:
                 dropped += 1
                 open_sample = None
                 continue
             answer, truncated = answer[:room] + [eos], True  # keep the stop token
-        sample = {"input_ids": prompt + answer, "attention_mask": [1] * (len(prompt) + len(answer)),
-                  "labels": [IGNORE_INDEX] * len(prompt) + answer, "truncated": truncated}
+        sample = {
+            "input_ids": prompt + answer,
+            "attention_mask": [1] * (len(prompt) + len(answer)),
+            "labels": [IGNORE_INDEX] * len(prompt) + answer,
+            "truncated": truncated,
+        }
         samples.append(sample)
         open_sample = None if truncated else sample
     return samples, dropped
@@ -181,9 +196,13 @@ def _file_sha256(path: Path) -> str:
 
 def dataset_provenance(cfg: Config, source: Path, sha256: str) -> dict:
     """What `make dataset` records in stats.json["made_from"]: everything that changes its tokens."""
-    return {"source": str(Path(source).resolve()), "sha256": sha256,
-            "tokenizer": tokenizer_fingerprint(cfg.model.dir), "seed": cfg.run.seed,
-            "settings": {k: getattr(cfg.data, k) for k in TOKEN_SETTINGS}}
+    return {
+        "source": str(Path(source).resolve()),
+        "sha256": sha256,
+        "tokenizer": tokenizer_fingerprint(cfg.model.dir),
+        "seed": cfg.run.seed,
+        "settings": {k: getattr(cfg.data, k) for k in TOKEN_SETTINGS},
+    }
 
 
 def dataset_mismatch(cfg: Config, stats: dict) -> list[str]:
@@ -199,8 +218,10 @@ def dataset_mismatch(cfg: Config, stats: dict) -> list[str]:
     elif not source.is_file():
         problems.append(f"its source {source} no longer exists")
     elif _file_sha256(source) != made.get("sha256"):
-        problems.append(f"{source} has changed since it was tokenized (sha256 "
-                        f"{str(made.get('sha256'))[:12]} then, {_file_sha256(source)[:12]} now)")
+        problems.append(
+            f"{source} has changed since it was tokenized (sha256 "
+            f"{str(made.get('sha256'))[:12]} then, {_file_sha256(source)[:12]} now)"
+        )
     if made.get("tokenizer") != tokenizer_fingerprint(cfg.model.dir):
         problems.append(f"the tokenizer files in {cfg.model.dir} differ from the ones it was tokenized with")
     if made.get("seed") != cfg.run.seed and cfg.data.eval_ratio > 0:
@@ -208,6 +229,7 @@ def dataset_mismatch(cfg: Config, stats: dict) -> list[str]:
     settings = made.get("settings") or {}
     for key in TOKEN_SETTINGS:
         if settings.get(key) != getattr(cfg.data, key):
-            problems.append(f"data.{key} was {settings.get(key)!r} when tokenized, the config now says "
-                            f"{getattr(cfg.data, key)!r}")
+            problems.append(
+                f"data.{key} was {settings.get(key)!r} when tokenized, the config now says {getattr(cfg.data, key)!r}"
+            )
     return problems

@@ -24,8 +24,18 @@ from .config import Config
 from .errors import UserError
 
 # What the manifest and SwanLab's config record as the stack of a run.
-PINNED_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", "modelscope", "swanlab", "tiktoken",
-                   "deepspeed", "bitsandbytes"]
+PINNED_PACKAGES = [
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "modelscope",
+    "swanlab",
+    "tiktoken",
+    "deepspeed",
+    "bitsandbytes",
+]
 
 
 # The oldest Linux driver of each CUDA release torch may be built for (NVIDIA's CUDA Toolkit release
@@ -74,8 +84,9 @@ def package_versions() -> dict[str, str]:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
+        )
         return out.stdout.strip() or None
     except OSError:
         return None
@@ -102,15 +113,21 @@ def mask_git_remote(cwd: str | Path | None = None, apply: bool = True) -> str | 
     override it for this process and its children through git's GIT_CONFIG_COUNT variables (highest
     precedence, nothing written to .git/config). Returns the masked URL, or None when nothing to mask."""
     try:
-        url = subprocess.run(["git", "config", "--get", "remote.origin.url"], capture_output=True, text=True,
-                             timeout=10, cwd=cwd).stdout.strip()
+        url = subprocess.run(
+            ["git", "config", "--get", "remote.origin.url"], capture_output=True, text=True, timeout=10, cwd=cwd
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     masked = _strip_userinfo(url) if url else None
     if masked and apply:
         n = int(os.environ.get("GIT_CONFIG_COUNT", "0") or 0)
-        os.environ.update({"GIT_CONFIG_COUNT": str(n + 1), f"GIT_CONFIG_KEY_{n}": "remote.origin.url",
-                           f"GIT_CONFIG_VALUE_{n}": masked})
+        os.environ.update(
+            {
+                "GIT_CONFIG_COUNT": str(n + 1),
+                f"GIT_CONFIG_KEY_{n}": "remote.origin.url",
+                f"GIT_CONFIG_VALUE_{n}": masked,
+            }
+        )
     return masked
 
 
@@ -138,14 +155,19 @@ def accelerate_config(path: str) -> Launch:
     from accelerate.commands.config.config_args import load_config_from_file
 
     if not os.path.isfile(path):
-        raise UserError(f"accelerate config {path} does not exist", where="LAUNCH",
-                        fix="use LAUNCH=zero3 or LAUNCH=zero3_offload (configs/accelerate/*.yaml)")
+        raise UserError(
+            f"accelerate config {path} does not exist",
+            where="LAUNCH",
+            fix="use LAUNCH=zero3 or LAUNCH=zero3_offload (configs/accelerate/*.yaml)",
+        )
     c = load_config_from_file(path)
     ds = c.deepspeed_config or {}
-    return Launch(deepspeed=str(c.distributed_type).endswith("DEEPSPEED"),
-                  zero_stage=int(ds["zero_stage"]) if "zero_stage" in ds else None,
-                  processes=int(c.num_processes or 1),
-                  offload_param=ds.get("offload_param_device", "none") not in ("none", None))
+    return Launch(
+        deepspeed=str(c.distributed_type).endswith("DEEPSPEED"),
+        zero_stage=int(ds["zero_stage"]) if "zero_stage" in ds else None,
+        processes=int(c.num_processes or 1),
+        offload_param=ds.get("offload_param_device", "none") not in ("none", None),
+    )
 
 
 def launch(env: dict[str, str] | None = None) -> Launch:
@@ -167,14 +189,20 @@ def launch(env: dict[str, str] | None = None) -> Launch:
 def check_combination(cfg: Config, run: Launch) -> None:
     """The combinations this project supports; UserError naming the fix for the rest."""
     if run.deepspeed and run.zero_stage != 3:
-        raise UserError(f"DeepSpeed ZeRO stage {run.zero_stage} is not supported: stages 1-2 keep a full bf16 copy "
-                        "of the 160 GB model on every GPU", where="accelerate config (deepspeed_config.zero_stage)",
-                        fix="use LAUNCH=zero3 (configs/accelerate/zero3.yaml)")
+        raise UserError(
+            f"DeepSpeed ZeRO stage {run.zero_stage} is not supported: stages 1-2 keep a full bf16 copy "
+            "of the 160 GB model on every GPU",
+            where="accelerate config (deepspeed_config.zero_stage)",
+            fix="use LAUNCH=zero3 (configs/accelerate/zero3.yaml)",
+        )
     if cfg.model.quantization == "nf4" and run.deepspeed:
-        raise UserError("model.quantization nf4 under DeepSpeed is not supported here (QLoRA + ZeRO-3 needs "
-                        "bnb_4bit_quant_storage and a different loading path)", where="model.quantization",
-                        fix="QLoRA runs as one process (`make train CONFIG=configs/huanhuan_qlora.yaml`, no LAUNCH); "
-                            "for several GPUs use ZeRO-3 in bf16 (model.quantization: none)")
+        raise UserError(
+            "model.quantization nf4 under DeepSpeed is not supported here (QLoRA + ZeRO-3 needs "
+            "bnb_4bit_quant_storage and a different loading path)",
+            where="model.quantization",
+            fix="QLoRA runs as one process (`make train CONFIG=configs/huanhuan_qlora.yaml`, no LAUNCH); "
+            "for several GPUs use ZeRO-3 in bf16 (model.quantization: none)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,8 +232,11 @@ def placement(cfg: Config, run: Launch | None = None) -> Placement:
     import torch
 
     if cfg.model.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("model.device is 'cuda' but no CUDA GPU is visible", where="model.device",
-                        fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: auto")
+        raise UserError(
+            "model.device is 'cuda' but no CUDA GPU is visible",
+            where="model.device",
+            fix="check `nvidia-smi` / CUDA_VISIBLE_DEVICES, or set model.device: auto",
+        )
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.model.device == "auto" else cfg.model.device
     if cfg.model.dtype != "auto":
         dtype = getattr(torch, cfg.model.dtype)

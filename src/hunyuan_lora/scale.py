@@ -67,8 +67,7 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 def moe_classes(model) -> list[type]:
     """The MoE block class(es) of this model object, found by name (remote code has its own classes)."""
-    return sorted({type(m) for m in model.modules() if type(m).__name__ == MOE_CLASS_NAME},
-                  key=lambda c: c.__module__)
+    return sorted({type(m) for m in model.modules() if type(m).__name__ == MOE_CLASS_NAME}, key=lambda c: c.__module__)
 
 
 def set_moe_leaf_modules(model) -> int:
@@ -83,9 +82,12 @@ def set_moe_leaf_modules(model) -> int:
 
     classes = moe_classes(model)
     if not classes:
-        raise UserError(f"no {MOE_CLASS_NAME} module in the loaded model ({type(model).__name__}): ZeRO-3 needs the "
-                        "MoE block marked as a leaf, or ranks routing to different experts hang",
-                        where="model.dir", fix="load the Hunyuan-A13B folder (auto_map code) or model.moe_impl: fast")
+        raise UserError(
+            f"no {MOE_CLASS_NAME} module in the loaded model ({type(model).__name__}): ZeRO-3 needs the "
+            "MoE block marked as a leaf, or ranks routing to different experts hang",
+            where="model.dir",
+            fix="load the Hunyuan-A13B folder (auto_map code) or model.moe_impl: fast",
+        )
     marked = set_z3_leaf_modules(model, classes)
     return len(marked)
 

@@ -50,19 +50,36 @@ BODY_BYTES_EXTRA = 65536
 # OpenAI chat parameters this server does not implement, with the values that ask for nothing (those
 # are accepted): anything else is refused with a 400 naming the parameter, never silently ignored.
 UNSUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None,), "response_format": (None, {"type": "text"}),
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
-    "web_search_options": (None,), "store": (None, False),
+    "logprobs": (None, False),
+    "top_logprobs": (None,),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "store": (None, False),
 }
 # OpenAI parameters that do not change the answer here.
 NO_EFFECT = ("user", "metadata", "service_tier", "parallel_tool_calls")
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -134,13 +151,15 @@ def create_app(cfg: Config, model, tokenizer, scheduler: Scheduler):
     async def invalid(_: Request, e: RequestValidationError):
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return JSONResponse(_error_body(f"{param or 'body'}: {first['msg']}", "invalid_request_error", param),
-                            status_code=400)
+        return JSONResponse(
+            _error_body(f"{param or 'body'}: {first['msg']}", "invalid_request_error", param), status_code=400
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException):
-        return JSONResponse(_error_body(str(e.detail), "invalid_request_error", code=str(e.status_code)),
-                            status_code=e.status_code)
+        return JSONResponse(
+            _error_body(str(e.detail), "invalid_request_error", code=str(e.status_code)), status_code=e.status_code
+        )
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, e: Exception):
@@ -148,8 +167,10 @@ def create_app(cfg: Config, model, tokenizer, scheduler: Scheduler):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                            "owned_by": "hunyuan-lora"}]}
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": created, "owned_by": "hunyuan-lora"}],
+        }
 
     @app.get("/health")
     async def health():
@@ -159,16 +180,30 @@ def create_app(cfg: Config, model, tokenizer, scheduler: Scheduler):
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         if req.model != name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{name}'", "model",
-                           "model_not_found")
+            raise APIError(
+                404, f"the model '{req.model}' does not exist; this server serves '{name}'", "model", "model_not_found"
+            )
         _refuse_unsupported(req)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
-        ids, _ = _prompt(cfg, tokenizer, req.messages, req.enable_thinking if req.enable_thinking is not None
-                         else req.chat_template_kwargs.enable_thinking if req.chat_template_kwargs else None)
+        ids, _ = _prompt(
+            cfg,
+            tokenizer,
+            req.messages,
+            req.enable_thinking
+            if req.enable_thinking is not None
+            else req.chat_template_kwargs.enable_thinking
+            if req.chat_template_kwargs
+            else None,
+        )
         sampling = _sampling(cfg, req.temperature, req.top_p, req.max_completion_tokens or req.max_tokens, req.seed)
-        _fit_context(sampling, len(ids), requested=req.max_completion_tokens or req.max_tokens, context=context,
-                     max_prompt=max_prompt)
+        _fit_context(
+            sampling,
+            len(ids),
+            requested=req.max_completion_tokens or req.max_tokens,
+            context=context,
+            max_prompt=max_prompt,
+        )
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP:
             raise APIError(400, f"at most {MAX_STOP} stop sequences", "stop")
@@ -177,26 +212,49 @@ def create_app(cfg: Config, model, tokenizer, scheduler: Scheduler):
         try:
             scheduler.submit(completion)
         except QueueFull as e:
-            raise APIError(429, f"the server is busy ({e}; serve.max_queue is {scheduler.max_queue}): retry later",
-                           code="rate_limit_exceeded", kind="rate_limit_error") from e
+            raise APIError(
+                429,
+                f"the server is busy ({e}; serve.max_queue is {scheduler.max_queue}): retry later",
+                code="rate_limit_exceeded",
+                kind="rate_limit_error",
+            ) from e
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = lambda: {"prompt_tokens": completion.prompt_tokens,  # noqa: E731
-                         "completion_tokens": completion.completion_tokens,
-                         "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+        def usage() -> dict:
+            return {
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+            }
 
         if not req.stream:
             await _until_finished(completion, wake, request)
             _raise_if_failed(completion)
-            return {"id": reply_id, "object": "chat.completion", "created": now, "model": name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                                 "finish_reason": completion.finish_reason}],
-                    "usage": usage()}
+            return {
+                "id": reply_id,
+                "object": "chat.completion",
+                "created": now,
+                "model": name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": completion.text},
+                        "finish_reason": completion.finish_reason,
+                    }
+                ],
+                "usage": usage(),
+            }
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(delta: dict | None, finish: str | None = None) -> str:
-            body = {"id": reply_id, "object": "chat.completion.chunk", "created": now, "model": name,
-                    "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            body = {
+                "id": reply_id,
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": name,
+                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             if include_usage:  # as OpenAI: null on every chunk but the last, which has no choices
                 body["usage"] = usage() if delta is None else None
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -274,8 +332,13 @@ def _refuse_unsupported(req) -> None:
         if key not in UNSUPPORTED:
             raise APIError(400, f"unrecognized request argument supplied: {key}", key, "unknown_parameter")
         if value not in UNSUPPORTED[key]:
-            raise APIError(400, f"{key} is not supported by this server (it answers in plain text only, without "
-                           "logprobs, tools, penalties or output formats)", key, "unsupported_parameter")
+            raise APIError(
+                400,
+                f"{key} is not supported by this server (it answers in plain text only, without "
+                "logprobs, tools, penalties or output formats)",
+                key,
+                "unsupported_parameter",
+            )
     if req.n != 1:
         raise APIError(400, "only n=1 is supported", "n", "unsupported_parameter")
 
@@ -291,8 +354,12 @@ def _prompt(cfg: Config, tokenizer, messages, enable_thinking: bool | None) -> t
             continue
         expected = "user" if not turns or turns[-1].role == "assistant" else "assistant"
         if m.role != expected:
-            raise APIError(400, f"messages[{i}] is a {m.role} message where a {expected} message belongs: "
-                           "user and assistant must alternate, starting with the user", f"messages[{i}]")
+            raise APIError(
+                400,
+                f"messages[{i}] is a {m.role} message where a {expected} message belongs: "
+                "user and assistant must alternate, starting with the user",
+                f"messages[{i}]",
+            )
         turns.append(Turn(m.role, m.content))
     if not turns or turns[-1].role != "user":
         raise APIError(400, "the last message must be the user's", "messages")
@@ -301,34 +368,52 @@ def _prompt(cfg: Config, tokenizer, messages, enable_thinking: bool | None) -> t
     return prompt_ids(tokenizer, conversation(record, cfg), thinking), thinking
 
 
-def _sampling(cfg: Config, temperature: float | None, top_p: float | None, max_tokens: int | None,
-              seed: int | None) -> Sampling:
+def _sampling(
+    cfg: Config, temperature: float | None, top_p: float | None, max_tokens: int | None, seed: int | None
+) -> Sampling:
     limit = cfg.serve.max_new_tokens
     if max_tokens is not None and max_tokens > limit:
-        raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {limit} (serve.max_new_tokens)",
-                       "max_tokens")
+        raise APIError(
+            400, f"max_tokens {max_tokens} is over this server's limit of {limit} (serve.max_new_tokens)", "max_tokens"
+        )
     if temperature == 0:
         return Sampling(max_new_tokens=max_tokens or limit, do_sample=False)
-    return Sampling(max_new_tokens=max_tokens or limit, do_sample=True if temperature or top_p else None,
-                    temperature=temperature, top_p=top_p, seed=seed)
+    return Sampling(
+        max_new_tokens=max_tokens or limit,
+        do_sample=True if temperature or top_p else None,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
 
 
-def _fit_context(sampling: Sampling, prompt_tokens: int, *, requested: int | None, context: int | None,
-                 max_prompt: int | None) -> None:
+def _fit_context(
+    sampling: Sampling, prompt_tokens: int, *, requested: int | None, context: int | None, max_prompt: int | None
+) -> None:
     """Refuse a prompt over serve.max_prompt_tokens, or a prompt + max_tokens over the model's context,
     with OpenAI's context_length_exceeded; without max_tokens the answer gets what the context leaves."""
     if max_prompt and prompt_tokens > max_prompt:
-        raise APIError(400, f"the messages are {prompt_tokens:,} tokens, over this server's limit of {max_prompt:,} "
-                       "(serve.max_prompt_tokens): shorten them", "messages", "context_length_exceeded")
+        raise APIError(
+            400,
+            f"the messages are {prompt_tokens:,} tokens, over this server's limit of {max_prompt:,} "
+            "(serve.max_prompt_tokens): shorten them",
+            "messages",
+            "context_length_exceeded",
+        )
     if not context or prompt_tokens + sampling.max_new_tokens <= context:
         return
     if requested is None and prompt_tokens < context:
         sampling.max_new_tokens = context - prompt_tokens
         return
-    raise APIError(400, f"This model's maximum context length is {context:,} tokens. However, you requested "
-                   f"{prompt_tokens + sampling.max_new_tokens:,} tokens ({prompt_tokens:,} in the messages, "
-                   f"{sampling.max_new_tokens:,} in the completion). Please reduce the length of the messages or "
-                   "completion.", "messages", "context_length_exceeded")
+    raise APIError(
+        400,
+        f"This model's maximum context length is {context:,} tokens. However, you requested "
+        f"{prompt_tokens + sampling.max_new_tokens:,} tokens ({prompt_tokens:,} in the messages, "
+        f"{sampling.max_new_tokens:,} in the completion). Please reduce the length of the messages or "
+        "completion.",
+        "messages",
+        "context_length_exceeded",
+    )
 
 
 class BodyLimit:
@@ -365,12 +450,25 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send, size: int) -> None:
-        body = json.dumps(_error_body(f"the request body is {size:,} bytes or more, over this server's limit of "
-                                      f"{self.max_bytes:,} (serve.max_request_bytes)", "invalid_request_error",
-                                      code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = json.dumps(
+            _error_body(
+                f"the request body is {size:,} bytes or more, over this server's limit of "
+                f"{self.max_bytes:,} (serve.max_request_bytes)",
+                "invalid_request_error",
+                code="request_too_large",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -383,16 +481,21 @@ def run(cfg: Config) -> Path:
         try:
             probe.bind((cfg.serve.host, cfg.serve.port))
         except OSError as e:
-            raise UserError(f"cannot listen on {cfg.serve.host}:{cfg.serve.port} ({e.strerror or e})",
-                            where="serve.host / serve.port",
-                            fix="stop what uses that port, or pick another: SET=serve.port=8001") from e
+            raise UserError(
+                f"cannot listen on {cfg.serve.host}:{cfg.serve.port} ({e.strerror or e})",
+                where="serve.host / serve.port",
+                fix="stop what uses that port, or pick another: SET=serve.port=8001",
+            ) from e
     loaded, tokenizer = load_for_generation(cfg)
     model, adapter = loaded.model, loaded.adapter
     context = context_of(model)
     if cfg.serve.max_prompt_tokens and context and cfg.serve.max_prompt_tokens >= context:
-        raise UserError(f"serve.max_prompt_tokens is {cfg.serve.max_prompt_tokens:,}, but the model's context is "
-                        f"{context:,} tokens (max_position_embeddings) and leaves no room for an answer",
-                        where="serve.max_prompt_tokens", fix=f"set it below {context:,}, or leave it out")
+        raise UserError(
+            f"serve.max_prompt_tokens is {cfg.serve.max_prompt_tokens:,}, but the model's context is "
+            f"{context:,} tokens (max_position_embeddings) and leaves no room for an answer",
+            where="serve.max_prompt_tokens",
+            fix=f"set it below {context:,}, or leave it out",
+        )
     scheduler = Scheduler(model, tokenizer, max_batch_size=cfg.serve.max_batch_size, max_queue=cfg.serve.max_queue)
     app = BodyLimit(create_app(cfg, model, tokenizer, scheduler), body_limit(cfg, model))
 
@@ -407,10 +510,16 @@ def run(cfg: Config) -> Path:
     weights = f"{cfg.model.dir} + adapter {adapter}" if adapter else f"{cfg.model.dir} (merged)"
     if cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: serve.host {cfg.serve.host} is reachable from other machines and has no authentication")
-    print(f"serving '{name}' ({weights}) at http://{cfg.serve.host}:{cfg.serve.port}/v1 — batches of up to "
-          f"{cfg.serve.max_batch_size}, {cfg.serve.max_queue} more may wait; Ctrl-C stops", flush=True)
-    server = Server(uvicorn.Config(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info",
-                                   timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    print(
+        f"serving '{name}' ({weights}) at http://{cfg.serve.host}:{cfg.serve.port}/v1 — batches of up to "
+        f"{cfg.serve.max_batch_size}, {cfg.serve.max_queue} more may wait; Ctrl-C stops",
+        flush=True,
+    )
+    server = Server(
+        uvicorn.Config(
+            app, host=cfg.serve.host, port=cfg.serve.port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S
+        )
+    )
     try:
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the signal again once it has stopped
             server.run()

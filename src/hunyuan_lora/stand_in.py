@@ -75,12 +75,22 @@ def stand_in_config() -> dict:
     ids = special_token_ids(BPE_SIZE)
     cfg = real_config()
     cfg.update(
-        hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        attention_head_dim=16, intermediate_size=48, num_experts=8, moe_topk=[2] * layers,
-        num_shared_expert=[1] * layers, moe_intermediate_size=[48] * layers,
-        vocab_size=BPE_SIZE + len(SPECIAL_TOKENS), max_position_embeddings=4096,
-        eos_token_id=ids["<|eos|>"], pad_token_id=ids["<|pad|>"],
-        eod_token_id=ids["<|extra_5|>"], sep_token_id=ids["<|extra_0|>"],
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_head_dim=16,
+        intermediate_size=48,
+        num_experts=8,
+        moe_topk=[2] * layers,
+        num_shared_expert=[1] * layers,
+        moe_intermediate_size=[48] * layers,
+        vocab_size=BPE_SIZE + len(SPECIAL_TOKENS),
+        max_position_embeddings=4096,
+        eos_token_id=ids["<|eos|>"],
+        pad_token_id=ids["<|pad|>"],
+        eod_token_id=ids["<|extra_5|>"],
+        sep_token_id=ids["<|extra_0|>"],
     )
     return cfg
 
@@ -136,20 +146,29 @@ def write_tokenizer(out: Path) -> None:
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(base64.b64encode(tok) + b" " + str(rank).encode() + b"\n")
     ids = special_token_ids(BPE_SIZE)
-    _write_json(out / "tokenizer_config.json", {
-        "auto_map": {"AutoTokenizer": ["tokenization_hy.HYTokenizer", None]},
-        "tokenizer_class": "HYTokenizer",
-        "eos_token": "<|eos|>",
-        "pad_token": "<|pad|>",
-        "model_max_length": 32768,
-        "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {
-            str(i): {"content": tok, "special": True, "lstrip": False, "rstrip": False,
-                     "normalized": False, "single_word": False}
-            for tok, i in ids.items()
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "auto_map": {"AutoTokenizer": ["tokenization_hy.HYTokenizer", None]},
+            "tokenizer_class": "HYTokenizer",
+            "eos_token": "<|eos|>",
+            "pad_token": "<|pad|>",
+            "model_max_length": 32768,
+            "clean_up_tokenization_spaces": False,
+            "added_tokens_decoder": {
+                str(i): {
+                    "content": tok,
+                    "special": True,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "single_word": False,
+                }
+                for tok, i in ids.items()
+            },
+            "chat_template": CHAT_TEMPLATE,
         },
-        "chat_template": CHAT_TEMPLATE,
-    })
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,17 +195,18 @@ def write_weights(out: Path, config: dict, seed: int) -> None:
     """Two shards + index, split like the real 4-shard layout (by layer)."""
     state = random_state_dict(config, seed)
     last = config["num_hidden_layers"] - 1
-    shard_of = {
-        key: 2 if key.startswith(f"model.layers.{last}.") or key == "model.norm.weight" else 1 for key in state
-    }
+    shard_of = {key: 2 if key.startswith(f"model.layers.{last}.") or key == "model.norm.weight" else 1 for key in state}
     names = {n: f"model-{n:05d}-of-00002.safetensors" for n in (1, 2)}
     for n, name in names.items():
         save_file({k: v for k, v in state.items() if shard_of[k] == n}, str(out / name), metadata={"format": "pt"})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    _write_json(out / "model.safetensors.index.json", {
-        "metadata": {"total_size": total},
-        "weight_map": {k: names[shard_of[k]] for k in sorted(state)},
-    })
+    _write_json(
+        out / "model.safetensors.index.json",
+        {
+            "metadata": {"total_size": total},
+            "weight_map": {k: names[shard_of[k]] for k in sorted(state)},
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +235,19 @@ def refuse_foreign(out: Path) -> None:
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
-        raise UserError(f"{out} exists and is not a folder", where="STAND_IN_DIR",
-                        fix="name a new or empty folder for the stand-in, e.g. STAND_IN_DIR=artifacts/stand-in")
+        raise UserError(
+            f"{out} exists and is not a folder",
+            where="STAND_IN_DIR",
+            fix="name a new or empty folder for the stand-in, e.g. STAND_IN_DIR=artifacts/stand-in",
+        )
     if any(out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(f"{out} is a non-empty folder that `make stand-in` did not write (no {MARKER} in it); "
-                        "nothing in it was changed", where="STAND_IN_DIR",
-                        fix="name a new or empty folder, e.g. STAND_IN_DIR=artifacts/stand-in, or empty this one "
-                            "yourself if it is a stand-in from an older version")
+        raise UserError(
+            f"{out} is a non-empty folder that `make stand-in` did not write (no {MARKER} in it); "
+            "nothing in it was changed",
+            where="STAND_IN_DIR",
+            fix="name a new or empty folder, e.g. STAND_IN_DIR=artifacts/stand-in, or empty this one "
+            "yourself if it is a stand-in from an older version",
+        )
 
 
 def build(out_dir: str | Path, seed: int = 0) -> Path:
@@ -238,12 +264,19 @@ def _write_folder(tmp: Path, seed: int) -> None:
     config = stand_in_config()
     copy_model_code(tmp)
     _write_json(tmp / "config.json", config)
-    _write_json(tmp / "generation_config.json", {
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": [config["eos_token_id"], config["eod_token_id"]],
-        "pad_token_id": config["pad_token_id"],
-        "do_sample": True, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05, "temperature": 0.7,
-    })
+    _write_json(
+        tmp / "generation_config.json",
+        {
+            "bos_token_id": config["bos_token_id"],
+            "eos_token_id": [config["eos_token_id"], config["eod_token_id"]],
+            "pad_token_id": config["pad_token_id"],
+            "do_sample": True,
+            "top_k": 20,
+            "top_p": 0.8,
+            "repetition_penalty": 1.05,
+            "temperature": 0.7,
+        },
+    )
     write_tokenizer(tmp)
     write_weights(tmp, config, seed)
 

@@ -29,8 +29,9 @@ RUNS_FILE = "swanlab_runs.json"  # in the output folder: the SwanLab experiments
 LOGIN_TIMEOUT_S = 15
 # SwanLab's local store (swanboard's experiment.status)
 RUNNING, FINISHED, CRASHED = 0, 1, -1
-LOCAL_ALTERNATIVE = ("or log locally with SET=swanlab.mode=local (the run is kept in <output_dir>/swanlog; "
-                     "`make watch` shows it)")
+LOCAL_ALTERNATIVE = (
+    "or log locally with SET=swanlab.mode=local (the run is kept in <output_dir>/swanlog; `make watch` shows it)"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,33 +75,45 @@ def check_cloud_login() -> str:
     try:
         key = get_key()  # SWANLAB_API_KEY, else ~/.swanlab/.netrc
     except (KeyFileError, OSError) as e:  # OSError: no ~/.swanlab folder to hold a saved key
-        raise UserError("swanlab.mode is 'cloud' but there is no SwanLab API key", where="swanlab.mode",
-                        fix="export SWANLAB_API_KEY=<key from swanlab.cn settings> (or run `swanlab login`), "
-                            + LOCAL_ALTERNATIVE) from e
+        raise UserError(
+            "swanlab.mode is 'cloud' but there is no SwanLab API key",
+            where="swanlab.mode",
+            fix="export SWANLAB_API_KEY=<key from swanlab.cn settings> (or run `swanlab login`), " + LOCAL_ALTERNATIVE,
+        ) from e
     try:
         APIKeyFormatError.check(key)
     except APIKeyFormatError as e:  # its message names the bad character or the length, never the key
-        raise UserError(f"the SwanLab API key ({source}) is malformed: {e}", where="swanlab.mode",
-                        fix="copy the key again from swanlab.cn (settings: 21 letters and digits) into "
-                            f"SWANLAB_API_KEY or `swanlab login`, {LOCAL_ALTERNATIVE}") from e
+        raise UserError(
+            f"the SwanLab API key ({source}) is malformed: {e}",
+            where="swanlab.mode",
+            fix="copy the key again from swanlab.cn (settings: 21 letters and digits) into "
+            f"SWANLAB_API_KEY or `swanlab login`, {LOCAL_ALTERNATIVE}",
+        ) from e
     host = get_host_api()
     network = "check the network (a proxy: HTTPS_PROXY; another server: SWANLAB_API_HOST), "
     try:
         answer = login_request(key, host, timeout=LOGIN_TIMEOUT_S)  # what swanlab.init's login sends
     except requests.RequestException as e:
-        raise UserError(f"cannot reach the SwanLab cloud at {host} ({type(e).__name__})", where="swanlab.mode",
-                        fix=network + LOCAL_ALTERNATIVE) from e
+        raise UserError(
+            f"cannot reach the SwanLab cloud at {host} ({type(e).__name__})",
+            where="swanlab.mode",
+            fix=network + LOCAL_ALTERNATIVE,
+        ) from e
     if answer.status_code in (401, 403):
-        raise UserError(f"the SwanLab cloud at {host} refused the API key ({source}): HTTP {answer.status_code}",
-                        where="swanlab.mode", fix="create a new key at swanlab.cn (settings) and export "
-                                                  "SWANLAB_API_KEY=<it>, " + LOCAL_ALTERNATIVE)
+        raise UserError(
+            f"the SwanLab cloud at {host} refused the API key ({source}): HTTP {answer.status_code}",
+            where="swanlab.mode",
+            fix="create a new key at swanlab.cn (settings) and export SWANLAB_API_KEY=<it>, " + LOCAL_ALTERNATIVE,
+        )
     try:
         answer.raise_for_status()
         user = answer.json()["userInfo"]["username"]
     except (requests.RequestException, ValueError, KeyError, TypeError) as e:  # a proxy's page, an outage
-        raise UserError(f"the SwanLab cloud at {host} did not answer the login as SwanLab does "
-                        f"(HTTP {answer.status_code})", where="swanlab.mode",
-                        fix=network + "or try again later, " + LOCAL_ALTERNATIVE) from e
+        raise UserError(
+            f"the SwanLab cloud at {host} did not answer the login as SwanLab does (HTTP {answer.status_code})",
+            where="swanlab.mode",
+            fix=network + "or try again later, " + LOCAL_ALTERNATIVE,
+        ) from e
     return f"cloud: {host} accepted the key ({source}) of user {user}"
 
 
@@ -134,9 +147,15 @@ def read_runs(out: Path) -> list[dict]:
 
 def record_experiment(out: Path, run, mode: str, step: int) -> None:
     cloud = run.public.cloud
-    entry = {"run_id": run.public.run_id, "mode": mode, "url": cloud.experiment_url if cloud.available else None,
-             "first_step": step, "pid": os.getpid(), "host": socket.gethostname(),
-             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    entry = {
+        "run_id": run.public.run_id,
+        "mode": mode,
+        "url": cloud.experiment_url if cloud.available else None,
+        "first_step": step,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     write_json(Path(out) / RUNS_FILE, read_runs(out) + [entry])
 
 
@@ -146,8 +165,11 @@ def resumed_from(out: Path, step: int) -> dict[str, Any]:
     if earlier is None:
         return {"resumed_from_step": step, "continues": f"resumed at step {step} (no earlier experiment recorded)"}
     where = earlier["url"] or f"run {earlier['run_id']} in {Path(out) / 'swanlog'}"
-    return {"resumed_from_step": step, "continues_run_id": earlier["run_id"],
-            "continues": f"resumed at step {step}: continues the experiment {where}"}
+    return {
+        "resumed_from_step": step,
+        "continues_run_id": earlier["run_id"],
+        "continues": f"resumed at step {step}: continues the experiment {where}",
+    }
 
 
 def _process_alive(entry: dict) -> bool:
@@ -175,8 +197,10 @@ def mark_local_experiments(out: Path, run_ids: set[str], status: int) -> None:
     con = sqlite3.connect(db, timeout=30)  # a `make watch` dashboard may be reading it
     try:
         with con:
-            con.executemany("UPDATE experiment SET status = ?, finish_time = ?, update_time = ? WHERE run_id = ?",
-                            [(status, now, now, run_id) for run_id in sorted(run_ids)])
+            con.executemany(
+                "UPDATE experiment SET status = ?, finish_time = ?, update_time = ? WHERE run_id = ?",
+                [(status, now, now, run_id) for run_id in sorted(run_ids)],
+            )
     finally:
         con.close()
 
@@ -186,11 +210,15 @@ def close_stale_experiments(out: Path) -> list[str]:
     loss: nothing ran to close them). Only one run trains in an output folder at a time, so any
     other is stale. Returns one line per experiment marked."""
     alive = {e.get("run_id") for e in read_runs(out) if _process_alive(e)}
-    stale = [e for e in local_experiments(Path(out) / "swanlog")
-             if e["status"] == "running" and e["run_id"] not in alive]
+    stale = [
+        e for e in local_experiments(Path(out) / "swanlog") if e["status"] == "running" and e["run_id"] not in alive
+    ]
     mark_local_experiments(out, {e["run_id"] for e in stale}, CRASHED)
-    return [f"SwanLab: experiment {e['name']} ({e['run_id']}) was still marked running, but its process is gone: "
-            "marked crashed" for e in stale]
+    return [
+        f"SwanLab: experiment {e['name']} ({e['run_id']}) was still marked running, but its process is gone: "
+        "marked crashed"
+        for e in stale
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +236,9 @@ def local_experiments(swanlog: str | Path) -> list[dict]:
     try:
         rows = con.execute(
             "SELECT e.id, e.name, e.run_id, e.status, p.name FROM experiment e JOIN project p ON p.id = e.project_id "
-            "ORDER BY e.id").fetchall()
+            "ORDER BY e.id"
+        ).fetchall()
     finally:
         con.close()
     status = {RUNNING: "running", FINISHED: "finished", CRASHED: "crashed"}
-    return [{"id": i, "name": n, "run_id": r, "status": status.get(s, str(s)), "project": p}
-            for i, n, r, s, p in rows]
+    return [{"id": i, "name": n, "run_id": r, "status": status.get(s, str(s)), "project": p} for i, n, r, s, p in rows]

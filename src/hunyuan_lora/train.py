@@ -50,8 +50,10 @@ def run(cfg: Config) -> Path:
     plan = preflight(cfg, stage="train")
     where = plan.placement  # device, dtype, launcher, device_map: decided there, used everywhere below
     if finished(cfg, plan):
-        print(f"already complete: {plan.resume.path} is the last step ({plan.steps}) and {out / 'adapter'} is "
-              "published; nothing changed (train.resume=never starts over, the earlier run set aside)")
+        print(
+            f"already complete: {plan.resume.path} is the last step ({plan.steps}) and {out / 'adapter'} is "
+            "published; nothing changed (train.resume=never starts over, the earlier run set aside)"
+        )
         return out / "adapter"
     resume = prepare_output(cfg, plan.resume)
     set_seed(cfg.run.seed)
@@ -71,9 +73,11 @@ def run(cfg: Config) -> Path:
     if resume:
         check_optimizer_layout(resume, model)
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"LoRA {cfg.lora.targets()} r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
-          f"({100 * trainable / total:.3f} %), {where.device}, {where.dtype}, quantization {cfg.model.quantization}, "
-          f"process {args.process_index + 1} of {args.world_size}")
+    print(
+        f"LoRA {cfg.lora.targets()} r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.3f} %), {where.device}, {where.dtype}, quantization {cfg.model.quantization}, "
+        f"process {args.process_index + 1} of {args.world_size}"
+    )
     stop = SaveOnSignal()  # Ctrl-C / SIGTERM: checkpoint, then stop
     mode = swanlab_mode(cfg) if main_process else "disabled"  # one SwanLab experiment per run
     callbacks = [stop, *swanlab_callbacks(cfg, mode, stats, trainable, total, tokenizer)]
@@ -94,27 +98,31 @@ def run(cfg: Config) -> Path:
         write_json(out / "log_history.json", trainer.state.log_history)
         plot_loss(trainer.state.log_history, out / "loss.png")
     if stop.received:
-        raise SystemExit(f"stopped by {stop.received} at step {trainer.state.global_step}; the checkpoint is "
-                         f"{out / f'checkpoint-{trainer.state.global_step}'}: rerun the same `make train` to "
-                         "continue from it")
+        raise SystemExit(
+            f"stopped by {stop.received} at step {trainer.state.global_step}; the checkpoint is "
+            f"{out / f'checkpoint-{trainer.state.global_step}'}: rerun the same `make train` to "
+            "continue from it"
+        )
 
     # ---- publish: adapter + its manifest and config in one rename, then the top-level copies ----
-    manifest = run_manifest(cfg, stats, where, args, trainable, total, resume, plan.resume.step, trainer,
-                            result, mode)
+    manifest = run_manifest(cfg, stats, where, args, trainable, total, resume, plan.resume.step, trainer, result, mode)
     manifest["wall_time_s"] = round(time.time() - started, 1)
     adapter = publish_adapter(cfg, model, tokenizer, manifest, main_process)
     if main_process:
-        print(f"adapter saved to {adapter}; train_loss {manifest['train_loss']:.4f} over "
-              f"{trainer.state.global_step} steps; SwanLab ({mode}): "
-              + (f"{out / 'swanlog'} (`make watch`)" if mode == "local" else mode))
+        print(
+            f"adapter saved to {adapter}; train_loss {manifest['train_loss']:.4f} over "
+            f"{trainer.state.global_step} steps; SwanLab ({mode}): "
+            + (f"{out / 'swanlog'} (`make watch`)" if mode == "local" else mode)
+        )
     return adapter
 
 
 def finished(cfg: Config, plan) -> bool:
     """The resume point is the run's last step and its adapter was published: nothing to do."""
     point = plan.resume
-    return bool(point.path and plan.steps is not None and point.step >= plan.steps
-                and published_from(cfg.output_dir, point))
+    return bool(
+        point.path and plan.steps is not None and point.step >= plan.steps and published_from(cfg.output_dir, point)
+    )
 
 
 def prepare_output(cfg: Config, point) -> str | None:
@@ -125,8 +133,10 @@ def prepare_output(cfg: Config, point) -> str | None:
         if cfg.train.resume == "never":
             aside = set_aside_previous_run(cfg.output_dir)
             if aside:
-                print(f"train.resume: never: the earlier run's checkpoints and log are set aside in {aside}; its "
-                      "adapter stays until this run publishes its own")
+                print(
+                    f"train.resume: never: the earlier run's checkpoints and log are set aside in {aside}; its "
+                    "adapter stays until this run publishes its own"
+                )
         for line in set_aside(point.incomplete):
             print(line)
         masked = mask_git_remote()
@@ -135,8 +145,19 @@ def prepare_output(cfg: Config, point) -> str | None:
     return point.path
 
 
-def run_manifest(cfg: Config, stats: dict, where: Placement, args, trainable: int, total: int,
-                 resume: str | None, resumed_at: int, trainer, result, mode: str) -> dict:
+def run_manifest(
+    cfg: Config,
+    stats: dict,
+    where: Placement,
+    args,
+    trainable: int,
+    total: int,
+    resume: str | None,
+    resumed_at: int,
+    trainer,
+    result,
+    mode: str,
+) -> dict:
     """What made this adapter: versions, commit, model revision, data, placement, LoRA, outcome."""
     download_info = Path(cfg.model.dir) / "download.json"
     return {
@@ -146,23 +167,34 @@ def run_manifest(cfg: Config, stats: dict, where: Placement, args, trainable: in
         "python": platform.python_version(),
         "packages": package_versions(),
         "model_dir": str(cfg.model.dir),
-        "model_revision": (json.loads(download_info.read_text()) if download_info.is_file()
-                           else {"requested": cfg.model.revision, "note": "no download.json in the model folder"}),
+        "model_revision": (
+            json.loads(download_info.read_text())
+            if download_info.is_file()
+            else {"requested": cfg.model.revision, "note": "no download.json in the model folder"}
+        ),
         "dataset": {"path": stats["source"], "sha256": stats["sha256"], "examples": stats["examples"]},
         "seed": cfg.run.seed,
         "device": where.device,
-        "gpus": ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if where.device == "cuda"
-                 else []),
+        "gpus": (
+            [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if where.device == "cuda" else []
+        ),
         "dtype": str(where.dtype),
         "quantization": cfg.model.quantization,
         "processes": args.world_size,
         "deepspeed_zero_stage": where.launch.zero_stage,
-        "lora": {"targets": cfg.lora.targets(), "r": cfg.lora.r, "alpha": cfg.lora.alpha,
-                 "dropout": cfg.lora.dropout, "trainable_params": trainable, "total_params": total},
+        "lora": {
+            "targets": cfg.lora.targets(),
+            "r": cfg.lora.r,
+            "alpha": cfg.lora.alpha,
+            "dropout": cfg.lora.dropout,
+            "trainable_params": trainable,
+            "total_params": total,
+        },
         "resumed_from": resume,
         "global_step": trainer.state.global_step,
-        "train_loss": whole_run_loss(trainer.state.log_history, resumed_at, result.training_loss,
-                                     trainer.state.global_step),
+        "train_loss": whole_run_loss(
+            trainer.state.log_history, resumed_at, result.training_loss, trainer.state.global_step
+        ),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "train_runtime_s": result.metrics.get("train_runtime"),
         "swanlab_mode": mode,

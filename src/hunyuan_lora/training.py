@@ -1,9 +1,9 @@
 """The Trainer's pieces, shared by the train stage and the probe: arguments, LoRA, collator, Trainer.
 
-    where = runtime.placement(cfg)             # or the preflight's plan.placement
-    args = training_arguments(cfg, where)      # BEFORE the model: under ZeRO-3 it makes from_pretrained shard
-    model = attach_lora(cfg, load_base_model(cfg, where).model, where)
-    trainer = build_trainer(cfg, model, tokenizer, splits, args, callbacks)
+where = runtime.placement(cfg)             # or the preflight's plan.placement
+args = training_arguments(cfg, where)      # BEFORE the model: under ZeRO-3 it makes from_pretrained shard
+model = attach_lora(cfg, load_base_model(cfg, where).model, where)
+trainer = build_trainer(cfg, model, tokenizer, splits, args, callbacks)
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from .errors import UserError
 from .runtime import Placement
 
 
-def training_arguments(cfg: Config, where: Placement, *, output_dir: str | Path | None = None,
-                       max_steps: int | None = None):
+def training_arguments(
+    cfg: Config, where: Placement, *, output_dir: str | Path | None = None, max_steps: int | None = None
+):
     """TrainingArguments: the train: section's fields as given, plus what the project derives from
     its other settings (config.DERIVED_TRAINING_ARGS) and the placement; output_dir / max_steps
     override run.output_dir / train.max_steps."""
@@ -54,8 +55,13 @@ def training_arguments(cfg: Config, where: Placement, *, output_dir: str | Path 
 def lora_config(cfg: Config):
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=cfg.lora.targets(), r=cfg.lora.r,
-                      lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout)
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        target_modules=cfg.lora.targets(),
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+    )
 
 
 def attach_lora(cfg: Config, model, where: Placement):
@@ -69,8 +75,10 @@ def attach_lora(cfg: Config, model, where: Placement):
         # QLoRA: freezes the 4-bit base, casts the unquantised rest (norms, embedding/lm_head, router)
         # to fp32 for stable gradients, enables input gradients for checkpointing.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     model = get_peft_model(model, lora_config(cfg))
     wrapped_router = [n for n, _ in model.named_modules() if n.endswith("mlp.gate.lora_A")]
     assert not wrapped_router, f"LoRA must never wrap the router: {wrapped_router[:3]}"
@@ -104,8 +112,9 @@ def make_collator(cfg: Config, tokenizer):
             batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, pad), tokenizer.pad_token_id)], 1)
             batch["labels"] = torch.cat([batch["labels"], torch.full((1, pad), -100)], 1)
             batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(pad)[None]], 1)
-            batch["attention_mask"] = torch.cat([torch.ones(1, length, dtype=torch.long),
-                                                 torch.zeros(1, pad, dtype=torch.long)], 1)
+            batch["attention_mask"] = torch.cat(
+                [torch.ones(1, length, dtype=torch.long), torch.zeros(1, pad, dtype=torch.long)], 1
+            )
         return batch
 
     return pack_and_pad
@@ -195,17 +204,25 @@ def diverged(step: int, max_steps: int, what: str, args) -> TrainingDiverged:
 
     lr = args.learning_rate
     weights = "adapter_model.safetensors"
-    good = [p for p in checkpoints(Path(args.output_dir)) if int(p.name.split("-")[1]) < step
-            and not ((p / weights).is_file() and nonfinite_tensors(p / weights))]
-    last = (f"the last checkpoint with finite weights before it is {good[0]} (its adapter loads with "
-            f"SET=infer.adapter={good[0]})" if good else "no checkpoint with finite weights was saved before it")
+    good = [
+        p
+        for p in checkpoints(Path(args.output_dir))
+        if int(p.name.split("-")[1]) < step and not ((p / weights).is_file() and nonfinite_tensors(p / weights))
+    ]
+    last = (
+        f"the last checkpoint with finite weights before it is {good[0]} (its adapter loads with "
+        f"SET=infer.adapter={good[0]})"
+        if good
+        else "no checkpoint with finite weights was saved before it"
+    )
     return TrainingDiverged(
         f"training diverged at step {step} of {max_steps}: {what}. It stopped there: nothing of that step was "
         f"logged or saved, no adapter was published (an earlier one stays as it was), and {last}",
         fix=f"the likely cause is the learning rate: train.learning_rate={lr:g} is too high for this run (try "
-            f"{lr / 10:g} or lower); otherwise the data (look for empty, garbled or extremely long answers in "
-            "`make dataset`'s stats.json). Then start over with train.resume=never (a resume would restore the "
-            "learning rate saved in the checkpoint)")
+        f"{lr / 10:g} or lower); otherwise the data (look for empty, garbled or extremely long answers in "
+        "`make dataset`'s stats.json). Then start over with train.resume=never (a resume would restore the "
+        "learning rate saved in the checkpoint)",
+    )
 
 
 def walk_trainable_only(model, optimizer, accelerator) -> None:
@@ -240,7 +257,7 @@ def build_trainer(cfg: Config, model, tokenizer, splits, args, callbacks: list):
         model=model,
         args=args,
         train_dataset=splits["train"],
-        eval_dataset=splits["eval"] if "eval" in splits else None,
+        eval_dataset=splits.get("eval", None),
         data_collator=make_collator(cfg, tokenizer),
         callbacks=[*callbacks, CheckpointModes()],
     )

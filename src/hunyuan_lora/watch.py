@@ -24,8 +24,11 @@ def check_address(host: str, port: int) -> None:
     try:
         ipaddress.IPv4Address(host)  # swanboard takes IPv4 literals only (no "localhost", no IPv6)
     except ValueError as e:
-        raise UserError(f"'{host}' is not an IPv4 address", where="swanlab.host / --host",
-                        fix="use 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)") from e
+        raise UserError(
+            f"'{host}' is not an IPv4 address",
+            where="swanlab.host / --host",
+            fix="use 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)",
+        ) from e
     if not 1 <= port <= 65535:
         raise UserError(f"port {port} is out of range", where="swanlab.port / --port", fix="use 1-65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -34,9 +37,11 @@ def check_address(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             what = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
-            raise UserError(f"{host}:{port} {what}", where="swanlab.port / --port",
-                            fix="stop the other dashboard, or pick another port: "
-                                "make watch SET=swanlab.port=5093") from e
+            raise UserError(
+                f"{host}:{port} {what}",
+                where="swanlab.port / --port",
+                fix="stop the other dashboard, or pick another port: make watch SET=swanlab.port=5093",
+            ) from e
 
 
 def add_arguments(parser) -> None:
@@ -51,9 +56,12 @@ def run(cfg: Config, host: str | None = None, port: int | None = None) -> None:
     swanlog = (cfg.output_dir / "swanlog").resolve()
     experiments = tracking.local_experiments(swanlog)
     if not experiments:
-        raise UserError(f"no SwanLab logs in {swanlog} yet", where=f"run.output_dir={cfg.run.output_dir}",
-                        fix="run `make train` (or `make demo`) with the same CONFIG / OUTPUT_DIR first; cloud-mode "
-                            "runs (SWANLAB_API_KEY set) are on swanlab.cn, use swanlab.mode=local for a local copy")
+        raise UserError(
+            f"no SwanLab logs in {swanlog} yet",
+            where=f"run.output_dir={cfg.run.output_dir}",
+            fix="run `make train` (or `make demo`) with the same CONFIG / OUTPUT_DIR first; cloud-mode "
+            "runs (SWANLAB_API_KEY set) are on swanlab.cn, use swanlab.mode=local for a local copy",
+        )
     check_address(host, port)
 
     shown = "127.0.0.1" if host == "0.0.0.0" else host

@@ -66,18 +66,28 @@ class DecodeGraphs:
         head = model.lm_head.weight
         return adapters + (head.data_ptr(), first.data_ptr() if first is not None else 0)
 
-    def step(self, model: nn.Module, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
-             cache_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def step(
+        self,
+        model: nn.Module,
+        cache,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_position: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         """Logits (B, 1, V) of one decode step, from a graph captured for this cache, batch and state."""
         for key in [k for k, g in self.graphs.items() if g.cache() is None]:
             del self.graphs[key]  # generate made a new cache: the old one's graphs can never run again
         if not self.graphs:
             self.pool = None  # the last graph of the shared pool is gone, and the pool with it
-        key = (id(cache), cache.key_cache[0].data_ptr(), tuple(input_ids.shape), tuple(mask.shape),
-               self._state(model))
+        key = (id(cache), cache.key_cache[0].data_ptr(), tuple(input_ids.shape), tuple(mask.shape), self._state(model))
         graph = self.graphs.get(key)
-        inputs = {"input_ids": input_ids, "position_ids": position_ids, "cache_position": cache_position,
-                  "attention_mask": mask}
+        inputs = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "cache_position": cache_position,
+            "attention_mask": mask,
+        }
         if graph is None:
             graph = self._capture(model, cache, inputs)
             self.graphs[key] = graph

@@ -55,9 +55,15 @@ class PackedNF4:
         states = [p.quant_state for p in params]
         s0 = states[0]
         for p, s in zip(params, states):
-            if (s.quant_type not in ("nf4", "fp4") or p.dtype != torch.uint8 or s.dtype != s0.dtype
-                    or s.blocksize != s0.blocksize or s.quant_type != s0.quant_type or s.shape[1] != s0.shape[1]
-                    or s.shape.numel() % s.blocksize):
+            if (
+                s.quant_type not in ("nf4", "fp4")
+                or p.dtype != torch.uint8
+                or s.dtype != s0.dtype
+                or s.blocksize != s0.blocksize
+                or s.quant_type != s0.quant_type
+                or s.shape[1] != s0.shape[1]
+                or s.shape.numel() % s.blocksize
+            ):
                 raise Unsupported("4-bit weights of one input differ in format, or end in a partial block")
         self.shape = (sum(s.shape[0] for s in states), s0.shape[1])
         self.dtype, self.blocksize, self.quant_type = s0.dtype, s0.blocksize, s0.quant_type
@@ -66,8 +72,9 @@ class PackedNF4:
         self.compute_dtype = linears[0].compute_dtype or s0.dtype
         self.table = s0.code.float()  # the 16 values a 4-bit code stands for
         # float32 scales of every 64-value block, as bitsandbytes decodes them per call (frozen: once here)
-        self.absmax = torch.cat([bnbf.dequantize_blockwise(s.absmax, s.state2) + s.offset if s.nested
-                                 else s.absmax.float() for s in states])
+        self.absmax = torch.cat(
+            [bnbf.dequantize_blockwise(s.absmax, s.state2) + s.offset if s.nested else s.absmax.float() for s in states]
+        )
 
     def materialize(self) -> torch.Tensor:
         """(sum of outs, in) in the compute dtype: a fresh tensor nobody keeps after its product."""
@@ -96,8 +103,9 @@ def _is_joined(tensors: list[torch.Tensor]) -> bool:
             return False
         ptr += t.numel() * t.element_size()
     storage = t0.untyped_storage()
-    return (tensors[-1].untyped_storage().data_ptr() == storage.data_ptr()
-            and storage.data_ptr() + storage.nbytes() >= ptr)
+    return (
+        tensors[-1].untyped_storage().data_ptr() == storage.data_ptr() and storage.data_ptr() + storage.nbytes() >= ptr
+    )
 
 
 @torch.no_grad()
@@ -109,7 +117,7 @@ def _pack_rows(params: list[nn.Parameter]) -> None:
     start = 0
     for p in params:
         rows = p.data.shape[0]
-        p.data = joined[start:start + rows]
+        p.data = joined[start : start + rows]
         start += rows
 
 
@@ -151,8 +159,9 @@ def _plan(owner: nn.Module, names: tuple[str, ...]) -> tuple:
         _pack_rows(params)
         base = None  # read from the modules each call: _joined over their (packed) weights
         outs = [p.shape[0] for p in params]
-    lora = [[_Lora(A[0].weight, B[0].weight, scaling, drop) for _, A, B, scaling, drop in _lora_plan([m])]
-            for m in mods]
+    lora = [
+        [_Lora(A[0].weight, B[0].weight, scaling, drop) for _, A, B, scaling, drop in _lora_plan([m])] for m in mods
+    ]
     plan = (base, outs, lora, linears)
     cache[names] = (Snapshot(mods, [(owner._modules, n, m) for n, m in zip(names, mods)]), plan)  # after packing
     return plan
@@ -177,7 +186,7 @@ def linears_fast(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> l
         xa = x.to(torch.get_autocast_dtype(x.device.type))
     results, start = [], 0
     for out, terms in zip(outs, lora):
-        r = y[..., start:start + out] if len(outs) > 1 else y
+        r = y[..., start : start + out] if len(outs) > 1 else y
         start += out
         for t in terms:
             if autocast:

@@ -119,8 +119,10 @@ def _is_packed(weights: list[torch.Tensor]) -> bool:
         if w.data_ptr() != ptr0 + i * nbytes or w.shape != w0.shape or w.dtype != w0.dtype:
             return False
     storage = w0.untyped_storage()
-    return (wl.untyped_storage().data_ptr() == storage.data_ptr()
-            and storage.data_ptr() + storage.nbytes() >= ptr0 + len(weights) * nbytes)
+    return (
+        wl.untyped_storage().data_ptr() == storage.data_ptr()
+        and storage.data_ptr() + storage.nbytes() >= ptr0 + len(weights) * nbytes
+    )
 
 
 @torch.no_grad()
@@ -164,8 +166,14 @@ class NF4Experts:
         if s0.quant_type not in ("nf4", "fp4") or params[0].dtype != torch.uint8:
             raise Unsupported(f"4-bit storage {params[0].dtype} / {s0.quant_type}")
         for p, s in zip(params, states):
-            if (tuple(s.shape) != tuple(s0.shape) or s.dtype != s0.dtype or s.blocksize != s0.blocksize
-                    or s.quant_type != s0.quant_type or s.nested != s0.nested or p.shape != params[0].shape):
+            if (
+                tuple(s.shape) != tuple(s0.shape)
+                or s.dtype != s0.dtype
+                or s.blocksize != s0.blocksize
+                or s.quant_type != s0.quant_type
+                or s.nested != s0.nested
+                or p.shape != params[0].shape
+            ):
                 raise Unsupported("experts differ in 4-bit shape, dtype or quantisation state")
         self.params, self.states = params, states
         self.read_codes = read_codes  # model.nf4_products: triton (set_nf4_products)
@@ -221,8 +229,9 @@ class NF4Experts:
             return self.absmax.reshape(-1)
         if self._scales is None:
             E = self.shape[0]
-            a = bnbf.dequantize_blockwise(self.absmax.reshape(-1), absmax=self.absmax2, code=self.code2,
-                                          blocksize=self.blocksize2)  # (E * whole,) float32
+            a = bnbf.dequantize_blockwise(
+                self.absmax.reshape(-1), absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2
+            )  # (E * whole,) float32
             self._scales = (a.view(E, -1)[:, : self.blocks] + self.offsets[:, None]).reshape(-1)
         return self._scales
 
@@ -230,7 +239,6 @@ class NF4Experts:
         """(E, out, in) dequantised weights: a fresh tensor that nothing keeps after the product using it,
         so the caching allocator hands the same block to the next projection and layer."""
         return dequantize_4bit(self.data, self.scales(), self.blocksize, self.quant_type, self.shape, self.dtype)
-
 
     def reads_codes(self, xs: torch.Tensor) -> bool:
         """The grouped products read the 4-bit codes (nf4_products.py) instead of a dequantised weight: chosen
@@ -274,12 +282,19 @@ class NF4Experts:
         E, out_f, in_f = self.shape
         codes = self._codes.transpose(0, 1)[:, experts]  # (out, k, in / 2 bytes): row o of every expert side by side
         absmax = self.scales().view(E, out_f, -1).transpose(0, 1)[:, experts]  # (out, k, in / blocksize)
-        return _gemv_4bit(z, codes.reshape(-1).view(torch.uint8).view(-1, 1), [out_f, len(experts) * in_f],
-                          absmax.reshape(-1), self.table, self.blocksize)
+        return _gemv_4bit(
+            z,
+            codes.reshape(-1).view(torch.uint8).view(-1, 1),
+            [out_f, len(experts) * in_f],
+            absmax.reshape(-1),
+            self.table,
+            self.blocksize,
+        )
 
 
-def _gemv_4bit(x: torch.Tensor, codes: torch.Tensor, shape: list[int], absmax: torch.Tensor, table: torch.Tensor,
-               blocksize: int) -> torch.Tensor:
+def _gemv_4bit(
+    x: torch.Tensor, codes: torch.Tensor, shape: list[int], absmax: torch.Tensor, table: torch.Tensor, blocksize: int
+) -> torch.Tensor:
     """bitsandbytes' 4-bit matrix-vector product, x (1, in) @ W^T with W (out, in) given by its codes."""
     return torch.ops.bitsandbytes.gemv_4bit.default(x, codes, shape, absmax, table.to(x.device), blocksize)
 
@@ -290,8 +305,9 @@ def decode_products() -> bool:
     return os.environ.get("HUNYUAN_DECODE_GEMV", "1") != "0"
 
 
-def one_token_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, projs: dict[str, Projection],
-                      act_fn) -> torch.Tensor | None:
+def one_token_experts(
+    x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, projs: dict[str, Projection], act_fn
+) -> torch.Tensor | None:
     """The routed experts of ONE token without gradients (a decode step at batch 1), from the 4-bit codes of
     its k experts only; None where this does not apply (more tokens, gradients, not NF4 experts).
 
@@ -325,8 +341,9 @@ def _lora_rows(xs: torch.Tensor, terms: list, experts: torch.Tensor) -> torch.Te
     return total
 
 
-def dequantize_4bit(data: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: tuple,
-                    dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit(
+    data: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: tuple, dtype: torch.dtype
+) -> torch.Tensor:
     """bitsandbytes' 4-bit decode with float32 block scales: its op, without `functional.dequantize_4bit`'s
     Python (a QuantState per call, the scale decode this module did once)."""
     return torch.ops.bitsandbytes.dequantize_4bit.default(data, absmax, blocksize, quant_type, list(shape), dtype)
@@ -353,10 +370,15 @@ def _lora_plan(mods: list[nn.Module]) -> list[tuple[str, list[nn.Linear], list[n
         p = getattr(drop, "p", 0.0)
         scaling = first.scaling[name]
         for m in mods:
-            if (m.scaling[name] != scaling or getattr(m.lora_dropout[name], "p", 0.0) != p
-                    or m.lora_A[name].weight.shape != first.lora_A[name].weight.shape
-                    or m.active_adapters != first.active_adapters or m.disable_adapters or m.merged
-                    or m.use_dora.get(name, False)):
+            if (
+                m.scaling[name] != scaling
+                or getattr(m.lora_dropout[name], "p", 0.0) != p
+                or m.lora_A[name].weight.shape != first.lora_A[name].weight.shape
+                or m.active_adapters != first.active_adapters
+                or m.disable_adapters
+                or m.merged
+                or m.use_dora.get(name, False)
+            ):
                 raise Unsupported("experts differ in LoRA rank, scaling, dropout or state")
         plan.append((name, [m.lora_A[name] for m in mods], [m.lora_B[name] for m in mods], scaling, drop))
     return plan
@@ -380,8 +402,9 @@ class Snapshot:
         """modules: the projections the plan reads; owners: the (`_modules`, name, module) entries holding them."""
         self.holders, self.pointers, self.states = list(owners), [], []
         # PEFT switches adapters on every module at once and the plan checked they agree: the ends suffice
-        self.states = [(m, _adapter_state(m)) for m in {id(m): m for m in modules[:1] + modules[-1:]}.values()
-                       if _is_lora(m)]
+        self.states = [
+            (m, _adapter_state(m)) for m in {id(m): m for m in modules[:1] + modules[-1:]}.values() if _is_lora(m)
+        ]
         for m in modules:
             if _is_lora(m):
                 for kind in ("lora_A", "lora_B"):
@@ -411,9 +434,11 @@ class Snapshot:
 
     def holds(self) -> bool:
         tables, keys, values = self.columns
-        return (all(map(operator.is_, map(dict.get, tables, keys), values))
-                and all(t.data_ptr() == p for t, p in self.pointers)
-                and all(_adapter_state(m) == s for m, s in self.states))
+        return (
+            all(map(operator.is_, map(dict.get, tables, keys), values))
+            and all(t.data_ptr() == p for t, p in self.pointers)
+            and all(_adapter_state(m) == s for m, s in self.states)
+        )
 
 
 def _adapter_state(m: nn.Module) -> tuple:
@@ -445,8 +470,17 @@ def _plan(moe: nn.Module) -> dict:
             params = [m.weight for m in linears]
             if not _is_packed(params):
                 _pack(params)
-        lora = [(A, B, scaling, drop, _stacked_lora(moe, name, "lora_A", adapter, A),
-                 _stacked_lora(moe, name, "lora_B", adapter, B)) for adapter, A, B, scaling, drop in _lora_plan(ms)]
+        lora = [
+            (
+                A,
+                B,
+                scaling,
+                drop,
+                _stacked_lora(moe, name, "lora_A", adapter, A),
+                _stacked_lora(moe, name, "lora_B", adapter, B),
+            )
+            for adapter, A, B, scaling, drop in _lora_plan(ms)
+        ]
         read_codes = moe.__dict__.get("nf4_products", "dequantize") == "triton"
         plan[name] = (NF4Experts(linears, read_codes) if n4 else linears, lora)
     moe.__dict__["_fast_moe_plan"] = (_snapshot(moe), plan)
@@ -461,8 +495,9 @@ def _stack_name(projection: str, kind: str, adapter: str) -> str:
     return f"{STACKED_PREFIX}{projection}_{kind[-1]}_{adapter}"
 
 
-def _stacked_lora(moe: nn.Module, projection: str, kind: str, adapter: str,
-                  mods: list[nn.Linear]) -> torch.Tensor | None:
+def _stacked_lora(
+    moe: nn.Module, projection: str, kind: str, adapter: str, mods: list[nn.Linear]
+) -> torch.Tensor | None:
     """The trainable (E, ...) leaf `stack_expert_lora` made, while the experts' weights are still its views."""
     stacked = moe._parameters.get(_stack_name(projection, kind, adapter))
     if stacked is None or len(stacked) != len(mods):
@@ -480,8 +515,14 @@ def projections(moe: nn.Module) -> dict[str, Projection]:
         for A, B, scaling, drop, a, b in lora:
             # without stack_expert_lora: differentiable copies (E x (r x in + out x r)), each expert's grad
             # flows back to its own leaf
-            terms.append(LoraTerm(a if a is not None else torch.stack([m.weight for m in A]),
-                                  b if b is not None else torch.stack([m.weight for m in B]), scaling, drop))
+            terms.append(
+                LoraTerm(
+                    a if a is not None else torch.stack([m.weight for m in A]),
+                    b if b is not None else torch.stack([m.weight for m in B]),
+                    scaling,
+                    drop,
+                )
+            )
         weight = base if isinstance(base, NF4Experts) else stacked_weight([m.weight for m in base])
         out[name] = Projection(weight, terms)
     return out

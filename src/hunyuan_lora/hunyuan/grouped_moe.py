@@ -92,7 +92,7 @@ def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] 
     pieces, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            pieces.append(a[start:start + n] @ b[e])
+            pieces.append(a[start : start + n] @ b[e])
         start += n
     if not pieces:
         return a.new_zeros(a.shape[0], b.shape[-1])
@@ -111,8 +111,7 @@ class _SourcedProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xs: torch.Tensor, source: WeightSource, offs: torch.Tensor, counts: list[int] | None,
-                keep: bool):
+    def forward(ctx, xs: torch.Tensor, source: WeightSource, offs: torch.Tensor, counts: list[int] | None, keep: bool):
         ctx.source, ctx.counts = source, counts
         ctx.reads_codes = source.reads_codes(xs)
         if ctx.reads_codes:  # nothing materialised, nothing to keep
@@ -137,16 +136,18 @@ class _SourcedProduct(torch.autograd.Function):
         return gmm(grad.to(w.dtype).contiguous(), w, offs, ctx.counts), None, None, None, None
 
 
-def _base_product(xs: torch.Tensor, weight, offs: torch.Tensor, counts: list[int] | None,
-                  keep_weights: bool) -> torch.Tensor:
+def _base_product(
+    xs: torch.Tensor, weight, offs: torch.Tensor, counts: list[int] | None, keep_weights: bool
+) -> torch.Tensor:
     if isinstance(weight, torch.Tensor):
         return gmm(xs, weight.transpose(1, 2), offs, counts)  # (M, out); W^T is a column-major view
     keep = keep_weights and torch.is_grad_enabled() and xs.requires_grad
     return _SourcedProduct.apply(xs, weight, offs, counts, keep)
 
 
-def project(xs: torch.Tensor, proj: Projection, offs: torch.Tensor, counts: list[int] | None,
-            keep_weights: bool = False) -> torch.Tensor:
+def project(
+    xs: torch.Tensor, proj: Projection, offs: torch.Tensor, counts: list[int] | None, keep_weights: bool = False
+) -> torch.Tensor:
     """Per pair: xs @ W[e]^T + sum over adapters of scaling * B[e] A[e] dropout(xs); (M, in) -> (M, out)."""
     y = _base_product(xs, proj.weight, offs, counts, keep_weights)
     if not proj.lora:
@@ -188,9 +189,15 @@ class _Rows(torch.autograd.Function):
         return g, None, None, None
 
 
-def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
-                   projs: dict[str, Projection], act_fn: Callable[[torch.Tensor], torch.Tensor],
-                   keep_weights: bool = False) -> torch.Tensor:
+def routed_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    num_experts: int,
+    projs: dict[str, Projection],
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    keep_weights: bool = False,
+) -> torch.Tensor:
     """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]), dropless: x (N, H), weights (N, k), experts (N, k).
 
     projs: "gate_proj", "up_proj", "down_proj". The products run in the base weights' dtype (the

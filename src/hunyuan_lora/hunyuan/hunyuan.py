@@ -161,8 +161,9 @@ class HunYuanModel(HunYuanPreTrainedModel):
     def get_input_embeddings(self):
         return self.embed_tokens
 
-    def _prepare_4d_causal_attention_mask_with_cache_position(self, attention_mask, sequence_length, target_length,
-                                                              cache_position, batch_size, **kwargs):
+    def _prepare_4d_causal_attention_mask_with_cache_position(
+        self, attention_mask, sequence_length, target_length, cache_position, batch_size, **kwargs
+    ):
         """generate's hook for a StaticCache: the (B, 1, T, cache length) mask, a fixed shape per cache."""
         return static_attention_mask(attention_mask, cache_position, target_length, batch_size)
 
@@ -185,12 +186,11 @@ class HunYuanModel(HunYuanPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = output_hidden_states or self.config.output_hidden_states
-        if self.gradient_checkpointing and self.training:
-            if use_cache:
-                logger.warning_once(
-                    "`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`."
-                )
-                use_cache = False
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once(
+                "`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`."
+            )
+            use_cache = False
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -268,19 +268,46 @@ class HunYuanMoEV1ForCausalLM(HunYuanPreTrainedModel, GenerationMixin):
 
     def decode_logits(self, input_ids, attention_mask, position_ids, cache_position, past_key_values) -> torch.Tensor:
         """Logits of one forward through the cache: what a decode graph captures."""
-        hidden_states = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, use_cache=True,
-                                   cache_position=cache_position).last_hidden_state
+        hidden_states = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=True,
+            cache_position=cache_position,
+        ).last_hidden_state
         return self.lm_logits(hidden_states)
 
-    def _graphable(self, input_ids, attention_mask, position_ids, past_key_values, cache_position, inputs_embeds,
-                   labels, output_hidden_states) -> bool:
+    def _graphable(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        past_key_values,
+        cache_position,
+        inputs_embeds,
+        labels,
+        output_hidden_states,
+    ) -> bool:
         """A decode step generate makes with a StaticCache on CUDA, outside training: replay a CUDA graph."""
-        return (isinstance(past_key_values, StaticCache) and input_ids is not None and input_ids.dim() == 2
-                and input_ids.shape[1] == 1 and input_ids.is_cuda and inputs_embeds is None and labels is None
-                and not output_hidden_states and not self.training and not torch.is_grad_enabled()
-                and attention_mask is not None and attention_mask.dim() == 4 and position_ids is not None
-                and cache_position is not None and _decode_graphs() is not None and _decode_graphs().enabled())
+        return (
+            isinstance(past_key_values, StaticCache)
+            and input_ids is not None
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and input_ids.is_cuda
+            and inputs_embeds is None
+            and labels is None
+            and not output_hidden_states
+            and not self.training
+            and not torch.is_grad_enabled()
+            and attention_mask is not None
+            and attention_mask.dim() == 4
+            and position_ids is not None
+            and cache_position is not None
+            and _decode_graphs() is not None
+            and _decode_graphs().enabled()
+        )
 
     def reset_lm_head_cache(self) -> None:
         """Drop the padded lm_head copy (needed only after writing the weight through `.data`)."""
@@ -289,13 +316,25 @@ class HunYuanMoEV1ForCausalLM(HunYuanPreTrainedModel, GenerationMixin):
     def lm_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         head = self.lm_head
         weight = getattr(head, "weight", None)
-        plain = (type(head) is nn.Linear and head.bias is None and not head._forward_hooks
-                 and not head._forward_pre_hooks and isinstance(weight, torch.Tensor) and weight.dim() == 2
-                 and weight.is_floating_point() and weight.shape[0] % LM_HEAD_PAD_MULTIPLE != 0)
+        plain = (
+            type(head) is nn.Linear
+            and head.bias is None
+            and not head._forward_hooks
+            and not head._forward_pre_hooks
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and weight.is_floating_point()
+            and weight.shape[0] % LM_HEAD_PAD_MULTIPLE != 0
+        )
         use = self.pad_lm_head
         if use is None:
-            use = (self.training and weight is not None and weight.device.type == "cuda"
-                   and not weight.requires_grad and not hasattr(weight, "ds_id"))  # ds_id: ZeRO-3 shard
+            use = (
+                self.training
+                and weight is not None
+                and weight.device.type == "cuda"
+                and not weight.requires_grad
+                and not hasattr(weight, "ds_id")
+            )  # ds_id: ZeRO-3 shard
         if not (use and plain):
             if weight is None or weight.requires_grad:
                 self._lm_head_cache.clear()
@@ -339,10 +378,19 @@ class HunYuanMoEV1ForCausalLM(HunYuanPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if self._graphable(input_ids, attention_mask, position_ids, past_key_values, cache_position, inputs_embeds,
-                           labels, output_hidden_states):
-            logits = self._decode_graphs.graphs.step(self, past_key_values, input_ids, position_ids, cache_position,
-                                                     attention_mask)
+        if self._graphable(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            cache_position,
+            inputs_embeds,
+            labels,
+            output_hidden_states,
+        ):
+            logits = self._decode_graphs.graphs.step(
+                self, past_key_values, input_ids, position_ids, cache_position, attention_mask
+            )
             # a copy: the graph's output is overwritten by the next step
             return CausalLMOutputWithPast(logits=logits.clone(), past_key_values=past_key_values)
         outputs = self.model(

@@ -35,8 +35,10 @@ def _fast(name: str):
     try:
         from hunyuan_lora.hunyuan import fast_linear, fast_moe
     except ImportError as e:
-        raise ImportError("config.moe_impl='fast' needs the hunyuan_lora package installed (its fast_moe.py is "
-                          "not part of a model folder); without it use moe_impl='upstream'") from e
+        raise ImportError(
+            "config.moe_impl='fast' needs the hunyuan_lora package installed (its fast_moe.py is "
+            "not part of a model folder); without it use moe_impl='upstream'"
+        ) from e
     return getattr(fast_moe, name, None) or getattr(fast_linear, name)
 
 
@@ -127,7 +129,9 @@ class HunYuanAttention(nn.Module):
         k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
         v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=attention_mask,  # (B, 1, T, S) bool, or None for plain causal
             dropout_p=self.attention_dropout if self.training else 0.0,  # the real model trains with it
             is_causal=attention_mask is None and T > 1,
@@ -251,8 +255,8 @@ class HunYuanMoE(nn.Module):
         start = 0
         for expert, n in zip(self.experts, counts):
             if n:
-                tokens = token_of_pair[start:start + n]
-                y = expert(x[tokens]) * weight_of_pair[start:start + n, None]  # (n, H)
+                tokens = token_of_pair[start : start + n]
+                y = expert(x[tokens]) * weight_of_pair[start : start + n, None]  # (n, H)
                 out.index_add_(0, tokens, y)
             start += n
         return out
@@ -277,8 +281,9 @@ class HunYuanDecoderLayer(nn.Module):
         return hidden_states
 
 
-def static_attention_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor, length: int,
-                          batch: int) -> torch.Tensor:
+def static_attention_mask(
+    attention_mask: torch.Tensor | None, cache_position: torch.Tensor, length: int, batch: int
+) -> torch.Tensor:
     """Boolean (B, 1, T, length) mask over a cache of fixed length: query t sees the keys at positions up to
     cache_position[t] that the 2-D attention_mask (B, <= length) does not mark as padding. Built from
     tensors only (no host synchronisation), so a CUDA graph can capture it."""

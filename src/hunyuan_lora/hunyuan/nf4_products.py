@@ -41,9 +41,27 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, offs_ptr, E: tl.constexpr, K: tl.constexpr,
-             N: tl.constexpr, stride_x, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr):
+def _forward(
+    x_ptr,
+    codes_ptr,
+    scales_ptr,
+    table_ptr,
+    out_ptr,
+    offs_ptr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    stride_x,
+    stride_ce,
+    stride_cn,
+    stride_se,
+    stride_sn,
+    stride_out,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TABLE_IN_REGISTERS: tl.constexpr,
+):
     tile = tl.program_id(0)
     # this program's tile: the tile-th of the experts' groups cut into BLOCK_M-row pieces, found by E scalar
     # steps over offs (no tile table to build: one launch per product)
@@ -94,9 +112,27 @@ def _forward(x_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, offs_ptr, E: tl.c
         tl.store(out, acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _input_grad(g_ptr, codes_ptr, scales_ptr, table_ptr, out_ptr, offs_ptr, E: tl.constexpr, K: tl.constexpr,
-                N: tl.constexpr, stride_g, stride_ce, stride_cn, stride_se, stride_sn, stride_out,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr):
+def _input_grad(
+    g_ptr,
+    codes_ptr,
+    scales_ptr,
+    table_ptr,
+    out_ptr,
+    offs_ptr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    stride_g,
+    stride_ce,
+    stride_cn,
+    stride_se,
+    stride_sn,
+    stride_out,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TABLE_IN_REGISTERS: tl.constexpr,
+):
     # program (tile, block b of the input columns): out[rows, 64b : 64b + 64] = sum over n of g[rows, n] W[e, n, ...]
     tile = tl.program_id(0)
     # this program's tile: the tile-th of the experts' groups cut into BLOCK_M-row pieces, found by E scalar
@@ -170,15 +206,26 @@ def _block_m(rows: int, experts: int) -> int:
 def _check(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor) -> None:
     E, out_f, half = codes.shape
     if codes.dtype != torch.uint8 or scales.shape != (E, out_f, 2 * half // BLOCK_K) or offs.shape != (E,):
-        raise ValueError(f"codes {tuple(codes.shape)} {codes.dtype}, scales {tuple(scales.shape)}, offs "
-                         f"{tuple(offs.shape)}: expected (E, out, in / 2) uint8, (E, out, in / {BLOCK_K}), (E,)")
+        raise ValueError(
+            f"codes {tuple(codes.shape)} {codes.dtype}, scales {tuple(scales.shape)}, offs "
+            f"{tuple(offs.shape)}: expected (E, out, in / 2) uint8, (E, out, in / {BLOCK_K}), (E,)"
+        )
     if a.stride(-1) != 1 or codes.stride(-1) != 1 or scales.stride(-1) != 1:
         raise ValueError("the activations, codes and scales must be contiguous along their last dimension")
 
 
-def grouped_product(xs: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
-                    offs: torch.Tensor, block_m: int | None = None, block_n: int = 64, num_warps: int = 4,
-                    num_stages: int = 3, table_in_registers: bool = True) -> torch.Tensor:
+def grouped_product(
+    xs: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    table: torch.Tensor,
+    offs: torch.Tensor,
+    block_m: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    table_in_registers: bool = True,
+) -> torch.Tensor:
     """xs (M, in) sorted by expert times each row's expert's W^T: (M, out), in xs's dtype."""
     _check(xs, codes, scales, offs)
     E, out_f, half = codes.shape
@@ -191,16 +238,43 @@ def grouped_product(xs: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
         return out
     forward, _ = _kernels(interpreted())
     forward[(tiles(M, E, block_m), triton.cdiv(out_f, block_n))](
-        xs, codes, scales, table, out, offs, E, in_f, out_f, xs.stride(0),
-        codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, TABLE_IN_REGISTERS=table_in_registers,
-        num_warps=num_warps, num_stages=num_stages)
+        xs,
+        codes,
+        scales,
+        table,
+        out,
+        offs,
+        E,
+        in_f,
+        out_f,
+        xs.stride(0),
+        codes.stride(0),
+        codes.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=BLOCK_K,
+        TABLE_IN_REGISTERS=table_in_registers,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return out
 
 
-def grouped_input_grad(grad: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
-                       offs: torch.Tensor, block_m: int | None = None, block_n: int = 64, num_warps: int = 4,
-                       num_stages: int = 3, table_in_registers: bool = True) -> torch.Tensor:
+def grouped_input_grad(
+    grad: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    table: torch.Tensor,
+    offs: torch.Tensor,
+    block_m: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    table_in_registers: bool = True,
+) -> torch.Tensor:
     """grad (M, out) sorted by expert times each row's expert's W: (M, in), in grad's dtype."""
     _check(grad, codes, scales, offs)
     E, out_f, half = codes.shape
@@ -213,8 +287,26 @@ def grouped_input_grad(grad: torch.Tensor, codes: torch.Tensor, scales: torch.Te
         return out
     _, input_grad = _kernels(interpreted())
     input_grad[(tiles(M, E, block_m), 2 * half // BLOCK_K)](
-        grad, codes, scales, table, out, offs, E, 2 * half, out_f, grad.stride(0),
-        codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, TABLE_IN_REGISTERS=table_in_registers,
-        num_warps=num_warps, num_stages=num_stages)
+        grad,
+        codes,
+        scales,
+        table,
+        out,
+        offs,
+        E,
+        2 * half,
+        out_f,
+        grad.stride(0),
+        codes.stride(0),
+        codes.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        out.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=BLOCK_K,
+        TABLE_IN_REGISTERS=table_in_registers,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return out

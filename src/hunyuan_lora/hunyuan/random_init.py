@@ -28,8 +28,15 @@ import torch
 from torch import nn
 
 
-def quantize_linears_(root: nn.Module, *, skip: tuple[str, ...] | list[str], compute_dtype: torch.dtype,
-                      double_quant: bool = True, quant_type: str = "nf4", prefix: str = "") -> int:
+def quantize_linears_(
+    root: nn.Module,
+    *,
+    skip: tuple[str, ...] | list[str],
+    compute_dtype: torch.dtype,
+    double_quant: bool = True,
+    quant_type: str = "nf4",
+    prefix: str = "",
+) -> int:
     """Replace every nn.Linear under `root` by bitsandbytes' Linear4bit holding its weight quantised
     on the weight's own device; returns how many. `skip`: transformers' rule (scale.skipped_by_quantization):
     a Linear whose own name, full path or a dotted prefix of it is listed stays as it is."""
@@ -41,19 +48,36 @@ def quantize_linears_(root: nn.Module, *, skip: tuple[str, ...] | list[str], com
         if any(name == key or path == key or path.startswith(key + ".") for key in skip):
             continue
         if type(child) is nn.Linear:
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=double_quant,
-                                  quant_type=quant_type, device="meta")
-            weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=double_quant,
-                                       quant_type=quant_type, module=q)
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+                device="meta",
+            )
+            weight = bnb.nn.Params4bit(
+                child.weight.data,
+                requires_grad=False,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+                module=q,
+            )
             q.weight = weight.to(child.weight.device)  # quantises (Params4bit._quantize) on that device
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(root, name, q)
             n += 1
         else:
-            n += quantize_linears_(child, skip=skip, compute_dtype=compute_dtype, double_quant=double_quant,
-                                   quant_type=quant_type, prefix=path + ".")
+            n += quantize_linears_(
+                child,
+                skip=skip,
+                compute_dtype=compute_dtype,
+                double_quant=double_quant,
+                quant_type=quant_type,
+                prefix=path + ".",
+            )
     return n
 
 
@@ -73,8 +97,11 @@ def _classes(moe_impl: str, model_dir: Path | None):
     from .hunyuan import HunYuanMoEV1ForCausalLM
     from .modeling_hunyuan import HunYuanDecoderLayer
 
-    what = ("the project's implementation, grouped experts (hunyuan_lora/hunyuan, moe_impl fast)" if moe_impl == "fast"
-            else "the project's reference implementation, per-expert loop (hunyuan_lora/hunyuan; no model folder)")
+    what = (
+        "the project's implementation, grouped experts (hunyuan_lora/hunyuan, moe_impl fast)"
+        if moe_impl == "fast"
+        else "the project's reference implementation, per-expert loop (hunyuan_lora/hunyuan; no model folder)"
+    )
     return HunYuanConfig, HunYuanMoEV1ForCausalLM, HunYuanDecoderLayer, what
 
 
@@ -88,9 +115,18 @@ def _init_(module: nn.Module, std: float, generator: torch.Generator | None) -> 
                 m.bias.zero_()
 
 
-def build_random_model(config: dict, *, moe_impl: str, quantization: str, device: str | torch.device,
-                       dtype: torch.dtype, num_layers: int | None = None, model_dir: str | Path | None = None,
-                       skip: tuple[str, ...] | list[str] = ("wg", "lm_head"), seed: int = 0) -> tuple[nn.Module, dict]:
+def build_random_model(
+    config: dict,
+    *,
+    moe_impl: str,
+    quantization: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    num_layers: int | None = None,
+    model_dir: str | Path | None = None,
+    skip: tuple[str, ...] | list[str] = ("wg", "lm_head"),
+    seed: int = 0,
+) -> tuple[nn.Module, dict]:
     """The causal LM of `config` (a config.json dict) with random weights; returns (model, info).
 
     num_layers keeps only the first num_layers decoder layers (per-layer lists cut to match).
@@ -137,8 +173,7 @@ def build_random_model(config: dict, *, moe_impl: str, quantization: str, device
                 if hasattr(m, "wg") and isinstance(m.wg, nn.Linear):
                     m.wg.to(torch.float32)
             if quantization == "nf4":
-                quantized += quantize_linears_(layer, skip=skip, compute_dtype=dtype,
-                                               prefix=f"model.layers.{i}.")
+                quantized += quantize_linears_(layer, skip=skip, compute_dtype=dtype, prefix=f"model.layers.{i}.")
             model.model.layers.append(layer)
     finally:
         torch.set_default_dtype(default)
@@ -153,10 +188,16 @@ def build_random_model(config: dict, *, moe_impl: str, quantization: str, device
         pack_experts(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    info = {"code": code, "moe_impl": moe_impl, "quantization": quantization, "layers": layers,
-            "layers_in_config": config["num_hidden_layers"], "quantized_linears": quantized,
-            "init_s": round(time.perf_counter() - t0, 2),
-            "parameters": sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())}
+    info = {
+        "code": code,
+        "moe_impl": moe_impl,
+        "quantization": quantization,
+        "layers": layers,
+        "layers_in_config": config["num_hidden_layers"],
+        "quantized_linears": quantized,
+        "init_s": round(time.perf_counter() - t0, 2),
+        "parameters": sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters()),
+    }
     return model, info
 
 
