@@ -29,14 +29,14 @@ def cfg(lora_run, tmp_path):
 
 def _a_keys(adapter) -> list[str]:
     with safe_open(f"{adapter}/adapter_model.safetensors", "pt") as f:
-        return sorted(k for k in f if k.endswith("lora_A.weight"))
+        return sorted(k for k in f.keys() if k.endswith("lora_A.weight"))
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
     folder, out = Path(folder), {}
     for shard in sorted(set(merge.weight_files(folder).values())):
         with safe_open(str(folder / shard), "pt") as f:
-            out |= {k: f.get_tensor(k) for k in f}
+            out |= {k: f.get_tensor(k) for k in f.keys()}
     return out
 
 

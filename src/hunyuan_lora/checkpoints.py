@@ -239,7 +239,7 @@ def nonfinite_tensors(weights: Path) -> dict[str, int]:
 
     found = {}
     with safe_open(str(weights), "pt") as f:
-        for name in f:
+        for name in f.keys():
             tensor = f.get_tensor(name)
             if tensor.is_floating_point():
                 bad = int(tensor.numel() - torch.isfinite(tensor).sum())

@@ -248,7 +248,7 @@ def check_merge(base: Path, adapter: Path, merged: Path) -> dict:
     counts = {"expert": [0, 0], "other": [0, 0]}  # kind -> [carrying their delta, adapted]
     unresolved, dropped = [], []
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        for a_key in sorted(k for k in f if k.endswith(".lora_A.weight")):
+        for a_key in sorted(k for k in f.keys() if k.endswith(".lora_A.weight")):
             module = a_key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
             a, b = f.get_tensor(a_key).float(), f.get_tensor(a_key.replace("lora_A", "lora_B")).float()
             rank = a.shape[0]
