@@ -285,3 +285,26 @@ def test_sigterm_handler_is_safe_inside_a_print():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_run_killed_after_its_last_checkpoint_publishes_it_without_another_step(patched_stand_in, tmp_path):
+    """train.max_steps ending mid-epoch (the demo's epoch is 8 steps): the Trainer resumed at the last step
+    trained one step more (a checkpoint-3, a logged step 3). Now the checkpoint is published as it is."""
+    model, out = tmp_path / "stand-in", tmp_path / "out"
+    shutil.copytree(patched_stand_in, model)
+    data.run(config.load(DEMO, model_dir=str(model), output_dir=str(out), data=str(SAMPLE)))
+    settings = ("train.max_steps=2", "train.save_steps=2")
+    first = Run("first", model, out, *settings)
+    assert first.finish() == 0, first.stderr[-3000:]
+    shutil.rmtree(out / "adapter")  # as a kill between the last checkpoint and the publishing leaves it
+    again = Run("again", model, out, *settings)
+    assert again.finish() == 0, again.stderr[-3000:]
+    assert "checkpoint-2 is the run's last step: publishing it, no step trained" in again.stdout
+    assert not LOSS_LINE.search(again.stdout)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert sorted(logged_losses(out)) == [1, 2]
+    published = adapter(out)
+    saved = load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
+    assert published.keys() == saved.keys()
+    assert all(torch.equal(published[k], saved[k]) for k in saved)
+    assert _manifest(out)["global_step"] == 2

@@ -392,6 +392,20 @@ class SaveOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
+class ResumedComplete(Exception):
+    """The run resumed from a checkpoint at its last step: the Trainer has loaded its weights and state."""
+
+
+class EndIfComplete(TrainerCallback):
+    """A run resumed at its last step mid-epoch (train.max_steps) would train one step more: the Trainer
+    checks max_steps only after a step. Raised once the checkpoint's weights and state are loaded and
+    before any step, so the caller publishes the checkpoint as it is."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if 0 < state.max_steps <= state.global_step:
+            raise ResumedComplete
+
+
 class CheckpointModes(TrainerCallback):
     """Checkpoints get the user's umask: safetensors writes its files 0600 whatever the umask, so a
     container running as another uid could not resume from them."""

@@ -415,7 +415,8 @@ def check_resume(cfg: Config, steps: int | None) -> tuple[Status, str, ResumePoi
     notes = incomplete_notes(point)
     if point.path and steps is not None and point.step >= steps:
         notes.append(
-            f"training is complete ({Path(point.path).name} is at the last step, {steps}): `make train` changes nothing"
+            f"training is complete ({Path(point.path).name} is at the last step, {steps}): `make train` trains no "
+            "further step; it publishes that checkpoint as adapter/ unless it already is"
         )
     return ("warn" if notes else "ok"), "; ".join([point.detail] + notes), point
 

@@ -15,6 +15,7 @@ Reads <output_dir>/data (from `make dataset`); writes to <output_dir>/:
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from . import scale
 from .atomic import staging_dir, write_json
-from .callbacks import SaveOnSignal, swanlab_callbacks
+from .callbacks import EndIfComplete, ResumedComplete, SaveOnSignal, swanlab_callbacks
 from .checkpoints import (
     check_optimizer_layout,
     published_from,
@@ -44,6 +45,7 @@ from .training import TrainingDiverged, attach_lora, build_trainer, training_arg
 def run(cfg: Config) -> Path:
     from datasets import load_from_disk
     from transformers import set_seed
+    from transformers.trainer_utils import TrainOutput
 
     out = cfg.output_dir
     # ---- fail fast: everything cheap before the weights load (`make check`'s table) -------------
@@ -80,7 +82,7 @@ def run(cfg: Config) -> Path:
     )
     stop = SaveOnSignal()  # Ctrl-C / SIGTERM: checkpoint, then stop
     mode = swanlab_mode(cfg) if main_process else "disabled"  # one SwanLab experiment per run
-    callbacks = [stop, *swanlab_callbacks(cfg, mode, stats, trainable, total, tokenizer)]
+    callbacks = [EndIfComplete(), stop, *swanlab_callbacks(cfg, mode, stats, trainable, total, tokenizer)]
     trainer = build_trainer(cfg, model, tokenizer, splits, args, callbacks)
 
     # ---- train -----------------------------------------------------------------------------------
@@ -88,6 +90,9 @@ def run(cfg: Config) -> Path:
         print(f"resuming from {resume}")
     try:
         result = trainer.train(resume_from_checkpoint=resume)
+    except ResumedComplete:  # killed after its last checkpoint, before publishing: publish that checkpoint
+        print(f"{resume} is the run's last step: publishing it, no step trained")
+        result = TrainOutput(trainer.state.global_step, math.nan, {})
     except TrainingDiverged as e:
         if main_process:  # the log up to the step before, and the experiment closed with the reason
             write_json(out / "log_history.json", trainer.state.log_history)
