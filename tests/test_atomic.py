@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import stage_args
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -338,16 +339,7 @@ def test_adapter_killed_during_the_swap_leaves_none_and_infer_says_so(scenarios)
     rows = preflight.preflight(cfg_for(scenarios["model"], out), stage="check", echo=False).rows
     assert f"`mv {aside} {out / 'adapter'}` restores it" in " ".join(r.detail for r in rows)
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "infer.py"),
-            "--config",
-            str(DEMO),
-            "--model-dir",
-            str(scenarios["model"]),
-            "--output-dir",
-            str(out),
-        ],
+        [sys.executable, str(REPO / "scripts" / "infer.py"), *stage_args(DEMO, scenarios["model"], out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import stage_args
 
 from hunyuan_lora import config, data, train
 from hunyuan_lora.errors import UserError
@@ -39,19 +40,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 def run_script(script: str, model: Path, out: Path, *sets: str, swanlab: str = "disabled"):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HL_")}
     env.update(OMP_NUM_THREADS="1", SWANLAB_MODE=swanlab)
-    args = [
-        sys.executable,
-        str(REPO / "scripts" / script),
-        "--config",
-        str(DEMO),
-        "--model-dir",
-        str(model),
-        "--output-dir",
-        str(out),
-        "--data",
-        str(SAMPLE),
-        *[a for s in sets for a in ("--set", s)],
-    ]
+    args = [sys.executable, str(REPO / "scripts" / script), *stage_args(DEMO, model, out, SAMPLE, sets)]
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 

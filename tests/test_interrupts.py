@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from modelscope_server import ModelScopeServer
+from script_helpers import stage_args
 
 from hunyuan_lora import config, data, tracking
 
@@ -202,9 +203,7 @@ LOSS_LINE = re.compile(r"\{'loss': ([0-9.]+)")
 
 
 def train(model: Path, out: Path, name: str) -> Script:
-    args = ["--config", str(DEMO), "--model-dir", str(model), "--output-dir", str(out), "--data", str(SAMPLE)]
-    for setting in TRAIN_SETTINGS:
-        args += ["--set", setting]
+    args = stage_args(DEMO, model, out, SAMPLE, TRAIN_SETTINGS)
     return Script("train.py", args, out.parent / name, clean_env(SWANLAB_SAVE_DIR=str(out.parent / "swanlab-home")))
 
 
@@ -317,23 +316,20 @@ def test_a_signal_to_one_of_two_ranks_stops_both_after_the_same_step(patched_sta
         "--master_port",
         str(port),
         str(REPO / "scripts" / "train.py"),
-        "--config",
-        str(DEMO),
-        "--model-dir",
-        str(model),
-        "--output-dir",
-        str(out),
-        "--data",
-        str(SAMPLE),
+        *stage_args(
+            DEMO,
+            model,
+            out,
+            SAMPLE,
+            [
+                "train.max_steps=40",
+                "train.logging_steps=1",
+                "train.save_steps=100",
+                "swanlab.mode=disabled",
+                "train.resume=never",
+            ],
+        ),
     ]
-    for setting in [
-        "train.max_steps=40",
-        "train.logging_steps=1",
-        "train.save_steps=100",
-        "swanlab.mode=disabled",
-        "train.resume=never",
-    ]:
-        args += ["--set", setting]
     log = tmp_path / "ddp.log"
     with open(log, "w") as f:
         launcher = subprocess.Popen(

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from script_helpers import stage_args
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -193,16 +194,7 @@ def case(
         "id": name,
         "script": str(REPO / "scripts" / script),
         "cwd": str(REPO),
-        "args": [
-            "--config",
-            str(DEMO),
-            "--model-dir",
-            str(model),
-            "--output-dir",
-            str(out),
-            *extra,
-            *[a for s in sets for a in ("--set", s)],
-        ],
+        "args": [*stage_args(DEMO, model, out), *extra, *[a for s in sets for a in ("--set", s)]],
         "env": {"OMP_NUM_THREADS": "1", "SWANLAB_MODE": "disabled", **env},
         "stdout": f"{log}.stdout",
         "stderr": f"{log}.stderr",

@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_helpers import stage_args
 
 from hunyuan_lora import config, data
 
@@ -61,17 +62,8 @@ class Run:
         args = [
             sys.executable,
             str(REPO / "scripts" / "train.py"),
-            "--config",
-            str(DEMO),
-            "--model-dir",
-            str(model),
-            "--output-dir",
-            str(out),
-            "--data",
-            str(SAMPLE),
+            *stage_args(DEMO, model, out, SAMPLE, RUN_SETTINGS + list(overrides)),
         ]
-        for o in RUN_SETTINGS + list(overrides):
-            args += ["--set", o]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.stdout_path, "w") as so, open(self.stderr_path, "w") as se:
             self.proc = subprocess.Popen(args, cwd=REPO, stdout=so, stderr=se, env=env)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_helpers import stage_args
 from test_check import (  # noqa: F401 (fixtures)
     H200,
     REAL_TOTAL,
@@ -235,18 +236,12 @@ def test_zero3_one_process_on_cpu_shards_the_stand_in_and_trains(patched_stand_i
     }
 
     def train_(*overrides: str) -> str:
-        sets = [a for o in ("swanlab.mode=disabled", "train.save_steps=2", *overrides) for a in ("--set", o)]
+        sets = ["swanlab.mode=disabled", "train.save_steps=2", *overrides]
         proc = subprocess.run(
             [
                 sys.executable,
                 "scripts/train.py",
-                "--config",
-                "configs/demo.yaml",
-                "--model-dir",
-                str(patched_stand_in),
-                "--output-dir",
-                str(run_dir),
-                *sets,
+                *stage_args("configs/demo.yaml", patched_stand_in, run_dir, sets=sets),
             ],
             cwd=REPO,
             env=env,

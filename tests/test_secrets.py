@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import stage_args
 
 from hunyuan_lora import config, data, runtime
 
@@ -82,20 +83,9 @@ def run(patched_stand_in, tmp_path_factory):
         [
             sys.executable,
             str(REPO / "scripts" / "train.py"),
-            "--config",
-            str(DEMO),
-            "--model-dir",
-            str(patched_stand_in),
-            "--output-dir",
-            str(out),
-            "--data",
-            str(SAMPLE),
-            "--set",
-            "train.max_steps=2",
-            "--set",
-            "train.save_steps=1",
-            "--set",
-            "swanlab.mode=local",
+            *stage_args(
+                DEMO, patched_stand_in, out, SAMPLE, ["train.max_steps=2", "train.save_steps=1", "swanlab.mode=local"]
+            ),
         ],
         cwd=cwd,
         env=env,

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from script_helpers import stage_args
 
 from hunyuan_lora import config, tracking
 from hunyuan_lora.errors import UserError
@@ -174,14 +175,7 @@ def run_script(script: str, run_folders, tmp_path, **env: str) -> subprocess.Com
         [
             sys.executable,
             str(REPO / "scripts" / script),
-            "--config",
-            str(REPO / "configs/demo.yaml"),
-            "--model-dir",
-            str(model),
-            "--output-dir",
-            str(out),
-            "--set",
-            "swanlab.mode=cloud",
+            *stage_args(REPO / "configs/demo.yaml", model, out, sets=["swanlab.mode=cloud"]),
         ],
         cwd=REPO,
         env=clean,

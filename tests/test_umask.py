@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import stage_args
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -57,18 +58,7 @@ def assert_modes(root: Path, umask: int) -> None:
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_the_tokenized_dataset_follows_the_umask(stand_in_dir, tmp_path, umask):
     out = tmp_path / "out"
-    run_script(
-        "dataset.py",
-        umask,
-        "--config",
-        str(DEMO),
-        "--model-dir",
-        str(stand_in_dir),
-        "--output-dir",
-        str(out),
-        "--data",
-        str(SAMPLE),
-    )
+    run_script("dataset.py", umask, *stage_args(DEMO, stand_in_dir, out, SAMPLE))
     assert (out / "data" / "stats.json").is_file()
     assert list((out / "data" / "train").glob("*.arrow"))
     assert_modes(out / "data", umask)
@@ -77,9 +67,7 @@ def test_the_tokenized_dataset_follows_the_umask(stand_in_dir, tmp_path, umask):
 def test_the_merged_model_follows_the_umask(lora_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(lora_run.output_dir / "adapter", out / "adapter")
-    run_script(
-        "merge.py", 0o022, "--config", str(DEMO), "--model-dir", str(lora_run.model.dir), "--output-dir", str(out)
-    )
+    run_script("merge.py", 0o022, *stage_args(DEMO, lora_run.model.dir, out))
     shards = list((out / "merged").glob("*.safetensors"))
     assert shards
     assert (out / "merged" / "config.json").is_file()
@@ -92,19 +80,7 @@ def test_checkpoints_and_the_adapter_follow_the_umask(patched_stand_in, tmp_path
     out = tmp_path / "out"
     data.run(config.load(DEMO, model_dir=str(patched_stand_in), output_dir=str(out), data=str(SAMPLE)))
     sets = ["train.max_steps=2", "train.save_steps=1", "swanlab.mode=disabled", "train.resume=never"]
-    run_script(
-        "train.py",
-        0o022,
-        "--config",
-        str(DEMO),
-        "--model-dir",
-        str(patched_stand_in),
-        "--output-dir",
-        str(out),
-        "--data",
-        str(SAMPLE),
-        *[a for s in sets for a in ("--set", s)],
-    )
+    run_script("train.py", 0o022, *stage_args(DEMO, patched_stand_in, out, SAMPLE, sets))
     for folder in ("checkpoint-1", "checkpoint-2", "adapter"):
         assert (out / folder / "adapter_model.safetensors").is_file(), folder
         assert_modes(out / folder, 0o022)
