@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from hunyuan_lora.probe import TIMED_GREEDY
+
 H, INTER, E, TOPK = 4096, 3072, 64, 8
 
 
@@ -226,16 +228,7 @@ def timed_generate(model, batch: int, prompt: int, new: int, cache: str | None, 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab - 300, (batch, prompt), generator=g).cuda()
     mask = torch.ones_like(ids)
-    kw = {
-        "do_sample": False,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-        "pad_token_id": 0,
-        "eos_token_id": None,
-        "cache_implementation": cache,
-        "disable_compile": True,
-    }
+    kw = {**TIMED_GREEDY, "cache_implementation": cache, "disable_compile": True}
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():  # warm-up: the cache of this length, the graphs' capture, Triton compilation
@@ -273,16 +266,7 @@ def profile_decode(model, batch: int, cache: str | None, steps: int = 8) -> dict
 
     vocab = model.get_base_model().config.vocab_size
     ids = torch.randint(0, vocab - 300, (batch, 40)).cuda()
-    kw = {
-        "do_sample": False,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-        "pad_token_id": 0,
-        "eos_token_id": None,
-        "cache_implementation": cache,
-        "disable_compile": True,
-    }
+    kw = {**TIMED_GREEDY, "cache_implementation": cache, "disable_compile": True}
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, **kw)  # warm / capture
         torch.cuda.synchronize()

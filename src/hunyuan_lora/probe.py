@@ -489,6 +489,15 @@ def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengt
 
 
 GEN_NEW_TOKENS = 48  # tokens generated per measurement (the first comes from the prefill)
+# greedy with no stop token: every row generates exactly max_new_tokens, so the timed work is known
+TIMED_GREEDY = {
+    "do_sample": False,
+    "temperature": None,
+    "top_p": None,
+    "top_k": None,
+    "pad_token_id": 0,
+    "eos_token_id": None,
+}
 GEN_BATCH_SIZE = 64  # the eval batch size measured when the config names none
 TUTORIAL_EVAL_RATIO = 0.05  # the held-out share the ETA of `make eval` assumes when the config holds none out
 
@@ -505,15 +514,7 @@ def _generate_timed(model, batch: int, prompt: int, new: int, seed: int) -> dict
     vocab = model.get_base_model().config.vocab_size
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, int(0.9 * vocab), (batch, prompt), generator=g).to(model.device)
-    kwargs = {
-        "attention_mask": torch.ones_like(ids),
-        "do_sample": False,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-        "pad_token_id": 0,
-        "eos_token_id": None,
-    }
+    kwargs = {"attention_mask": torch.ones_like(ids), **TIMED_GREEDY}
     times = []
     with torch.no_grad():
         for n in (new, 1, new):
@@ -537,15 +538,7 @@ def _decode_profile(model, prompt: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(0, 1000, (1, prompt)).to(model.device)
-    kwargs = {
-        "attention_mask": torch.ones_like(ids),
-        "do_sample": False,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-        "pad_token_id": 0,
-        "eos_token_id": None,
-    }
+    kwargs = {"attention_mask": torch.ones_like(ids), **TIMED_GREEDY}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch.no_grad(), profile(activities=acts) as prof:
         model.generate(input_ids=ids, max_new_tokens=9, **kwargs)
