@@ -12,10 +12,13 @@ warnings.filterwarnings("ignore", message="The pynvml package is deprecated")
 # its other messages still show. A filter on its logger outlasts the level DeepSpeed sets when it loads.
 logging.getLogger("DeepSpeed").addFilter(lambda record: record.funcName != "get_accelerator")
 # SwanLab colours its lines with ANSI codes even when they go to a file or a pipe (CI logs, `| tee`). Its
-# line prefix is coloured when swanlab is imported, so this must come first.
-if not sys.stdout.isatty():
+# line prefix is coloured when swanlab is imported, so this must come first. The GPU bench machine runs
+# without swanlab (SWANLAB_MODE=disabled, bench/gpu_wheels.sh carries no swanlab).
+try:
     from swankit.log.utils import FONT
-
+except ModuleNotFoundError:
+    FONT = None
+if FONT is not None and not sys.stdout.isatty():
     for _colour in (
         "bold",
         "default",
