@@ -98,6 +98,27 @@ def test_default_still_dequantises(interpreter, monkeypatch):
     assert len(calls) == 6
 
 
+def test_auto_reads_codes_for_few_rows_only(interpreter, monkeypatch):
+    """nf4_products "auto": a decoding-sized product multiplies from the codes, a training-sized one dequantises
+    (CODES_MAX_ROWS scaled down to the tiny model: 8 tokens x top-k rows per projection)."""
+    config = tiny_config(**ALIGNED)
+    _, fast = peft_pair(config)
+    moe = fast.base_model.model.model.layers[0].mlp
+    calls = []
+    real = fast_moe.NF4Experts.materialize
+    monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: calls.append(1) or real(self))
+    fast_moe.set_nf4_products(fast, "auto")
+    x = torch.randn(1, 8, config.hidden_size)
+    rows = 8 * config.moe_topk[0]
+    monkeypatch.setattr(fast_moe, "CODES_MAX_ROWS", rows)
+    few = moe(x)
+    assert calls == []
+    monkeypatch.setattr(fast_moe, "CODES_MAX_ROWS", rows - 1)
+    many = moe(x)
+    assert len(calls) == 3
+    assert rel(few, many) < 1e-5
+
+
 def test_config_switch_reaches_the_model(interpreter, monkeypatch, stand_in_dir, tmp_path):
     """model.nf4_products: triton in the QLoRA config: the loaded model's experts multiply from the codes where
     the shapes allow (the stand-in's gate/up, 64 inputs; its down has 48, not whole 64-value blocks)."""

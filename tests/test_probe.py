@@ -121,7 +121,7 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     r = json.loads((out / "probe.json").read_text())
     assert set(r) >= FIELDS
     assert (r["layers"], r["layers_in_config"], r["depth_cut"]) == (1, 2, True)
-    assert (r["moe_impl"], r["quantization"], r["nf4_products"], r["device"]) == ("fast", "nf4", "dequantize", "cpu")
+    assert (r["moe_impl"], r["quantization"], r["nf4_products"], r["device"]) == ("fast", "nf4", "auto", "cpu")
     assert "grouped experts" in r["code"]
     assert str(stand_in_dir) in r["architecture_from"]
     assert r["lengths_from"].startswith(f"token lengths from {lengths}")
@@ -134,7 +134,7 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     assert all(v > 0 for v in r["loss_per_step"])
     check_consistent(r, 4)
     md = (out / "probe.md").read_text()
-    assert "quantization nf4 (NF4 products: dequantize)" in md
+    assert "quantization nf4 (NF4 products: auto)" in md
     assert "cut from 2: PROBE_LAYERS" in md
     assert f"{r['steady_s_per_step']} s per optimizer step" in md
     # PROBE_COMPARE: the same samples through the per-expert upstream path, unpacked, in the same run

@@ -78,8 +78,9 @@ class ModelSection:
     quantization: Literal["none", "nf4"] = "none"
     # How the routed experts' NF4 products run (quantization nf4, moe_impl fast): "dequantize" writes all 64
     # experts of a projection in bf16 and multiplies; "triton" multiplies straight from the 4-bit codes
-    # (hunyuan_lora/hunyuan/nf4_products.py), not yet measured on a GPU (bench/nf4_products_bench.py).
-    nf4_products: Literal["dequantize", "triton"] = "dequantize"
+    # (hunyuan_lora/hunyuan/nf4_products.py); "auto" reads the codes for few tokens (decoding, where it is
+    # 2-5x faster) and dequantises for many (training and prefill, where dequantising is 3.6x faster).
+    nf4_products: Literal["dequantize", "triton", "auto"] = "dequantize"
     # Where the first NF4 load writes the quantised, packed model (~45 GB) that later loads read instead of
     # quantising the 160 GB again (hunyuan_lora/nf4.py): "auto" = <model.dir>.nf4-cache beside the model
     # folder (same disk), a folder, or "none". `make clean-cache` removes it.

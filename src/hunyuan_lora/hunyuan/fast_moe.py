@@ -149,6 +149,13 @@ def stacked_weight(params: list[nn.Parameter]) -> torch.Tensor:
     return _stacked_view(params)
 
 
+# model.nf4_products: auto reads the codes up to this many routed (token, expert) rows per product. One H200,
+# the real model's gate and down shapes (bench/results/nf4-products-2026-12-03.json): from the codes 0.48 /
+# 0.66 ms at 128 / 512 rows against 1.31 / 1.37 ms dequantising all 64 experts, 5.6 against 1.56 ms at 8,192
+# (a training step's 16 samples): the crossover lies between 1,024 and 2,048.
+CODES_MAX_ROWS = 1024
+
+
 class NF4Experts:
     """The E experts' bitsandbytes 4-bit weights of one projection as ONE quantised tensor.
 
@@ -159,7 +166,7 @@ class NF4Experts:
     `dequantize_4bit` call.
     """
 
-    def __init__(self, linears: list[nn.Module], read_codes: bool = False):
+    def __init__(self, linears: list[nn.Module], products: str = "dequantize"):
         params = [m.weight for m in linears]
         states = [p.quant_state for p in params]
         s0 = states[0]
@@ -176,7 +183,7 @@ class NF4Experts:
             ):
                 raise Unsupported("experts differ in 4-bit shape, dtype or quantisation state")
         self.params, self.states = params, states
-        self.read_codes = read_codes  # model.nf4_products: triton (set_nf4_products)
+        self.products = products  # model.nf4_products (set_nf4_products)
         E, (out_f, in_f) = len(params), tuple(s0.shape)
         self.shape, self.dtype = (E, out_f, in_f), s0.dtype
         self.device = params[0].device
@@ -241,11 +248,14 @@ class NF4Experts:
         return dequantize_4bit(self.data, self.scales(), self.blocksize, self.quant_type, self.shape, self.dtype)
 
     def reads_codes(self, xs: torch.Tensor) -> bool:
-        """The grouped products read the 4-bit codes (nf4_products.py) instead of a dequantised weight: chosen
-        with model.nf4_products: triton, for NF4 in 64-value blocks, activations in bf16 on CUDA (or any float
-        dtype on the CPU under Triton's interpreter, which is how the tests run it)."""
+        """The grouped products read the 4-bit codes (nf4_products.py) instead of a dequantised weight: with
+        model.nf4_products: triton always, with auto for at most CODES_MAX_ROWS routed rows; for NF4 in
+        64-value blocks, activations in bf16 on CUDA (or any float dtype on the CPU under Triton's
+        interpreter, which is how the tests run it)."""
         in_f = self.shape[2]
-        if not (self.read_codes and self.quant_type == "nf4" and self.blocksize == 64 and in_f % 64 == 0):
+        if self.products == "dequantize" or self.quant_type != "nf4" or self.blocksize != 64 or in_f % 64:
+            return False
+        if self.products == "auto" and xs.shape[0] > CODES_MAX_ROWS:
             return False
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             return xs.device.type == "cpu"
@@ -481,8 +491,8 @@ def _plan(moe: nn.Module) -> dict:
             )
             for adapter, A, B, scaling, drop in _lora_plan(ms)
         ]
-        read_codes = moe.__dict__.get("nf4_products", "dequantize") == "triton"
-        plan[name] = (NF4Experts(linears, read_codes) if n4 else linears, lora)
+        products = moe.__dict__.get("nf4_products", "dequantize")
+        plan[name] = (NF4Experts(linears, products) if n4 else linears, lora)
     moe.__dict__["_fast_moe_plan"] = (_snapshot(moe), plan)
     return plan
 
@@ -575,9 +585,10 @@ def stack_expert_lora(model: nn.Module) -> int:
 
 def set_nf4_products(model: nn.Module, mode: str) -> int:
     """model.nf4_products for every fast HunYuanMoE of `model`: "triton" multiplies its NF4 experts straight from
-    the 4-bit codes, "dequantize" (the default) dequantises them first. Returns how many blocks were set."""
-    if mode not in ("dequantize", "triton"):
-        raise ValueError(f"nf4_products must be 'dequantize' or 'triton', got {mode!r}")
+    the 4-bit codes, "dequantize" dequantises them first, "auto" reads the codes for at most CODES_MAX_ROWS
+    routed rows (decoding) and dequantises for more (training, prefill). Returns how many blocks were set."""
+    if mode not in ("dequantize", "triton", "auto"):
+        raise ValueError(f"nf4_products must be 'dequantize', 'triton' or 'auto', got {mode!r}")
     n = 0
     for moe in model.modules():
         if type(moe).__name__ == "HunYuanMoE" and getattr(moe, "moe_impl", None) == "fast":
