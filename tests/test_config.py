@@ -35,6 +35,18 @@ def test_huanhuan_config_reproduces_the_tutorial():
     assert "84c3486aeee22cd6585c21771924cd538a081295" in cfg.data.url
 
 
+def test_large_batch_config_is_the_qlora_config_at_64_per_step():
+    """configs/qlora_large_batch.yaml changes only the batch, the learning rate (x sqrt 4), warm-up and names."""
+    small = config.load(REPO / "configs/huanhuan_qlora.yaml")
+    large = config.load(REPO / "configs/qlora_large_batch.yaml")
+    assert (large.train.per_device_train_batch_size, large.train.gradient_accumulation_steps) == (64, 1)
+    assert large.train.learning_rate == 2 * small.train.learning_rate
+    assert (small.train.warmup_ratio, large.train.warmup_ratio) == (0.0, 0.05)
+    for section in ("model", "data", "lora", "infer", "eval"):
+        assert getattr(large, section) == getattr(small, section), section
+    assert large.output_dir.name == large.run.name == "qlora_large_batch"
+
+
 def test_unknown_key_names_the_nearest_valid_one(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  learning_rat: 1e-4\nlora:\n  rank: 8\nswanlb:\n  mode: local\n")
