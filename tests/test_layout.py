@@ -207,3 +207,17 @@ def test_bench_scripts_take_the_package_from_the_environment():
     scripts = sorted([*bench.glob("*.py"), *bench.glob("*.sh")])
     assert len(scripts) >= 8
     assert [p.name for p in scripts if "sys.path" in p.read_text(encoding="utf-8")] == []
+
+
+def test_the_package_imports_without_swanlab():
+    """The GPU bench machine carries no swanlab (bench/gpu_wheels.sh): importing the package and the probe's
+    CLI must not need it; swanlab is imported where a run logs to it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; sys.modules.update(dict.fromkeys(['swanlab', 'swankit', 'swankit.log', 'swankit.log.utils'])); "
+        "import hunyuan_lora.cli, hunyuan_lora.probe; print('imported')"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "imported", out.stderr[-2000:]

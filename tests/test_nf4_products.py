@@ -51,6 +51,15 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def dequantised(monkeypatch) -> list:
+    """The shape of every expert weight NF4Experts dequantises from here on, in order."""
+    calls = []
+    real = fast_moe.NF4Experts.materialize
+    monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: calls.append(self.shape) or real(self))
+    return calls
+
+
 @pytest.mark.parametrize("registers", [True, False])
 @pytest.mark.parametrize("counts", [[5, 0, 19, 3], [0, 0, 33, 0], [1, 1, 1, 1], [0, 70, 0, 2]])
 def test_products_equal_dequantise_then_matmul(interpreter, counts, registers):
@@ -81,13 +90,11 @@ def test_fast_nf4_moe_reading_codes_matches_peft(interpreter, monkeypatch):
         assert rel(g_fast[name], g_ref[name]) < 1e-5 or g_ref[name].norm() == g_fast[name].norm() == 0, name
 
 
-def test_default_still_dequantises(interpreter, monkeypatch):
+def test_default_still_dequantises(interpreter, dequantised):
     config = tiny_config(**ALIGNED)
     _, fast = peft_pair(config)
     moe = fast.base_model.model.model.layers[0].mlp
-    calls = []
-    real = fast_moe.NF4Experts.materialize
-    monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: calls.append(1) or real(self))
+    calls = dequantised
     moe(torch.randn(1, 8, config.hidden_size))
     assert len(calls) == 3
     fast_moe.set_nf4_products(fast, "triton")  # switched on after the first forward: re-planned
@@ -98,15 +105,13 @@ def test_default_still_dequantises(interpreter, monkeypatch):
     assert len(calls) == 6
 
 
-def test_auto_reads_codes_for_few_rows_only(interpreter, monkeypatch):
+def test_auto_reads_codes_for_few_rows_only(interpreter, monkeypatch, dequantised):
     """nf4_products "auto": a decoding-sized product multiplies from the codes, a training-sized one dequantises
     (CODES_MAX_ROWS scaled down to the tiny model: 8 tokens x top-k rows per projection)."""
     config = tiny_config(**ALIGNED)
     _, fast = peft_pair(config)
     moe = fast.base_model.model.model.layers[0].mlp
-    calls = []
-    real = fast_moe.NF4Experts.materialize
-    monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: calls.append(1) or real(self))
+    calls = dequantised
     fast_moe.set_nf4_products(fast, "auto")
     x = torch.randn(1, 8, config.hidden_size)
     rows = 8 * config.moe_topk[0]
@@ -119,7 +124,7 @@ def test_auto_reads_codes_for_few_rows_only(interpreter, monkeypatch):
     assert rel(few, many) < 1e-5
 
 
-def test_config_switch_reaches_the_model(interpreter, monkeypatch, stand_in_dir, tmp_path):
+def test_config_switch_reaches_the_model(interpreter, dequantised, stand_in_dir, tmp_path):
     """model.nf4_products: triton in the QLoRA config: the loaded model's experts multiply from the codes where
     the shapes allow (the stand-in's gate/up, 64 inputs; its down has 48, not whole 64-value blocks)."""
     cfg = config.load(
@@ -129,12 +134,9 @@ def test_config_switch_reaches_the_model(interpreter, monkeypatch, stand_in_dir,
         output_dir=str(tmp_path / "run"),
     )
     model = load_random_model(cfg, placement(cfg), 1).model
-    decoded = []
-    real = fast_moe.NF4Experts.materialize
-    monkeypatch.setattr(fast_moe.NF4Experts, "materialize", lambda self: decoded.append(self.shape) or real(self))
     with torch.no_grad():
         model(input_ids=torch.randint(0, 100, (1, 6)))
-    assert decoded == [(8, 64, 48)]  # down only
+    assert dequantised == [(8, 64, 48)]  # down only
 
 
 def test_config_refuses_nf4_products_without_nf4(stand_in_dir, tmp_path):
