@@ -185,19 +185,26 @@ class BatchCounter:
         self.samples = 0  # an int, or a device tensor (packing)
         self.tokens = 0  # a device tensor once something was counted
         self._hook = None
+        self._model = None
 
     def attach(self, model) -> None:
         if self._hook is None:
             self._hook = model.register_forward_pre_hook(self.count, with_kwargs=True)
+            # a step replayed from a CUDA graph runs no hook: step_graphs.count_batch calls the counters
+            model.__dict__.setdefault("batch_counters", []).append(self)
+            self._model = model
 
     def detach(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            self._model.__dict__["batch_counters"].remove(self)
 
     def count(self, module, args, kwargs) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation and generation forwards are not training throughput
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # a CUDA graph's capture: the replays are counted (step_graphs.count_batch)
         mask = kwargs.get("attention_mask")  # (B, T), 0 on padding
         ids = kwargs.get("input_ids", args[0] if args else None)  # (B, T)
         positions = kwargs.get("position_ids")

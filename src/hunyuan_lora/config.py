@@ -7,7 +7,7 @@ Order of precedence: dataclass defaults < YAML file < `--set section.key=value` 
 overrides (MODEL_DIR / DATA / OUTPUT_DIR). Unknown keys and wrong types are rejected with the
 nearest valid name, all problems at once, before anything heavy is loaded.
 
-The train: section takes the project's keys (packing, pad_to_multiple_of, resume) and any
+The train: section takes the project's keys (packing, pad_to_multiple_of, resume, cuda_graphs) and any
 TrainingArguments field by its own name, checked against TrainingArguments' dataclass (names,
 types, choices); training.training_arguments hands them to it as given. TRAINING_DEFAULTS holds
 the tutorial's values.
@@ -175,6 +175,9 @@ class TrainSection:
     # otherwise bring a new length almost every step. null: pad to the longest only (the tutorial).
     pad_to_multiple_of: int | None = None
     resume: str = "auto"  # auto: continue from the last complete checkpoint in output_dir; never; or a path
+    # Replay each micro-step's forward and backward from a CUDA graph, one per shape (step_graphs.py): the
+    # launches of a host-bound step cost one. Needs one CUDA GPU and model.moe_impl: fast.
+    cuda_graphs: bool = False
     args: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_DEFAULTS), metadata={"internal": True})
 
     def __getattr__(self, name: str) -> Any:  # only reached for names that are not the fields above
@@ -199,7 +202,7 @@ class TrainSection:
         return {**{k: getattr(self, k) for k in TRAIN_PROJECT_KEYS}, **self.args}
 
 
-TRAIN_PROJECT_KEYS = ("packing", "pad_to_multiple_of", "resume")
+TRAIN_PROJECT_KEYS = ("packing", "pad_to_multiple_of", "resume", "cuda_graphs")
 
 
 @lru_cache(maxsize=1)
@@ -527,6 +530,12 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             f"model.nf4_products: {cfg.model.nf4_products} needs model.quantization: nf4 and "
             "model.moe_impl: fast (it is how the project's grouped experts multiply by 4-bit weights); "
             "remove it, or set both"
+        )
+    if cfg.train.cuda_graphs and cfg.model.moe_impl != "fast":
+        problems.append(
+            "train.cuda_graphs needs model.moe_impl: fast (the per-expert loop of upstream asks the GPU how many "
+            "tokens each expert got, a host synchronisation that a CUDA graph cannot hold); set it, or remove "
+            "train.cuda_graphs"
         )
     if cfg.train.packing and cfg.model.moe_impl != "fast":
         problems.append(

@@ -474,6 +474,10 @@ def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengt
         ),
     )
     report["loss_per_step"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e][:steps]
+    graphs = trainer.step_graphs
+    if graphs is not None:  # train.cuda_graphs: how many micro-steps were replayed, of how many shapes
+        report["cuda_graphs"] = {"shapes": len(graphs.seen), "graphs": len(graphs.graphs), "replays": graphs.replays}
+        report["cuda_graphs"]["failed"] = graphs.failed
     # the prompt a generation starts from: a sample without its answer (the tokens without labels)
     report["prompt_tokens"] = max(
         1, round(statistics.median(sum(1 for v in s["labels"] if v == -100) for s in samples))
@@ -714,6 +718,7 @@ def summarize(cfg: Config, m: Measurement) -> dict:
             "pad_to_multiple_of": cfg.train.pad_to_multiple_of,
             "optim": cfg.train.optim,
             "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            "cuda_graphs": cfg.train.cuda_graphs,
         },
         "lengths_from": m.lengths_source,
         "samples_per_optimizer_step": m.per_step,
@@ -878,6 +883,14 @@ def markdown(r: dict) -> str:
         f"| **{r['steady_s_per_step']} s per optimizer step** (mean {r['mean_s_per_step_after_warmup']} s) |",
         f"| warm-up (steps 1-{r['warmup_steps']}, beyond steady) "
         f"| {r['warmup_s']} s (first step {r['first_step_s']} s) |",
+        *(
+            [
+                f"| CUDA graphs (train.cuda_graphs) | {g['replays']} micro-steps replayed from {g['graphs']} graphs, "
+                f"{g['shapes']} shapes" + (f"; capture failed: {g['failed']}" if g["failed"] else "") + " |"
+            ]
+            if (g := r.get("cuda_graphs"))
+            else []
+        ),
         f"| samples/s | **{r['samples_per_s']}** |",
         f"| real (non-pad) tokens/s | {r['tokens_per_s']:,} ({r['real_tokens_per_step']} per step) |",
         f"| MFU | {100 * r['mfu']:.1f} % of {r['gemm_tflops']} TFLOP/s ({r['gemm']} measured in this run; "

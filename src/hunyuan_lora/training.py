@@ -133,6 +133,7 @@ def trainer_class():
     * A non-finite loss or gradient norm stops training at that step, before anything of it is logged or
       saved: TrainingDiverged (a UserError) says where and why. The stock Trainer logs a NaN loss as the
       mean of the earlier ones (logging_nan_inf_filter) and carries on.
+    * train.cuda_graphs: micro-steps replayed from CUDA graphs (step_graphs.py).
     """
     import torch
     from transformers import Trainer
@@ -140,9 +141,17 @@ def trainer_class():
     class LoraTrainer(Trainer):
         flos_per_token: int | None = None
         nonfinite_loss: float | None = None  # the first non-finite micro-step loss of the run
+        cuda_graphs = False  # train.cuda_graphs, where it applies (build_trainer)
+        step_graphs = None  # its StepGraphs, made with the optimizer
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.step_graphs is not None:
+                eager = super().training_step
+                loss = self.step_graphs.run(
+                    lambda batch, items: eager(model, batch, items), self._prepare_inputs(inputs), num_items_in_batch
+                )
+            else:
+                loss = super().training_step(model, inputs, num_items_in_batch)
             # one host sync, as the Trainer's own NaN filter makes on the same value right after
             if self.nonfinite_loss is None and not torch.isfinite(loss).all():
                 self.nonfinite_loss = loss.float().sum().item()
@@ -160,7 +169,11 @@ def trainer_class():
             if self.is_deepspeed_enabled:
                 optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
             else:
-                walk_trainable_only(self.model, optimizer, self.accelerator)
+                trainable = walk_trainable_only(self.model, optimizer, self.accelerator, keep_grads=self.cuda_graphs)
+                if self.cuda_graphs:
+                    from .step_graphs import StepGraphs
+
+                    self.step_graphs = StepGraphs(self.model, trainable)
             return optimizer
 
         def floating_point_ops(self, inputs):
@@ -225,7 +238,7 @@ def diverged(step: int, max_steps: int, what: str, args) -> TrainingDiverged:
     )
 
 
-def walk_trainable_only(model, optimizer, accelerator) -> None:
+def walk_trainable_only(model, optimizer, accelerator, keep_grads: bool = False) -> list:
     """Make Trainer's per-step `model.train()`, gradient clipping over `model.parameters()` and
     `model.zero_grad()` touch what can have a gradient.
 
@@ -234,12 +247,13 @@ def walk_trainable_only(model, optimizer, accelerator) -> None:
     `__torch_function__`, ~3 us). Measured with the FLOP count: ~20 ms of host time per layer and step,
     as long as the fast path's whole layer (bench/NOTES.md). Frozen tensors never get a gradient, so
     clipping and zeroing the optimizer's tensors is the same work; `train()` walks the tree when the
-    mode changes (the first call, after `eval()`), not again while already training.
+    mode changes (the first call, after `eval()`), not again while already training. keep_grads: zeroing
+    keeps the gradient tensors (CUDA graphs add into them). Returns the trainable tensors.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     clip = accelerator.clip_grad_norm_
     accelerator.clip_grad_norm_ = lambda parameters, max_norm, norm_type=2: clip(trainable, max_norm, norm_type)
-    model.zero_grad = lambda set_to_none=True: optimizer.zero_grad(set_to_none=set_to_none)
+    model.zero_grad = lambda set_to_none=True: optimizer.zero_grad(set_to_none=set_to_none and not keep_grads)
     module_train, training = model.train, {"all": False}
 
     def train(mode: bool = True):
@@ -249,11 +263,12 @@ def walk_trainable_only(model, optimizer, accelerator) -> None:
         return model
 
     model.train = train
+    return trainable
 
 
 def build_trainer(cfg: Config, model, tokenizer, splits, args, callbacks: list):
     """The Trainer over the tokenized splits (eval when the dataset has one)."""
-    return trainer_class()(
+    trainer = trainer_class()(
         model=model,
         args=args,
         train_dataset=splits["train"],
@@ -261,3 +276,9 @@ def build_trainer(cfg: Config, model, tokenizer, splits, args, callbacks: list):
         data_collator=make_collator(cfg, tokenizer),
         callbacks=[*callbacks, CheckpointModes()],
     )
+    if cfg.train.cuda_graphs:
+        if args.device.type == "cuda" and not args.deepspeed and args.world_size == 1:
+            trainer.cuda_graphs = True
+        else:
+            print("train.cuda_graphs applies to one CUDA GPU without DeepSpeed: this run trains without", flush=True)
+    return trainer

@@ -304,8 +304,11 @@ def attention_mask_4d(
     """Boolean (B, 1, T, S) mask: causal, padding and packed-sample boundaries; None = plain causal.
 
     Packed samples are recognised by position ids that restart at 0 inside a row; each sample then
-    attends only to itself.
+    attends only to itself. A 4-D mask is taken as already built (a CUDA-graphed training step builds it
+    outside the graph: this function reads the position ids on the host).
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
     packed = q_len > 1 and past_len == 0 and bool((position_ids[:, 1:] == 0).any())
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not packed and not padded and (past_len == 0 or q_len == 1):

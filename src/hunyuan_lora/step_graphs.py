@@ -1,0 +1,170 @@
+"""train.cuda_graphs: a training micro-step's forward and backward captured as one CUDA graph per input shape.
+
+At 16 samples per step the NF4 step is host-bound: ~400 kernels a layer, launched through Python, autograd
+and PEFT, take longer to issue than the GPU takes to run them (bench/NOTES.md). A captured step issues them
+all with one launch. What capture needs, and how it is met here:
+  * fixed shapes: one graph per input shape (train.pad_to_multiple_of keeps them few). The first `warmup`
+    micro-steps of a shape run eagerly (lazy initialisation, cuDNN plans, the model's caches), the next one
+    is captured and every later one replayed;
+  * no host synchronisation inside: the packed-attention mask reads the position ids on the host, so it is
+    built before the graph and handed to the model as a 4-D mask;
+  * gradients that outlive the graph: they are allocated before the capture and the graph adds into them;
+    the Trainer zeroes them after each optimizer step and must never set them to None (training.py);
+  * a recompute that draws the forward's random numbers (LoRA and attention dropout under activation
+    checkpointing): torch's checkpoint saves the generator's seed for that, which capture forbids, so each
+    checkpointed layer draws from generator states of its own, one for the forward and an identical one for
+    the recompute, both registered with every graph (the scheme of torch.compile's CUDA graphs);
+  * Python that runs once per micro-step (the model's forward pre-hooks: callbacks.BatchCounter) runs at
+    capture only, so a replayed step calls the counters itself.
+A capture that fails (an operation that synchronises, a kernel that cannot be captured) is reported once and
+the run continues eagerly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Callable
+
+import torch
+import torch.utils.checkpoint as torch_checkpoint
+
+Step = Callable[[dict, torch.Tensor], torch.Tensor]  # (inputs, num_items_in_batch) -> loss, after backward
+
+
+class CheckpointStates:
+    """Non-reentrant activation checkpointing whose recompute repeats the forward's random numbers by giving
+    each checkpointed function two generator states of its own, equal at creation and advanced equally.
+
+    Installed as the model's `_gradient_checkpointing_func` (what transformers' gradient_checkpointing_enable
+    sets); called with the decoder layer's bound `__call__`. Early stopping of the recompute is off, so the
+    recompute consumes as many random numbers as the forward did and the two states stay in step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.generator = torch.cuda.default_generators[device.index if device.index is not None else 0]
+        self.pairs: dict[int, tuple[torch.Generator, torch.Generator]] = {}
+
+    def states(self) -> list[torch.Generator]:
+        return [state for pair in self.pairs.values() for state in pair]
+
+    def _pair(self, owner: object) -> tuple[torch.Generator, torch.Generator]:
+        pair = self.pairs.get(id(owner))
+        if pair is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("a checkpointed layer ran for the first time inside a CUDA graph capture")
+            # distinct per layer, reproducible from the run's seed, drawing nothing from any generator
+            seed = self.generator.initial_seed() + 1 + len(self.pairs)
+            pair = tuple(self.generator.clone_state().manual_seed(seed) for _ in range(2))
+            self.pairs[id(owner)] = pair
+        return pair
+
+    def __call__(self, function, *args, **kwargs):
+        pair = self._pair(getattr(function, "__self__", function))
+        calls = [0]
+
+        def run(*inner_args, **inner_kwargs):
+            state = pair[min(calls[0], 1)]  # the first call is the forward, every later one a recompute
+            calls[0] += 1
+            previous = self.generator.graphsafe_get_state()
+            self.generator.graphsafe_set_state(state)
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                self.generator.graphsafe_set_state(previous)
+
+        with torch_checkpoint.set_checkpoint_early_stop(False):
+            return torch_checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+    def install(self, model: torch.nn.Module) -> int:
+        """Replace the checkpoint function of every module that checkpoints its layers; returns how many."""
+        n = 0
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = self
+                n += 1
+        return n
+
+
+def with_4d_mask(inputs: dict) -> dict:
+    """The micro-batch with its attention mask as the (B, 1, T, T) boolean the model would build from it
+    (causal, padding, packed samples), built here, outside the graph: it reads the position ids on the host."""
+    from .hunyuan.modeling_hunyuan import attention_mask_4d
+
+    ids = inputs["input_ids"]
+    B, T = ids.shape
+    positions = inputs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(T, device=ids.device)[None].expand(B, -1)
+    mask = attention_mask_4d(inputs.get("attention_mask"), positions, T, 0)
+    if mask is None:  # plain causal: spelled out, so the graph's model takes the same path every time
+        mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()[None, None].expand(B, 1, T, T)
+    return {**inputs, "attention_mask": mask}
+
+
+class StepGraphs:
+    """The micro-steps of one training run, replayed from CUDA graphs where their shapes repeat."""
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], warmup: int = 1):
+        self.model, self.params, self.warmup = model, list(params), warmup
+        self.graphs: dict[tuple, tuple] = {}
+        self.seen: Counter = Counter()
+        self.pool = None  # one memory pool for all graphs: they never run at the same time
+        self.checkpoint: CheckpointStates | None = None
+        self.failed: str | None = None
+        self.replays = 0
+
+    def run(self, step: Step, inputs: dict, num_items: torch.Tensor | None) -> torch.Tensor:
+        """The micro-step `step` on `inputs` (on the GPU), eager, captured or replayed; returns its loss."""
+        if self.checkpoint is None:
+            self.checkpoint = CheckpointStates(inputs["input_ids"].device)
+            self.checkpoint.install(self.model)
+        if self.failed is not None or not torch.is_tensor(num_items):
+            return step(inputs, num_items)
+        key = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items()))
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.seen[key] += 1
+            if self.seen[key] <= self.warmup:
+                return step(inputs, num_items)
+            try:
+                entry = self.graphs[key] = self._capture(step, with_4d_mask(inputs), num_items)
+            except Exception as e:  # noqa: BLE001 - any failure to capture leaves eager training, which works
+                self.failed = f"{type(e).__name__}: {e}"
+                warnings.warn(
+                    f"train.cuda_graphs: capturing a training step failed ({self.failed}); this run continues "
+                    "without CUDA graphs (set train.cuda_graphs: false to skip the attempt)",
+                    stacklevel=2,
+                )
+                torch.cuda.synchronize()
+                return step(inputs, num_items)
+        graph, static_inputs, static_items, loss = entry
+        count_batch(self.model, inputs)
+        for name, tensor in with_4d_mask(inputs).items():
+            static_inputs[name].copy_(tensor)
+        static_items.copy_(num_items)
+        graph.replay()
+        self.replays += 1
+        return loss.clone()  # the graph's own loss is overwritten by the next replay
+
+    def _capture(self, step: Step, inputs: dict, num_items: torch.Tensor) -> tuple:
+        static_inputs = {name: tensor.clone() for name, tensor in inputs.items()}
+        static_items = num_items.clone()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        graph = torch.cuda.CUDAGraph()
+        for state in self.checkpoint.states():
+            graph.register_generator_state(state)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = step(static_inputs, static_items)
+        self.pool = graph.pool()
+        torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph's own pool holds its activations
+        return graph, static_inputs, static_items, loss.detach()
+
+
+def count_batch(model: torch.nn.Module, inputs: dict) -> None:
+    """What the model's batch counters (callbacks.BatchCounter) count at a forward, for a replayed step."""
+    for counter in model.__dict__.get("batch_counters", ()):
+        counter.count(model, (), inputs)

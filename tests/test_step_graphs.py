@@ -1,0 +1,150 @@
+"""train.cuda_graphs (step_graphs.py): the 4-D mask the graphed step hands the model, the checkpoint whose
+recompute repeats the forward's dropout inside a CUDA graph, and graphed training steps against eager ones.
+
+    .venv/bin/python -m pytest tests/test_step_graphs.py          # CPU: the mask, the config check
+    python3 -m pytest tests/test_step_graphs.py -m gpu             # CUDA: capture and replay
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from tensor_helpers import randomise_lora, rel
+from test_fast_moe import TARGETS, set_moe_impl, tiny_config
+
+from hunyuan_lora import config as config_mod
+from hunyuan_lora.errors import UserError
+from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
+from hunyuan_lora.step_graphs import CheckpointStates, StepGraphs, with_4d_mask
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def packed_batch(lengths: list[int], pad: int, device: str, seed: int = 0) -> dict:
+    """One packed row as train.packing + pad_to_multiple_of build it: samples back to back, a padding block."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths) + pad
+    ids = torch.randint(0, 1000, (1, total), generator=g)
+    positions = torch.cat([torch.arange(n) for n in [*lengths, pad] if n])[None]
+    mask = torch.ones(1, total, dtype=torch.long)
+    labels = ids.clone()
+    if pad:
+        mask[:, -pad:] = 0
+        labels[:, -pad:] = -100
+        ids[:, -pad:] = 1023
+    batch = {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def fast_model(device: str, dtype: torch.dtype, dropout: float = 0.0, attention_dropout: float = 0.0):
+    torch.manual_seed(0)
+    base = HunYuanMoEV1ForCausalLM(tiny_config(attention_dropout=attention_dropout)).to(device, dtype)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS))
+    randomise_lora(model, 1)
+    set_moe_impl(model, "fast")
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def test_the_graphed_steps_mask_gives_the_models_own_result():
+    """The 4-D mask built outside the graph (causal, packed samples, the padding block) is the one the model
+    builds itself from the 2-D mask and the position ids: the same logits."""
+    model = fast_model("cpu", torch.float32).eval()
+    batch = packed_batch([7, 12, 5], pad=8, device="cpu")
+    graphed = with_4d_mask(batch)
+    assert graphed["attention_mask"].shape == (1, 1, 32, 32)
+    with torch.no_grad():
+        own = model(**batch).logits
+        given = model(**graphed).logits
+    assert torch.equal(own, given)
+    # not vacuous: without the packed samples' blocks the logits differ
+    causal = with_4d_mask({k: v for k, v in batch.items() if k not in ("position_ids", "attention_mask")})
+    with torch.no_grad():
+        assert not torch.allclose(model(**{**batch, "attention_mask": causal["attention_mask"]}).logits, own)
+
+
+def test_cuda_graphs_needs_the_fast_moe():
+    with pytest.raises(UserError, match="train.cuda_graphs needs model.moe_impl: fast"):
+        config_mod.load(None, overrides=["train.cuda_graphs=true", "model.moe_impl=upstream"])
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_captured_checkpoint_recomputes_the_forwards_dropout():
+    """y = dropout(x) * w under the checkpoint: d sum(y) / dw = sum(y) at w = 1 exactly when the recompute drew
+    the forward's mask. Eager, then captured and replayed: a new mask every replay, always the same twice."""
+    states = CheckpointStates(torch.device("cuda"))
+    w = torch.nn.Parameter(torch.ones((), device="cuda"))
+    x = torch.ones(1 << 16, device="cuda")
+
+    def layer(inputs):
+        return F.dropout(inputs, 0.5, training=True) * w
+
+    def step():
+        loss = states(layer, x).sum()
+        loss.backward()
+        return loss.detach()
+
+    eager = step()
+    assert torch.equal(w.grad, eager)
+    graph = torch.cuda.CUDAGraph()
+    for state in states.states():
+        graph.register_generator_state(state)
+    w.grad.zero_()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        loss = step()
+    seen = []
+    for _ in range(3):
+        w.grad.zero_()
+        graph.replay()
+        assert torch.equal(w.grad, loss), (w.grad.item(), loss.item())
+        seen.append(loss.item())
+    assert len(set(seen + [eager.item()])) == 4, seen  # a fresh mask each time
+    assert abs(seen[0] / x.numel() - 1) < 0.05  # dropout at 0.5, rescaled by 2
+
+
+def _step(model):
+    def step(batch, items):
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(**batch, num_items_in_batch=items).loss
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+@pytest.mark.gpu
+@cuda
+def test_graphed_training_steps_match_eager_ones():
+    """Without dropout the micro-steps are deterministic: graphed (warm-up, capture, replays, two shapes) and
+    eager give the same loss and the same LoRA gradients."""
+    from hunyuan_lora.hunyuan import grouped_moe
+
+    if not grouped_moe.grouped_mm_available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("torch._grouped_mm needs compute capability 9.0")
+    model = fast_model("cuda", torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    graphs = StepGraphs(model, params)
+    step = _step(model)
+    shapes = [([20, 30, 14], 0), ([50, 40, 20], 18)]  # 64 and 128 tokens
+    for i, s in enumerate([0, 0, 1, 0, 1, 1, 0]):
+        batch = packed_batch(*shapes[s], device="cuda", seed=i)
+        items = (batch["labels"] != -100).sum()
+        results = []
+        for run in (lambda: step(batch, items), lambda: graphs.run(step, batch, items)):
+            for p in params:
+                if p.grad is not None:
+                    p.grad.zero_()
+            loss = run()
+            results.append((loss.float(), [p.grad.float().clone() for p in params]))
+        (loss_e, grads_e), (loss_g, grads_g) = results
+        assert rel(loss_g, loss_e) < 1e-3, (i, loss_g, loss_e)
+        for g_e, g_g in zip(grads_e, grads_g):
+            assert rel(g_g, g_e) < 1e-2 or g_e.norm() == g_g.norm() == 0, i
+    assert graphs.failed is None
+    assert len(graphs.graphs) == 2 and graphs.replays == 5  # from the second micro-step of a shape on
