@@ -16,6 +16,7 @@ from test_fast_moe import TARGETS, set_moe_impl, tiny_config
 
 from hunyuan_lora import config as config_mod
 from hunyuan_lora.errors import UserError
+from hunyuan_lora.hunyuan import fast_moe
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
 from hunyuan_lora.step_graphs import CheckpointStates, StepGraphs, with_4d_mask
 
@@ -44,6 +45,7 @@ def fast_model(device: str, dtype: torch.dtype, dropout: float = 0.0, attention_
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS))
     randomise_lora(model, 1)
     set_moe_impl(model, "fast")
+    fast_moe.stack_expert_lora(model)  # as training.attach_lora: its per-expert views must not pin a stream
     model.config.use_cache = False
     model.train()
     return model

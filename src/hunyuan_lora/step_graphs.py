@@ -10,6 +10,8 @@ all with one launch. What capture needs, and how it is met here:
     built before the graph and handed to the model as a 4-D mask;
   * gradients that outlive the graph: they are allocated before the capture and the graph adds into them;
     the Trainer zeroes them after each optimizer step and must never set them to None (training.py);
+  * one capture stream for all graphs, on which the per-expert LoRA views are made anew before the first
+    step (fast_moe.renew_expert_lora_views: autograd would otherwise tie the capture to the default stream);
   * a recompute that draws the forward's random numbers (LoRA and attention dropout under activation
     checkpointing): torch's checkpoint saves the generator's seed for that, which capture forbids, so each
     checkpointed layer draws from generator states of its own, one for the forward and an identical one for
@@ -113,10 +115,16 @@ class StepGraphs:
         self.checkpoint: CheckpointStates | None = None
         self.failed: str | None = None
         self.replays = 0
+        self.stream = None  # the capture stream
 
     def run(self, step: Step, inputs: dict, num_items: torch.Tensor | None) -> torch.Tensor:
         """The micro-step `step` on `inputs` (on the GPU), eager, captured or replayed; returns its loss."""
         if self.checkpoint is None:
+            from .hunyuan.fast_moe import renew_expert_lora_views
+
+            self.stream = torch.cuda.Stream(inputs["input_ids"].device)
+            with torch.cuda.stream(self.stream):
+                renew_expert_lora_views(self.model)
             self.checkpoint = CheckpointStates(inputs["input_ids"].device)
             self.checkpoint.install(self.model)
         if self.failed is not None or not torch.is_tensor(num_items):
@@ -137,6 +145,9 @@ class StepGraphs:
                     stacklevel=2,
                 )
                 torch.cuda.synchronize()
+                # the generator states the failed capture registered are unusable outside it: fresh ones
+                self.checkpoint = CheckpointStates(inputs["input_ids"].device)
+                self.checkpoint.install(self.model)
                 return step(inputs, num_items)
         graph, static_inputs, static_items, loss = entry
         count_batch(self.model, inputs)
@@ -157,7 +168,7 @@ class StepGraphs:
         for state in self.checkpoint.states():
             graph.register_generator_state(state)
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             loss = step(static_inputs, static_items)
         self.pool = graph.pool()
         torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph's own pool holds its activations

@@ -583,6 +583,38 @@ def stack_expert_lora(model: nn.Module) -> int:
     return n
 
 
+@torch.no_grad()
+def renew_expert_lora_views(model: nn.Module) -> int:
+    """Make every per-expert LoRA weight that stack_expert_lora left (a view of the stacked trainable tensor) anew,
+    on the current CUDA stream; returns how many.
+
+    Those views keep the stacked tensor's gradient-accumulation node alive, and autograd binds that node to
+    the stream it was made on: a CUDA graph captured on another stream would have to wait on it, which
+    capture forbids. The cached plans that hold the old views go too, so the node dies with them and the new
+    views make a new one here (the plans are rebuilt at the next forward)."""
+    taken = []
+    for moe, _ in list(_fast_moes(model)):
+        moe.__dict__.pop("_fast_moe_plan", None)
+        for expert in moe.experts:
+            for projection in PROJECTIONS:
+                layer = getattr(expert, projection)
+                for kind in ("lora_A", "lora_B") if _is_lora(layer) else ():
+                    taken += filter(None, map(_take_view, layer._modules[kind].values()))
+    with torch.enable_grad():  # every old view is gone by now
+        for linear, base, size, stride, offset in taken:
+            linear._buffers["weight"] = base.as_strided(size, stride, offset)
+    return len(taken)
+
+
+def _take_view(linear: nn.Module) -> tuple | None:
+    """Remove `linear`'s weight if it is a differentiable view; what it was a view of, and how."""
+    view = linear._buffers.get("weight")
+    if view is None or view.grad_fn is None or view._base is None:
+        return None
+    linear._buffers["weight"] = None
+    return linear, view._base, view.size(), view.stride(), view.storage_offset()
+
+
 def set_nf4_products(model: nn.Module, mode: str) -> int:
     """model.nf4_products for every fast HunYuanMoE of `model`: "triton" multiplies its NF4 experts straight from
     the 4-bit codes, "dequantize" dequantises them first, "auto" reads the codes for at most CODES_MAX_ROWS
