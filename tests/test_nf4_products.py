@@ -177,3 +177,34 @@ def test_cuda_bf16_products_and_graph_capture(rows):
     graph.replay()
     want_y = per_group(x.float(), counts.tolist(), lambda a, e: a @ Wb[e].T)
     assert rel(y_graph.float(), want_y) < 1e-2
+
+
+def test_dequantize_is_bitsandbytes_dequantisation(interpreter):
+    """nf4_products.dequantize in float32 under the interpreter: bitsandbytes' values exactly, also where the last
+    program has fewer blocks than it could take (96 blocks in programs of 32... and of 64)."""
+    codes, scales, table, W = quantised_experts(3, 16, 128)
+    for rows in (32, 64):
+        got = nf4_products.dequantize(codes.reshape(-1, 1), scales.reshape(-1), table, W.shape, torch.float32, rows)
+        assert torch.equal(got, W)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_dequantize_writes_bitsandbytes_bits(dtype, monkeypatch):
+    """The Triton dequantisation the fast path uses on CUDA writes the very bits of bitsandbytes' op (random codes
+    and scales, a shape whose last program is partial), and fast_moe.dequantize_4bit takes it unless told not to."""
+    shape = (5, 96, 192)  # 1,440 blocks: not a multiple of 64 per program
+    n = 5 * 96 * 192
+    codes = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8, device="cuda")
+    scales = torch.rand(n // 64, device="cuda") * 3
+    table = bnbf.get_4bit_type("nf4", device="cuda").float()
+    want = torch.ops.bitsandbytes.dequantize_4bit.default(codes, scales, 64, "nf4", list(shape), dtype)
+    assert torch.equal(nf4_products.dequantize(codes, scales, table, shape, dtype), want)
+    calls = []
+    real = nf4_products.dequantize
+    monkeypatch.setattr(nf4_products, "dequantize", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert torch.equal(fast_moe.dequantize_4bit(codes, scales, 64, "nf4", shape, dtype, table), want)
+    monkeypatch.setenv("HUNYUAN_NF4_DEQUANT", "bitsandbytes")
+    assert torch.equal(fast_moe.dequantize_4bit(codes, scales, 64, "nf4", shape, dtype, table), want)
+    assert len(calls) == 1

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
@@ -137,7 +137,7 @@ class StepGraphs:
                 return step(inputs, num_items)
             try:
                 entry = self.graphs[key] = self._capture(step, with_4d_mask(inputs), num_items)
-            except Exception as e:  # noqa: BLE001 - any failure to capture leaves eager training, which works
+            except Exception as e:  # any failure to capture leaves eager training, which works
                 self.failed = f"{type(e).__name__}: {e}"
                 warnings.warn(
                     f"train.cuda_graphs: capturing a training step failed ({self.failed}); this run continues "

@@ -78,7 +78,7 @@ class PackedNF4:
 
     def materialize(self) -> torch.Tensor:
         """(sum of outs, in) in the compute dtype: a fresh tensor nobody keeps after its product."""
-        w = dequantize_4bit(self.data, self.absmax, self.blocksize, self.quant_type, self.shape, self.dtype)
+        w = dequantize_4bit(self.data, self.absmax, self.blocksize, self.quant_type, self.shape, self.dtype, self.table)
         return w.to(self.compute_dtype)
 
     def row_product(self, x: torch.Tensor) -> torch.Tensor:

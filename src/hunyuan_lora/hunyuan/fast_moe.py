@@ -245,7 +245,9 @@ class NF4Experts:
     def materialize(self) -> torch.Tensor:
         """(E, out, in) dequantised weights: a fresh tensor that nothing keeps after the product using it,
         so the caching allocator hands the same block to the next projection and layer."""
-        return dequantize_4bit(self.data, self.scales(), self.blocksize, self.quant_type, self.shape, self.dtype)
+        return dequantize_4bit(
+            self.data, self.scales(), self.blocksize, self.quant_type, self.shape, self.dtype, self.table
+        )
 
     def reads_codes(self, xs: torch.Tensor) -> bool:
         """The grouped products read the 4-bit codes (nf4_products.py) instead of a dequantised weight: with
@@ -352,11 +354,29 @@ def _lora_rows(xs: torch.Tensor, terms: list, experts: torch.Tensor) -> torch.Te
 
 
 def dequantize_4bit(
-    data: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: tuple, dtype: torch.dtype
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: tuple,
+    dtype: torch.dtype,
+    table: torch.Tensor,
 ) -> torch.Tensor:
-    """bitsandbytes' 4-bit decode with float32 block scales: its op, without `functional.dequantize_4bit`'s
-    Python (a QuantState per call, the scale decode this module did once)."""
+    """bitsandbytes' 4-bit decode with float32 block scales, without `functional.dequantize_4bit`'s Python (a
+    QuantState per call, the scale decode this module did once). NF4 in blocks of 64 on CUDA: the same bits from
+    nf4_products.dequantize, table the 16 code values (see nf4_dequantizer); otherwise bitsandbytes' op."""
+    if quant_type == "nf4" and blocksize == 64 and data.is_cuda and nf4_dequantizer() == "triton":
+        from . import nf4_products
+
+        return nf4_products.dequantize(data, absmax, table, shape, dtype)
     return torch.ops.bitsandbytes.dequantize_4bit.default(data, absmax, blocksize, quant_type, list(shape), dtype)
+
+
+def nf4_dequantizer() -> str:
+    """The kernel that dequantises NF4 weights on CUDA: "triton" (nf4_products.dequantize) or "bitsandbytes"
+    (HUNYUAN_NF4_DEQUANT=bitsandbytes, for A/B timing). Both write the same bits; a training step at 32 layers
+    dequantises ~400 GB, which bitsandbytes' op writes at about half the H200's bandwidth (bench/NOTES.md)."""
+    return os.environ.get("HUNYUAN_NF4_DEQUANT", "triton")
 
 
 def _lora_plan(mods: list[nn.Module]) -> list[tuple[str, list[nn.Linear], list[nn.Linear], float, nn.Module]]:

@@ -186,10 +186,51 @@ def _input_grad(
         tl.store(out + 1, acc_odd.to(dtype), mask=m_ok[:, None])
 
 
+def _dequantize(codes_ptr, scales_ptr, table_ptr, out_ptr, n_bytes, ROWS: tl.constexpr):
+    # program: ROWS 64-value blocks (32 bytes each); out[64 r + 2 j] from the high nibble of byte 32 r + j,
+    # out[64 r + 2 j + 1] from its low one, each the table value times the block's scale in float32, rounded
+    block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    half = tl.arange(0, BLOCK_K // 2)
+    byte = block[:, None] * (BLOCK_K // 2) + half[None, :]  # (ROWS, 32)
+    ok = byte < n_bytes
+    b = tl.load(codes_ptr + byte, mask=ok, other=0).to(tl.int32)
+    s = tl.load(scales_ptr + block, mask=block < n_bytes // (BLOCK_K // 2), other=0.0)[:, None]
+    table = tl.broadcast_to(tl.load(table_ptr + tl.arange(0, 16))[None, :], (ROWS, 16))
+    dtype = out_ptr.dtype.element_ty
+    w_hi = (tl.gather(table, b >> 4, 1) * s).to(dtype)
+    w_lo = (tl.gather(table, b & 15, 1) * s).to(dtype)
+    w = tl.reshape(tl.join(w_hi, w_lo), (ROWS, BLOCK_K))  # (ROWS, 32, 2) -> the 64 values in order
+    value = block[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(out_ptr + value, w, mask=value < 2 * n_bytes)
+
+
 @functools.cache
 def _kernels(interpret: bool):
     """The jitted kernels, made on first use: Triton reads TRITON_INTERPRET when a kernel is made."""
-    return triton.jit(_forward), triton.jit(_input_grad)
+    return triton.jit(_forward), triton.jit(_input_grad), triton.jit(_dequantize)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    table: torch.Tensor,
+    shape: tuple,
+    dtype: torch.dtype,
+    rows: int = 64,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """bitsandbytes' NF4 dequantisation in blocks of 64 (its layout, float32 block scales already decoded): codes
+    (n / 2) uint8 in any shape, scales (n / 64,) float32, table (16,) -> a `shape` tensor of n values in `dtype`,
+    bit for bit what `torch.ops.bitsandbytes.dequantize_4bit` writes (same float32 product, same rounding)."""
+    out = torch.empty(shape, dtype=dtype, device=codes.device)
+    n_bytes = codes.numel()
+    if out.numel() != 2 * n_bytes or scales.numel() * BLOCK_K != out.numel():
+        raise ValueError(f"{n_bytes} code bytes and {scales.numel()} scales do not make {tuple(shape)}")
+    *_, kernel = _kernels(interpreted())
+    kernel[(triton.cdiv(scales.numel(), rows),)](
+        codes, scales, table.to(codes.device), out, n_bytes, ROWS=rows, num_warps=num_warps
+    )
+    return out
 
 
 def tiles(rows: int, experts: int, block_m: int) -> int:
@@ -238,7 +279,7 @@ def grouped_product(
     out = torch.empty(M, out_f, dtype=xs.dtype, device=xs.device)
     if M == 0:
         return out
-    forward, _ = _kernels(interpreted())
+    forward, *_ = _kernels(interpreted())
     forward[(tiles(M, E, block_m), triton.cdiv(out_f, block_n))](
         xs,
         codes,
@@ -287,7 +328,7 @@ def grouped_input_grad(
     out = torch.empty(M, 2 * half, dtype=grad.dtype, device=grad.device)
     if M == 0:
         return out
-    _, input_grad = _kernels(interpreted())
+    _, input_grad, _ = _kernels(interpreted())
     input_grad[(tiles(M, E, block_m), 2 * half // BLOCK_K)](
         grad,
         codes,
