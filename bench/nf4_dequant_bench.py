@@ -5,7 +5,8 @@ GPU time per call, effective bandwidth (code bytes read + bf16 bytes written), b
 
 Shapes: the routed experts of one projection (gate/up 64 x 3072 x 4096, down 64 x 4096 x 3072: what a training
 step dequantises twice per layer) and the attention's packed q/k/v (6144 x 4096). The Triton kernel is timed at a
-few block counts per program and warp counts; the default (64 blocks, 4 warps) is what fast_moe uses.
+few block counts per program and warp counts, the code table in registers or memory; the default (64 blocks,
+4 warps, registers) is what fast_moe uses.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from nf4_products_bench import gemm_tflops
 from hunyuan_lora.hunyuan import nf4_products
 
 SHAPES = {"experts gate/up": (E, INTER, H), "experts down": (E, H, INTER), "attention qkv": (6144, H)}
-VARIANTS = ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8))  # (64-value blocks per program, warps)
+# (64-value blocks per program, warps, the 16 code values in registers or read from memory)
+VARIANTS = (
+    (32, 4, True),
+    (64, 4, True),
+    (128, 4, True),
+    (128, 8, True),
+    (256, 8, True),
+    (64, 4, False),
+    (128, 8, False),
+)
 
 
 def main(out: Path | None) -> dict:
@@ -40,14 +50,17 @@ def main(out: Path | None) -> dict:
         ref = bitsandbytes(torch.bfloat16)
         ms = gpu_ms(partial(bitsandbytes, torch.bfloat16))
         rows = [{"shape": what, "kernel": "bitsandbytes", "ms": round(ms, 4), "tb_s": round(moved / ms / 1e9, 2)}]
-        for blocks, warps in VARIANTS:
-            triton = partial(nf4_products.dequantize, codes, scales, table, shape, torch.bfloat16, blocks, warps)
+        for blocks, warps, registers in VARIANTS:
+            triton = partial(
+                nf4_products.dequantize, codes, scales, table, shape, torch.bfloat16, blocks, warps, registers
+            )
             same = torch.equal(triton(), ref)
             ms = gpu_ms(triton)
             rows.append(
                 {
                     "shape": what,
                     "kernel": f"triton {blocks} blocks x {warps} warps",
+                    "table_in_registers": registers,
                     "ms": round(ms, 4),
                     "tb_s": round(moved / ms / 1e9, 2),
                     "bit_for_bit": same,

@@ -186,7 +186,9 @@ def _input_grad(
         tl.store(out + 1, acc_odd.to(dtype), mask=m_ok[:, None])
 
 
-def _dequantize(codes_ptr, scales_ptr, table_ptr, out_ptr, n_bytes, ROWS: tl.constexpr):
+def _dequantize(
+    codes_ptr, scales_ptr, table_ptr, out_ptr, n_bytes, ROWS: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr
+):
     # program: ROWS 64-value blocks (32 bytes each); out[64 r + 2 j] from the high nibble of byte 32 r + j,
     # out[64 r + 2 j + 1] from its low one, each the table value times the block's scale in float32, rounded
     block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -195,10 +197,14 @@ def _dequantize(codes_ptr, scales_ptr, table_ptr, out_ptr, n_bytes, ROWS: tl.con
     ok = byte < n_bytes
     b = tl.load(codes_ptr + byte, mask=ok, other=0).to(tl.int32)
     s = tl.load(scales_ptr + block, mask=block < n_bytes // (BLOCK_K // 2), other=0.0)[:, None]
-    table = tl.broadcast_to(tl.load(table_ptr + tl.arange(0, 16))[None, :], (ROWS, 16))
     dtype = out_ptr.dtype.element_ty
-    w_hi = (tl.gather(table, b >> 4, 1) * s).to(dtype)
-    w_lo = (tl.gather(table, b & 15, 1) * s).to(dtype)
+    if TABLE_IN_REGISTERS:
+        table = tl.broadcast_to(tl.load(table_ptr + tl.arange(0, 16))[None, :], (ROWS, 16))
+        w_hi = (tl.gather(table, b >> 4, 1) * s).to(dtype)
+        w_lo = (tl.gather(table, b & 15, 1) * s).to(dtype)
+    else:
+        w_hi = (tl.load(table_ptr + (b >> 4)) * s).to(dtype)
+        w_lo = (tl.load(table_ptr + (b & 15)) * s).to(dtype)
     w = tl.reshape(tl.join(w_hi, w_lo), (ROWS, BLOCK_K))  # (ROWS, 32, 2) -> the 64 values in order
     value = block[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
     tl.store(out_ptr + value, w, mask=value < 2 * n_bytes)
@@ -218,6 +224,7 @@ def dequantize(
     dtype: torch.dtype,
     rows: int = 64,
     num_warps: int = 4,
+    table_in_registers: bool = True,
 ) -> torch.Tensor:
     """bitsandbytes' NF4 dequantisation in blocks of 64 (its layout, float32 block scales already decoded): codes
     (n / 2) uint8 in any shape, scales (n / 64,) float32, table (16,) -> a `shape` tensor of n values in `dtype`,
@@ -228,7 +235,14 @@ def dequantize(
         raise ValueError(f"{n_bytes} code bytes and {scales.numel()} scales do not make {tuple(shape)}")
     *_, kernel = _kernels(interpreted())
     kernel[(triton.cdiv(scales.numel(), rows),)](
-        codes, scales, table.to(codes.device), out, n_bytes, ROWS=rows, num_warps=num_warps
+        codes,
+        scales,
+        table.to(codes.device),
+        out,
+        n_bytes,
+        ROWS=rows,
+        TABLE_IN_REGISTERS=table_in_registers,
+        num_warps=num_warps,
     )
     return out
 
