@@ -187,7 +187,14 @@ def _input_grad(
 
 
 def _dequantize(
-    codes_ptr, scales_ptr, table_ptr, out_ptr, n_bytes, ROWS: tl.constexpr, TABLE_IN_REGISTERS: tl.constexpr
+    codes_ptr,
+    scales_ptr,
+    table_ptr,
+    out_ptr,
+    n_bytes,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TABLE_IN_REGISTERS: tl.constexpr,
 ):
     # program: ROWS 64-value blocks (32 bytes each); out[64 r + 2 j] from the high nibble of byte 32 r + j,
     # out[64 r + 2 j + 1] from its low one, each the table value times the block's scale in float32, rounded
@@ -241,6 +248,7 @@ def dequantize(
         out,
         n_bytes,
         ROWS=rows,
+        BLOCK_K=BLOCK_K,
         TABLE_IN_REGISTERS=table_in_registers,
         num_warps=num_warps,
     )
