@@ -5,7 +5,7 @@ GPU time per call, effective bandwidth (code bytes read + bf16 bytes written), b
 
 Shapes: the routed experts of one projection (gate/up 64 x 3072 x 4096, down 64 x 4096 x 3072: what a training
 step dequantises twice per layer) and the attention's packed q/k/v (6144 x 4096). The Triton kernel is timed at a
-few block counts per program and warp counts, the code table in registers or memory; the default (64 blocks,
+few block counts per program and warp counts, the code table in registers or memory; the default (128 blocks,
 4 warps, registers) is what fast_moe uses.
 """
 

@@ -92,6 +92,7 @@ LAYERS = {
         "moe_impl",
         "nf4_moe",
         "nf4_products",
+        "step_graphs",
         "fast_linear",
         "bench_cases",
         "tokenizer_and_stand_in",

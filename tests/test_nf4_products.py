@@ -194,7 +194,7 @@ def test_dequantize_is_bitsandbytes_dequantisation(interpreter):
 def test_cuda_dequantize_writes_bitsandbytes_bits(dtype, monkeypatch):
     """The Triton dequantisation the fast path uses on CUDA writes the very bits of bitsandbytes' op (random codes
     and scales, a shape whose last program is partial), and fast_moe.dequantize_4bit takes it unless told not to."""
-    shape = (5, 96, 192)  # 1,440 blocks: not a multiple of 64 per program
+    shape = (5, 96, 192)  # 1,440 blocks: the last program (128 blocks each) is partial
     n = 5 * 96 * 192
     codes = torch.randint(0, 256, (n // 2, 1), dtype=torch.uint8, device="cuda")
     scales = torch.rand(n // 64, device="cuda") * 3
