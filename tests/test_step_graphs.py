@@ -70,6 +70,35 @@ def test_the_graphed_steps_mask_gives_the_models_own_result():
         assert not torch.allclose(model(**{**batch, "attention_mask": causal["attention_mask"]}).logits, own)
 
 
+def test_renewed_expert_lora_views_are_still_the_stacked_parameters():
+    """Before its first step a graphed run makes the per-expert LoRA weights anew (fast_moe.renew_expert_lora_views):
+    each is again a view of its stacked trainable tensor, so the adapter's state dict and the gradients that reach
+    the stacked tensors are what they were."""
+    model = fast_model("cpu", torch.float32)
+    batch = packed_batch([7, 12, 5], pad=8, device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
+
+    def stacked_grads():
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if fast_moe.STACKED_PREFIX in n}
+
+    grads = stacked_grads()
+    layers = model.config.num_hidden_layers
+    assert fast_moe.renew_expert_lora_views(model) == layers * 3 * 2 * model.config.num_experts
+    moe = model.base_model.model.model.layers[0].mlp
+    view = moe.experts[2].down_proj.lora_B["default"].weight
+    assert view._base is moe.stacked_down_proj_B_default
+    assert view.grad_fn is not None  # still differentiable: the per-expert path (a fallback) trains through it
+    assert view.data_ptr() == moe.stacked_down_proj_B_default[2].data_ptr()
+    after = {k: v for k, v in model.state_dict().items() if "lora" in k}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    renewed = stacked_grads()
+    assert renewed.keys() == grads.keys()
+    assert all(torch.equal(renewed[n], grads[n]) for n in grads)
+
+
 def test_cuda_graphs_needs_the_fast_moe():
     with pytest.raises(UserError, match="train.cuda_graphs needs model.moe_impl: fast"):
         config_mod.load(None, overrides=["train.cuda_graphs=true", "model.moe_impl=upstream"])
