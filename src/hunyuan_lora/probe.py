@@ -42,6 +42,7 @@ from .callbacks import BatchCounter
 from .config import Config
 from .errors import UserError
 from .estimate import GIB, active_parameters
+from .hunyuan.fast_moe import nf4_dequantizer
 from .model_folder import check_config
 from .modeling import load_random_model, load_tokenizer
 from .preflight import check_optimizer
@@ -703,6 +704,7 @@ def summarize(cfg: Config, m: Measurement) -> dict:
         "moe_impl": cfg.model.moe_impl,
         "quantization": cfg.model.quantization,
         "nf4_products": cfg.model.nf4_products,
+        "nf4_dequantizer": nf4_dequantizer() if m.device == "cuda" else "bitsandbytes",
         "lora": {
             "targets": cfg.lora.targets(),
             "r": cfg.lora.r,
@@ -865,7 +867,12 @@ def markdown(r: dict) -> str:
     )
     lora, train = r["lora"], r["train"]
     eta = r["eta_s"]
-    products = f" (NF4 products: {r.get('nf4_products', 'dequantize')})" if r["quantization"] == "nf4" else ""
+    products = (
+        f" (NF4 products: {r.get('nf4_products', 'dequantize')}, "
+        f"dequantised by {r.get('nf4_dequantizer', 'bitsandbytes')})"
+        if r["quantization"] == "nf4"
+        else ""
+    )
     lines = [
         f"# Probe: {r['run']} on {r['card']} ({r['date']})",
         "",
