@@ -127,7 +127,8 @@ class StepGraphs:
                 renew_expert_lora_views(self.model)
             self.checkpoint = CheckpointStates(inputs["input_ids"].device)
             self.checkpoint.install(self.model)
-        if self.failed is not None or not torch.is_tensor(num_items):
+        graphable = torch.is_tensor(num_items) and all(torch.is_tensor(t) for t in inputs.values())
+        if self.failed is not None or not graphable:
             return step(inputs, num_items)
         key = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items()))
         entry = self.graphs.get(key)
