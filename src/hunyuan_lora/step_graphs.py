@@ -1,8 +1,8 @@
 """train.cuda_graphs: a training micro-step's forward and backward captured as one CUDA graph per input shape.
 
-At 16 samples per step the NF4 step is host-bound: ~400 kernels a layer, launched through Python, autograd
-and PEFT, take longer to issue than the GPU takes to run them (bench/NOTES.md). A captured step issues them
-all with one launch. What capture needs, and how it is met here:
+At 16 samples per step the NF4 step can be host-bound: ~430 kernels a layer, launched through Python, autograd
+and PEFT, took twice as long to issue as the GPU took to run them on slower hosts (bench/NOTES.md). A captured
+step issues them all with one launch. What capture needs, and how it is met here:
   * fixed shapes: one graph per input shape (train.pad_to_multiple_of keeps them few). The first `warmup`
     micro-steps of a shape run eagerly (lazy initialisation, cuDNN plans, the model's caches), the next one
     is captured and every later one replayed;
