@@ -143,8 +143,8 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     assert "grouped" not in b["code"]
     assert len(b["step_s"]) == 4
     assert len(b["loss_per_step"]) == 4
-    # rounded to two decimals: on the CPU the ratio can be small enough (0.16) for that to exceed 1 %
-    assert r["speedup_vs_baseline"] == pytest.approx(r["samples_per_s"] / b["samples_per_s"], abs=0.005)
+    # rounded to two decimals (of unrounded rates): on the CPU the ratio can be small enough (0.16) for 1 % to fail
+    assert r["speedup_vs_baseline"] == pytest.approx(r["samples_per_s"] / b["samples_per_s"], abs=0.006)
     assert f"**{r['speedup_vs_baseline']}x** that baseline" in md
     check_generation(r, cfg, records=50)
     assert r["generation"]["prompt_tokens"] == 37 - 9  # the samples without their answers
