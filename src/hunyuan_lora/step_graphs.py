@@ -125,8 +125,7 @@ class StepGraphs:
             self.stream = torch.cuda.Stream(inputs["input_ids"].device)
             with torch.cuda.stream(self.stream):
                 renew_expert_lora_views(self.model)
-            self.checkpoint = CheckpointStates(inputs["input_ids"].device)
-            self.checkpoint.install(self.model)
+            self._new_checkpoint_states(inputs["input_ids"].device)
         graphable = torch.is_tensor(num_items) and all(torch.is_tensor(t) for t in inputs.values())
         if self.failed is not None or not graphable:
             return step(inputs, num_items)
@@ -147,8 +146,7 @@ class StepGraphs:
                 )
                 torch.cuda.synchronize()
                 # the generator states the failed capture registered are unusable outside it: fresh ones
-                self.checkpoint = CheckpointStates(inputs["input_ids"].device)
-                self.checkpoint.install(self.model)
+                self._new_checkpoint_states(inputs["input_ids"].device)
                 return step(inputs, num_items)
         graph, static_inputs, static_items, loss = entry
         count_batch(self.model, inputs)
@@ -158,6 +156,10 @@ class StepGraphs:
         graph.replay()
         self.replays += 1
         return loss.clone()  # the graph's own loss is overwritten by the next replay
+
+    def _new_checkpoint_states(self, device: torch.device) -> None:
+        self.checkpoint = CheckpointStates(device)
+        self.checkpoint.install(self.model)
 
     def _capture(self, step: Step, inputs: dict, num_items: torch.Tensor) -> tuple:
         static_inputs = {name: tensor.clone() for name, tensor in inputs.items()}

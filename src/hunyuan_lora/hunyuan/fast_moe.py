@@ -613,13 +613,11 @@ def renew_expert_lora_views(model: nn.Module) -> int:
     capture forbids. The cached plans that hold the old views go too, so the node dies with them and the new
     views make a new one here (the plans are rebuilt at the next forward)."""
     taken = []
-    for moe, _ in list(_fast_moes(model)):
+    for moe, plan in list(_fast_moes(model)):
         moe.__dict__.pop("_fast_moe_plan", None)
-        for expert in moe.experts:
-            for projection in PROJECTIONS:
-                layer = getattr(expert, projection)
-                for kind in ("lora_A", "lora_B") if _is_lora(layer) else ():
-                    taken += filter(None, map(_take_view, layer._modules[kind].values()))
+        for projection in plan:
+            for _, A, B, _, _ in _lora_plan([getattr(expert, projection) for expert in moe.experts]):
+                taken += filter(None, map(_take_view, A + B))
     with torch.enable_grad():  # every old view is gone by now
         for linear, base, size, stride, offset in taken:
             linear._buffers["weight"] = base.as_strided(size, stride, offset)
