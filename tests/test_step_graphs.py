@@ -8,6 +8,7 @@ recompute repeats the forward's dropout inside a CUDA graph, and graphed trainin
 from __future__ import annotations
 
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,10 +18,12 @@ from tensor_helpers import randomise_lora, rel
 from test_fast_moe import TARGETS, set_moe_impl, tiny_config
 
 from hunyuan_lora import config as config_mod
+from hunyuan_lora.callbacks import BatchCounter
 from hunyuan_lora.errors import UserError
 from hunyuan_lora.hunyuan import fast_moe
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
-from hunyuan_lora.step_graphs import CheckpointStates, StepGraphs, with_4d_mask
+from hunyuan_lora.step_graphs import CheckpointStates, StepGraphs, count_batch, with_4d_mask
+from hunyuan_lora.training import walk_trainable_only
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -97,6 +100,38 @@ def test_renewed_expert_lora_views_are_still_the_stacked_parameters():
     renewed = stacked_grads()
     assert renewed.keys() == grads.keys()
     assert all(torch.equal(renewed[n], grads[n]) for n in grads)
+
+
+def test_replayed_steps_reach_the_batch_counters():
+    """A replayed step runs no forward hook; step_graphs.count_batch hands its micro-batch to the counters the
+    model carries, which count it as the hook would, and a detached counter is no longer called."""
+    model = fast_model("cpu", torch.float32)
+    batch = packed_batch([7, 12, 5], pad=8, device="cpu")
+    counter = BatchCounter()
+    counter.attach(model)
+    count_batch(model, {k: v for k, v in batch.items() if k != "labels"})
+    assert counter.take() == (3, 24)  # 3 packed samples, 24 real tokens (the 8 padding ones masked)
+    counter.detach()
+    count_batch(model, batch)
+    assert counter.take() == (0, 0)
+
+
+def test_zeroing_keeps_the_gradient_tensors_for_the_graphs():
+    """With train.cuda_graphs the Trainer's zero_grad zeroes the gradients in place (the graphs add into those very
+    tensors); without it they are set to None as before."""
+    for keep in (True, False):
+        model = fast_model("cpu", torch.float32)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params)
+        accelerator = SimpleNamespace(clip_grad_norm_=lambda *a, **k: None)
+        assert walk_trainable_only(model, optimizer, accelerator, keep_grads=keep) == params
+        model(**packed_batch([7, 12, 5], pad=8, device="cpu")).loss.backward()
+        grads = [p.grad for p in params]
+        model.zero_grad()
+        if keep:
+            assert all(p.grad is g and not g.any() for p, g in zip(params, grads))
+        else:
+            assert all(p.grad is None for p in params)
 
 
 def test_cuda_graphs_needs_the_fast_moe():
