@@ -83,6 +83,7 @@ LAYERS = {
         "config",
         "estimate",
         "layout",
+        "layer_checkpoint",
         "records",
         "prompt",
         "patch",

@@ -22,7 +22,8 @@ from hunyuan_lora.callbacks import BatchCounter
 from hunyuan_lora.errors import UserError
 from hunyuan_lora.hunyuan import fast_moe
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
-from hunyuan_lora.step_graphs import CheckpointStates, StepGraphs, count_batch, with_4d_mask
+from hunyuan_lora.layer_checkpoint import LayerCheckpoint
+from hunyuan_lora.step_graphs import StepGraphs, count_batch, with_4d_mask
 from hunyuan_lora.training import walk_trainable_only
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -144,7 +145,8 @@ def test_cuda_graphs_needs_the_fast_moe():
 def test_a_captured_checkpoint_recomputes_the_forwards_dropout():
     """y = dropout(x) * w under the checkpoint: d sum(y) / dw = sum(y) at w = 1 exactly when the recompute drew
     the forward's mask. Eager, then captured and replayed: a new mask every replay, always the same twice."""
-    states = CheckpointStates(torch.device("cuda"))
+    states = LayerCheckpoint(0)
+    states.use_generator_states(torch.device("cuda"))
     w = torch.nn.Parameter(torch.ones((), device="cuda"))
     x = torch.ones(1 << 16, device="cuda")
 
@@ -197,7 +199,9 @@ def test_graphed_training_steps_match_eager_ones():
     model = fast_model("cuda", torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    graphs = StepGraphs(model, params)
+    checkpoint = LayerCheckpoint(1 << 40)  # the stash recorded and taken back inside the graphs too
+    checkpoint.install(model)
+    graphs = StepGraphs(model, params, checkpoint)
     step = _step(model)
     shapes = [([20, 30, 14], 0), ([50, 40, 20], 18)]  # 64 and 128 tokens
     for i, s in enumerate([0, 0, 1, 0, 1, 1, 0]):

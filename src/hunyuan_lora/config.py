@@ -7,9 +7,9 @@ Order of precedence: dataclass defaults < YAML file < `--set section.key=value` 
 overrides (MODEL_DIR / DATA / OUTPUT_DIR). Unknown keys and wrong types are rejected with the
 nearest valid name, all problems at once, before anything heavy is loaded.
 
-The train: section takes the project's keys (packing, pad_to_multiple_of, resume, cuda_graphs) and any
-TrainingArguments field by its own name, checked against TrainingArguments' dataclass (names,
-types, choices); training.training_arguments hands them to it as given. TRAINING_DEFAULTS holds
+The train: section takes the project's keys (packing, pad_to_multiple_of, resume, cuda_graphs,
+expert_stash_gib) and any TrainingArguments field by its own name, checked against TrainingArguments'
+dataclass (names, types, choices); training.training_arguments hands them to it as given. TRAINING_DEFAULTS holds
 the tutorial's values.
 """
 
@@ -178,6 +178,10 @@ class TrainSection:
     # Replay each micro-step's forward and backward from a CUDA graph, one per shape (step_graphs.py): the
     # launches of a host-bound step cost one. Needs one CUDA GPU and model.moe_impl: fast.
     cuda_graphs: bool = False
+    # Under gradient checkpointing on the fast path, the forward keeps its frozen expert products' outputs
+    # for the recompute (grouped_moe.RecomputeStash): one grouped product per expert projection and step
+    # less (for NF4 also a dequantisation), for up to this much memory held at once. 0: recompute them all.
+    expert_stash_gib: float = 8.0
     args: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_DEFAULTS), metadata={"internal": True})
 
     def __getattr__(self, name: str) -> Any:  # only reached for names that are not the fields above
@@ -202,7 +206,7 @@ class TrainSection:
         return {**{k: getattr(self, k) for k in TRAIN_PROJECT_KEYS}, **self.args}
 
 
-TRAIN_PROJECT_KEYS = ("packing", "pad_to_multiple_of", "resume", "cuda_graphs")
+TRAIN_PROJECT_KEYS = ("packing", "pad_to_multiple_of", "resume", "cuda_graphs", "expert_stash_gib")
 
 
 @lru_cache(maxsize=1)
@@ -525,6 +529,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"{key} is {value}: at least 1")
     if cfg.train.pad_to_multiple_of is not None and cfg.train.pad_to_multiple_of < 1:
         problems.append("train.pad_to_multiple_of must be at least 1, or null")
+    if cfg.train.expert_stash_gib < 0:
+        problems.append(f"train.expert_stash_gib is {cfg.train.expert_stash_gib}: 0 (recompute all) or more")
     if cfg.model.nf4_products != "dequantize" and (cfg.model.quantization != "nf4" or cfg.model.moe_impl != "fast"):
         problems.append(
             f"model.nf4_products: {cfg.model.nf4_products} needs model.quantization: nf4 and "

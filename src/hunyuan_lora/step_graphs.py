@@ -14,8 +14,7 @@ step issues them all with one launch. What capture needs, and how it is met here
     step (fast_moe.renew_expert_lora_views: autograd would otherwise tie the capture to the default stream);
   * a recompute that draws the forward's random numbers (LoRA and attention dropout under activation
     checkpointing): torch's checkpoint saves the generator's seed for that, which capture forbids, so each
-    checkpointed layer draws from generator states of its own, one for the forward and an identical one for
-    the recompute, both registered with every graph (the scheme of torch.compile's CUDA graphs);
+    checkpointed layer draws from generator states of its own (layer_checkpoint.py), registered with every graph;
   * Python that runs once per micro-step (the model's forward pre-hooks: callbacks.BatchCounter) runs at
     capture only, so a replayed step calls the counters itself.
 A capture that fails (an operation that synchronises, a kernel that cannot be captured) is reported once and
@@ -29,63 +28,10 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
-import torch.utils.checkpoint as torch_checkpoint
+
+from .layer_checkpoint import LayerCheckpoint
 
 Step = Callable[[dict, torch.Tensor], torch.Tensor]  # (inputs, num_items_in_batch) -> loss, after backward
-
-
-class CheckpointStates:
-    """Non-reentrant activation checkpointing whose recompute repeats the forward's random numbers by giving
-    each checkpointed function two generator states of its own, equal at creation and advanced equally.
-
-    Installed as the model's `_gradient_checkpointing_func` (what transformers' gradient_checkpointing_enable
-    sets); called with the decoder layer's bound `__call__`. Early stopping of the recompute is off, so the
-    recompute consumes as many random numbers as the forward did and the two states stay in step.
-    """
-
-    def __init__(self, device: torch.device):
-        self.generator = torch.cuda.default_generators[device.index if device.index is not None else 0]
-        self.pairs: dict[int, tuple[torch.Generator, torch.Generator]] = {}
-
-    def states(self) -> list[torch.Generator]:
-        return [state for pair in self.pairs.values() for state in pair]
-
-    def _pair(self, owner: object) -> tuple[torch.Generator, torch.Generator]:
-        pair = self.pairs.get(id(owner))
-        if pair is None:
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("a checkpointed layer ran for the first time inside a CUDA graph capture")
-            # distinct per layer, reproducible from the run's seed, drawing nothing from any generator
-            seed = self.generator.initial_seed() + 1 + len(self.pairs)
-            pair = tuple(self.generator.clone_state().manual_seed(seed) for _ in range(2))
-            self.pairs[id(owner)] = pair
-        return pair
-
-    def __call__(self, function, *args, **kwargs):
-        pair = self._pair(getattr(function, "__self__", function))
-        calls = [0]
-
-        def run(*inner_args, **inner_kwargs):
-            state = pair[min(calls[0], 1)]  # the first call is the forward, every later one a recompute
-            calls[0] += 1
-            previous = self.generator.graphsafe_get_state()
-            self.generator.graphsafe_set_state(state)
-            try:
-                return function(*inner_args, **inner_kwargs)
-            finally:
-                self.generator.graphsafe_set_state(previous)
-
-        with torch_checkpoint.set_checkpoint_early_stop(False):
-            return torch_checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
-
-    def install(self, model: torch.nn.Module) -> int:
-        """Replace the checkpoint function of every module that checkpoints its layers; returns how many."""
-        n = 0
-        for module in model.modules():
-            if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
-                module._gradient_checkpointing_func = self
-                n += 1
-        return n
 
 
 def with_4d_mask(inputs: dict) -> dict:
@@ -107,25 +53,27 @@ def with_4d_mask(inputs: dict) -> dict:
 class StepGraphs:
     """The micro-steps of one training run, replayed from CUDA graphs where their shapes repeat."""
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], warmup: int = 1):
-        self.model, self.params, self.warmup = model, list(params), warmup
+    def __init__(
+        self, model: torch.nn.Module, params: list[torch.Tensor], checkpoint: LayerCheckpoint | None, warmup: int = 1
+    ):
+        """checkpoint: the layers' checkpoint function, when the model trains with gradient checkpointing."""
+        self.model, self.params, self.checkpoint, self.warmup = model, list(params), checkpoint, warmup
         self.graphs: dict[tuple, tuple] = {}
         self.seen: Counter = Counter()
         self.pool = None  # one memory pool for all graphs: they never run at the same time
-        self.checkpoint: CheckpointStates | None = None
         self.failed: str | None = None
         self.replays = 0
         self.stream = None  # the capture stream
 
     def run(self, step: Step, inputs: dict, num_items: torch.Tensor | None) -> torch.Tensor:
         """The micro-step `step` on `inputs` (on the GPU), eager, captured or replayed; returns its loss."""
-        if self.checkpoint is None:
+        if self.stream is None:
             from .hunyuan.fast_moe import renew_expert_lora_views
 
             self.stream = torch.cuda.Stream(inputs["input_ids"].device)
             with torch.cuda.stream(self.stream):
                 renew_expert_lora_views(self.model)
-            self._new_checkpoint_states(inputs["input_ids"].device)
+            self._new_generator_states(inputs["input_ids"].device)
         graphable = torch.is_tensor(num_items) and all(torch.is_tensor(t) for t in inputs.values())
         if self.failed is not None or not graphable:
             return step(inputs, num_items)
@@ -146,7 +94,7 @@ class StepGraphs:
                 )
                 torch.cuda.synchronize()
                 # the generator states the failed capture registered are unusable outside it: fresh ones
-                self._new_checkpoint_states(inputs["input_ids"].device)
+                self._new_generator_states(inputs["input_ids"].device)
                 return step(inputs, num_items)
         graph, static_inputs, static_items, loss = entry
         count_batch(self.model, inputs)
@@ -157,9 +105,9 @@ class StepGraphs:
         self.replays += 1
         return loss.clone()  # the graph's own loss is overwritten by the next replay
 
-    def _new_checkpoint_states(self, device: torch.device) -> None:
-        self.checkpoint = CheckpointStates(device)
-        self.checkpoint.install(self.model)
+    def _new_generator_states(self, device: torch.device) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.use_generator_states(device)
 
     def _capture(self, step: Step, inputs: dict, num_items: torch.Tensor) -> tuple:
         static_inputs = {name: tensor.clone() for name, tensor in inputs.items()}
@@ -168,7 +116,7 @@ class StepGraphs:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         graph = torch.cuda.CUDAGraph()
-        for state in self.checkpoint.states():
+        for state in self.checkpoint.states() if self.checkpoint is not None else ():
             graph.register_generator_state(state)
         torch.cuda.synchronize()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):

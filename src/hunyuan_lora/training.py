@@ -134,6 +134,8 @@ def trainer_class():
       saved: TrainingDiverged (a UserError) says where and why. The stock Trainer logs a NaN loss as the
       mean of the earlier ones (logging_nan_inf_filter) and carries on.
     * train.cuda_graphs: micro-steps replayed from CUDA graphs (step_graphs.py).
+    * On the fast path the decoder layers checkpoint through layer_checkpoint.LayerCheckpoint, installed at the
+      first micro-step (Trainer.train enables checkpointing anew, after the optimizer is made).
     """
     import torch
     from transformers import Trainer
@@ -143,8 +145,11 @@ def trainer_class():
         nonfinite_loss: float | None = None  # the first non-finite micro-step loss of the run
         cuda_graphs = False  # train.cuda_graphs, where it applies (build_trainer)
         step_graphs = None  # its StepGraphs, made with the optimizer
+        layer_checkpoint = None  # the fast path's LayerCheckpoint, where it applies (build_trainer)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.layer_checkpoint is not None and not self.layer_checkpoint.installed():
+                self.layer_checkpoint.install(self.model)
             if self.step_graphs is not None:
                 eager = super().training_step
                 loss = self.step_graphs.run(
@@ -173,7 +178,7 @@ def trainer_class():
                 if self.cuda_graphs:
                     from .step_graphs import StepGraphs
 
-                    self.step_graphs = StepGraphs(self.model, trainable)
+                    self.step_graphs = StepGraphs(self.model, trainable, self.layer_checkpoint)
             return optimizer
 
         def floating_point_ops(self, inputs):
@@ -276,6 +281,11 @@ def build_trainer(cfg: Config, model, tokenizer, splits, args, callbacks: list):
         data_collator=make_collator(cfg, tokenizer),
         callbacks=[*callbacks, CheckpointModes()],
     )
+    reentrant = args.gradient_checkpointing_kwargs["use_reentrant"]  # ZeRO-3's (training_arguments)
+    if cfg.model.moe_impl == "fast" and args.gradient_checkpointing and not reentrant:
+        from .layer_checkpoint import LayerCheckpoint
+
+        trainer.layer_checkpoint = LayerCheckpoint(int(cfg.train.expert_stash_gib * 2**30))
     if cfg.train.cuda_graphs:
         if args.device.type == "cuda" and not args.deepspeed and args.world_size == 1:
             trainer.cuda_graphs = True

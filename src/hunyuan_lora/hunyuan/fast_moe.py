@@ -41,7 +41,7 @@ there is. The double-quantised scales (one offset per expert) are
 dequantised with bitsandbytes' `dequantize_blockwise` over all experts, then each expert's offset
 added, the arithmetic bitsandbytes does per tensor. Nothing dequantised is kept for backward, except
 under gradient checkpointing: there the recompute's weights serve the layer's backward
-(grouped_moe._SourcedProduct), two decodes per projection and step instead of three.
+(grouped_moe._FrozenProduct), two decodes per projection and step instead of three.
 
 Works with gradient checkpointing (the packing check is idempotent; dropout masks are replayed
 by checkpoint's RNG restore) and bf16.

@@ -18,13 +18,17 @@ I expert width, r LoRA rank.
 A base weight is either a tensor (E, out, in) or a `WeightSource`: something that writes the
 (E, out, in) weight on demand (NF4 experts: bitsandbytes' dequantisation). A source's weight is
 saved for backward only under gradient checkpointing (`keep_weights`); otherwise the backward pass
-asks for it again.
+asks for it again. Inside a checkpointed layer that runs with a `RecomputeStash`, the base products'
+outputs are recorded at the forward and handed back at the recompute instead.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -99,25 +103,99 @@ def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] 
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-class _SourcedProduct(torch.autograd.Function):
-    """xs @ W[e]^T per group for a frozen W that a WeightSource writes.
+class StashBudget:
+    """Bytes that the RecomputeStashes sharing it may hold at once (train.expert_stash_gib)."""
 
-    keep=False: W is not saved; backward materialises it again (the input gradient grad @ W[e]), and
-    no layer's weight outlives its product: one weight-sized block of memory serves every layer in turn.
-    keep=True, for a layer under gradient checkpointing: W is saved for backward. The checkpoint drops
-    what the first forward saves and keeps what the recompute saves until this product's backward, which
-    comes right after it, so W is written twice per step (forward, recompute) instead of three times, for
-    the layer's three projections' W held from its recompute to its backward (4.5 GiB on the real model).
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.held + nbytes > self.limit:
+            return False
+        self.held += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
+class RecomputeStash:
+    """The frozen base products' outputs of one checkpointed call of a decoder layer: recorded by its forward,
+    taken back in the same order by its recompute, which then multiplies only the LoRA terms.
+
+    A frozen weight's product is the same numbers at the recompute (which repeats the forward's inputs: the
+    premise of checkpointing), so recording it saves one grouped product per projection and step, and for NF4
+    the recompute's dequantisation: the backward writes the weight once, for the input gradient. The price is
+    the outputs' memory from forward to backward, (pairs x (2 x expert width + hidden)) per layer in bf16,
+    bounded by `budget`: a product past it is recomputed as before (and its weight kept for the backward).
+    """
+
+    def __init__(self, budget: StashBudget):
+        self.budget = budget
+        self.outputs: deque[torch.Tensor | None] = deque()
+        self.recording = True
+
+    @contextmanager
+    def active(self, recording: bool) -> Iterator[None]:
+        """The layer's forward (recording) or its recompute runs inside."""
+        self.recording = recording
+        token = _ACTIVE_STASH.set(self)
+        try:
+            yield
+        finally:
+            _ACTIVE_STASH.reset(token)
+
+    def reserve(self, rows: int, out_features: int, dtype: torch.dtype) -> bool:
+        """At the forward: whether the product about to run is recorded (the budget allows its output)."""
+        return self.budget.take(rows * out_features * dtype.itemsize)
+
+    def record(self, y: torch.Tensor | None) -> None:
+        """At the forward, per base product in order: its output, or None (recomputed)."""
+        self.outputs.append(None if y is None else y.detach())
+
+    def take(self) -> torch.Tensor | None:
+        """At the recompute: the next base product's recorded output, or None."""
+        if not self.outputs:
+            raise RuntimeError("the recompute of a checkpointed layer ran more expert products than its forward")
+        y = self.outputs.popleft()
+        if y is not None:
+            self.budget.give(y.numel() * y.element_size())
+        return y
+
+    def __del__(self) -> None:  # a forward without a recompute (or one stopped early) leaves outputs behind
+        for y in self.outputs:
+            if y is not None:
+                self.budget.give(y.numel() * y.element_size())
+
+
+_ACTIVE_STASH: ContextVar[RecomputeStash | None] = ContextVar("recompute_stash", default=None)
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """xs @ W[e]^T per group for a frozen W: a tensor, or a WeightSource that writes it.
+
+    keep=False: a source's W is not saved; backward materialises it again (the input gradient grad @ W[e]),
+    and no layer's weight outlives its product: one weight-sized block of memory serves every layer in turn.
+    keep=True, for a layer under gradient checkpointing: W is saved for backward. The checkpoint drops what
+    the first forward saves and keeps what the recompute saves until this product's backward, which comes
+    right after it, so W is written twice per step (forward, recompute) instead of three times.
+    stashed: the output the forward recorded (RecomputeStash), at the recompute: returned as it is, nothing
+    multiplied or written; what is saved for backward matches what the forward saved (the checkpoint pairs
+    them by order).
     """
 
     @staticmethod
-    def forward(ctx, xs: torch.Tensor, source: WeightSource, offs: torch.Tensor, counts: list[int] | None, keep: bool):
-        ctx.source, ctx.counts = source, counts
-        ctx.reads_codes = source.reads_codes(xs)
-        if ctx.reads_codes:  # nothing materialised, nothing to keep
+    def forward(ctx, xs, weight, offs, counts, keep: bool, stashed: torch.Tensor | None):
+        ctx.counts = counts
+        ctx.source = None if isinstance(weight, torch.Tensor) else weight
+        ctx.reads_codes = ctx.source is not None and ctx.source.reads_codes(xs)
+        if ctx.source is None:
+            ctx.save_for_backward(offs, weight)  # a view of the frozen parameter: saving it costs nothing
+            return stashed if stashed is not None else gmm(xs, weight.transpose(1, 2), offs, counts)
+        if stashed is not None or ctx.reads_codes:  # nothing materialised, nothing to keep
             ctx.save_for_backward(offs)
-            return source.product(xs, offs)
-        w = source.materialize()
+            return stashed if stashed is not None else ctx.source.product(xs, offs)
+        w = ctx.source.materialize()
         if keep:
             ctx.save_for_backward(offs, w)  # through the checkpoint's hooks, which decide what is kept
         else:
@@ -128,21 +206,30 @@ class _SourcedProduct(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         offs, *kept = ctx.saved_tensors
         if ctx.reads_codes:
-            return ctx.source.input_grad(grad.contiguous(), offs), None, None, None, None
+            return ctx.source.input_grad(grad.contiguous(), offs), None, None, None, None, None
         w = kept[0] if kept else ctx.source.materialize()  # (E, out, in)
-        return gmm(grad.to(w.dtype).contiguous(), w, offs, ctx.counts), None, None, None, None
+        return gmm(grad.to(w.dtype).contiguous(), w, offs, ctx.counts), None, None, None, None, None
 
 
 def _base_product(
     xs: torch.Tensor, weight, offs: torch.Tensor, counts: list[int] | None, keep_weights: bool
 ) -> torch.Tensor:
-    if isinstance(weight, torch.Tensor):
-        return gmm(xs, weight.transpose(1, 2), offs, counts)  # (M, out); W^T is a column-major view
-    keep = keep_weights and torch.is_grad_enabled() and xs.requires_grad
-    return _SourcedProduct.apply(xs, weight, offs, counts, keep)
+    training = torch.is_grad_enabled() and xs.requires_grad
+    stash = _ACTIVE_STASH.get() if training else None
+    if stash is None:
+        if isinstance(weight, torch.Tensor):
+            return gmm(xs, weight.transpose(1, 2), offs, counts)  # (M, out); W^T is a column-major view
+        return _FrozenProduct.apply(xs, weight, offs, counts, keep_weights and training, None)
+    if not stash.recording:
+        stashed = stash.take()
+        return _FrozenProduct.apply(xs, weight, offs, counts, stashed is None, stashed)
+    recorded = stash.reserve(xs.shape[0], weight.shape[1], xs.dtype)
+    y = _FrozenProduct.apply(xs, weight, offs, counts, not recorded, None)
+    stash.record(y if recorded else None)
+    return y
 
 
 def project(
@@ -202,7 +289,7 @@ def routed_experts(
 
     projs: "gate_proj", "up_proj", "down_proj". The products run in the base weights' dtype (the
     dtype NF4 weights dequantise to, bf16 under Trainer(bf16=True)); the result has x's dtype.
-    keep_weights: the caller runs under gradient checkpointing (see _SourcedProduct).
+    keep_weights: the caller runs under gradient checkpointing (see _FrozenProduct).
     """
     N, k = experts.shape
     compute_dtype = projs["gate_proj"].dtype
