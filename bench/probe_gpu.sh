@@ -20,7 +20,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src" SWANLAB_MODE=disabled HF
   PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-  $PY -m pytest -q -m gpu tests/test_nf4_moe.py tests/test_nf4_products.py tests/test_fast_moe.py tests/test_fast_linear.py tests/test_step_graphs.py -p no:cacheprovider 2>&1 | tail -40 | tee "$DEST/gpu-tests.log"
+  $PY -m pytest -q -m gpu tests/test_nf4_moe.py tests/test_nf4_products.py tests/test_fast_moe.py tests/test_fast_linear.py tests/test_step_graphs.py tests/test_layer_checkpoint.py -p no:cacheprovider 2>&1 | tail -40 | tee "$DEST/gpu-tests.log"
 fi
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
 for p in ${PROBES:-}; do

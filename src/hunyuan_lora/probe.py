@@ -479,6 +479,7 @@ def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengt
     if graphs is not None:  # train.cuda_graphs: how many micro-steps were replayed, of how many shapes
         report["cuda_graphs"] = {"shapes": len(graphs.seen), "graphs": len(graphs.graphs), "replays": graphs.replays}
         report["cuda_graphs"]["failed"] = graphs.failed
+        report["cuda_graphs"]["cold_failures"] = sorted(set(graphs.cold_failures.values()))
     # the prompt a generation starts from: a sample without its answer (the tokens without labels)
     report["prompt_tokens"] = max(
         1, round(statistics.median(sum(1 for v in s["labels"] if v == -100) for s in samples))
@@ -721,6 +722,7 @@ def summarize(cfg: Config, m: Measurement) -> dict:
             "optim": cfg.train.optim,
             "gradient_checkpointing": cfg.train.gradient_checkpointing,
             "cuda_graphs": cfg.train.cuda_graphs,
+            "expert_stash_gib": cfg.train.expert_stash_gib,
         },
         "lengths_from": m.lengths_source,
         "samples_per_optimizer_step": m.per_step,
@@ -881,7 +883,8 @@ def markdown(r: dict) -> str:
         f"LoRA r={lora['r']} on {len(lora['targets'])} target names ({lora['trainable']:,} trainable); "
         f"{r['samples_per_optimizer_step']} samples per optimizer step (micro-batch "
         f"{train['per_device_train_batch_size']} x {train['gradient_accumulation_steps']}, packing {train['packing']}, "
-        f"pad to {train['pad_to_multiple_of']}, {train['optim']}). Lengths: {r['lengths_from']}. "
+        f"pad to {train['pad_to_multiple_of']}, {train['optim']}, expert stash {train['expert_stash_gib']} GiB). "
+        f"Lengths: {r['lengths_from']}. "
         f"Random weights built in {r['init_s']} s.",
         "",
         "| measure | value |",
@@ -893,7 +896,10 @@ def markdown(r: dict) -> str:
         *(
             [
                 f"| CUDA graphs (train.cuda_graphs) | {g['replays']} micro-steps replayed from {g['graphs']} graphs, "
-                f"{g['shapes']} shapes" + (f"; capture failed: {g['failed']}" if g["failed"] else "") + " |"
+                f"{g['shapes']} shapes"
+                + (f"; capture failed: {g['failed']}" if g["failed"] else "")
+                + (f"; captured after a warm-up: {'; '.join(g['cold_failures'])}" if g["cold_failures"] else "")
+                + " |"
             ]
             if (g := r.get("cuda_graphs"))
             else []

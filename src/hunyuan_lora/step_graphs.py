@@ -62,6 +62,7 @@ class StepGraphs:
         self.seen: Counter = Counter()
         self.pool = None  # one memory pool for all graphs: they never run at the same time
         self.failed: str | None = None
+        self.cold_failures: dict[tuple, str] = {}  # shapes whose capture without a warm-up failed, and why
         self.replays = 0
         self.stream = None  # the capture stream
 
@@ -81,20 +82,27 @@ class StepGraphs:
         entry = self.graphs.get(key)
         if entry is None:
             self.seen[key] += 1
-            if self.seen[key] <= self.warmup:
+            # the first shape warms up eagerly (lazy set-up: library handles, caches, compiled kernels); later shapes
+            # are captured at first sight, so no eager step's memory ever sits beside the graphs' pool
+            cold = bool(self.graphs) and key not in self.cold_failures
+            if not cold and self.seen[key] <= self.warmup:
                 return step(inputs, num_items)
             try:
                 entry = self.graphs[key] = self._capture(step, with_4d_mask(inputs), num_items)
             except Exception as e:  # any failure to capture leaves eager training, which works
+                torch.cuda.synchronize()
+                # the generator states the failed capture registered are unusable outside it: fresh ones
+                self._new_generator_states(inputs["input_ids"].device)
+                if cold:  # this shape needed its warm-up after all: this eager step is it, capture next time
+                    self.cold_failures[key] = f"{type(e).__name__}: {e}"
+                    self.seen[key] = self.warmup
+                    return step(inputs, num_items)
                 self.failed = f"{type(e).__name__}: {e}"
                 warnings.warn(
                     f"train.cuda_graphs: capturing a training step failed ({self.failed}); this run continues "
                     "without CUDA graphs (set train.cuda_graphs: false to skip the attempt)",
                     stacklevel=2,
                 )
-                torch.cuda.synchronize()
-                # the generator states the failed capture registered are unusable outside it: fresh ones
-                self._new_generator_states(inputs["input_ids"].device)
                 return step(inputs, num_items)
         graph, static_inputs, static_items, loss = entry
         count_batch(self.model, inputs)
@@ -116,13 +124,13 @@ class StepGraphs:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph's own pool holds its activations
         for state in self.checkpoint.states() if self.checkpoint is not None else ():
             graph.register_generator_state(state)
-        torch.cuda.synchronize()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             loss = step(static_inputs, static_items)
         self.pool = graph.pool()
-        torch.cuda.empty_cache()  # the eager steps' cached blocks: the graph's own pool holds its activations
         return graph, static_inputs, static_items, loss.detach()
 
 
