@@ -181,7 +181,9 @@ class TrainSection:
     # Under gradient checkpointing on the fast path, the forward keeps its frozen expert products' outputs
     # for the recompute (grouped_moe.RecomputeStash): one grouped product per expert projection and step
     # less (for NF4 also a dequantisation), for up to this much memory held at once. 0: recompute them all.
-    expert_stash_gib: float = 8.0
+    # Off by default: the one eager A/B was slower with it (bench/NOTES.md); huanhuan_qlora.yaml sets it
+    # with cuda_graphs, the combination measured.
+    expert_stash_gib: float = 0.0
     args: dict[str, Any] = field(default_factory=lambda: dict(TRAINING_DEFAULTS), metadata={"internal": True})
 
     def __getattr__(self, name: str) -> Any:  # only reached for names that are not the fields above

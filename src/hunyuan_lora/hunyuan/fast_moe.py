@@ -39,9 +39,10 @@ dequantize_4bit` call per projection per pass writes all E experts' bf16 weights
 hands the same block to the next projection and layer, so one such block is all the scratch
 there is. The double-quantised scales (one offset per expert) are
 dequantised with bitsandbytes' `dequantize_blockwise` over all experts, then each expert's offset
-added, the arithmetic bitsandbytes does per tensor. Nothing dequantised is kept for backward, except
-under gradient checkpointing: there the recompute's weights serve the layer's backward
-(grouped_moe._FrozenProduct), two decodes per projection and step instead of three.
+added, the arithmetic bitsandbytes does per tensor. Nothing dequantised is kept for backward; under
+gradient checkpointing two decodes per projection and step instead of three: the forward's products are
+handed to the recompute (grouped_moe.RecomputeStash) and the backward decodes once, or, past the stash's
+budget, the recompute's weights serve the layer's backward (grouped_moe._FrozenProduct).
 
 Works with gradient checkpointing (the packing check is idempotent; dropout masks are replayed
 by checkpoint's RNG restore) and bf16.
