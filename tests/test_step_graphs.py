@@ -7,6 +7,7 @@ recompute repeats the forward's dropout inside a CUDA graph, and graphed trainin
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from types import SimpleNamespace
 
@@ -222,3 +223,67 @@ def test_graphed_training_steps_match_eager_ones():
     assert graphs.cold_failures == {}
     assert len(graphs.graphs) == 2
     assert graphs.replays == 6  # the first shape from its second micro-step on, the second from its first
+
+
+class _ReplayedStep:
+    """What StepGraphs keeps of a capture, where no GPU exists: the model's loss computed again on the static inputs."""
+
+    def __init__(self, model, inputs: dict):
+        self.model, self.inputs = model, {k: v.clone() for k, v in inputs.items()}
+        self.loss = torch.zeros(())
+
+    def replay(self) -> None:
+        self.loss.copy_(self.model(**self.inputs).loss.detach())
+
+
+def test_later_shapes_are_captured_at_first_sight_and_warmed_up_where_that_fails(monkeypatch):
+    """The capture order, with the capture itself replaced (it needs a GPU): the first shape runs one eager warm-up
+    step, then is captured; a later shape is captured at its first micro-step; one whose capture fails there runs
+    eagerly that once and is captured at its next; a first shape that fails to capture leaves the run eager."""
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    model = fast_model("cpu", torch.float32)
+    fails: set[int] = set()
+    attempts: list[int] = []
+
+    def capture(self, step, inputs, num_items):
+        length = inputs["input_ids"].shape[1]
+        attempts.append(length)
+        if length in fails:
+            fails.discard(length)
+            raise RuntimeError(f"capture of {length} failed")
+        replayed = _ReplayedStep(model, inputs)
+        return replayed, replayed.inputs, num_items.clone(), replayed.loss
+
+    monkeypatch.setattr(StepGraphs, "_capture", capture)
+    eager: list[int] = []
+
+    def step(batch, items):
+        eager.append(batch["input_ids"].shape[1])
+        return model(**batch).loss.detach()
+
+    def run(graphs, lengths):
+        eager.clear()
+        for i, n in enumerate(lengths):
+            batch = packed_batch([n - 4], pad=4, device="cpu", seed=i)
+            loss = graphs.run(step, batch, torch.tensor(n))
+            assert torch.equal(loss, model(**batch).loss.detach())  # replayed or not, this micro-batch's loss
+        return eager[:]
+
+    fails.add(24)
+    graphs = StepGraphs(model, [], None)
+    assert run(graphs, [16, 16, 24, 24, 32, 16, 24, 32]) == [16, 24]  # 16's warm-up, 24's failed capture
+    assert attempts == [16, 24, 24, 32]
+    assert list(graphs.cold_failures.values()) == ["RuntimeError: capture of 24 failed"]
+    assert graphs.failed is None
+    assert graphs.replays == 6
+
+    attempts.clear()
+    fails.add(16)
+    graphs = StepGraphs(model, [], None)
+    assert run(graphs, [16, 16, 16, 24]) == [16, 16, 16, 24]
+    assert attempts == [16]
+    assert graphs.failed == "RuntimeError: capture of 16 failed"
+    assert graphs.replays == 0
