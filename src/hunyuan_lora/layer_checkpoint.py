@@ -28,6 +28,7 @@ class LayerCheckpoint:
         self.budget = StashBudget(stash_bytes)
         self.generator: torch.Generator | None = None
         self.pairs: dict[int, tuple[torch.Generator, torch.Generator]] = {}
+        self.made = 0  # pairs made so far, new ones after use_generator_states too: each its own seed
         self.modules: list[torch.nn.Module] = []  # where install put it
 
     def use_generator_states(self, device: torch.device) -> None:
@@ -59,7 +60,8 @@ class LayerCheckpoint:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("a checkpointed layer ran for the first time inside a CUDA graph capture")
             # distinct per layer, reproducible from the run's seed, drawing nothing from any generator
-            seed = self.generator.initial_seed() + 1 + len(self.pairs)
+            seed = self.generator.initial_seed() + 1 + self.made
+            self.made += 1
             pair = tuple(self.generator.clone_state().manual_seed(seed) for _ in range(2))
             self.pairs[id(owner)] = pair
         return pair
