@@ -1,14 +1,15 @@
 """Host overhead per decoder layer: the real topology at a tiny width, so the GPU has nothing to do.
 
     .venv/bin/python bench/host_overhead.py [--device cpu|cuda] [--quant nf4|none] [--depths 2 6]
-        [--tokens 1024] [--steps 10] [--profile] [--config configs/huanhuan_qlora.yaml]
+        [--tokens 1024] [--steps 10] [--profile] [--config configs/huanhuan_qlora.yaml] [--stash-gib 8]
 
 Every decoder layer keeps the real model's module tree (32 heads / 8 KV heads, 64 experts, top-8,
 shared expert, the tutorial's LoRA on the 7 names over all experts), only its widths shrink (hidden
 128, expert width 128, head dim 16, vocab 1,024). What remains per layer is what the host does:
 Python, autograd, PEFT and bitsandbytes plumbing, launches. The full-width cost per layer is this
 plus the GPU's own time (make probe measures both together). One optimizer step = forward with
-gradient checkpointing (non-reentrant, as training.attach_lora sets it), backward, gradient clipping
+gradient checkpointing (non-reentrant, as training.attach_lora sets it; with --stash-gib through the Trainer's
+layer_checkpoint.LayerCheckpoint and that expert stash), backward, gradient clipping
 at 1.0 and AdamW (fused on CUDA), under bf16 autocast as Trainer(bf16=True) runs it. Per layer = the
 slope of the median step time over the depths.
 """
@@ -61,7 +62,7 @@ def packed_batch(tokens: int, device: str, seed: int = 0) -> dict:
     return {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device), "labels": input_ids.to(device)}
 
 
-def build(cfg, layers: int, device: str, quant: str, variant: str = "all", tiny: bool = True):
+def build(cfg, layers: int, device: str, quant: str, variant: str = "all", tiny: bool = True, stash_gib=None):
     """variant: "all" (the code as it is), "no-dense" (attention and shared expert through PEFT's modules),
     "no-stack" (PEFT's 2 x 64 LoRA leaves per expert projection)."""
     run_cfg = config_mod.load(cfg)
@@ -87,6 +88,10 @@ def build(cfg, layers: int, device: str, quant: str, variant: str = "all", tiny:
 
         fast_moe.stack_expert_lora = lambda model: 0
     model = attach_lora(run_cfg, model, placement(run_cfg))
+    if stash_gib is not None:
+        from hunyuan_lora.layer_checkpoint import LayerCheckpoint
+
+        LayerCheckpoint(int(stash_gib * 2**30)).install(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
@@ -108,7 +113,9 @@ def sync(device: str) -> None:
 
 
 def time_depth(args, layers: int) -> dict:
-    model, params, optimizer = build(args.config, layers, args.device, args.quant, args.variant, not args.real_width)
+    model, params, optimizer = build(
+        args.config, layers, args.device, args.quant, args.variant, not args.real_width, args.stash_gib
+    )
     batch = packed_batch(args.tokens, args.device)
     for _ in range(3):
         step(model, params, optimizer, batch, args.device)
@@ -173,6 +180,12 @@ def main() -> None:
         choices=["all", "no-dense", "no-stack"],
         help="leave one of this session's host-time changes out, for its share",
     )
+    parser.add_argument(
+        "--stash-gib",
+        type=float,
+        default=None,
+        help="checkpoint through LayerCheckpoint with this expert stash (0: installed, stash off; unset: torch's)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="operator table of one step at the larger depth")
     parser.add_argument(
@@ -188,7 +201,7 @@ def main() -> None:
     hi = time_depth(args, args.depths[1])
     per_layer = (hi["median_ms"] - lo["median_ms"]) / (args.depths[1] - args.depths[0])
     print(
-        f"device {args.device} quant {args.quant} variant {args.variant} tokens {args.tokens}: "
+        f"device {args.device} quant {args.quant} variant {args.variant} stash {args.stash_gib} tokens {args.tokens}: "
         f"depth {lo['layers']} {lo['median_ms']:.1f} ms, "
         f"depth {hi['layers']} {hi['median_ms']:.1f} ms per optimizer step -> {per_layer:.2f} ms per layer; "
         f"trainable tensors {lo['trainable_tensors']} / {hi['trainable_tensors']}"
