@@ -166,6 +166,14 @@ def test_the_trainer_checkpoints_the_fast_path_through_the_stash(patched_stand_i
         assert all((t is not None) == (gib > 0) for t in taken)
 
 
+def test_a_negative_stash_is_refused_naming_the_key():
+    from hunyuan_lora.errors import UserError
+
+    with pytest.raises(UserError, match=r"train.expert_stash_gib is -2.0: 0 \(recompute all\) or more"):
+        config.load(None, overrides=["train.expert_stash_gib=-2"])
+    assert config.load(None, overrides=["train.expert_stash_gib=0"]).train.expert_stash_gib == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_stashed_products_give_the_recomputed_gradients():
