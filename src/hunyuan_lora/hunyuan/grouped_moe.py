@@ -158,14 +158,14 @@ class RecomputeStash:
         if not self.outputs:
             raise RuntimeError("the recompute of a checkpointed layer ran more expert products than its forward")
         y = self.outputs.popleft()
-        if y is not None:
-            self.budget.give(y.numel() * y.element_size())
+        self._give_back([y])
         return y
 
     def __del__(self) -> None:  # a forward without a recompute (or one stopped early) leaves outputs behind
-        for y in self.outputs:
-            if y is not None:
-                self.budget.give(y.numel() * y.element_size())
+        self._give_back(self.outputs)
+
+    def _give_back(self, outputs) -> None:
+        self.budget.give(sum(y.numel() * y.element_size() for y in outputs if y is not None))
 
 
 _ACTIVE_STASH: ContextVar[RecomputeStash | None] = ContextVar("recompute_stash", default=None)
