@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,74 @@ def test_fast_run_resumes_and_a_checkpoint_of_the_per_expert_layout_is_refused(s
     ) in str(e.value)
     assert "train.resume=never" in str(e.value.fix)
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()} == before
+
+
+def test_packed_rows_are_level_and_hold_every_sample_once():
+    lengths = [241, 30, 61, 200, 45, 45, 120, 8, 77, 150]
+    assert training.packed_rows(lengths, 0) == [list(range(10))]  # one row, the batch's order
+    groups = training.packed_rows(lengths, 300)  # 977 tokens: ceil(977 / 300) = 4 rows
+    assert len(groups) == 4
+    assert sorted(i for g in groups for i in g) == list(range(10))
+    assert all(g == sorted(g) for g in groups)
+    fills = [sum(lengths[i] for i in g) for g in groups]
+    assert max(fills) - min(fills) <= max(lengths)  # longest first into the emptiest: level to one sample
+    assert max(fills) <= 300
+    # rows shorter than the longest sample are widened to it: 977 / 241 -> 5 rows, not 977 / 100 -> 10
+    assert len(training.packed_rows(lengths, 100)) == 5
+    assert training.packed_rows([50], 10) == [[0]]
+
+
+def test_rows_of_packed_row_tokens_give_the_same_loss_gradients_and_count(setup):
+    """Several packed rows (train.packed_row_tokens): each sample whole in one row, positions restarting per
+    sample, the rows padded to one width with masked blocks; loss, gradients and the throughput count those
+    of the one-row packing."""
+    import copy
+
+    from hunyuan_lora.callbacks import BatchCounter
+
+    base, features, model, tokenizer = setup
+    cfg = copy.deepcopy(base)
+    cfg.train.packing, cfg.train.pad_to_multiple_of = True, 8
+    one_row = training.make_collator(cfg, tokenizer)(features)
+    lengths = [len(f["input_ids"]) for f in features]
+    cfg.train.packed_row_tokens = max(lengths)
+    rows = training.make_collator(cfg, tokenizer)(features)
+    groups = training.packed_rows(lengths, max(lengths))
+    width = -(-max(sum(lengths[i] for i in g) for g in groups) // 8) * 8
+    assert rows["input_ids"].shape == (len(groups), width)
+    assert len(groups) > 1
+    for r, group in enumerate(groups):
+        used = sum(lengths[i] for i in group)
+        want = torch.cat([torch.tensor(features[i]["input_ids"]) for i in group])
+        assert torch.equal(rows["input_ids"][r, :used], want)  # whole samples, in the batch's order
+        assert (rows["position_ids"][r, :used] == 0).sum() == len(group)
+        assert rows["attention_mask"][r, :used].all()
+        assert rows["attention_mask"][r, used:].sum() == 0
+        assert (rows["labels"][r, used:] == -100).all()
+
+    loss_one, grad_one = loss_and_grads(model, one_row)
+    loss_rows, grad_rows = loss_and_grads(model, rows)
+    torch.testing.assert_close(loss_rows, loss_one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_rows, grad_one, rtol=1e-4, atol=1e-7)
+
+    counter = BatchCounter()
+    model.train()
+    try:
+        counter.count(model, (), rows)
+    finally:
+        model.eval()
+    assert counter.take() == (len(features), sum(lengths))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.packed_row_tokens=-1"], "train.packed_row_tokens is -1: 0 (one row) or more"),
+        (["train.packed_row_tokens=512"], "train.packed_row_tokens splits packed micro-batches into rows"),
+    ],
+)
+def test_packed_row_tokens_is_checked(overrides, message):
+    from hunyuan_lora.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        config.load(REPO / "configs/demo.yaml", ["train.packing=false", *overrides])

@@ -212,9 +212,9 @@ class BatchCounter:
             return
         real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         tokens = real.sum()
-        # train.packing: one (1, T) row of whole samples, positions restart per sample (a padding block
-        # from train.pad_to_multiple_of restarts them too, but is masked)
-        packed = positions is not None and real.shape[0] == 1
+        # train.packing: rows of whole samples, positions restart per sample (a padding block from
+        # train.pad_to_multiple_of restarts them too, but is masked); only packed batches carry positions
+        packed = positions is not None
         samples = ((positions == 0) & real).sum() if packed else real.shape[0]
         self.tokens = tokens if isinstance(self.tokens, int) else self.tokens + tokens.to(self.tokens.device)
         self.samples = self.samples + samples

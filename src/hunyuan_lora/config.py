@@ -7,8 +7,8 @@ Order of precedence: dataclass defaults < YAML file < `--set section.key=value` 
 overrides (MODEL_DIR / DATA / OUTPUT_DIR). Unknown keys and wrong types are rejected with the
 nearest valid name, all problems at once, before anything heavy is loaded.
 
-The train: section takes the project's keys (packing, pad_to_multiple_of, resume, cuda_graphs,
-expert_stash_gib) and any TrainingArguments field by its own name, checked against TrainingArguments'
+The train: section takes the project's keys (packing, pad_to_multiple_of, packed_row_tokens, resume,
+cuda_graphs, expert_stash_gib) and any TrainingArguments field by its own name, checked against TrainingArguments'
 dataclass (names, types, choices); training.training_arguments hands them to it as given. TRAINING_DEFAULTS holds
 the tutorial's values.
 """
@@ -174,6 +174,10 @@ class TrainSection:
     # builds a graph per new sequence length (hundreds of ms each), and packed batches would
     # otherwise bring a new length almost every step. null: pad to the longest only (the tutorial).
     pad_to_multiple_of: int | None = None
+    # With packing: rows of about this many tokens instead of one (as many as the micro-batch needs, at least
+    # the longest sample each, filled level), all padded to the longest. Packed attention costs the square of
+    # a row's length, masked or not, so long micro-batches pay for it. 0: one row.
+    packed_row_tokens: int = 0
     resume: str = "auto"  # auto: continue from the last complete checkpoint in output_dir; never; or a path
     # Replay each micro-step's forward and backward from a CUDA graph, one per shape (step_graphs.py): the
     # launches of a host-bound step cost one. Needs one CUDA GPU and model.moe_impl: fast.
@@ -208,7 +212,7 @@ class TrainSection:
         return {**{k: getattr(self, k) for k in TRAIN_PROJECT_KEYS}, **self.args}
 
 
-TRAIN_PROJECT_KEYS = ("packing", "pad_to_multiple_of", "resume", "cuda_graphs", "expert_stash_gib")
+TRAIN_PROJECT_KEYS = ("packing", "pad_to_multiple_of", "packed_row_tokens", "resume", "cuda_graphs", "expert_stash_gib")
 
 
 @lru_cache(maxsize=1)
@@ -533,6 +537,13 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append("train.pad_to_multiple_of must be at least 1, or null")
     if cfg.train.expert_stash_gib < 0:
         problems.append(f"train.expert_stash_gib is {cfg.train.expert_stash_gib}: 0 (recompute all) or more")
+    if cfg.train.packed_row_tokens < 0:
+        problems.append(f"train.packed_row_tokens is {cfg.train.packed_row_tokens}: 0 (one row) or more")
+    elif cfg.train.packed_row_tokens and not cfg.train.packing:
+        problems.append(
+            "train.packed_row_tokens splits packed micro-batches into rows, but train.packing is off; "
+            "set train.packing: true, or remove train.packed_row_tokens"
+        )
     if cfg.model.nf4_products != "dequantize" and (cfg.model.quantization != "nf4" or cfg.model.moe_impl != "fast"):
         problems.append(
             f"model.nf4_products: {cfg.model.nf4_products} needs model.quantization: nf4 and "

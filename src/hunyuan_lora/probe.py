@@ -719,6 +719,7 @@ def summarize(cfg: Config, m: Measurement) -> dict:
             "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
             "packing": cfg.train.packing,
             "pad_to_multiple_of": cfg.train.pad_to_multiple_of,
+            "packed_row_tokens": cfg.train.packed_row_tokens,
             "optim": cfg.train.optim,
             "gradient_checkpointing": cfg.train.gradient_checkpointing,
             "cuda_graphs": cfg.train.cuda_graphs,
@@ -875,6 +876,7 @@ def markdown(r: dict) -> str:
         if r["quantization"] == "nf4"
         else ""
     )
+    rows = f" in rows of ~{train['packed_row_tokens']} tokens" if train.get("packed_row_tokens") else ""
     lines = [
         f"# Probe: {r['run']} on {r['card']} ({r['date']})",
         "",
@@ -882,8 +884,9 @@ def markdown(r: dict) -> str:
         f"code: {r['code']}; moe_impl {r['moe_impl']}, quantization {r['quantization']}{products}; "
         f"LoRA r={lora['r']} on {len(lora['targets'])} target names ({lora['trainable']:,} trainable); "
         f"{r['samples_per_optimizer_step']} samples per optimizer step (micro-batch "
-        f"{train['per_device_train_batch_size']} x {train['gradient_accumulation_steps']}, packing {train['packing']}, "
-        f"pad to {train['pad_to_multiple_of']}, {train['optim']}, expert stash {train['expert_stash_gib']} GiB). "
+        f"{train['per_device_train_batch_size']} x {train['gradient_accumulation_steps']}, packing {train['packing']}"
+        f"{rows}, pad to {train['pad_to_multiple_of']}, {train['optim']}, "
+        f"expert stash {train['expert_stash_gib']} GiB). "
         f"Lengths: {r['lengths_from']}. "
         f"Random weights built in {r['init_s']} s.",
         "",
