@@ -133,9 +133,8 @@ def packed_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     """The samples of each packed row (indices, in their order): one row for row_tokens 0, else
     ceil(total / max(row_tokens, longest)) rows, filled longest first into the emptiest so they end level.
 
-    Packed attention costs the square of a row's length, masked or not: one row of 64 samples (~3,900 tokens)
-    spent 210 ms of a 1.34 s step in attention on an H200 (bench/NOTES.md); eight rows of ~490, an eighth of the
-    products."""
+    Packed attention costs the square of a row's length, masked or not: at 64 samples (~3,900 tokens) per step
+    on an H200, one row spent 210 ms in attention, eight rows of ~490 tokens 30 ms (bench/NOTES.md)."""
     rows = 1 if not row_tokens else max(1, -(-sum(lengths) // max(row_tokens, max(lengths))))
     if rows == 1:
         return [list(range(len(lengths)))]
