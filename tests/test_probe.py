@@ -133,7 +133,12 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     assert len(r["loss_per_step"]) == 4
     assert all(v > 0 for v in r["loss_per_step"])
     check_consistent(r, 4)
+    phases = r["steady_phases_s"]  # where the steps' time went, from the Trainer's callbacks
+    assert set(phases) == set(probe.StepClock.PHASES)
+    assert all(v >= 0 for v in phases.values())
+    assert phases["micro_steps"] > phases["optimizer"]  # forward and backward of 16 samples against one AdamW step
     md = (out / "probe.md").read_text()
+    assert f"micro-steps (forward, backward, clipping) {phases['micro_steps']}" in md
     assert "quantization nf4 (NF4 products: auto, dequantised by bitsandbytes)" in md  # a CPU run
     assert "cut from 2: PROBE_LAYERS" in md
     assert f"{r['steady_s_per_step']} s per optimizer step" in md
@@ -235,6 +240,20 @@ def test_summarize_derives_the_report_from_what_was_measured():
     assert r["final_loss"] == 2.5
     assert r["card"] == "cpu"
     assert r["gpus"] == 0
+
+
+def test_step_phases_split_the_step_at_the_trainers_marks():
+    """Host marks (no GPU): before = previous end to begin, micro_steps = begin to the optimizer, optimizer =
+    its step, after = the rest up to the step's end; a step missing a mark gets no phases."""
+    clock = probe.StepClock()
+    clock.last = 10.0
+    clock.marks = {"begin": (10.5, None), "optimizer": (12.0, None), "after": (12.25, None)}
+    assert clock.phases(13.0) == {"before": 0.5, "micro_steps": 1.5, "optimizer": 0.25, "after": 0.75}
+    del clock.marks["optimizer"]
+    assert clock.phases(13.0) is None
+    steps = [{"s": 2.0, "phases": {"before": b, "micro_steps": 1.0, "optimizer": 0.1, "after": 0.2}} for b in (3, 1, 2)]
+    assert probe.steady_phases(steps) == {"before": 2, "micro_steps": 1.0, "optimizer": 0.1, "after": 0.2}
+    assert probe.steady_phases(steps + [{"s": 2.0}]) is None
 
 
 def test_verdicts_follow_the_measured_peak():

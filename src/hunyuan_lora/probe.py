@@ -140,12 +140,21 @@ def probe_samples(cfg: Config, lengths_file: str | None, vocab: int, scratch: Pa
 
 
 class StepClock:
-    """Trainer callback: wall time, samples and real (non-pad) tokens of every optimizer step.
+    """Trainer callback: wall time, samples and real (non-pad) tokens of every optimizer step, and where the
+    time went.
 
     The samples and tokens are callbacks.BatchCounter's, as SwanLab's perf/* count them; each step
     ends with a device sync, so a step's time is what the GPU took, measured from the end of the
-    step before (data loading included).
+    step before (data loading included). Its phases, from marks at the Trainer's callbacks (CUDA events
+    on the GPU, read after that sync, so no sync is added):
+      before: the host from the previous step's end to this one's begin (logging, the next batches fetched
+        and collated);
+      micro_steps: every micro-step's forward and backward, and the gradient clipping;
+      optimizer: optimizer.step();
+      after: the scheduler, zero_grad, and the wait for the GPU to finish.
     """
+
+    PHASES = ("before", "micro_steps", "optimizer", "after")
 
     def __init__(self):
         from transformers import TrainerCallback
@@ -157,11 +166,25 @@ class StepClock:
                 clock.counter.attach(model)
                 clock.last = clock.sync()
 
+            def on_step_begin(self, args, state, control, **kwargs):
+                clock.mark("begin")
+
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                clock.mark("optimizer")
+
+            def on_optimizer_step(self, args, state, control, **kwargs):
+                clock.mark("after")
+
             def on_step_end(self, args, state, control, **kwargs):
                 now = clock.sync()
                 samples, tokens = clock.counter.take()
-                clock.steps.append({"s": now - clock.last, "samples": samples, "tokens": tokens})
+                step = {"s": now - clock.last, "samples": samples, "tokens": tokens}
+                phases = clock.phases(now)
+                if phases:
+                    step["phases"] = phases
+                clock.steps.append(step)
                 clock.last = now
+                clock.marks = {}
 
             def on_train_end(self, args, state, control, **kwargs):
                 clock.counter.detach()
@@ -170,6 +193,33 @@ class StepClock:
         self.counter = BatchCounter()
         self.steps: list[dict] = []
         self.last = 0.0
+        self.marks: dict[str, tuple[float, torch.cuda.Event | None]] = {}
+
+    def mark(self, name: str) -> None:
+        event = None
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self.marks[name] = (time.perf_counter(), event)
+
+    def phases(self, end: float) -> dict[str, float] | None:
+        """Seconds per phase of the step that ended at `end` (after the sync); None when a mark is missing."""
+        if set(self.marks) != {"begin", "optimizer", "after"}:
+            return None
+        (t_begin, e_begin), (t_opt, e_opt), (t_after, e_after) = (
+            self.marks[k] for k in ("begin", "optimizer", "after")
+        )
+        if e_begin is not None:  # the GPU's own times between the marks
+            micro, optimizer = e_begin.elapsed_time(e_opt) / 1e3, e_opt.elapsed_time(e_after) / 1e3
+        else:
+            micro, optimizer = t_opt - t_begin, t_after - t_opt
+        before = t_begin - self.last
+        return {
+            "before": round(before, 4),
+            "micro_steps": round(micro, 4),
+            "optimizer": round(optimizer, 4),
+            "after": round(max(0.0, end - self.last - before - micro - optimizer), 4),
+        }
 
     @staticmethod
     def sync() -> float:
@@ -654,6 +704,13 @@ class Measurement:
     loss: float  # the Trainer's training_loss
 
 
+def steady_phases(steps: list[dict]) -> dict[str, float] | None:
+    """The median of each StepClock phase over the steady steps (None where the callbacks gave none)."""
+    if not steps or any("phases" not in s for s in steps):
+        return None
+    return {k: round(statistics.median(s["phases"][k] for s in steps), 4) for k in StepClock.PHASES}
+
+
 def summarize(cfg: Config, m: Measurement) -> dict:
     times = [s["s"] for s in m.steps]
     warm = max(1, len(times) // 4)  # the first quarter: plan building for new shapes, allocator growth
@@ -730,6 +787,7 @@ def summarize(cfg: Config, m: Measurement) -> dict:
         "steps": len(times),
         "warmup_steps": warm,
         "step_s": [round(t, 4) for t in times],
+        "steady_phases_s": steady_phases(m.steps[warm:]),
         "steady_s_per_step": round(steady, 4),
         "mean_s_per_step_after_warmup": round(mean_after, 4),
         "warmup_s": round(warmup_s, 3),
@@ -924,6 +982,16 @@ def markdown(r: dict) -> str:
         f"Step times (s): {', '.join(str(t) for t in r['step_s'])}. Loss per step: "
         f"{', '.join(str(v) for v in r.get('loss_per_step', []))}. Code {r['code_commit']}.",
     ]
+    phases = r.get("steady_phases_s")
+    if phases:
+        gpu = " (the GPU's own time between the marks)" if r["device"] == "cuda" else ""
+        lines += [
+            "",
+            "Where a steady step's time goes (medians, s): "
+            f"before it (host: logging, the next batches fetched and collated) {phases['before']}; "
+            f"micro-steps (forward, backward, clipping){gpu} {phases['micro_steps']}; "
+            f"optimizer step {phases['optimizer']}; after it (scheduler, zero_grad, the wait) {phases['after']}.",
+        ]
     b = r.get("baseline")
     if b:
         lines += [
