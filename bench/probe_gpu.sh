@@ -5,7 +5,9 @@
 # PROBES: space-separated what:config:steps:layers[:profile[:key=value,key=value]] (config overrides), e.g.
 #   "qlora-fast-d32:configs/huanhuan_qlora.yaml:20:32 qlora-tutorial-d4:configs/huanhuan_qlora_tutorial.yaml:3:4"
 # Each probe's probe.json / probe.md land in $OUT (or bench/results) as probe-<card>-<date>-<what>.{json,md};
-# A probe that runs out of memory is run again 4 layers shallower. GPU_TESTS=1 first runs the CUDA tests of the fast and NF4 MoE paths. Lengths: the real tokenizer's
+# A probe that runs out of memory is run again 4 layers shallower. PROBE_GENERATION=0: training only (no second
+# model build, init_s ~25 s at 32 layers, and no generation). GPU_TESTS=1 first runs the CUDA tests of the fast
+# and NF4 MoE paths. Lengths: the real tokenizer's
 # (.bench_data/huanhuan_token_lengths.json, a copy of ../shared/data's), 16 samples per optimizer step.
 set -uo pipefail
 cd "$(dirname "$0")/.."

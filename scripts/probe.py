@@ -1,5 +1,5 @@
 """make probe: the config's training on random weights, measured (PROBE_STEPS, PROBE_LAYERS, PROBE_LENGTHS,
-PROBE_PROFILE).
+PROBE_PROFILE, PROBE_GENERATION).
 
 `python -m hunyuan_lora probe --help` lists the options (src/hunyuan_lora/cli.py, probe.add_arguments).
 """

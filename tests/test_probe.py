@@ -177,6 +177,34 @@ def test_probe_upstream_on_the_raw_dataset(stand_in_dir, tmp_path):
     check_load(r)
 
 
+def test_probe_without_generation_measures_training_only(stand_in_dir, tmp_path, monkeypatch):
+    """PROBE_GENERATION=0: the training part alone (the model is built once); the report says generation was not
+    measured, and the eval stage's wait is its load alone."""
+    import argparse
+
+    monkeypatch.setenv("PROBE_GENERATION", "0")
+    parser = argparse.ArgumentParser()
+    probe.add_arguments(parser)
+    assert parser.parse_args([]).generation is False
+    cfg = config.load(
+        REPO / "configs/demo.yaml",
+        ["swanlab.mode=disabled"],
+        model_dir=str(stand_in_dir),
+        output_dir=str(tmp_path / "run"),
+    )
+    out = probe.run(cfg, steps=2, generation=False)
+    r = json.loads((out / "probe.json").read_text())
+    check_consistent(r, 2)
+    assert "generation" not in r
+    assert not any(k.startswith("gen_") for k in r)
+    evaluate = r["load"]["stages"]["eval"]
+    assert evaluate["then_s"] is None
+    assert evaluate["from_checkpoint_s"] == r["load"]["from_checkpoint_s"]
+    md = (out / "probe.md").read_text()
+    assert "Generation: not measured (PROBE_GENERATION=0)." in md
+    assert "| batch 1 |" not in md
+
+
 def test_probe_refuses_what_it_cannot_measure(stand_in_dir, tmp_path):
     cfg = config.load(
         REPO / "configs/demo.yaml",

@@ -383,6 +383,13 @@ def add_arguments(parser) -> None:
         default=os.environ.get("PROBE_PROFILE") == "1",
         help="profile one extra step: kernels, GPU busy, dequantisation share (PROBE_PROFILE=1)",
     )
+    parser.add_argument(
+        "--no-generation",
+        dest="generation",
+        action="store_false",
+        default=os.environ.get("PROBE_GENERATION") != "0",
+        help="training only: skip the generation part, which builds the model a second time (PROBE_GENERATION=0)",
+    )
 
 
 def run(
@@ -393,6 +400,7 @@ def run(
     lengths: str | None = None,
     profile: bool = False,
     compare: bool = False,
+    generation: bool = True,
 ) -> Path:
     where = placement(cfg)
     if where.launch.deepspeed:
@@ -421,7 +429,9 @@ def run(
     out = cfg.output_dir / "probe"
     check_replaceable(out, where="run.output_dir")
     report = measure(cfg, where, steps, layers, lengths, profile)
-    report.update(measure_generation(cfg, where, layers, report.pop("prompt_tokens"), report["run_records"], profile))
+    prompt_tokens = report.pop("prompt_tokens")
+    if generation:
+        report.update(measure_generation(cfg, where, layers, prompt_tokens, report["run_records"], profile))
     report.update(load_times(cfg, report, *read_rate(cfg)))
     if compare:
         report["baseline"] = baseline(cfg, where, steps, layers, lengths)
@@ -1001,7 +1011,9 @@ def markdown(r: dict) -> str:
             f"{b['peak_gib']} GiB: the config is **{r['speedup_vs_baseline']}x** that baseline.",
         ]
     gen = r.get("generation")
-    if gen:
+    if not gen:
+        lines += ["", "Generation: not measured (PROBE_GENERATION=0)."]
+    else:
         b1, bb = gen["batch1"], gen["batched"]
         lines += [
             "",
