@@ -284,6 +284,24 @@ def test_step_phases_split_the_step_at_the_trainers_marks():
     assert probe.steady_phases(steps + [{"s": 2.0}]) is None
 
 
+def test_gpu_idle_is_split_by_segment_and_its_largest_gaps_named_by_the_host_op_running():
+    """Kernels (microseconds) overlapping and apart: idle is the window minus their union, cut at the segment
+    starts; each gap is named by the innermost host op spanning its middle."""
+    from types import SimpleNamespace as NS
+
+    def op(name, start, end):
+        return NS(name=name, time_range=NS(start=start, end=end))
+
+    kernels = [(0, 10_000), (5_000, 20_000), (30_000, 40_000), (100_000, 110_000)]
+    cuts = [("forward", 0), ("backward", 35_000), ("optimizer", 105_000), ("after", 120_000)]
+    host = [op("outer", 0, 150_000), op("aten::item", 60_000, 80_000)]
+    r = probe.gpu_idle(kernels, (0, 150_000), cuts, host)
+    assert r["idle_ms"] == 110.0  # gaps 20-30, 40-100 and 110-150 ms
+    assert r["idle_by_segment_ms"] == {"forward": 10.0, "backward": 60.0, "optimizer": 10.0, "after": 30.0}
+    assert r["idle_largest"] == [[60.0, "aten::item"], [40.0, "outer"], [10.0, "outer"]]
+    assert probe.gpu_idle([(0, 150_000)], (0, 150_000), cuts)["idle_ms"] == 0
+
+
 def test_verdicts_follow_the_measured_peak():
     v = probe.verdicts(70.0)
     assert v == {

@@ -315,7 +315,60 @@ class StepProfile:
             "top": [[n, round(ms, 3), c] for n, (ms, c) in top],
             "host_top": host,
             "host_ms": round(sum(a.self_cpu_time_total for a in self.prof.key_averages()) / 1e3, 2),
+            **self.idle(kernels),
         }
+
+    def idle(self, kernels: list) -> dict:
+        """Where the GPU waited in the profiled step (gpu_idle), segmented at the host's first backward op and
+        the optimizer step; the largest gaps with the host op that ran through each."""
+        host = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+        if not kernels or not host:
+            return {}
+        window = (min(e.time_range.start for e in host), max(e.time_range.end for e in host + kernels))
+        backward = [e.time_range.start for e in host if e.name.startswith("autograd::engine::evaluate_function")]
+        optimizer = [e.time_range for e in host if e.name.startswith("Optimizer.step#")]
+        cuts = [("forward", window[0])]
+        if backward:
+            cuts.append(("backward", min(backward)))
+        if optimizer:
+            cuts += [("optimizer", min(r.start for r in optimizer)), ("after", max(r.end for r in optimizer))]
+        cuts.sort(key=lambda c: c[1])
+        return gpu_idle([(k.time_range.start, k.time_range.end) for k in kernels], window, cuts, host)
+
+
+def gpu_idle(kernels: list[tuple[float, float]], window: tuple[float, float], cuts: list[tuple[str, float]], host=()):
+    """GPU idle time (ms) per segment of `window` (microseconds, as the profiler's time ranges): the time no kernel
+    runs. cuts: (name, start) of each segment in time order, the first at window[0]. host: profiler events
+    (name, time_range); each of the 8 largest gaps is named by the innermost one spanning its middle, which is
+    what kept the GPU waiting (a sync, the data, Python)."""
+    busy: list[list[float]] = []
+    for start, end in sorted(kernels):
+        if busy and start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end])
+    gaps, t = [], window[0]
+    for start, end in busy:
+        if start > t:
+            gaps.append((t, start))
+        t = max(t, end)
+    if window[1] > t:
+        gaps.append((t, window[1]))
+    bounds = [c[1] for c in cuts[1:]] + [window[1]]
+    segments = {}
+    for (name, lo), hi in zip(cuts, bounds, strict=True):
+        segments[name] = round(sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in gaps) / 1e3, 2)
+    largest = []
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:8]:
+        mid = (a + b) / 2
+        spanning = [e for e in host if e.time_range.start <= mid <= e.time_range.end]
+        inner = max(spanning, key=lambda e: e.time_range.start).name[:60] if spanning else "-"
+        largest.append([round((b - a) / 1e3, 3), inner])
+    return {
+        "idle_ms": round(sum(b - a for a, b in gaps) / 1e3, 2),
+        "idle_by_segment_ms": segments,
+        "idle_largest": largest,
+    }
 
 
 def gemm_rate(device: str) -> tuple[float, str]:
@@ -1088,4 +1141,11 @@ def markdown(r: dict) -> str:
             "",
         ]
         lines += [f"- {n}: {ms} ms x {c}" for n, ms, c in p["host_top"]]
+        if p.get("idle_by_segment_ms"):
+            segments = ", ".join(f"{k} {v}" for k, v in p["idle_by_segment_ms"].items())
+            largest = "; ".join(f"{ms} ({op})" for ms, op in p["idle_largest"])
+            lines += [
+                "",
+                f"GPU idle in that step: {p['idle_ms']} ms ({segments}); largest gaps (ms, host op): {largest}.",
+            ]
     return "\n".join(lines) + "\n"
