@@ -109,6 +109,31 @@ def test_a_diverging_run_stops_at_the_step_and_publishes_nothing(trained, patche
     assert f"training diverged at step {step} of 6" in console
 
 
+def test_a_divergence_between_logs_stops_at_the_next_log_and_names_its_own_step(trained, patched_stand_in, tmp_path):
+    """The losses and gradient norms are checked where they are (no step waits for the GPU) and read where a step
+    logs or saves: diverging at step 2 with a log every 4 steps, the run stops at step 4, names the step it
+    diverged at, and neither logged nor saved anything."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    proc = run_script(
+        "train.py",
+        patched_stand_in,
+        out,
+        "train.learning_rate=1e30",
+        "train.max_steps=6",
+        "train.save_steps=100",
+        "train.logging_steps=4",
+        "train.resume=never",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    text = paragraph(proc.stderr)
+    step = int(text.split("training diverged at step ")[1].split(" of 6:")[0])
+    assert step in (2, 3), text
+    assert "It stopped at step 4, the first after it to log or save: nothing of that step or later" in text, text
+    assert "the loss is nan" in text or "the gradient norm is" in text, text
+    assert not [e for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
+
+
 def test_a_run_resumed_from_a_non_finite_checkpoint_names_the_last_finite_one(trained, patched_stand_in, tmp_path):
     """checkpoint-2 with a NaN weight (what a diverged run of an earlier version saved): the resumed run
     stops at its first step, and the checkpoint it names to go back to is checkpoint-1."""

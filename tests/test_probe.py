@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from hunyuan_lora import config, probe
 from hunyuan_lora.errors import UserError
@@ -271,14 +272,27 @@ def test_summarize_derives_the_report_from_what_was_measured():
 
 
 def test_step_phases_split_the_step_at_the_trainers_marks():
-    """Host marks (no GPU): before = previous end to begin, micro_steps = begin to the optimizer, optimizer =
-    its step, after = the rest up to the step's end; a step missing a mark gets no phases."""
+    """Host marks (no GPU): a step runs from the previous step's end to its own; before = that end to begin,
+    micro_steps = begin to the optimizer, optimizer = its step, after = the rest; the counts and the loss are
+    read at the end of training; a step missing a mark gets no phases."""
     clock = probe.StepClock()
-    clock.last = 10.0
-    clock.marks = {"begin": (10.5, None), "optimizer": (12.0, None), "after": (12.25, None)}
-    assert clock.phases(13.0) == {"before": 0.5, "micro_steps": 1.5, "optimizer": 0.25, "after": 0.75}
-    del clock.marks["optimizer"]
-    assert clock.phases(13.0) is None
+    clock.start = 9.0
+    marks = {"begin": 10.5, "optimizer": 12.0, "after": 12.25, "end": 13.0}
+    second = {"begin": 13.5, "optimizer": 14.0, "after": 14.5, "end": 15.0}
+    clock.pending = [(marks, (3, 100), torch.tensor(2.5)), (second, (torch.tensor(4), torch.tensor(90)), None)]
+    clock.resolve()
+    first, then = clock.steps
+    assert first == {
+        "s": 4.0,
+        "samples": 3,
+        "tokens": 100,
+        "loss": 2.5,
+        "phases": {"before": 1.5, "micro_steps": 1.5, "optimizer": 0.25, "after": 0.75},
+    }
+    assert (then["s"], then["samples"], then["tokens"], "loss" in then) == (2.0, 4, 90, False)
+    assert then["phases"] == {"before": 0.5, "micro_steps": 0.5, "optimizer": 0.5, "after": 0.5}
+    del marks["optimizer"]
+    assert clock.phases(9.0, marks) is None
     steps = [{"s": 2.0, "phases": {"before": b, "micro_steps": 1.0, "optimizer": 0.1, "after": 0.2}} for b in (3, 1, 2)]
     assert probe.steady_phases(steps) == {"before": 2, "micro_steps": 1.0, "optimizer": 0.1, "after": 0.2}
     assert probe.steady_phases(steps + [{"s": 2.0}]) is None

@@ -75,6 +75,31 @@ def test_the_graphed_steps_mask_gives_the_models_own_result():
         assert not torch.allclose(model(**{**batch, "attention_mask": causal["attention_mask"]}).logits, own)
 
 
+def test_the_training_mask_built_without_host_checks_is_the_checked_one():
+    """In training the mask is built without asking the host whether the rows are packed or padded (that reads
+    the ids, a sync on a GPU): for packed, padded and plain rows it allows exactly what the checked mask allows
+    (None: plain causal)."""
+    from hunyuan_lora.hunyuan.modeling_hunyuan import attention_mask_4d
+
+    packed = packed_batch([7, 12, 5], pad=8, device="cpu")
+    T = 32
+    plain = torch.arange(T)[None].expand(2, -1)
+    padded = torch.ones(2, T, dtype=torch.long)
+    padded[1, 20:] = 0
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    cases = [
+        (packed["attention_mask"], packed["position_ids"]),
+        (None, plain),
+        (padded, plain),
+        (padded.clone().fill_(1), plain),
+    ]
+    for mask, positions in cases:
+        checked = attention_mask_4d(mask, positions, T, 0)
+        built = attention_mask_4d(mask, positions, T, 0, without_sync=True)
+        assert torch.equal(built, (causal if checked is None else checked).expand_as(built))
+    assert not torch.equal(attention_mask_4d(*cases[0], T, 0, without_sync=True), causal.expand(1, 1, T, T))
+
+
 def test_renewed_expert_lora_views_are_still_the_stacked_parameters():
     """Before its first step a graphed run makes the per-expert LoRA weights anew (fast_moe.renew_expert_lora_views):
     each is again a view of its stacked trainable tensor, so the adapter's state dict and the gradients that reach

@@ -221,7 +221,13 @@ class BatchCounter:
 
     def take(self) -> tuple[int, int]:
         """(samples, tokens) counted since the last take (one host sync), and start again from zero."""
-        counted = int(self.samples), int(self.tokens)
+        samples, tokens = self.take_on_device()
+        return int(samples), int(tokens)
+
+    def take_on_device(self) -> tuple:
+        """take() without the sync: the sums as the device holds them (tensors, or ints where nothing was
+        counted on it)."""
+        counted = self.samples, self.tokens
         self.samples, self.tokens = 0, 0
         return counted
 
@@ -231,7 +237,9 @@ class Throughput(TrainerCallback):
 
     Counts what the model is really fed (BatchCounter), so tokens/s is independent of how batches
     are padded. Time is measured from step begin to step end, so evaluation and checkpoint saves
-    between steps do not count against it.
+    between steps do not count against it; on CUDA by events on the GPU's own timeline, read at the log
+    (the one host sync of the window: a sync per step would make the GPU idle while the host queues the
+    next step).
     """
 
     def __init__(self):
@@ -239,6 +247,7 @@ class Throughput(TrainerCallback):
         self._seconds = 0.0
         self._t_begin: float | None = None
         self._cuda = False
+        self._events: list[tuple] = []  # (begin, end) CUDA events of the window's steps
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._cuda = args.device.type == "cuda"
@@ -249,12 +258,20 @@ class Throughput(TrainerCallback):
                 torch.cuda.reset_peak_memory_stats(i)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._t_begin = time.perf_counter()
+        if self._cuda:
+            self._t_begin = torch.cuda.Event(enable_timing=True)
+            self._t_begin.record()
+        else:
+            self._t_begin = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._t_begin is None:
+            return
         if self._cuda:
-            torch.cuda.synchronize()  # CUDA runs ahead of Python: wait, or the step "took" no time
-        if self._t_begin is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._t_begin, end))
+        else:
             self._seconds += time.perf_counter() - self._t_begin
         self._t_begin = None
 
@@ -262,6 +279,10 @@ class Throughput(TrainerCallback):
         """The window's rates (and resets it); peak memory since train start, GiB per GPU."""
         out: dict[str, float] = {}
         samples, tokens = self.counter.take()  # the window's one host sync
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(begin.elapsed_time(end) for begin, end in self._events) / 1e3
+            self._events = []
         if self._seconds > 0 and samples:
             out["perf/samples_per_second"] = round(samples / self._seconds, 3)
             out["perf/tokens_per_second"] = round(tokens / self._seconds, 1)

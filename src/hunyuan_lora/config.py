@@ -156,6 +156,7 @@ DERIVED_TRAINING_ARGS = {
     "gradient_checkpointing_kwargs": "the launcher (reentrant under ZeRO-3)",
     "label_names": "the dataset's labels column",
     "deepspeed": "LAUNCH=zero3 (configs/accelerate/)",
+    "logging_nan_inf_filter": "nothing: a non-finite loss stops the run before it is logged (training.DivergenceWatch)",
 }
 
 

@@ -140,21 +140,23 @@ def probe_samples(cfg: Config, lengths_file: str | None, vocab: int, scratch: Pa
 
 
 class StepClock:
-    """Trainer callback: wall time, samples and real (non-pad) tokens of every optimizer step, and where the
+    """Trainer callback: the time, samples, real (non-pad) tokens and loss of every optimizer step, and where the
     time went.
 
-    The samples and tokens are callbacks.BatchCounter's, as SwanLab's perf/* count them; each step
-    ends with a device sync, so a step's time is what the GPU took, measured from the end of the
-    step before (data loading included). Its phases, from marks at the Trainer's callbacks (CUDA events
-    on the GPU, read after that sync, so no sync is added):
-      before: the host from the previous step's end to this one's begin (logging, the next batches fetched
-        and collated);
+    A step runs from the end of the step before to its own end. On CUDA the marks are events on the GPU's
+    timeline, read when training ends: the clock adds no host sync, so the host queues the next step while the
+    GPU still runs this one, as in `make train`; on the CPU they are host times. The samples and tokens are
+    callbacks.BatchCounter's, as SwanLab's perf/* count them; the loss is the sum of the micro-steps' (note_loss).
+    Phases, from marks at the Trainer's callbacks:
+      before: the step before's end to this one's begin; on the GPU the time it waits for the host (the next
+        batches fetched and collated, the first kernels queued);
       micro_steps: every micro-step's forward and backward, and the gradient clipping;
       optimizer: optimizer.step();
-      after: the scheduler, zero_grad, and the wait for the GPU to finish.
+      after: the scheduler and zero_grad, up to the step's end.
     """
 
     PHASES = ("before", "micro_steps", "optimizer", "after")
+    MARKS = ("begin", "optimizer", "after", "end")
 
     def __init__(self):
         from transformers import TrainerCallback
@@ -164,68 +166,81 @@ class StepClock:
         class _Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, model=None, **kwargs):
                 clock.counter.attach(model)
-                clock.last = clock.sync()
+                clock.start = clock.now()
 
             def on_step_begin(self, args, state, control, **kwargs):
-                clock.mark("begin")
+                clock.marks["begin"] = clock.now()
 
             def on_pre_optimizer_step(self, args, state, control, **kwargs):
-                clock.mark("optimizer")
+                clock.marks["optimizer"] = clock.now()
 
             def on_optimizer_step(self, args, state, control, **kwargs):
-                clock.mark("after")
+                clock.marks["after"] = clock.now()
 
             def on_step_end(self, args, state, control, **kwargs):
-                now = clock.sync()
-                samples, tokens = clock.counter.take()
-                step = {"s": now - clock.last, "samples": samples, "tokens": tokens}
-                phases = clock.phases(now)
-                if phases:
-                    step["phases"] = phases
-                clock.steps.append(step)
-                clock.last = now
-                clock.marks = {}
+                clock.marks["end"] = clock.now()
+                loss = torch.stack(clock.losses).sum() if clock.losses else None
+                clock.pending.append((clock.marks, clock.counter.take_on_device(), loss))
+                clock.marks, clock.losses = {}, []
 
             def on_train_end(self, args, state, control, **kwargs):
+                clock.resolve()
                 clock.counter.detach()
 
         self.callback = _Callback()
         self.counter = BatchCounter()
         self.steps: list[dict] = []
-        self.last = 0.0
-        self.marks: dict[str, tuple[float, torch.cuda.Event | None]] = {}
+        self.start = None
+        self.marks: dict = {}
+        self.losses: list[torch.Tensor] = []
+        self.pending: list[tuple] = []
 
-    def mark(self, name: str) -> None:
-        event = None
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """A micro-step's loss as the Trainer's training_step returns it (kept on the device)."""
+        self.losses.append(loss.detach().float())
+
+    @staticmethod
+    def now():
         if torch.cuda.is_available():
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-        self.marks[name] = (time.perf_counter(), event)
-
-    def phases(self, end: float) -> dict[str, float] | None:
-        """Seconds per phase of the step that ended at `end` (after the sync); None when a mark is missing."""
-        if set(self.marks) != {"begin", "optimizer", "after"}:
-            return None
-        (t_begin, e_begin), (t_opt, e_opt), (t_after, e_after) = (
-            self.marks[k] for k in ("begin", "optimizer", "after")
-        )
-        if e_begin is not None:  # the GPU's own times between the marks
-            micro, optimizer = e_begin.elapsed_time(e_opt) / 1e3, e_opt.elapsed_time(e_after) / 1e3
-        else:
-            micro, optimizer = t_opt - t_begin, t_after - t_opt
-        before = t_begin - self.last
-        return {
-            "before": round(before, 4),
-            "micro_steps": round(micro, 4),
-            "optimizer": round(optimizer, 4),
-            "after": round(max(0.0, end - self.last - before - micro - optimizer), 4),
-        }
+            return event
+        return time.perf_counter()
 
     @staticmethod
     def sync() -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter()
+
+    @staticmethod
+    def seconds(a, b) -> float:
+        if isinstance(a, float):
+            return b - a
+        return a.elapsed_time(b) / 1e3
+
+    def resolve(self) -> None:
+        """The pending steps' seconds, counts, losses and phases (one sync, at the end of training)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        last = self.start
+        for marks, (samples, tokens), loss in self.pending:
+            step = {"s": self.seconds(last, marks["end"]), "samples": int(samples), "tokens": int(tokens)}
+            if loss is not None:
+                step["loss"] = float(loss)
+            phases = self.phases(last, marks)
+            if phases:
+                step["phases"] = phases
+            self.steps.append(step)
+            last = marks["end"]
+        self.pending = []
+
+    def phases(self, last, marks: dict) -> dict[str, float] | None:
+        """Seconds per phase of the step that began after `last`; None when a mark is missing."""
+        if set(marks) != set(self.MARKS):
+            return None
+        cuts = [last] + [marks[k] for k in self.MARKS]
+        return {k: round(self.seconds(a, b), 4) for k, a, b in zip(self.PHASES, cuts[:-1], cuts[1:], strict=True)}
 
 
 class SmiPeak:
@@ -552,12 +567,20 @@ def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengt
         args = training_arguments(cfg, where, output_dir=scratch / "trainer", max_steps=steps + profile)
         args.save_strategy = "no"  # a probe keeps nothing but its report
         args.eval_strategy = "no"
-        args.logging_steps = 1  # the loss of every step (one host sync per step, at its end)
+        args.logging_steps = steps + profile  # one log, at the end: a log reads the loss, which waits for the GPU
         args.disable_tqdm = True
         clock = StepClock()
         profiler = StepProfile(steps) if profile else None
         callbacks = [clock.callback] + ([profiler.callback] if profiler else [])
         trainer = build_trainer(cfg, model, tokenizer, {"train": train}, args, callbacks)
+        training_step = trainer.training_step
+
+        def noted_training_step(*a, **k):
+            loss = training_step(*a, **k)
+            clock.note_loss(loss)
+            return loss
+
+        trainer.training_step = noted_training_step  # each step's loss, without the sync of a log per step
         rate, gemm_what = gemm_rate(device)
         if device == "cuda":
             for i in range(torch.cuda.device_count()):
@@ -587,7 +610,7 @@ def measure(cfg: Config, where: Placement, steps: int, layers: int | None, lengt
             loss=float(result.training_loss),
         ),
     )
-    report["loss_per_step"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e][:steps]
+    report["loss_per_step"] = [round(s["loss"], 4) for s in clock.steps[:steps] if "loss" in s]
     graphs = trainer.step_graphs
     if graphs is not None:  # train.cuda_graphs: how many micro-steps were replayed, of how many shapes
         report["cuda_graphs"] = {"shapes": len(graphs.seen), "graphs": len(graphs.graphs), "replays": graphs.replays}

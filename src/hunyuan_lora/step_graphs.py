@@ -35,8 +35,8 @@ Step = Callable[[dict, torch.Tensor], torch.Tensor]  # (inputs, num_items_in_bat
 
 
 def with_4d_mask(inputs: dict) -> dict:
-    """The micro-batch with its attention mask as the (B, 1, T, T) boolean the model would build from it
-    (causal, padding, packed samples), built here, outside the graph: it reads the position ids on the host."""
+    """The micro-batch with its attention mask as the (B, 1, T, T) boolean the model builds from it in training
+    (causal, padding, packed samples), built here, outside the graph."""
     from .hunyuan.modeling_hunyuan import attention_mask_4d
 
     ids = inputs["input_ids"]
@@ -44,10 +44,10 @@ def with_4d_mask(inputs: dict) -> dict:
     positions = inputs.get("position_ids")
     if positions is None:
         positions = torch.arange(T, device=ids.device)[None].expand(B, -1)
-    mask = attention_mask_4d(inputs.get("attention_mask"), positions, T, 0)
-    if mask is None:  # plain causal: spelled out, so the graph's model takes the same path every time
-        mask = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()[None, None].expand(B, 1, T, T)
-    return {**inputs, "attention_mask": mask}
+    return {
+        **inputs,
+        "attention_mask": attention_mask_4d(inputs.get("attention_mask"), positions, T, 0, without_sync=True),
+    }
 
 
 class StepGraphs:

@@ -38,6 +38,11 @@ def training_arguments(
         given.setdefault("eval_steps", cfg.train.logging_steps)
     given.setdefault("save_safetensors", True)
     given.setdefault("disable_tqdm", False)
+    # batches copied to the GPU without waiting for it (from pinned memory, dataloader_pin_memory): a blocking
+    # copy waits for the previous step's kernels, and the GPU then idles while the host queues the next step
+    accelerator = given.get("accelerator_config")
+    if where.device == "cuda" and (accelerator is None or isinstance(accelerator, dict)):  # else a file's path
+        given["accelerator_config"] = {"non_blocking": True, **(accelerator or {})}
     return TrainingArguments(
         **given,
         output_dir=str(output_dir or cfg.output_dir),
@@ -50,6 +55,7 @@ def training_arguments(
         gradient_checkpointing_kwargs={"use_reentrant": where.zero3},
         label_names=["labels"],
         report_to="none",  # SwanLab comes as our own callback; "all" would add a second one
+        logging_nan_inf_filter=False,  # its check waits for the GPU every micro-step; DivergenceWatch stops instead
     )
 
 
@@ -157,19 +163,19 @@ def trainer_class():
       Only under DeepSpeed, whose checkpoints never held the empty group: elsewhere the optimizer
       state of existing checkpoints must still load.
     * Its per-step bookkeeping walks the trainable tensors, not the whole model (`walk_trainable_only`).
-    * A non-finite loss or gradient norm stops training at that step, before anything of it is logged or
-      saved: TrainingDiverged (a UserError) says where and why. The stock Trainer logs a NaN loss as the
-      mean of the earlier ones (logging_nan_inf_filter) and carries on.
+    * A non-finite loss or gradient norm stops training before anything of that step is logged or saved:
+      TrainingDiverged (a UserError) says where and why. The stock Trainer logs a NaN loss as the mean of the
+      earlier ones (logging_nan_inf_filter, off here) and carries on. The values are checked on the GPU
+      (DivergenceWatch), so no step waits for the GPU to finish.
     * train.cuda_graphs: micro-steps replayed from CUDA graphs (step_graphs.py).
     * On the fast path the decoder layers checkpoint through layer_checkpoint.LayerCheckpoint, installed at the
       first micro-step (Trainer.train enables checkpointing anew, after the optimizer is made).
     """
-    import torch
     from transformers import Trainer
 
     class LoraTrainer(Trainer):
         flos_per_token: int | None = None
-        nonfinite_loss: float | None = None  # the first non-finite micro-step loss of the run
+        divergence: DivergenceWatch | None = None  # made at the first micro-step
         cuda_graphs = False  # train.cuda_graphs, where it applies (build_trainer)
         step_graphs = None  # its StepGraphs, made with the optimizer
         layer_checkpoint = None  # the fast path's LayerCheckpoint, where it applies (build_trainer)
@@ -184,16 +190,22 @@ def trainer_class():
                 )
             else:
                 loss = super().training_step(model, inputs, num_items_in_batch)
-            # one host sync, as the Trainer's own NaN filter makes on the same value right after
-            if self.nonfinite_loss is None and not torch.isfinite(loss).all():
-                self.nonfinite_loss = loss.float().sum().item()
+            if self.divergence is None:
+                self.divergence = DivergenceWatch()
+            self.divergence.note(self.state.global_step + 1, "the loss", loss)
             return loss
 
         def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
             # called once per optimizer step, after it and before its log, evaluation and checkpoint
-            found = detect_divergence(self.nonfinite_loss, grad_norm, self.args)
-            if found:
-                raise diverged(self.state.global_step, self.state.max_steps, found, self.args)
+            watch = self.divergence or DivergenceWatch()
+            if grad_norm is not None and not self.args.fp16:  # fp16's loss scaler skips inf steps itself
+                watch.note(self.state.global_step, "the gradient norm", grad_norm)
+            c = self.control
+            if c.should_log or c.should_save or c.should_evaluate or c.should_training_stop:
+                found = detect_divergence(watch, self.args)
+                if found:
+                    step, what = found
+                    raise diverged(step, self.state.global_step, self.state.max_steps, what, self.args)
             super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
         def create_optimizer(self):
@@ -223,28 +235,70 @@ class TrainingDiverged(UserError):
     """A non-finite loss or gradient norm: training stopped at that step, nothing of it kept."""
 
 
-def detect_divergence(nonfinite_loss: float | None, grad_norm, args) -> str | None:
-    """What went non-finite at this step, agreed by every process (they must all stop at the same step:
-    a checkpoint under ZeRO-3 is collective); None when all is finite."""
+class DivergenceWatch:
+    """The first non-finite loss or gradient norm of a run and its step, kept on the values' device: noting one
+    is a few kernels and no host sync, so the host keeps queueing the next steps while the GPU works. read()
+    syncs once; the Trainer reads where a step is about to be logged, saved or evaluated, and at the last one.
+    (A check per micro-step made every step wait for the GPU: ~20 % of a step at 64 samples, bench/NOTES.md.)"""
+
+    KINDS = ("the loss", "the gradient norm")
+
+    def __init__(self):
+        self.device_first = None  # (step, kind, value) tensors: step 0 while everything was finite
+        self.found: tuple[int, str] | None = None  # what read() found
+
+    def note(self, step: int, kind: str, value) -> None:
+        import torch
+
+        if self.found is not None:
+            return
+        if not torch.is_tensor(value):  # DeepSpeed's norm is a float, for which the host has waited already
+            if not math.isfinite(value):
+                self.found = self.read() or (step, f"{kind} is {value}")
+            return
+        value = value.detach().float().sum()
+        if self.device_first is None:
+            zero = torch.zeros((), device=value.device)
+            self.device_first = (zero.long(), zero.long(), zero)
+        first_step, first_kind, first_value = self.device_first
+        new = ~torch.isfinite(value) & (first_step == 0)
+        self.device_first = (
+            torch.where(new, step, first_step),
+            torch.where(new, self.KINDS.index(kind), first_kind),
+            torch.where(new, value, first_value),
+        )
+
+    def read(self) -> tuple[int, str] | None:
+        """(step, what was not finite) of the first non-finite value noted, or None."""
+        import torch
+
+        if self.found is None and self.device_first is not None:
+            step, kind, value = torch.stack([t.double() for t in self.device_first]).tolist()
+            if step:
+                self.found = (int(step), f"{self.KINDS[int(kind)]} is {value}")
+        return self.found
+
+
+def detect_divergence(watch: DivergenceWatch, args) -> tuple[int, str] | None:
+    """(step, what) of the first non-finite loss or gradient norm, agreed by every process (they must all stop
+    at the same step: a checkpoint under ZeRO-3 is collective); None when all is finite."""
     import torch
 
-    found = f"the loss is {nonfinite_loss}" if nonfinite_loss is not None else None
-    if found is None and grad_norm is not None and not args.fp16:  # fp16's loss scaler skips inf steps itself
-        norm = float(grad_norm)  # a tensor (accelerate) or a float (DeepSpeed)
-        if not math.isfinite(norm):
-            found = f"the gradient norm is {norm}"
+    found = watch.read()
     if args.world_size > 1:
         import torch.distributed as dist
 
-        flag = torch.tensor([float(found is not None)], device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and found is None:
-            found = "the loss or gradient norm of another process is not finite"
+        first = torch.tensor([float(found[0]) if found else math.inf], device=args.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step = first.item()
+        if math.isfinite(step) and (found is None or step < found[0]):
+            found = (int(step), "the loss or gradient norm of another process is not finite")
     return found
 
 
-def diverged(step: int, max_steps: int, what: str, args) -> TrainingDiverged:
-    """The error for a run that diverged at `step`: the likely cause, the last checkpoint saved before it."""
+def diverged(step: int, stopped: int, max_steps: int, what: str, args) -> TrainingDiverged:
+    """The error for a run that diverged at `step` and stopped at `stopped` (the first step after it to log, save
+    or evaluate): the likely cause, the last checkpoint saved before it."""
     from .checkpoints import checkpoints, nonfinite_tensors
 
     lr = args.learning_rate
@@ -261,8 +315,10 @@ def diverged(step: int, max_steps: int, what: str, args) -> TrainingDiverged:
         else "no checkpoint with finite weights was saved before it"
     )
     return TrainingDiverged(
-        f"training diverged at step {step} of {max_steps}: {what}. It stopped there: nothing of that step was "
-        f"logged or saved, no adapter was published (an earlier one stays as it was), and {last}",
+        f"training diverged at step {step} of {max_steps}: {what}. It stopped "
+        + ("there" if stopped == step else f"at step {stopped}, the first after it to log or save")
+        + ": nothing of that step or later was logged or saved, no adapter was published (an earlier one stays "
+        f"as it was), and {last}",
         fix=f"the likely cause is the learning rate: train.learning_rate={lr:g} is too high for this run (try "
         f"{lr / 10:g} or lower); otherwise the data (look for empty, garbled or extremely long answers in "
         "`make dataset`'s stats.json). Then start over with train.resume=never (a resume would restore the "

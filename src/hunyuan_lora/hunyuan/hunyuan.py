@@ -214,7 +214,7 @@ class HunYuanModel(HunYuanPreTrainedModel):
         if fixed_length is not None:
             mask = static_attention_mask(attention_mask, cache_position, fixed_length, B)
         else:
-            mask = attention_mask_4d(attention_mask, position_ids, T, past_len)
+            mask = attention_mask_4d(attention_mask, position_ids, T, past_len, without_sync=self.training)
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds

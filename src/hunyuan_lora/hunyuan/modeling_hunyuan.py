@@ -299,18 +299,26 @@ def static_attention_mask(
 
 
 def attention_mask_4d(
-    attention_mask: torch.Tensor | None, position_ids: torch.Tensor, q_len: int, past_len: int
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    q_len: int,
+    past_len: int,
+    without_sync: bool = False,
 ) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask: causal, padding and packed-sample boundaries; None = plain causal.
 
     Packed samples are recognised by position ids that restart at 0 inside a row; each sample then
-    attends only to itself. A 4-D mask is taken as already built (a CUDA-graphed training step builds it
-    outside the graph: this function reads the position ids on the host).
+    attends only to itself. A 4-D mask is taken as already built. Whether the rows are packed or padded is
+    read on the host, which waits for the GPU; without_sync (training) builds the mask for both instead, so
+    the host queues the step's kernels while the GPU still runs the previous step's.
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.bool()
-    packed = q_len > 1 and past_len == 0 and bool((position_ids[:, 1:] == 0).any())
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    if without_sync and q_len > 1 and past_len == 0:
+        packed, padded = True, attention_mask is not None
+    else:
+        packed = q_len > 1 and past_len == 0 and bool((position_ids[:, 1:] == 0).any())
+        padded = attention_mask is not None and not bool(attention_mask.all())
     if not packed and not padded and (past_len == 0 or q_len == 1):
         return None
     device = position_ids.device
