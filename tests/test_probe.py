@@ -306,14 +306,15 @@ def test_gpu_idle_is_split_by_segment_and_its_largest_gaps_named_by_the_host_op_
     def op(name, start, end):
         return NS(name=name, time_range=NS(start=start, end=end))
 
-    kernels = [(0, 10_000), (5_000, 20_000), (30_000, 40_000), (100_000, 110_000)]
+    kernels = [(0, 10_000, "a"), (5_000, 20_000, "b"), (30_000, 40_000, "c"), (100_000, 110_000, "c")]
     cuts = [("forward", 0), ("backward", 35_000), ("optimizer", 105_000), ("after", 120_000)]
     host = [op("outer", 0, 150_000), op("aten::item", 60_000, 80_000)]
     r = probe.gpu_idle(kernels, (0, 150_000), cuts, host)
     assert r["idle_ms"] == 110.0  # gaps 20-30, 40-100 and 110-150 ms
     assert r["idle_by_segment_ms"] == {"forward": 10.0, "backward": 60.0, "optimizer": 10.0, "after": 30.0}
     assert r["idle_largest"] == [[60.0, "aten::item"], [40.0, "outer"], [10.0, "outer"]]
-    assert probe.gpu_idle([(0, 150_000)], (0, 150_000), cuts)["idle_ms"] == 0
+    assert (r["idle_gaps"], r["idle_before_kernel"]) == (3, [["c", 70.0, 2]])  # the trailing gap ends no kernel
+    assert probe.gpu_idle([(0, 150_000, "a")], (0, 150_000), cuts)["idle_ms"] == 0
 
 
 def test_verdicts_follow_the_measured_peak():

@@ -348,24 +348,23 @@ class StepProfile:
         if optimizer:
             cuts += [("optimizer", min(r.start for r in optimizer)), ("after", max(r.end for r in optimizer))]
         cuts.sort(key=lambda c: c[1])
-        return gpu_idle([(k.time_range.start, k.time_range.end) for k in kernels], window, cuts, host)
+        return gpu_idle([(k.time_range.start, k.time_range.end, k.name) for k in kernels], window, cuts, host)
 
 
-def gpu_idle(kernels: list[tuple[float, float]], window: tuple[float, float], cuts: list[tuple[str, float]], host=()):
+def gpu_idle(kernels: list[tuple], window: tuple[float, float], cuts: list[tuple[str, float]], host=()):
     """GPU idle time (ms) per segment of `window` (microseconds, as the profiler's time ranges): the time no kernel
-    runs. cuts: (name, start) of each segment in time order, the first at window[0]. host: profiler events
-    (name, time_range); each of the 8 largest gaps is named by the innermost one spanning its middle, which is
-    what kept the GPU waiting (a sync, the data, Python)."""
-    busy: list[list[float]] = []
-    for start, end in sorted(kernels):
-        if busy and start <= busy[-1][1]:
-            busy[-1][1] = max(busy[-1][1], end)
-        else:
-            busy.append([start, end])
-    gaps, t = [], window[0]
-    for start, end in busy:
+    runs. kernels: (start, end, name). cuts: (name, start) of each segment in time order, the first at window[0].
+    host: profiler events (name, time_range); each of the 8 largest gaps is named by the innermost one spanning
+    its middle, which is what kept the GPU waiting (a sync, the data, Python). The idle time is also summed by the
+    kernel that ends each gap (idle_before_kernel, the 10 largest sums): many short gaps before the same kernel
+    point at its launch, not at the host."""
+    gaps, t, before = [], window[0], {}
+    for start, end, name in sorted(kernels):
         if start > t:
             gaps.append((t, start))
+            entry = before.setdefault(name[:70], [0.0, 0])
+            entry[0] += (start - t) / 1e3
+            entry[1] += 1
         t = max(t, end)
     if window[1] > t:
         gaps.append((t, window[1]))
@@ -381,8 +380,12 @@ def gpu_idle(kernels: list[tuple[float, float]], window: tuple[float, float], cu
         largest.append([round((b - a) / 1e3, 3), inner])
     return {
         "idle_ms": round(sum(b - a for a, b in gaps) / 1e3, 2),
+        "idle_gaps": len(gaps),
         "idle_by_segment_ms": segments,
         "idle_largest": largest,
+        "idle_before_kernel": [
+            [n, round(ms, 2), c] for n, (ms, c) in sorted(before.items(), key=lambda kv: -kv[1][0])[:10]
+        ],
     }
 
 
@@ -1169,6 +1172,9 @@ def markdown(r: dict) -> str:
             largest = "; ".join(f"{ms} ({op})" for ms, op in p["idle_largest"])
             lines += [
                 "",
-                f"GPU idle in that step: {p['idle_ms']} ms ({segments}); largest gaps (ms, host op): {largest}.",
+                f"GPU idle in that step: {p['idle_ms']} ms in {p['idle_gaps']} gaps ({segments}); largest gaps (ms, "
+                f"host op): {largest}. Idle before these kernels (ms, gaps):",
+                "",
             ]
+            lines += [f"- {n}: {ms} ms x {c}" for n, ms, c in p["idle_before_kernel"]]
     return "\n".join(lines) + "\n"
