@@ -11,7 +11,7 @@ from hunyuan_lora.config import LORA_PRESETS
 from hunyuan_lora.hunyuan.a13b import real_config
 from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
 from hunyuan_lora.hunyuan.hunyuan import HunYuanMoEV1ForCausalLM
-from hunyuan_lora.hunyuan.modeling_hunyuan import HunYuanMoE, HunYuanRotaryEmbedding
+from hunyuan_lora.hunyuan.modeling_hunyuan import HunYuanMoE, HunYuanRMSNorm, HunYuanRotaryEmbedding
 from hunyuan_lora.stand_in import stand_in_config
 
 REAL_TOTAL_PARAMS = 80_393_183_232
@@ -205,3 +205,46 @@ def test_router_stays_float32_under_bf16_autocast():
     exact = torch.softmax(x.float() @ moe.gate.wg.weight.float().T, -1).topk(2).values
     torch.testing.assert_close(weights, exact / exact.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
     assert logits.dtype == torch.bfloat16  # the check above would fail without the autocast guard
+
+
+def spelled_out_rms_norm(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The published formula: normalised in float32, rounded to x's dtype, then times the weight."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    ("x_dtype", "w_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+)
+def test_rms_norm_is_the_published_formula_with_its_rounding(device, x_dtype, w_dtype):
+    """HunYuanRMSNorm (torch's fused RMSNorm) against the formula spelled out, the weight in bf16 or in float32
+    (what k-bit preparation leaves), under bf16 autocast too, values and input gradients: bit for bit on the
+    CPU; on CUDA the fused kernel sums in another order, so within one unit of the last place."""
+    torch.manual_seed(0)
+    norm = HunYuanRMSNorm(128, eps=1e-5).to(device)
+    norm.weight.data = (torch.rand(128) + 0.5).to(device, w_dtype)
+    x = (torch.randn(3, 7, 128) * 3).to(device, x_dtype).requires_grad_(True)
+    for autocast in (False, True):
+        with torch.autocast(device, torch.bfloat16, enabled=autocast):
+            got = norm(x)
+            want = spelled_out_rms_norm(norm.weight, x, 1e-5)
+        assert got.dtype == want.dtype
+        (got_grad,) = torch.autograd.grad(got.float().square().sum(), x)
+        (want_grad,) = torch.autograd.grad(want.float().square().sum(), x)
+        if device == "cpu":
+            assert torch.equal(got, want)
+            assert torch.equal(got_grad, want_grad)
+        else:
+            ulp = torch.finfo(got.dtype).eps * want.abs().float()
+            assert ((got.float() - want.float()).abs() <= ulp).all()
+            assert torch.allclose(got_grad, want_grad, rtol=2e-2, atol=1e-3)
