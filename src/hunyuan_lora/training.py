@@ -175,7 +175,7 @@ def trainer_class():
 
     class LoraTrainer(Trainer):
         flos_per_token: int | None = None
-        divergence: DivergenceWatch | None = None  # made at the first micro-step
+        divergence: DivergenceWatch | None = None  # made at first use (watch())
         cuda_graphs = False  # train.cuda_graphs, where it applies (build_trainer)
         step_graphs = None  # its StepGraphs, made with the optimizer
         layer_checkpoint = None  # the fast path's LayerCheckpoint, where it applies (build_trainer)
@@ -190,19 +190,21 @@ def trainer_class():
                 )
             else:
                 loss = super().training_step(model, inputs, num_items_in_batch)
+            self.watch().note(self.state.global_step + 1, "the loss", loss)
+            return loss
+
+        def watch(self) -> DivergenceWatch:
             if self.divergence is None:
                 self.divergence = DivergenceWatch()
-            self.divergence.note(self.state.global_step + 1, "the loss", loss)
-            return loss
+            return self.divergence
 
         def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
             # called once per optimizer step, after it and before its log, evaluation and checkpoint
-            watch = self.divergence or DivergenceWatch()
             if grad_norm is not None and not self.args.fp16:  # fp16's loss scaler skips inf steps itself
-                watch.note(self.state.global_step, "the gradient norm", grad_norm)
+                self.watch().note(self.state.global_step, "the gradient norm", grad_norm)
             c = self.control
             if c.should_log or c.should_save or c.should_evaluate or c.should_training_stop:
-                found = detect_divergence(watch, self.args)
+                found = detect_divergence(self.watch(), self.args)
                 if found:
                     step, what = found
                     raise diverged(step, self.state.global_step, self.state.max_steps, what, self.args)
@@ -238,8 +240,7 @@ class TrainingDiverged(UserError):
 class DivergenceWatch:
     """The first non-finite loss or gradient norm of a run and its step, kept on the values' device: noting one
     is a few kernels and no host sync, so the host keeps queueing the next steps while the GPU works. read()
-    syncs once; the Trainer reads where a step is about to be logged, saved or evaluated, and at the last one.
-    (A check per micro-step made every step wait for the GPU: ~20 % of a step at 64 samples, bench/NOTES.md.)"""
+    syncs once; the Trainer reads where a step is about to be logged, saved or evaluated, and at the last one."""
 
     KINDS = ("the loss", "the gradient norm")
 
