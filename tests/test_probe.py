@@ -133,6 +133,8 @@ def test_probe_fast_nf4_packed_with_a_lengths_file(stand_in_dir, tmp_path):
     assert r["run_steps"] == 4  # 50 records / 16 per step, one epoch: ceil = 4
     assert len(r["loss_per_step"]) == 4
     assert all(v > 0 for v in r["loss_per_step"])
+    # collected on the device, step by step: their mean is the Trainer's own training loss (one log, at the end)
+    assert statistics.mean(r["loss_per_step"]) == pytest.approx(r["final_loss"], abs=1e-3)
     check_consistent(r, 4)
     phases = r["steady_phases_s"]  # where the steps' time went, from the Trainer's callbacks
     assert set(phases) == set(probe.StepClock.PHASES)

@@ -1073,13 +1073,13 @@ def markdown(r: dict) -> str:
     ]
     phases = r.get("steady_phases_s")
     if phases:
-        gpu = " (the GPU's own time between the marks)" if r["device"] == "cuda" else ""
+        clock = "on the GPU's timeline (CUDA events)" if r["device"] == "cuda" else "host time"
         lines += [
             "",
-            "Where a steady step's time goes (medians, s): "
-            f"before it (host: logging, the next batches fetched and collated) {phases['before']}; "
-            f"micro-steps (forward, backward, clipping){gpu} {phases['micro_steps']}; "
-            f"optimizer step {phases['optimizer']}; after it (scheduler, zero_grad, the wait) {phases['after']}.",
+            f"Where a steady step's time goes (medians, s, {clock}): "
+            f"before it (waiting for the host: the next batches fetched and collated, the first kernels queued) "
+            f"{phases['before']}; micro-steps (forward, backward, clipping) {phases['micro_steps']}; "
+            f"optimizer step {phases['optimizer']}; after it (scheduler, zero_grad) {phases['after']}.",
         ]
     b = r.get("baseline")
     if b:
