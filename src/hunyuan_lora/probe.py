@@ -335,7 +335,8 @@ class StepProfile:
 
     def idle(self, kernels: list) -> dict:
         """Where the GPU waited in the profiled step (gpu_idle), segmented at the host's first backward op and
-        the optimizer step; the largest gaps with the host op that ran through each."""
+        the optimizer step; the largest gaps with the host op that ran through each. The cuts are host times: where
+        the host runs ahead of the GPU (a CUDA-graph replay) the segments say little, the sums per kernel still hold."""
         host = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
         if not kernels or not host:
             return {}
@@ -1172,7 +1173,8 @@ def markdown(r: dict) -> str:
             largest = "; ".join(f"{ms} ({op})" for ms, op in p["idle_largest"])
             lines += [
                 "",
-                f"GPU idle in that step: {p['idle_ms']} ms in {p['idle_gaps']} gaps ({segments}); largest gaps (ms, "
+                f"GPU idle in that step: {p['idle_ms']} ms in {p['idle_gaps']} gaps ({segments}, cut at the host's "
+                "marks); largest gaps (ms, "
                 f"host op): {largest}. Idle before these kernels (ms, gaps):",
                 "",
             ]
