@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import torch
 
+# A small model that still takes CUDA's fast kernels (grouped products, tensor-core tiles): the CUDA tests' widths
+CUDA_WIDTHS = {
+    "hidden_size": 256,
+    "intermediate_size": 128,
+    "moe_intermediate_size": [128] * 2,
+    "num_experts": 16,
+    "moe_topk": [4] * 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 64,
+}
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error |a - b| / |b| in float64."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tensor_helpers import randomise_lora, rel
+from tensor_helpers import CUDA_WIDTHS, randomise_lora, rel
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from hunyuan_lora.hunyuan.configuration_hunyuan import HunYuanConfig
@@ -116,22 +116,7 @@ def cuda_nf4_model(dtype):
     from hunyuan_lora.hunyuan.random_init import quantize_linears_
 
     torch.manual_seed(0)
-    config = HunYuanConfig(
-        **(
-            stand_in_config()
-            | {
-                "hidden_size": 256,
-                "intermediate_size": 128,
-                "moe_intermediate_size": [128] * 2,
-                "num_experts": 16,
-                "moe_topk": [4] * 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "attention_head_dim": 64,
-                "attention_dropout": 0.0,
-            }
-        )
-    )
+    config = HunYuanConfig(**(stand_in_config() | CUDA_WIDTHS | {"num_key_value_heads": 2, "attention_dropout": 0.0}))
     config.moe_impl = "fast"
     base = HunYuanMoEV1ForCausalLM(config).to("cuda", dtype)
     for layer in base.model.layers:

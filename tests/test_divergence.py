@@ -49,6 +49,24 @@ def paragraph(stderr: str) -> str:
     return " ".join(stderr[stderr.index("error:") :].split())
 
 
+def diverge(model: Path, out: Path, *sets: str, swanlab: str = "disabled"):
+    """train.py on `out` with a learning rate of 1e30 over 6 steps: it fails (exit 2) and its error paragraph
+    names the step it diverged at; returns (paragraph, that step)."""
+    proc = run_script(
+        "train.py",
+        model,
+        out,
+        "train.learning_rate=1e30",
+        "train.max_steps=6",
+        "train.resume=never",
+        *sets,
+        swanlab=swanlab,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    text = paragraph(proc.stderr)
+    return text, int(text.split("training diverged at step ")[1].split(" of 6:")[0])
+
+
 @pytest.fixture(scope="module")
 def trained(patched_stand_in, tmp_path_factory):
     """A run folder with a good adapter published (2 steps)."""
@@ -71,20 +89,7 @@ def test_a_diverging_run_stops_at_the_step_and_publishes_nothing(trained, patche
     before = {name: tree_digest(out / name) for name in ("adapter",)} | {
         name: (out / name).read_bytes() for name in ("manifest.json", "resolved.yaml")
     }
-    proc = run_script(
-        "train.py",
-        patched_stand_in,
-        out,
-        "train.learning_rate=1e30",
-        "train.max_steps=6",
-        "train.save_steps=1",
-        "train.logging_steps=1",
-        "train.resume=never",
-        swanlab="local",
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    text = paragraph(proc.stderr)
-    step = int(text.split("training diverged at step ")[1].split(" of 6:")[0])
+    text, step = diverge(patched_stand_in, out, "train.save_steps=1", "train.logging_steps=1", swanlab="local")
     assert 1 < step < 6, text
     assert "is not finite" not in text, text
     assert "the loss is nan" in text or "the gradient norm is" in text, text
@@ -115,19 +120,7 @@ def test_a_divergence_between_logs_stops_at_the_next_log_and_names_its_own_step(
     diverged at, and neither logged nor saved anything."""
     out = tmp_path / "run"
     shutil.copytree(trained, out)
-    proc = run_script(
-        "train.py",
-        patched_stand_in,
-        out,
-        "train.learning_rate=1e30",
-        "train.max_steps=6",
-        "train.save_steps=100",
-        "train.logging_steps=4",
-        "train.resume=never",
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    text = paragraph(proc.stderr)
-    step = int(text.split("training diverged at step ")[1].split(" of 6:")[0])
+    text, step = diverge(patched_stand_in, out, "train.save_steps=100", "train.logging_steps=4")
     assert step in (2, 3), text
     assert "It stopped at step 4, the first after it to log or save: nothing of that step or later" in text, text
     assert "the loss is nan" in text or "the gradient norm is" in text, text

@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
-from tensor_helpers import randomise_lora, rel
+from tensor_helpers import CUDA_WIDTHS, randomise_lora, rel
 from test_nf4_moe import ALIGNED, TARGETS, nf4_model, tiny_config
 
 from hunyuan_lora.hunyuan import fast_linear, fast_moe
@@ -235,16 +235,7 @@ def cuda_pair(quant: str, dtype: torch.dtype, **overrides):
     """(reference, fast) on CUDA: a small model in `dtype`, NF4 (bitsandbytes' CUDA kernel) or not."""
     from hunyuan_lora.hunyuan.random_init import quantize_linears_
 
-    widths = {
-        "hidden_size": 256,
-        "intermediate_size": 128,
-        "moe_intermediate_size": [128] * 2,
-        "num_experts": 16,
-        "moe_topk": [4] * 2,
-        "num_attention_heads": 4,
-        "attention_head_dim": 64,
-    }
-    config = tiny_config(**{**widths, **overrides})
+    config = tiny_config(**{**CUDA_WIDTHS, **overrides})
     torch.manual_seed(0)
     base = HunYuanMoEV1ForCausalLM(config).to("cuda", dtype)
     if quant == "nf4":
