@@ -122,6 +122,26 @@ def test_train_takes_any_trainingarguments_field_and_it_reaches_the_trainer():
     )
 
 
+def test_training_on_a_gpu_copies_batches_without_blocking_and_leaves_nan_checks_to_the_divergence_watch():
+    """On CUDA the batches go over from pinned memory without blocking (a user's other accelerator_config keys
+    kept); the Trainer's NaN filter, which waits for the GPU every micro-step, is off everywhere and is not a
+    setting: a non-finite loss stops the run before it is logged (training.DivergenceWatch)."""
+    import dataclasses
+
+    from hunyuan_lora import runtime, training
+
+    cfg = config.load(REPO / "configs/demo.yaml", ['train.accelerator_config={"even_batches": false}'])
+    cpu = runtime.placement(cfg)
+    gpu = dataclasses.replace(cpu, device="cuda")
+    on_gpu, on_cpu = training.training_arguments(cfg, gpu), training.training_arguments(cfg, cpu)
+    assert (on_gpu.accelerator_config.non_blocking, on_gpu.accelerator_config.even_batches) == (True, False)
+    assert (on_cpu.accelerator_config.non_blocking, on_cpu.accelerator_config.even_batches) == (False, False)
+    assert not on_gpu.logging_nan_inf_filter
+    assert not on_cpu.logging_nan_inf_filter
+    with pytest.raises(UserError, match="logging_nan_inf_filter.*DivergenceWatch"):
+        config.load(REPO / "configs/demo.yaml", ["train.logging_nan_inf_filter=true"])
+
+
 def test_yaml_float_spelling_is_the_float_the_user_meant(tmp_path):
     path = tmp_path / "lr.yaml"
     path.write_text("train:\n  learning_rate: 2e-4\n  warmup_ratio: 1e-1\n")  # strings to YAML 1.1

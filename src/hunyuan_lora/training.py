@@ -9,6 +9,7 @@ trainer = build_trainer(cfg, model, tokenizer, splits, args, callbacks)
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def training_arguments(
     # batches copied to the GPU without waiting for it (from pinned memory, dataloader_pin_memory): a blocking
     # copy waits for the previous step's kernels, and the GPU then idles while the host queues the next step
     accelerator = given.get("accelerator_config")
+    if isinstance(accelerator, str) and accelerator.lstrip().startswith("{"):  # --set gives JSON text
+        accelerator = json.loads(accelerator)
     if where.device == "cuda" and (accelerator is None or isinstance(accelerator, dict)):  # else a file's path
         given["accelerator_config"] = {"non_blocking": True, **(accelerator or {})}
     return TrainingArguments(
@@ -234,7 +237,8 @@ def trainer_class():
 
 
 class TrainingDiverged(UserError):
-    """A non-finite loss or gradient norm: training stopped at that step, nothing of it kept."""
+    """A non-finite loss or gradient norm: training stopped at the first step from there that logs or saves,
+    nothing of those steps kept."""
 
 
 class DivergenceWatch:
